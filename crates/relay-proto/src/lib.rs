@@ -1,0 +1,14 @@
+//! Wire types shared by every relay component.
+//!
+//! - [`model`]: peers and messages as the server stores and returns them.
+//! - [`event`]: the payloads pushed on SSE streams.
+//! - [`validate`]: the rules for names, sizes and ids, so every component rejects the same
+//!   input with the same words.
+
+pub mod event;
+pub mod model;
+pub mod validate;
+
+pub use event::{Event, EventKind};
+pub use model::{MessageKind, PeerInfo, PeerRef, StoredMessage};
+pub use validate::ValidationError;

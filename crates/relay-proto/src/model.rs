@@ -1,0 +1,61 @@
+//! Peers and messages as tools return them.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+/// Whether a message went to the whole group or to one peer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MessageKind {
+    Broadcast,
+    Dm,
+}
+
+impl MessageKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MessageKind::Broadcast => "broadcast",
+            MessageKind::Dm => "dm",
+        }
+    }
+}
+
+/// One message as `read_new_messages` and `get_history` return it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredMessage {
+    /// Server-assigned, globally unique.
+    pub id: String,
+    /// Position in the group's log; also the SSE event id.
+    pub seq: u64,
+    pub group_id: String,
+    pub kind: MessageKind,
+    pub sender: PeerRef,
+    /// Set for DMs only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recipient: Option<PeerRef>,
+    pub text: String,
+    pub sent_at: DateTime<Utc>,
+}
+
+/// A peer named by id and display name.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct PeerRef {
+    pub peer_id: String,
+    pub name: String,
+}
+
+/// One peer as `list_peers` returns it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerInfo {
+    pub peer_id: String,
+    pub display_name: String,
+    pub group_id: String,
+    pub hostname: String,
+    pub working_directory: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub git_branch: Option<String>,
+    /// True while the peer has an open event stream.
+    pub online: bool,
+    pub last_seen: DateTime<Utc>,
+    pub joined_at: DateTime<Utc>,
+}

@@ -1,0 +1,139 @@
+//! The HTTP surface: `/mcp`, the event streams, `/healthz`, `/metrics`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::{Request, State};
+use axum::http::{StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use rmcp::transport::streamable_http_server::session::local::LocalSessionManager;
+use rmcp::transport::streamable_http_server::{StreamableHttpServerConfig, StreamableHttpService};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::mcp::RelayTools;
+use crate::relay::Relay;
+use crate::sse;
+
+#[derive(Clone)]
+pub struct AppState {
+    pub relay: Arc<Relay>,
+    pub shutdown: CancellationToken,
+    pub heartbeat: Duration,
+}
+
+pub fn router(relay: Arc<Relay>, config: &Config, shutdown: CancellationToken) -> Router {
+    let mut sessions = LocalSessionManager::default();
+    sessions.session_config.keep_alive = Some(Duration::from_secs(config.session_idle_secs));
+    let mcp_config = StreamableHttpServerConfig::default()
+        .with_cancellation_token(shutdown.child_token())
+        .with_sse_keep_alive(Some(Duration::from_secs(config.heartbeat_secs)))
+        .with_max_request_body_bytes(config.max_request_bytes)
+        // one Host check for every route, below
+        .disable_allowed_hosts();
+    let tools_relay = relay.clone();
+    let mcp = StreamableHttpService::new(move || Ok(RelayTools::new(tools_relay.clone())), Arc::new(sessions), mcp_config);
+
+    let state = AppState { relay, shutdown, heartbeat: Duration::from_secs(config.heartbeat_secs) };
+    let hosts = Arc::new(AllowedHosts::new(&config.allowed_hosts));
+    Router::new()
+        .nest_service("/mcp", mcp)
+        .route("/notifications/{group_id}/{peer_id}", get(sse::notifications))
+        .route("/metrics", get(metrics))
+        .layer(middleware::from_fn_with_state(hosts, check_host))
+        // after the layer: load balancers probe by IP
+        .route("/healthz", get(|| async { "ok\n" }))
+        .with_state(state)
+}
+
+async fn metrics(State(state): State<AppState>) -> Response {
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], state.relay.metrics.render()).into_response()
+}
+
+/// The Host headers a browser on another site cannot forge into a request to us.
+pub struct AllowedHosts {
+    any: bool,
+    /// (host, port); no port matches any port.
+    entries: Vec<(String, Option<u16>)>,
+}
+
+impl AllowedHosts {
+    pub fn new(list: &[String]) -> Self {
+        let any = list.iter().any(|h| h.trim() == "*");
+        let entries = list.iter().filter_map(|h| split_host(h.trim())).map(|(h, p)| (h.to_ascii_lowercase(), p)).collect();
+        Self { any, entries }
+    }
+
+    pub fn allows(&self, host_header: &str) -> bool {
+        if self.any {
+            return true;
+        }
+        let Some((host, port)) = split_host(host_header.trim()) else { return false };
+        self.entries
+            .iter()
+            .any(|(h, p)| h.eq_ignore_ascii_case(&host) && (p.is_none() || *p == port))
+    }
+}
+
+/// `example.com`, `example.com:80`, `[::1]:80`, `::1` into host and port.
+fn split_host(value: &str) -> Option<(String, Option<u16>)> {
+    if value.is_empty() {
+        return None;
+    }
+    if let Some(rest) = value.strip_prefix('[') {
+        let (host, after) = rest.split_once(']')?;
+        let port = match after.strip_prefix(':') {
+            Some(p) => Some(p.parse().ok()?),
+            None if after.is_empty() => None,
+            None => return None,
+        };
+        return Some((host.to_owned(), port));
+    }
+    if value.matches(':').count() > 1 {
+        return Some((value.to_owned(), None)); // a bare IPv6 address
+    }
+    match value.split_once(':') {
+        Some((host, port)) => Some((host.to_owned(), Some(port.parse().ok()?))),
+        None => Some((value.to_owned(), None)),
+    }
+}
+
+async fn check_host(State(hosts): State<Arc<AllowedHosts>>, request: Request, next: Next) -> Response {
+    let host = request
+        .headers()
+        .get(header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
+        .or_else(|| request.uri().authority().map(|a| a.to_string()));
+    match host {
+        Some(h) if hosts.allows(&h) => next.run(request).await,
+        other => {
+            tracing::warn!(host = ?other, "refused a request for a host not in --allowed-host");
+            (
+                StatusCode::FORBIDDEN,
+                "Forbidden: this Host is not allowed (DNS-rebinding protection); start relay-server with --allowed-host NAME\n",
+            )
+                .into_response()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_matching() {
+        let hosts = AllowedHosts::new(&["localhost".into(), "127.0.0.1".into(), "::1".into(), "relay.example:443".into()]);
+        for ok in ["localhost", "LOCALHOST:8765", "127.0.0.1:1", "[::1]:8765", "::1", "relay.example:443"] {
+            assert!(hosts.allows(ok), "{ok}");
+        }
+        for bad in ["evil.example", "relay.example", "relay.example:80", "127.0.0.2", "localhost.evil.example:80", "", "[::1"] {
+            assert!(!hosts.allows(bad), "{bad}");
+        }
+        assert!(AllowedHosts::new(&["*".into()]).allows("anything:1"));
+    }
+}

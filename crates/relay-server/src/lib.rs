@@ -1,0 +1,68 @@
+//! relay-server: MCP tools over streamable HTTP, resumable event streams, durable storage.
+//!
+//! [`run`] serves a [`Config`] on a bound listener until `shutdown` is cancelled; the binary
+//! and the tests both use it.
+
+pub mod app;
+pub mod clock;
+pub mod config;
+pub mod error;
+pub mod mcp;
+pub mod metrics;
+pub mod relay;
+pub mod secrets;
+pub mod sse;
+pub mod store;
+
+use std::sync::Arc;
+
+use thiserror::Error;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+pub use config::{Config, ConfigError};
+pub use relay::Relay;
+
+#[derive(Debug, Error)]
+pub enum ServerError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Store(#[from] store::StoreError),
+    #[error("serving HTTP failed: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Opens the store the config asks for.
+pub fn open_store(config: &Config) -> Result<Arc<dyn store::Store>, ServerError> {
+    if config.ephemeral {
+        return Ok(Arc::new(store::MemoryStore::new()));
+    }
+    let dir = config.data_dir()?;
+    Ok(Arc::new(store::SqliteStore::open_dir(&dir, config.synchronous)?))
+}
+
+/// Serves until `shutdown` is cancelled, then lets open requests finish and ends every
+/// event stream.
+pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationToken) -> Result<(), ServerError> {
+    let addr = listener.local_addr()?;
+    config.check(addr)?;
+    let store = open_store(&config)?;
+    let relay = Arc::new(Relay::new(store, Arc::new(clock::SystemClock), config.limits()));
+    let storage = if config.ephemeral { "memory (ephemeral)".to_owned() } else { config.data_dir()?.display().to_string() };
+    tracing::info!(%addr, %storage, "relay-server listening; MCP at http://{addr}/mcp");
+    serve(relay, &config, listener, shutdown).await
+}
+
+/// Serves an existing [`Relay`]; for tests that also drive it directly.
+pub async fn serve(
+    relay: Arc<Relay>,
+    config: &Config,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> Result<(), ServerError> {
+    let app = app::router(relay, config, shutdown.clone());
+    axum::serve(listener, app).with_graceful_shutdown(shutdown.cancelled_owned()).await?;
+    tracing::info!("relay-server stopped");
+    Ok(())
+}

@@ -1,0 +1,757 @@
+//! The relay itself, free of any transport: registration, messages, cursors, presence and
+//! the live fan-out. The MCP tools (`mcp`) and the event streams (`sse`) are thin layers
+//! over this.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
+
+use chrono::{DateTime, Utc};
+use relay_proto::{EventKind, MessageKind, PeerInfo, PeerRef, StoredMessage, validate};
+use serde::Serialize;
+use tokio::sync::broadcast;
+
+use crate::clock::Clock;
+use crate::error::RelayError;
+use crate::metrics::Metrics;
+use crate::secrets;
+use crate::store::{GroupRecord, LogEntry, LogQuery, NewEntry, PeerRecord, PrincipalId, Store};
+
+type Result<T> = std::result::Result<T, RelayError>;
+
+/// Bounds on what one caller can do.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub max_message_bytes: usize,
+    /// Sustained messages per second per peer.
+    pub rate_per_second: f64,
+    /// Messages a peer may send at once before the rate applies.
+    pub rate_burst: u32,
+    /// Live events a stream may fall behind before it is closed (it can resume).
+    pub stream_buffer: usize,
+    pub require_join_keys: bool,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_message_bytes: validate::DEFAULT_MAX_MESSAGE_BYTES,
+            rate_per_second: 10.0,
+            rate_burst: 50,
+            stream_buffer: 1024,
+            require_join_keys: false,
+        }
+    }
+}
+
+/// Who is calling: the holder of one token, a peer in each group it joined.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Caller {
+    pub principal: PrincipalId,
+    pub token: String,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct RegisterRequest {
+    pub group_id: String,
+    pub hostname: String,
+    pub working_directory: String,
+    pub git_branch: Option<String>,
+    pub name: Option<String>,
+    pub join_key: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct Registration {
+    pub peer_id: String,
+    pub display_name: String,
+    pub group_id: String,
+    pub token: String,
+    /// False when this host and directory were already registered: the same peer is back.
+    pub new_peer: bool,
+    pub group_created: bool,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct Sent {
+    pub message_id: String,
+    pub seq: u64,
+    pub group_id: String,
+    pub kind: MessageKind,
+    pub from: PeerRef,
+    /// The addressee of a DM.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub to: Option<PeerRef>,
+    /// Peers of the group (other than the sender) who will see it.
+    pub recipients: usize,
+    pub sent_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct Inbox {
+    pub messages: Vec<StoredMessage>,
+    /// More unread messages wait beyond this batch.
+    pub more: bool,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct HistoryRequest {
+    pub group_id: Option<String>,
+    pub with_peer: Option<String>,
+    pub filter: Option<String>,
+    pub start_time: Option<String>,
+    pub end_time: Option<String>,
+    pub limit: Option<usize>,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct History {
+    pub group_id: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub with_peer: Option<PeerRef>,
+    pub messages: Vec<StoredMessage>,
+    /// Older matching messages exist beyond `limit`.
+    pub truncated: bool,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct Left {
+    pub group_id: String,
+    pub peer_id: String,
+    pub display_name: String,
+}
+
+pub const DEFAULT_HISTORY_LIMIT: usize = 50;
+pub const MAX_HISTORY_LIMIT: usize = 1000;
+pub const DEFAULT_READ_LIMIT: usize = 200;
+/// How many log entries one store query reads at a time while filtering.
+const PAGE: usize = 512;
+/// Regexes are compiled from agents' input: keep them small.
+const MAX_REGEX_BYTES: usize = 1 << 20;
+
+/// A token bucket per peer for sends.
+struct Bucket {
+    tokens: f64,
+    at: Instant,
+}
+
+pub struct Relay {
+    store: Arc<dyn Store>,
+    clock: Arc<dyn Clock>,
+    limits: Limits,
+    pub metrics: Metrics,
+    /// Held while appending and publishing, so live events leave in sequence order.
+    live: Mutex<HashMap<String, broadcast::Sender<Arc<LogEntry>>>>,
+    /// Held for a whole registration: no two can race to create the same peer or group.
+    registering: Mutex<()>,
+    /// Held while a cursor moves, so two concurrent reads never return the same message.
+    reading: Mutex<()>,
+    streams: Mutex<HashMap<String, usize>>,
+    buckets: Mutex<HashMap<String, Bucket>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Every critical section here leaves the data consistent at each step.
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+impl Relay {
+    pub fn new(store: Arc<dyn Store>, clock: Arc<dyn Clock>, limits: Limits) -> Self {
+        Self {
+            store,
+            clock,
+            limits,
+            metrics: Metrics::default(),
+            live: Mutex::default(),
+            registering: Mutex::default(),
+            reading: Mutex::default(),
+            streams: Mutex::default(),
+            buckets: Mutex::default(),
+        }
+    }
+
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    pub fn store(&self) -> &dyn Store {
+        &*self.store
+    }
+
+    /// The caller holding `token`.
+    pub fn identify(&self, token: &str) -> Result<Caller> {
+        match self.store.principal_by_token(&secrets::token_hash(token))? {
+            Some(principal) => Ok(Caller { principal, token: token.to_owned() }),
+            None => Err(RelayError::UnknownToken),
+        }
+    }
+
+    /// Joins a group (creating it if new) as a peer of `caller`, or of a new caller when
+    /// there is none. Registering again from the same host, directory and name returns the
+    /// same peer. Slow when a join key is involved (password hashing): call it off the
+    /// async threads.
+    pub fn register(&self, caller: Option<&Caller>, req: RegisterRequest) -> Result<(Registration, Caller)> {
+        validate::group_id(&req.group_id)?;
+        validate::hostname(&req.hostname)?;
+        validate::working_directory(&req.working_directory)?;
+        if let Some(branch) = &req.git_branch {
+            validate::git_branch(branch)?;
+        }
+        if let Some(name) = &req.name {
+            validate::display_name(name)?;
+        }
+        if let Some(key) = &req.join_key {
+            validate::join_key(key)?;
+        }
+        let now = self.clock.now();
+        let _registering = lock(&self.registering);
+
+        let group_created = match self.store.group(&req.group_id)? {
+            Some(group) => {
+                if let Some(hash) = &group.join_key_hash {
+                    match &req.join_key {
+                        None => return Err(RelayError::JoinKeyRequired(req.group_id)),
+                        Some(key) if !secrets::join_key_matches(key, hash) => {
+                            return Err(RelayError::WrongJoinKey(req.group_id));
+                        }
+                        Some(_) => {}
+                    }
+                }
+                false
+            }
+            None => {
+                if self.limits.require_join_keys && req.join_key.is_none() {
+                    return Err(RelayError::JoinKeyNeededToCreate);
+                }
+                self.store.create_group(&GroupRecord {
+                    group_id: req.group_id.clone(),
+                    join_key_hash: req.join_key.as_deref().map(secrets::hash_join_key),
+                    created_at: now,
+                })?;
+                true
+            }
+        };
+
+        let caller = match caller {
+            Some(c) => c.clone(),
+            None => {
+                let token = secrets::new_token();
+                let principal = self.store.create_principal(&secrets::token_hash(&token), now)?;
+                Caller { principal, token }
+            }
+        };
+
+        let existing =
+            self.store.peer_by_origin(&req.group_id, &req.hostname, &req.working_directory, req.name.as_deref())?;
+        let new_peer = existing.is_none();
+        let (peer, announce) = match existing {
+            Some(mut peer) => {
+                let rejoined = peer.left_at.take().is_some();
+                peer.principal_id = caller.principal;
+                peer.git_branch = req.git_branch.clone();
+                peer.last_seen = now;
+                (peer, rejoined)
+            }
+            None => {
+                let display_name = self.free_display_name(&req)?;
+                let peer = PeerRecord {
+                    peer_id: secrets::new_id("p_"),
+                    group_id: req.group_id.clone(),
+                    principal_id: caller.principal,
+                    display_name,
+                    requested_name: req.name.clone(),
+                    hostname: req.hostname.clone(),
+                    working_directory: req.working_directory.clone(),
+                    git_branch: req.git_branch.clone(),
+                    joined_at: now,
+                    last_seen: now,
+                    left_at: None,
+                    // history before joining is not "unread"
+                    read_seq: self.store.head_seq(&req.group_id)?,
+                };
+                (peer, true)
+            }
+        };
+        self.store.save_peer(&peer)?;
+        if announce {
+            self.publish(NewEntry {
+                group_id: peer.group_id.clone(),
+                id: secrets::new_id("e_"),
+                kind: EventKind::PeerJoined,
+                sender_id: peer.peer_id.clone(),
+                sender_name: peer.display_name.clone(),
+                recipient_id: None,
+                recipient_name: None,
+                body: String::new(),
+                created_at: now,
+            })?;
+        }
+        let registration = Registration {
+            peer_id: peer.peer_id,
+            display_name: peer.display_name,
+            group_id: peer.group_id,
+            token: caller.token.clone(),
+            new_peer,
+            group_created,
+        };
+        Ok((registration, caller))
+    }
+
+    /// `name`, or `host:last-dir`, made unique in the group with a numeric suffix.
+    fn free_display_name(&self, req: &RegisterRequest) -> Result<String> {
+        let base = match &req.name {
+            Some(name) => name.clone(),
+            None => {
+                let dir = Path::new(&req.working_directory)
+                    .file_name()
+                    .map(|s| s.to_string_lossy().into_owned())
+                    .unwrap_or_else(|| "root".to_owned());
+                let host = req.hostname.split('.').next().unwrap_or(&req.hostname);
+                format!("{}:{}", validate::sanitize_name_part(host), validate::sanitize_name_part(&dir))
+            }
+        };
+        let base: String = base.chars().take(validate::MAX_NAME_CHARS - 4).collect();
+        let taken: Vec<String> =
+            self.store.peers_in_group(&req.group_id)?.into_iter().map(|p| p.display_name).collect();
+        let mut candidate = base.clone();
+        let mut n = 2;
+        while taken.iter().any(|t| t.eq_ignore_ascii_case(&candidate)) {
+            candidate = format!("{base}-{n}");
+            n += 1;
+        }
+        Ok(candidate)
+    }
+
+    /// The caller's peers that have not left their group.
+    fn active_peers(&self, caller: &Caller) -> Result<Vec<PeerRecord>> {
+        let mut peers = self.store.peers_of_principal(caller.principal)?;
+        peers.retain(|p| p.left_at.is_none());
+        Ok(peers)
+    }
+
+    /// The caller's peer in `group`, or in its only group when `group` is `None`.
+    fn peer_in(&self, caller: &Caller, group: Option<&str>) -> Result<PeerRecord> {
+        let mut peers = self.active_peers(caller)?;
+        let yours = || peers.iter().map(|p| p.group_id.clone()).collect::<Vec<_>>();
+        match group {
+            Some(g) => match peers.iter().position(|p| p.group_id == g) {
+                Some(i) => Ok(peers.swap_remove(i)),
+                None => Err(RelayError::NotMember { group: g.to_owned(), yours: yours() }),
+            },
+            None => match peers.len() {
+                0 => Err(RelayError::NotRegistered),
+                1 => Ok(peers.remove(0)),
+                _ => Err(RelayError::WhichGroup { yours: yours() }),
+            },
+        }
+    }
+
+    pub fn send_message(&self, caller: &Caller, text: &str, group: Option<&str>) -> Result<Sent> {
+        let from = self.peer_in(caller, group)?;
+        validate::message(text, self.limits.max_message_bytes)?;
+        self.take_rate_token(&from.peer_id)?;
+        let recipients = self.store.peers_in_group(&from.group_id)?.iter().filter(|p| is_other_member(p, &from)).count();
+        let entry = self.publish(self.message_entry(&from, None, text))?;
+        Ok(sent(entry, recipients))
+    }
+
+    pub fn send_dm(&self, caller: &Caller, to: &str, text: &str) -> Result<Sent> {
+        let own = self.active_peers(caller)?;
+        if own.is_empty() {
+            return Err(RelayError::NotRegistered);
+        }
+        if own.iter().any(|p| p.peer_id == to) {
+            return Err(RelayError::DmToSelf);
+        }
+        let mut reachable = Vec::new();
+        for mine in &own {
+            reachable.extend(self.store.peers_in_group(&mine.group_id)?.into_iter().filter(|p| is_other_member(p, mine)));
+        }
+        let target = resolve_peer(to, &reachable)?;
+        let from = own.into_iter().find(|p| p.group_id == target.group_id).expect("reachable peers share a group");
+        validate::message(text, self.limits.max_message_bytes)?;
+        self.take_rate_token(&from.peer_id)?;
+        let entry = self.publish(self.message_entry(&from, Some(target), text))?;
+        Ok(sent(entry, 1))
+    }
+
+    fn message_entry(&self, from: &PeerRecord, to: Option<&PeerRecord>, text: &str) -> NewEntry {
+        NewEntry {
+            group_id: from.group_id.clone(),
+            id: secrets::new_id("m_"),
+            kind: if to.is_some() { EventKind::Dm } else { EventKind::Message },
+            sender_id: from.peer_id.clone(),
+            sender_name: from.display_name.clone(),
+            recipient_id: to.map(|p| p.peer_id.clone()),
+            recipient_name: to.map(|p| p.display_name.clone()),
+            body: text.to_owned(),
+            created_at: self.clock.now(),
+        }
+    }
+
+    /// Commits the entry, then hands it to the group's live streams, in sequence order.
+    fn publish(&self, entry: NewEntry) -> Result<Arc<LogEntry>> {
+        let mut live = lock(&self.live);
+        let stored = Arc::new(self.store.append(entry)?);
+        if let Some(tx) = live.get(&stored.group_id) {
+            if tx.send(stored.clone()).is_err() {
+                live.remove(&stored.group_id);
+            }
+        }
+        if let Some(kind) = stored.kind.message_kind() {
+            self.metrics.message(kind);
+        }
+        Ok(stored)
+    }
+
+    /// Live entries of a group, and the sequence number they follow: every entry after it
+    /// arrives on the receiver, everything up to it is in the store.
+    pub fn subscribe(&self, group_id: &str) -> Result<(broadcast::Receiver<Arc<LogEntry>>, u64)> {
+        let mut live = lock(&self.live);
+        let head = self.store.head_seq(group_id)?;
+        let rx = match live.get(group_id) {
+            Some(tx) => tx.subscribe(),
+            None => {
+                let (tx, rx) = broadcast::channel(self.limits.stream_buffer.max(1));
+                live.insert(group_id.to_owned(), tx);
+                rx
+            }
+        };
+        Ok((rx, head))
+    }
+
+    fn take_rate_token(&self, peer_id: &str) -> Result<()> {
+        let (rate, burst) = (self.limits.rate_per_second, self.limits.rate_burst);
+        let now = Instant::now();
+        let mut buckets = lock(&self.buckets);
+        let bucket = buckets.entry(peer_id.to_owned()).or_insert(Bucket { tokens: burst as f64, at: now });
+        bucket.tokens = (bucket.tokens + now.duration_since(bucket.at).as_secs_f64() * rate).min(burst as f64);
+        bucket.at = now;
+        if bucket.tokens >= 1.0 {
+            bucket.tokens -= 1.0;
+            return Ok(());
+        }
+        let retry_after_ms = if rate > 0.0 { ((1.0 - bucket.tokens) / rate * 1000.0).ceil() as u64 } else { u64::MAX };
+        Err(RelayError::RateLimited { per_second: rate, burst, retry_after_ms })
+    }
+
+    /// Every unread broadcast and DM of the caller's peers, oldest first, at most `limit`;
+    /// moves their cursors past what it returns.
+    pub fn read_new_messages(&self, caller: &Caller, limit: Option<usize>) -> Result<Inbox> {
+        let limit = limit.unwrap_or(DEFAULT_READ_LIMIT).clamp(1, MAX_HISTORY_LIMIT);
+        let _reading = lock(&self.reading);
+        let peers = self.active_peers(caller)?;
+        if peers.is_empty() {
+            return Err(RelayError::NotRegistered);
+        }
+        // Per peer: its unread messages (at most `limit`) and how far the scan got.
+        let mut found: Vec<(PeerRecord, Vec<LogEntry>, u64)> = Vec::new();
+        for peer in peers {
+            let head = self.store.head_seq(&peer.group_id)?;
+            let query = LogQuery {
+                group_id: peer.group_id.clone(),
+                up_to_seq: Some(head),
+                kinds: Some(vec![EventKind::Message, EventKind::Dm]),
+                ..Default::default()
+            };
+            let (unread, scanned_to) = self.scan(query, peer.read_seq, limit, |e| is_for(e, &peer.peer_id))?;
+            let scanned_to = if unread.len() < limit { head } else { scanned_to };
+            found.push((peer, unread, scanned_to));
+        }
+        let mut all: Vec<(usize, &LogEntry)> =
+            found.iter().enumerate().flat_map(|(i, (_, entries, _))| entries.iter().map(move |e| (i, e))).collect();
+        all.sort_by(|a, b| (a.1.created_at, &a.1.group_id, a.1.seq).cmp(&(b.1.created_at, &b.1.group_id, b.1.seq)));
+        let more = all.len() > limit || found.iter().any(|(_, entries, _)| entries.len() >= limit);
+        all.truncate(limit);
+
+        let now = self.clock.now();
+        for (i, (peer, entries, scanned_to)) in found.iter().enumerate() {
+            let taken: Vec<u64> = all.iter().filter(|(j, _)| *j == i).map(|(_, e)| e.seq).collect();
+            let cursor = if taken.len() == entries.len() { *scanned_to } else { taken.iter().copied().max().unwrap_or(peer.read_seq) };
+            if cursor != peer.read_seq {
+                self.store.set_read_seq(&peer.peer_id, cursor)?;
+            }
+            self.store.touch_peer(&peer.peer_id, now)?;
+        }
+        let messages = all.into_iter().map(|(_, e)| stored_message(e)).collect();
+        Ok(Inbox { messages, more })
+    }
+
+    /// Reads the log page by page after `after`, keeping entries that pass `keep`, until
+    /// `limit` are kept or the query runs out. Returns them and the last sequence scanned.
+    fn scan(
+        &self,
+        mut query: LogQuery,
+        after: u64,
+        limit: usize,
+        mut keep: impl FnMut(&LogEntry) -> bool,
+    ) -> Result<(Vec<LogEntry>, u64)> {
+        query.after_seq = after;
+        query.limit = PAGE;
+        query.newest_first = false;
+        let mut kept = Vec::new();
+        loop {
+            let page = self.store.entries(&query)?;
+            let exhausted = page.len() < PAGE;
+            for entry in page {
+                query.after_seq = entry.seq;
+                if keep(&entry) {
+                    kept.push(entry);
+                    if kept.len() == limit {
+                        return Ok((kept, query.after_seq));
+                    }
+                }
+            }
+            if exhausted {
+                return Ok((kept, query.after_seq));
+            }
+        }
+    }
+
+    pub fn list_peers(&self, caller: &Caller, group: Option<&str>) -> Result<Vec<PeerInfo>> {
+        let groups: Vec<String> = match group {
+            Some(_) => vec![self.peer_in(caller, group)?.group_id],
+            None => {
+                let peers = self.active_peers(caller)?;
+                if peers.is_empty() {
+                    return Err(RelayError::NotRegistered);
+                }
+                peers.into_iter().map(|p| p.group_id).collect()
+            }
+        };
+        let streams = lock(&self.streams).clone();
+        let mut out = Vec::new();
+        for g in groups {
+            for p in self.store.peers_in_group(&g)? {
+                if p.left_at.is_some() {
+                    continue;
+                }
+                out.push(PeerInfo {
+                    online: streams.get(&p.peer_id).is_some_and(|n| *n > 0),
+                    peer_id: p.peer_id,
+                    display_name: p.display_name,
+                    group_id: p.group_id,
+                    hostname: p.hostname,
+                    working_directory: p.working_directory,
+                    git_branch: p.git_branch,
+                    last_seen: p.last_seen,
+                    joined_at: p.joined_at,
+                });
+            }
+        }
+        out.sort_by(|a, b| (&a.group_id, &a.display_name).cmp(&(&b.group_id, &b.display_name)));
+        Ok(out)
+    }
+
+    /// A group's broadcasts, or the DM thread with one peer, newest `limit`, oldest first.
+    pub fn history(&self, caller: &Caller, req: HistoryRequest) -> Result<History> {
+        let me = self.peer_in(caller, req.group_id.as_deref())?;
+        let limit = req.limit.unwrap_or(DEFAULT_HISTORY_LIMIT).clamp(1, MAX_HISTORY_LIMIT);
+        let filter = match &req.filter {
+            Some(f) => Some(
+                regex::RegexBuilder::new(f)
+                    .size_limit(MAX_REGEX_BYTES)
+                    .build()
+                    .map_err(|e| RelayError::BadArgument { field: "filter", reason: e.to_string() })?,
+            ),
+            None => None,
+        };
+        let since = req.start_time.as_deref().map(|t| parse_time("start_time", t)).transpose()?;
+        let until = req.end_time.as_deref().map(|t| parse_time("end_time", t)).transpose()?;
+        let with = match &req.with_peer {
+            Some(who) => {
+                let others: Vec<PeerRecord> =
+                    self.store.peers_in_group(&me.group_id)?.into_iter().filter(|p| p.peer_id != me.peer_id).collect();
+                Some(resolve_peer(who, &others)?.clone())
+            }
+            None => None,
+        };
+        let mut query = LogQuery {
+            group_id: me.group_id.clone(),
+            since,
+            until,
+            newest_first: true,
+            limit: PAGE,
+            ..Default::default()
+        };
+        match &with {
+            Some(peer) => {
+                query.kinds = Some(vec![EventKind::Dm]);
+                query.dm_between = Some((me.peer_id.clone(), peer.peer_id.clone()));
+            }
+            None => query.kinds = Some(vec![EventKind::Message]),
+        }
+        // Newest first, page by page, until `limit` match.
+        let mut kept: Vec<LogEntry> = Vec::new();
+        let mut truncated = false;
+        'pages: loop {
+            let page = self.store.entries(&query)?;
+            let exhausted = page.len() < PAGE;
+            for entry in page {
+                query.up_to_seq = Some(entry.seq.saturating_sub(1));
+                if filter.as_ref().is_none_or(|re| re.is_match(&entry.body)) {
+                    if kept.len() == limit {
+                        truncated = true;
+                        break 'pages;
+                    }
+                    kept.push(entry);
+                }
+            }
+            if exhausted || query.up_to_seq == Some(0) {
+                break;
+            }
+        }
+        kept.reverse();
+        Ok(History {
+            group_id: me.group_id,
+            with_peer: with.map(|p| PeerRef { peer_id: p.peer_id, name: p.display_name }),
+            messages: kept.iter().map(stored_message).collect(),
+            truncated,
+        })
+    }
+
+    pub fn leave_group(&self, caller: &Caller, group: &str) -> Result<Left> {
+        validate::group_id(group)?;
+        let mut peer = self.peer_in(caller, Some(group))?;
+        let now = self.clock.now();
+        peer.left_at = Some(now);
+        peer.last_seen = now;
+        self.store.save_peer(&peer)?;
+        self.publish(NewEntry {
+            group_id: peer.group_id.clone(),
+            id: secrets::new_id("e_"),
+            kind: EventKind::PeerLeft,
+            sender_id: peer.peer_id.clone(),
+            sender_name: peer.display_name.clone(),
+            recipient_id: None,
+            recipient_name: None,
+            body: String::new(),
+            created_at: now,
+        })?;
+        lock(&self.buckets).remove(&peer.peer_id);
+        Ok(Left { group_id: peer.group_id, peer_id: peer.peer_id, display_name: peer.display_name })
+    }
+
+    /// The peer `peer_id` of `group_id`, if `caller` holds it and it has not left.
+    pub fn owned_peer(&self, caller: &Caller, group_id: &str, peer_id: &str) -> Result<Option<PeerRecord>> {
+        Ok(self
+            .store
+            .peer(peer_id)?
+            .filter(|p| p.group_id == group_id && p.principal_id == caller.principal && p.left_at.is_none()))
+    }
+
+    pub fn stream_opened(&self, peer_id: &str) {
+        *lock(&self.streams).entry(peer_id.to_owned()).or_default() += 1;
+        self.metrics.stream_opened();
+        let _ = self.store.touch_peer(peer_id, self.clock.now());
+    }
+
+    pub fn stream_closed(&self, peer_id: &str, group_id: &str) {
+        {
+            let mut streams = lock(&self.streams);
+            if let Some(n) = streams.get_mut(peer_id) {
+                *n -= 1;
+                if *n == 0 {
+                    streams.remove(peer_id);
+                }
+            }
+        }
+        self.metrics.stream_closed();
+        let _ = self.store.touch_peer(peer_id, self.clock.now());
+        let mut live = lock(&self.live);
+        if live.get(group_id).is_some_and(|tx| tx.receiver_count() == 0) {
+            live.remove(group_id);
+        }
+    }
+}
+
+fn is_other_member(p: &PeerRecord, me: &PeerRecord) -> bool {
+    p.left_at.is_none() && p.peer_id != me.peer_id && p.group_id == me.group_id
+}
+
+/// Whether `peer_id` should receive this message: a broadcast by someone else, or a DM to it.
+pub fn is_for(e: &LogEntry, peer_id: &str) -> bool {
+    match e.kind {
+        EventKind::Message => e.sender_id != peer_id,
+        EventKind::Dm => e.recipient_id.as_deref() == Some(peer_id),
+        _ => false,
+    }
+}
+
+/// Finds `to` among `peers` by id, then exact display name, then display name ignoring case.
+fn resolve_peer<'a>(to: &str, peers: &'a [PeerRecord]) -> Result<&'a PeerRecord> {
+    let to_trimmed = to.trim().trim_start_matches('@');
+    let rules: [&dyn Fn(&PeerRecord) -> bool; 3] = [
+        &|p| p.peer_id == to_trimmed,
+        &|p| p.display_name == to_trimmed,
+        &|p| p.display_name.eq_ignore_ascii_case(to_trimmed),
+    ];
+    for rule in rules {
+        let matches: Vec<&PeerRecord> = peers.iter().filter(|p| rule(p)).collect();
+        match matches.len() {
+            0 => continue,
+            1 => return Ok(matches[0]),
+            _ => {
+                return Err(RelayError::AmbiguousPeer {
+                    to: to.to_owned(),
+                    matches: matches.iter().map(|p| format!("{} ({} in {})", p.peer_id, p.display_name, p.group_id)).collect(),
+                });
+            }
+        }
+    }
+    let mut candidates: Vec<String> =
+        peers.iter().filter(|p| p.left_at.is_none()).map(|p| format!("{} ({} in {})", p.display_name, p.peer_id, p.group_id)).collect();
+    candidates.sort();
+    Err(RelayError::UnknownPeer { to: to.to_owned(), candidates })
+}
+
+fn sent(entry: Arc<LogEntry>, recipients: usize) -> Sent {
+    let message = stored_message(&entry);
+    Sent {
+        message_id: message.id,
+        seq: message.seq,
+        group_id: message.group_id,
+        kind: message.kind,
+        from: message.sender,
+        to: message.recipient,
+        recipients,
+        sent_at: message.sent_at,
+    }
+}
+
+pub fn stored_message(e: &LogEntry) -> StoredMessage {
+    StoredMessage {
+        id: e.id.clone(),
+        seq: e.seq,
+        group_id: e.group_id.clone(),
+        kind: e.kind.message_kind().unwrap_or(MessageKind::Broadcast),
+        sender: PeerRef { peer_id: e.sender_id.clone(), name: e.sender_name.clone() },
+        recipient: e
+            .recipient_id
+            .as_ref()
+            .map(|id| PeerRef { peer_id: id.clone(), name: e.recipient_name.clone().unwrap_or_default() }),
+        text: e.body.clone(),
+        sent_at: e.created_at,
+    }
+}
+
+/// ISO 8601: a full timestamp with offset, one without (taken as UTC), or a date.
+pub fn parse_time(field: &'static str, value: &str) -> Result<DateTime<Utc>> {
+    let v = value.trim();
+    if let Ok(t) = DateTime::parse_from_rfc3339(v) {
+        return Ok(t.with_timezone(&Utc));
+    }
+    for format in ["%Y-%m-%dT%H:%M:%S%.f", "%Y-%m-%d %H:%M:%S%.f", "%Y-%m-%dT%H:%M"] {
+        if let Ok(t) = chrono::NaiveDateTime::parse_from_str(v, format) {
+            return Ok(t.and_utc());
+        }
+    }
+    if let Ok(d) = chrono::NaiveDate::parse_from_str(v, "%Y-%m-%d") {
+        return Ok(d.and_hms_opt(0, 0, 0).expect("midnight exists").and_utc());
+    }
+    Err(RelayError::BadArgument {
+        field,
+        reason: format!("{value:?} is not an ISO 8601 time; use e.g. 2026-11-25T14:30:00Z or 2026-11-25"),
+    })
+}

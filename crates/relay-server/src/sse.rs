@@ -1,0 +1,239 @@
+//! `GET /notifications/{group_id}/{peer_id}`: one peer's live events, resumable.
+//!
+//! The SSE `id` is the group's sequence number. A client that reconnects with
+//! `Last-Event-ID` first gets what it missed from the store, then live events, with no gap
+//! and no repeat. A client that falls `stream_buffer` events behind is disconnected (and
+//! can resume); the buffer is shared per group, so a stalled client costs no memory.
+
+use std::collections::VecDeque;
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use futures::Stream;
+use relay_proto::{Event, EventKind, PeerRef, validate};
+use tokio::sync::broadcast::{self, error::RecvError};
+use tokio_util::sync::CancellationToken;
+
+use crate::app::AppState;
+use crate::error::RelayError;
+use crate::relay::{self, Relay};
+use crate::secrets;
+use crate::store::{LogEntry, LogQuery};
+
+/// Entries read from the store per replay query.
+const REPLAY_PAGE: usize = 256;
+/// Told to clients in the `retry:` field.
+const RETRY: Duration = Duration::from_secs(2);
+
+pub async fn notifications(
+    State(state): State<AppState>,
+    Path((group_id, peer_id)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Response {
+    match open(&state, &group_id, &peer_id, &headers) {
+        Ok(stream) => {
+            let mut response = Sse::new(stream)
+                .keep_alive(KeepAlive::new().interval(state.heartbeat).text("heartbeat"))
+                .into_response();
+            // Reverse proxies must pass events through as they come.
+            response.headers_mut().insert("x-accel-buffering", "no".parse().expect("valid header"));
+            response
+        }
+        Err(rejection) => rejection,
+    }
+}
+
+fn reject(status: StatusCode, message: &str) -> Response {
+    let mut response = (status, format!("{message}\n")).into_response();
+    if status == StatusCode::UNAUTHORIZED {
+        response.headers_mut().insert(header::WWW_AUTHENTICATE, "Bearer".parse().expect("valid header"));
+    }
+    response
+}
+
+fn open(
+    state: &AppState,
+    group_id: &str,
+    peer_id: &str,
+    headers: &HeaderMap,
+) -> Result<impl Stream<Item = Result<SseEvent, Infallible>> + use<>, Response> {
+    let relay = &state.relay;
+    if validate::group_id(group_id).is_err() {
+        return Err(reject(StatusCode::NOT_FOUND, "no such group"));
+    }
+    let token = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(secrets::bearer)
+        .ok_or_else(|| reject(StatusCode::UNAUTHORIZED, "send the peer's token as Authorization: Bearer <token>"))?;
+    let caller = relay.identify(token).map_err(|e| match e {
+        RelayError::UnknownToken => reject(StatusCode::UNAUTHORIZED, "unknown token"),
+        other => internal(other),
+    })?;
+    let peer = relay.owned_peer(&caller, group_id, peer_id).map_err(internal)?;
+    if peer.is_none() {
+        return Err(reject(StatusCode::FORBIDDEN, "this token holds no such peer in this group"));
+    }
+    let last_event_id = match headers.get("last-event-id").map(|v| v.to_str().map(|s| s.trim().parse::<u64>())) {
+        None => None,
+        Some(Ok(Ok(seq))) => Some(seq),
+        Some(_) => return Err(reject(StatusCode::BAD_REQUEST, "Last-Event-ID must be a sequence number")),
+    };
+    let (rx, head) = relay.subscribe(group_id).map_err(internal)?;
+    let after = last_event_id.unwrap_or(head).min(head);
+    let stream = PeerStream {
+        relay: relay.clone(),
+        peer_id: peer_id.to_owned(),
+        group_id: group_id.to_owned(),
+        rx,
+        backlog: VecDeque::new(),
+        replayed_to: after,
+        replay_until: head,
+        last_sent: after,
+        shutdown: state.shutdown.clone(),
+        retry_sent: false,
+        done: false,
+    };
+    relay.stream_opened(peer_id);
+    Ok(futures::stream::unfold(stream, |mut s| async move {
+        let event = s.next().await?;
+        Some((Ok(event), s))
+    }))
+}
+
+fn internal(e: RelayError) -> Response {
+    tracing::error!(error = %e, "event stream failed to open");
+    reject(StatusCode::INTERNAL_SERVER_ERROR, "the relay's storage failed")
+}
+
+struct PeerStream {
+    relay: Arc<Relay>,
+    peer_id: String,
+    group_id: String,
+    rx: broadcast::Receiver<Arc<LogEntry>>,
+    /// Replayed entries not yet sent.
+    backlog: VecDeque<LogEntry>,
+    /// The store has been read up to here.
+    replayed_to: u64,
+    /// Replay stops here; later entries come live.
+    replay_until: u64,
+    last_sent: u64,
+    shutdown: CancellationToken,
+    retry_sent: bool,
+    done: bool,
+}
+
+impl PeerStream {
+    async fn next(&mut self) -> Option<SseEvent> {
+        if !self.retry_sent {
+            self.retry_sent = true;
+            return Some(SseEvent::default().retry(RETRY));
+        }
+        loop {
+            if self.done {
+                return None;
+            }
+            if let Some(entry) = self.backlog.pop_front() {
+                if let Some(event) = self.deliver(&entry) {
+                    return Some(event);
+                }
+                continue;
+            }
+            if self.replayed_to < self.replay_until {
+                if let Err(e) = self.fill_backlog() {
+                    tracing::error!(error = %e, "event replay failed; closing the stream so the client resumes");
+                    return None;
+                }
+                continue;
+            }
+            let entry = tokio::select! {
+                _ = self.shutdown.cancelled() => return None,
+                received = self.rx.recv() => match received {
+                    Ok(entry) => entry,
+                    Err(RecvError::Lagged(_)) => {
+                        tracing::info!(peer = %self.peer_id, "event stream fell behind; closing it (the client can resume)");
+                        self.relay.metrics.stream_dropped_slow();
+                        return None;
+                    }
+                    Err(RecvError::Closed) => return None,
+                },
+            };
+            if entry.seq > self.last_sent {
+                if let Some(event) = self.deliver(&entry) {
+                    return Some(event);
+                }
+            }
+        }
+    }
+
+    fn fill_backlog(&mut self) -> Result<(), crate::store::StoreError> {
+        let page = self.relay.store().entries(&LogQuery {
+            group_id: self.group_id.clone(),
+            after_seq: self.replayed_to,
+            up_to_seq: Some(self.replay_until),
+            limit: REPLAY_PAGE,
+            ..Default::default()
+        })?;
+        self.replayed_to = if page.len() < REPLAY_PAGE {
+            self.replay_until
+        } else {
+            page.last().map_or(self.replay_until, |e| e.seq)
+        };
+        self.backlog.extend(page);
+        Ok(())
+    }
+
+    /// The SSE event for `entry` if this peer should see it.
+    fn deliver(&mut self, entry: &LogEntry) -> Option<SseEvent> {
+        self.last_sent = self.last_sent.max(entry.seq);
+        let own = entry.sender_id == self.peer_id;
+        let visible = match entry.kind {
+            EventKind::Message | EventKind::Dm => relay::is_for(entry, &self.peer_id),
+            EventKind::PeerJoined => !own,
+            EventKind::PeerLeft => {
+                // Our own leave ends the stream after telling the client.
+                self.done = own;
+                true
+            }
+            EventKind::Unknown => false,
+        };
+        visible.then(|| sse_event(entry))
+    }
+}
+
+impl Drop for PeerStream {
+    fn drop(&mut self) {
+        self.relay.stream_closed(&self.peer_id, &self.group_id);
+    }
+}
+
+pub fn event_payload(entry: &LogEntry) -> Event {
+    let preview = match entry.kind {
+        EventKind::PeerJoined => format!("{} joined {}", entry.sender_name, entry.group_id),
+        EventKind::PeerLeft => format!("{} left {}", entry.sender_name, entry.group_id),
+        _ => validate::preview(&entry.body),
+    };
+    Event {
+        kind: entry.kind,
+        id: entry.id.clone(),
+        seq: entry.seq,
+        group: entry.group_id.clone(),
+        sender: PeerRef { peer_id: entry.sender_id.clone(), name: entry.sender_name.clone() },
+        recipient: entry
+            .recipient_id
+            .as_ref()
+            .map(|id| PeerRef { peer_id: id.clone(), name: entry.recipient_name.clone().unwrap_or_default() }),
+        preview,
+        time: entry.created_at,
+    }
+}
+
+fn sse_event(entry: &LogEntry) -> SseEvent {
+    let data = serde_json::to_string(&event_payload(entry)).expect("events serialize");
+    SseEvent::default().event(entry.kind.as_str()).id(entry.seq.to_string()).data(data)
+}

@@ -1,0 +1,182 @@
+//! Everything in memory: the seed's behaviour, for `--ephemeral` and tests.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Mutex;
+
+use chrono::{DateTime, Utc};
+
+use super::{GroupRecord, LogEntry, LogQuery, NewEntry, PeerRecord, PrincipalId, Result, Store, StoreError};
+
+#[derive(Default)]
+pub struct MemoryStore {
+    inner: Mutex<Inner>,
+}
+
+#[derive(Default)]
+struct Inner {
+    groups: HashMap<String, GroupRecord>,
+    principals: HashMap<[u8; 32], PrincipalId>,
+    /// Ordered by id so listings are stable, as in SQLite.
+    peers: BTreeMap<String, PeerRecord>,
+    logs: HashMap<String, Vec<LogEntry>>,
+}
+
+impl MemoryStore {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        // A panic elsewhere cannot leave these maps half-written: every update is one insert.
+        self.inner.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+impl Store for MemoryStore {
+    fn group(&self, group_id: &str) -> Result<Option<GroupRecord>> {
+        Ok(self.lock().groups.get(group_id).cloned())
+    }
+
+    fn create_group(&self, group: &GroupRecord) -> Result<()> {
+        let mut inner = self.lock();
+        if inner.groups.contains_key(&group.group_id) {
+            return Err(StoreError::Conflict(format!("group {}", group.group_id)));
+        }
+        inner.groups.insert(group.group_id.clone(), group.clone());
+        Ok(())
+    }
+
+    fn create_principal(&self, token_hash: &[u8; 32], _at: DateTime<Utc>) -> Result<PrincipalId> {
+        let mut inner = self.lock();
+        if inner.principals.contains_key(token_hash) {
+            return Err(StoreError::Conflict("token".into()));
+        }
+        let id = inner.principals.len() as PrincipalId + 1;
+        inner.principals.insert(*token_hash, id);
+        Ok(id)
+    }
+
+    fn principal_by_token(&self, token_hash: &[u8; 32]) -> Result<Option<PrincipalId>> {
+        Ok(self.lock().principals.get(token_hash).copied())
+    }
+
+    fn peer(&self, peer_id: &str) -> Result<Option<PeerRecord>> {
+        Ok(self.lock().peers.get(peer_id).cloned())
+    }
+
+    fn peer_by_origin(
+        &self,
+        group_id: &str,
+        hostname: &str,
+        working_directory: &str,
+        requested_name: Option<&str>,
+    ) -> Result<Option<PeerRecord>> {
+        Ok(self
+            .lock()
+            .peers
+            .values()
+            .find(|p| {
+                p.group_id == group_id
+                    && p.hostname == hostname
+                    && p.working_directory == working_directory
+                    && p.requested_name.as_deref() == requested_name
+            })
+            .cloned())
+    }
+
+    fn peers_in_group(&self, group_id: &str) -> Result<Vec<PeerRecord>> {
+        Ok(self.lock().peers.values().filter(|p| p.group_id == group_id).cloned().collect())
+    }
+
+    fn peers_of_principal(&self, principal: PrincipalId) -> Result<Vec<PeerRecord>> {
+        Ok(self.lock().peers.values().filter(|p| p.principal_id == principal).cloned().collect())
+    }
+
+    fn save_peer(&self, peer: &PeerRecord) -> Result<()> {
+        self.lock().peers.insert(peer.peer_id.clone(), peer.clone());
+        Ok(())
+    }
+
+    fn set_read_seq(&self, peer_id: &str, seq: u64) -> Result<()> {
+        if let Some(p) = self.lock().peers.get_mut(peer_id) {
+            p.read_seq = seq;
+        }
+        Ok(())
+    }
+
+    fn touch_peer(&self, peer_id: &str, at: DateTime<Utc>) -> Result<()> {
+        if let Some(p) = self.lock().peers.get_mut(peer_id) {
+            p.last_seen = at;
+        }
+        Ok(())
+    }
+
+    fn append(&self, entry: NewEntry) -> Result<LogEntry> {
+        let mut inner = self.lock();
+        let log = inner.logs.entry(entry.group_id.clone()).or_default();
+        let stored = LogEntry {
+            seq: log.len() as u64 + 1,
+            group_id: entry.group_id,
+            id: entry.id,
+            kind: entry.kind,
+            sender_id: entry.sender_id,
+            sender_name: entry.sender_name,
+            recipient_id: entry.recipient_id,
+            recipient_name: entry.recipient_name,
+            body: entry.body,
+            created_at: entry.created_at,
+        };
+        log.push(stored.clone());
+        Ok(stored)
+    }
+
+    fn head_seq(&self, group_id: &str) -> Result<u64> {
+        Ok(self.lock().logs.get(group_id).map_or(0, |l| l.len() as u64))
+    }
+
+    fn entries(&self, q: &LogQuery) -> Result<Vec<LogEntry>> {
+        let inner = self.lock();
+        let Some(log) = inner.logs.get(&q.group_id) else { return Ok(Vec::new()) };
+        // seq n sits at index n-1
+        let start = (q.after_seq as usize).min(log.len());
+        let end = q.up_to_seq.map_or(log.len(), |s| (s as usize).min(log.len())).max(start);
+        let matching = log[start..end].iter().filter(|e| matches(q, e));
+        let out = if q.newest_first {
+            matching.rev().take(q.limit).cloned().collect()
+        } else {
+            matching.take(q.limit).cloned().collect()
+        };
+        Ok(out)
+    }
+}
+
+fn matches(q: &LogQuery, e: &LogEntry) -> bool {
+    q.kinds.as_ref().is_none_or(|k| k.contains(&e.kind))
+        && q.since.is_none_or(|t| e.created_at >= t)
+        && q.until.is_none_or(|t| e.created_at <= t)
+        && q.dm_between.as_ref().is_none_or(|(a, b)| {
+            let (from, to) = (e.sender_id.as_str(), e.recipient_id.as_deref().unwrap_or(""));
+            (from == a && to == b) || (from == b && to == a)
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::contract;
+    use super::MemoryStore;
+
+    #[test]
+    fn groups() {
+        contract::groups(&MemoryStore::new());
+    }
+
+    #[test]
+    fn principals_and_peers() {
+        contract::principals_and_peers(&MemoryStore::new());
+    }
+
+    #[test]
+    fn log() {
+        contract::log(&MemoryStore::new());
+    }
+}

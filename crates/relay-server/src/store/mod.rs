@@ -1,0 +1,270 @@
+//! Durable state behind one narrow trait: SQLite by default ([`sqlite`]), memory for
+//! `--ephemeral` ([`memory`]).
+//!
+//! The trait speaks in whole operations (append an entry, save a peer) so a replicated
+//! backend can take its place later. Callers serialize writes to one group (see
+//! `relay::Relay`), so implementations need not order concurrent appends themselves.
+
+pub mod memory;
+pub mod sqlite;
+
+use chrono::{DateTime, Utc};
+use relay_proto::EventKind;
+use thiserror::Error;
+
+pub use memory::MemoryStore;
+pub use sqlite::SqliteStore;
+
+#[derive(Debug, Error)]
+pub enum StoreError {
+    #[error("database error: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error("cannot open the data directory {path}: {source}")]
+    DataDir { path: String, source: std::io::Error },
+    #[error("the database at {path} has schema version {found}, newer than this server knows ({known}); upgrade relay-server")]
+    SchemaTooNew { path: String, found: i64, known: i64 },
+    #[error("{0} already exists")]
+    Conflict(String),
+}
+
+pub type Result<T> = std::result::Result<T, StoreError>;
+
+/// A group as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupRecord {
+    pub group_id: String,
+    /// Argon2 PHC string of the join key, when the group has one.
+    pub join_key_hash: Option<String>,
+    pub created_at: DateTime<Utc>,
+}
+
+/// Holder of a token: one agent, which may be a peer in several groups.
+pub type PrincipalId = i64;
+
+/// A peer as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerRecord {
+    pub peer_id: String,
+    pub group_id: String,
+    pub principal_id: PrincipalId,
+    pub display_name: String,
+    /// The `name` asked for at registration; part of the peer's identity with host and dir.
+    pub requested_name: Option<String>,
+    pub hostname: String,
+    pub working_directory: String,
+    pub git_branch: Option<String>,
+    pub joined_at: DateTime<Utc>,
+    pub last_seen: DateTime<Utc>,
+    /// Set while the peer has left the group.
+    pub left_at: Option<DateTime<Utc>>,
+    /// Every log entry up to this sequence number has been read by the peer.
+    pub read_seq: u64,
+}
+
+/// One entry of a group's log: a message or a membership change.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogEntry {
+    pub group_id: String,
+    pub seq: u64,
+    pub id: String,
+    pub kind: EventKind,
+    pub sender_id: String,
+    pub sender_name: String,
+    pub recipient_id: Option<String>,
+    pub recipient_name: Option<String>,
+    pub body: String,
+    pub created_at: DateTime<Utc>,
+}
+
+/// A log entry before the store gives it its sequence number.
+#[derive(Debug, Clone)]
+pub struct NewEntry {
+    pub group_id: String,
+    pub id: String,
+    pub kind: EventKind,
+    pub sender_id: String,
+    pub sender_name: String,
+    pub recipient_id: Option<String>,
+    pub recipient_name: Option<String>,
+    pub body: String,
+    pub created_at: DateTime<Utc>,
+}
+
+/// Which entries of one group's log to read.
+#[derive(Debug, Clone, Default)]
+pub struct LogQuery {
+    pub group_id: String,
+    /// Only entries with `seq > after_seq`.
+    pub after_seq: u64,
+    /// Only entries with `seq <= up_to_seq`, when set.
+    pub up_to_seq: Option<u64>,
+    pub kinds: Option<Vec<EventKind>>,
+    pub since: Option<DateTime<Utc>>,
+    pub until: Option<DateTime<Utc>>,
+    /// Only DMs with this peer on one end and `dm_between.1` on the other.
+    pub dm_between: Option<(String, String)>,
+    /// The newest entries first (for "the last N"), else oldest first.
+    pub newest_first: bool,
+    pub limit: usize,
+}
+
+pub trait Store: Send + Sync + 'static {
+    fn group(&self, group_id: &str) -> Result<Option<GroupRecord>>;
+    /// Fails with [`StoreError::Conflict`] when the group exists.
+    fn create_group(&self, group: &GroupRecord) -> Result<()>;
+
+    /// Stores a new token hash and returns its principal.
+    fn create_principal(&self, token_hash: &[u8; 32], at: DateTime<Utc>) -> Result<PrincipalId>;
+    fn principal_by_token(&self, token_hash: &[u8; 32]) -> Result<Option<PrincipalId>>;
+
+    fn peer(&self, peer_id: &str) -> Result<Option<PeerRecord>>;
+    /// The peer registered from this host, directory and requested name in the group.
+    fn peer_by_origin(
+        &self,
+        group_id: &str,
+        hostname: &str,
+        working_directory: &str,
+        requested_name: Option<&str>,
+    ) -> Result<Option<PeerRecord>>;
+    /// Every peer of the group that ever joined, left ones included.
+    fn peers_in_group(&self, group_id: &str) -> Result<Vec<PeerRecord>>;
+    fn peers_of_principal(&self, principal: PrincipalId) -> Result<Vec<PeerRecord>>;
+    /// Inserts or replaces the peer with this id.
+    fn save_peer(&self, peer: &PeerRecord) -> Result<()>;
+    fn set_read_seq(&self, peer_id: &str, seq: u64) -> Result<()>;
+    fn touch_peer(&self, peer_id: &str, at: DateTime<Utc>) -> Result<()>;
+
+    /// Appends to the group's log and returns the entry with its sequence number. Durable
+    /// when this returns.
+    fn append(&self, entry: NewEntry) -> Result<LogEntry>;
+    /// The group's highest sequence number (0 for an empty log).
+    fn head_seq(&self, group_id: &str) -> Result<u64>;
+    fn entries(&self, query: &LogQuery) -> Result<Vec<LogEntry>>;
+}
+
+/// Runs the same behavioural tests against every store.
+#[cfg(test)]
+pub(crate) mod contract {
+    use super::*;
+    use chrono::TimeZone;
+
+    fn t(secs: i64) -> DateTime<Utc> {
+        Utc.timestamp_opt(1_800_000_000 + secs, 0).unwrap()
+    }
+
+    fn peer(id: &str, group: &str, principal: PrincipalId, dir: &str) -> PeerRecord {
+        PeerRecord {
+            peer_id: id.into(),
+            group_id: group.into(),
+            principal_id: principal,
+            display_name: format!("h:{dir}"),
+            requested_name: None,
+            hostname: "h".into(),
+            working_directory: format!("/src/{dir}"),
+            git_branch: Some("main".into()),
+            joined_at: t(0),
+            last_seen: t(0),
+            left_at: None,
+            read_seq: 0,
+        }
+    }
+
+    fn entry(group: &str, id: &str, kind: EventKind, from: &str, to: Option<&str>, at: i64) -> NewEntry {
+        NewEntry {
+            group_id: group.into(),
+            id: id.into(),
+            kind,
+            sender_id: from.into(),
+            sender_name: format!("name-{from}"),
+            recipient_id: to.map(Into::into),
+            recipient_name: to.map(|t| format!("name-{t}")),
+            body: format!("body of {id}"),
+            created_at: t(at),
+        }
+    }
+
+    pub fn groups(store: &dyn Store) {
+        assert_eq!(store.group("g").unwrap(), None);
+        let g = GroupRecord { group_id: "g".into(), join_key_hash: Some("$argon2id$x".into()), created_at: t(1) };
+        store.create_group(&g).unwrap();
+        assert_eq!(store.group("g").unwrap(), Some(g.clone()));
+        assert!(matches!(store.create_group(&g), Err(StoreError::Conflict(_))));
+    }
+
+    pub fn principals_and_peers(store: &dyn Store) {
+        let g = GroupRecord { group_id: "g".into(), join_key_hash: None, created_at: t(0) };
+        store.create_group(&g).unwrap();
+        let a = store.create_principal(&[1; 32], t(0)).unwrap();
+        let b = store.create_principal(&[2; 32], t(0)).unwrap();
+        assert_ne!(a, b);
+        assert_eq!(store.principal_by_token(&[1; 32]).unwrap(), Some(a));
+        assert_eq!(store.principal_by_token(&[3; 32]).unwrap(), None);
+
+        let mut p1 = peer("p1", "g", a, "api");
+        store.save_peer(&p1).unwrap();
+        store.save_peer(&peer("p2", "g", b, "web")).unwrap();
+        assert_eq!(store.peer("p1").unwrap(), Some(p1.clone()));
+        assert_eq!(store.peer_by_origin("g", "h", "/src/api", None).unwrap(), Some(p1.clone()));
+        assert_eq!(store.peer_by_origin("g", "h", "/src/api", Some("x")).unwrap(), None);
+        assert_eq!(store.peer_by_origin("other", "h", "/src/api", None).unwrap(), None);
+
+        // a requested name is part of the origin
+        let mut named = peer("p3", "g", a, "api");
+        named.requested_name = Some("alice".into());
+        named.display_name = "alice".into();
+        store.save_peer(&named).unwrap();
+        assert_eq!(store.peer_by_origin("g", "h", "/src/api", Some("alice")).unwrap(), Some(named));
+
+        // save replaces
+        p1.principal_id = b;
+        p1.left_at = Some(t(5));
+        store.save_peer(&p1).unwrap();
+        assert_eq!(store.peer("p1").unwrap().unwrap().principal_id, b);
+        let ids = |v: Vec<PeerRecord>| v.into_iter().map(|p| p.peer_id).collect::<Vec<_>>();
+        assert_eq!(ids(store.peers_of_principal(a).unwrap()), vec!["p3"]);
+        assert_eq!(ids(store.peers_of_principal(b).unwrap()), vec!["p1", "p2"]);
+        assert_eq!(ids(store.peers_in_group("g").unwrap()), vec!["p1", "p2", "p3"]);
+
+        store.set_read_seq("p2", 7).unwrap();
+        store.touch_peer("p2", t(9)).unwrap();
+        let p2 = store.peer("p2").unwrap().unwrap();
+        assert_eq!((p2.read_seq, p2.last_seen), (7, t(9)));
+    }
+
+    pub fn log(store: &dyn Store) {
+        assert_eq!(store.head_seq("g").unwrap(), 0);
+        let e1 = store.append(entry("g", "m1", EventKind::Message, "a", None, 1)).unwrap();
+        assert_eq!(e1.seq, 1);
+        store.append(entry("g", "m2", EventKind::Dm, "a", Some("b"), 2)).unwrap();
+        store.append(entry("g", "m3", EventKind::Dm, "b", Some("a"), 3)).unwrap();
+        store.append(entry("g", "m4", EventKind::Dm, "a", Some("c"), 4)).unwrap();
+        store.append(entry("other", "o1", EventKind::Message, "z", None, 4)).unwrap();
+        store.append(entry("g", "j5", EventKind::PeerJoined, "d", None, 5)).unwrap();
+        assert_eq!(store.head_seq("g").unwrap(), 5);
+        assert_eq!(store.head_seq("other").unwrap(), 1);
+
+        let ids = |q: LogQuery| store.entries(&q).unwrap().into_iter().map(|e| e.id).collect::<Vec<_>>();
+        let all = LogQuery { group_id: "g".into(), limit: 100, ..Default::default() };
+        assert_eq!(ids(all.clone()), vec!["m1", "m2", "m3", "m4", "j5"]);
+        assert_eq!(store.entries(&all).unwrap()[1], LogEntry {
+            group_id: "g".into(),
+            seq: 2,
+            id: "m2".into(),
+            kind: EventKind::Dm,
+            sender_id: "a".into(),
+            sender_name: "name-a".into(),
+            recipient_id: Some("b".into()),
+            recipient_name: Some("name-b".into()),
+            body: "body of m2".into(),
+            created_at: t(2),
+        });
+        assert_eq!(ids(LogQuery { after_seq: 3, ..all.clone() }), vec!["m4", "j5"]);
+        assert_eq!(ids(LogQuery { up_to_seq: Some(2), ..all.clone() }), vec!["m1", "m2"]);
+        assert_eq!(ids(LogQuery { limit: 2, ..all.clone() }), vec!["m1", "m2"]);
+        assert_eq!(ids(LogQuery { limit: 2, newest_first: true, ..all.clone() }), vec!["j5", "m4"]);
+        assert_eq!(ids(LogQuery { kinds: Some(vec![EventKind::Dm]), ..all.clone() }), vec!["m2", "m3", "m4"]);
+        assert_eq!(ids(LogQuery { since: Some(t(2)), until: Some(t(3)), ..all.clone() }), vec!["m2", "m3"]);
+        let thread = LogQuery { dm_between: Some(("b".into(), "a".into())), ..all.clone() };
+        assert_eq!(ids(thread), vec!["m2", "m3"]);
+    }
+}

@@ -1,0 +1,433 @@
+//! The default store: one SQLite file in WAL mode.
+//!
+//! `synchronous=NORMAL` under WAL makes every commit durable against a crash or kill of
+//! the process (the commit is in the WAL before `append` returns); only a power loss can
+//! take the last commits, which `synchronous = "full"` in the config closes at the price of
+//! an fsync per message.
+
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use chrono::{DateTime, TimeZone, Utc};
+use relay_proto::EventKind;
+use rusqlite::{Connection, OptionalExtension, Row, params};
+
+use super::{GroupRecord, LogEntry, LogQuery, NewEntry, PeerRecord, PrincipalId, Result, Store, StoreError};
+
+/// The file inside the data directory.
+pub const DB_FILE: &str = "relay.sqlite3";
+
+/// Each entry moves the schema one version up; never edit one that has shipped.
+const MIGRATIONS: &[&str] = &[
+    // 1: groups, token holders, peers, the per-group log
+    r#"
+    CREATE TABLE groups (
+        group_id      TEXT PRIMARY KEY,
+        join_key_hash TEXT,
+        created_at    INTEGER NOT NULL
+    );
+    CREATE TABLE principals (
+        principal_id  INTEGER PRIMARY KEY,
+        token_hash    BLOB NOT NULL UNIQUE,
+        created_at    INTEGER NOT NULL
+    );
+    CREATE TABLE peers (
+        peer_id           TEXT PRIMARY KEY,
+        group_id          TEXT NOT NULL REFERENCES groups(group_id),
+        principal_id      INTEGER NOT NULL REFERENCES principals(principal_id),
+        display_name      TEXT NOT NULL,
+        requested_name    TEXT,
+        hostname          TEXT NOT NULL,
+        working_directory TEXT NOT NULL,
+        git_branch        TEXT,
+        joined_at         INTEGER NOT NULL,
+        last_seen         INTEGER NOT NULL,
+        left_at           INTEGER,
+        read_seq          INTEGER NOT NULL DEFAULT 0
+    );
+    CREATE UNIQUE INDEX peers_by_origin
+        ON peers(group_id, hostname, working_directory, ifnull(requested_name, ''));
+    CREATE INDEX peers_by_principal ON peers(principal_id);
+    CREATE TABLE log (
+        group_id       TEXT NOT NULL,
+        seq            INTEGER NOT NULL,
+        id             TEXT NOT NULL UNIQUE,
+        kind           TEXT NOT NULL,
+        sender_id      TEXT NOT NULL,
+        sender_name    TEXT NOT NULL,
+        recipient_id   TEXT,
+        recipient_name TEXT,
+        body           TEXT NOT NULL,
+        created_at     INTEGER NOT NULL,
+        PRIMARY KEY (group_id, seq)
+    ) WITHOUT ROWID;
+    "#,
+];
+
+pub struct SqliteStore {
+    conn: Mutex<Connection>,
+}
+
+/// How hard a commit waits for the disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Synchronous {
+    /// Durable against process crashes (the default).
+    #[default]
+    Normal,
+    /// Durable against power loss too: one fsync per commit.
+    Full,
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the database in `data_dir`, which is made 0700.
+    pub fn open_dir(data_dir: &Path, sync: Synchronous) -> Result<Self> {
+        let dir_err = |source| StoreError::DataDir { path: data_dir.display().to_string(), source };
+        std::fs::create_dir_all(data_dir).map_err(dir_err)?;
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(data_dir, std::fs::Permissions::from_mode(0o700)).map_err(dir_err)?;
+        }
+        Self::open(&data_dir.join(DB_FILE), sync)
+    }
+
+    pub fn open(path: &Path, sync: Synchronous) -> Result<Self> {
+        let mut conn = Connection::open(path)?;
+        let sync = match sync {
+            Synchronous::Normal => "NORMAL",
+            Synchronous::Full => "FULL",
+        };
+        conn.execute_batch(&format!(
+            "PRAGMA journal_mode=WAL; PRAGMA synchronous={sync}; PRAGMA foreign_keys=ON; PRAGMA busy_timeout=5000;"
+        ))?;
+        migrate(&mut conn, path)?;
+        Ok(Self { conn: Mutex::new(conn) })
+    }
+
+    /// A private in-memory database; for tests of the SQL itself.
+    pub fn open_in_memory() -> Result<Self> {
+        let mut conn = Connection::open_in_memory()?;
+        migrate(&mut conn, Path::new(":memory:"))?;
+        Ok(Self { conn: Mutex::new(conn) })
+    }
+
+    fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
+        // SQLite rolls back an unfinished transaction itself; the connection stays usable.
+        self.conn.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+fn migrate(conn: &mut Connection, path: &Path) -> Result<()> {
+    let known = MIGRATIONS.len() as i64;
+    let found: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    if found > known {
+        return Err(StoreError::SchemaTooNew { path: PathBuf::from(path).display().to_string(), found, known });
+    }
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(found as usize) {
+        let tx = conn.transaction()?;
+        tx.execute_batch(sql)?;
+        tx.pragma_update(None, "user_version", i as i64 + 1)?;
+        tx.commit()?;
+    }
+    Ok(())
+}
+
+fn micros(t: DateTime<Utc>) -> i64 {
+    t.timestamp_micros()
+}
+
+fn time(us: i64) -> DateTime<Utc> {
+    Utc.timestamp_micros(us).single().unwrap_or_default()
+}
+
+fn kind_name(kind: EventKind) -> &'static str {
+    kind.as_str()
+}
+
+fn kind_from(name: &str) -> EventKind {
+    serde_json::from_value(serde_json::Value::String(name.to_owned())).unwrap_or(EventKind::Unknown)
+}
+
+const PEER_COLUMNS: &str = "peer_id, group_id, principal_id, display_name, requested_name, hostname, \
+     working_directory, git_branch, joined_at, last_seen, left_at, read_seq";
+
+fn peer_row(r: &Row<'_>) -> rusqlite::Result<PeerRecord> {
+    Ok(PeerRecord {
+        peer_id: r.get(0)?,
+        group_id: r.get(1)?,
+        principal_id: r.get(2)?,
+        display_name: r.get(3)?,
+        requested_name: r.get(4)?,
+        hostname: r.get(5)?,
+        working_directory: r.get(6)?,
+        git_branch: r.get(7)?,
+        joined_at: time(r.get(8)?),
+        last_seen: time(r.get(9)?),
+        left_at: r.get::<_, Option<i64>>(10)?.map(time),
+        read_seq: r.get::<_, i64>(11)? as u64,
+    })
+}
+
+const LOG_COLUMNS: &str =
+    "group_id, seq, id, kind, sender_id, sender_name, recipient_id, recipient_name, body, created_at";
+
+fn log_row(r: &Row<'_>) -> rusqlite::Result<LogEntry> {
+    Ok(LogEntry {
+        group_id: r.get(0)?,
+        seq: r.get::<_, i64>(1)? as u64,
+        id: r.get(2)?,
+        kind: kind_from(&r.get::<_, String>(3)?),
+        sender_id: r.get(4)?,
+        sender_name: r.get(5)?,
+        recipient_id: r.get(6)?,
+        recipient_name: r.get(7)?,
+        body: r.get(8)?,
+        created_at: time(r.get(9)?),
+    })
+}
+
+impl Store for SqliteStore {
+    fn group(&self, group_id: &str) -> Result<Option<GroupRecord>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached("SELECT group_id, join_key_hash, created_at FROM groups WHERE group_id = ?1")?;
+        let row = stmt
+            .query_row([group_id], |r| {
+                Ok(GroupRecord { group_id: r.get(0)?, join_key_hash: r.get(1)?, created_at: time(r.get(2)?) })
+            })
+            .optional()?;
+        Ok(row)
+    }
+
+    fn create_group(&self, group: &GroupRecord) -> Result<()> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached(
+            "INSERT INTO groups (group_id, join_key_hash, created_at) VALUES (?1, ?2, ?3) ON CONFLICT DO NOTHING",
+        )?;
+        let inserted = stmt.execute(params![group.group_id, group.join_key_hash, micros(group.created_at)])?;
+        if inserted == 0 {
+            return Err(StoreError::Conflict(format!("group {}", group.group_id)));
+        }
+        Ok(())
+    }
+
+    fn create_principal(&self, token_hash: &[u8; 32], at: DateTime<Utc>) -> Result<PrincipalId> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached(
+            "INSERT INTO principals (token_hash, created_at) VALUES (?1, ?2) ON CONFLICT DO NOTHING",
+        )?;
+        if stmt.execute(params![&token_hash[..], micros(at)])? == 0 {
+            return Err(StoreError::Conflict("token".into()));
+        }
+        Ok(conn.last_insert_rowid())
+    }
+
+    fn principal_by_token(&self, token_hash: &[u8; 32]) -> Result<Option<PrincipalId>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached("SELECT principal_id FROM principals WHERE token_hash = ?1")?;
+        Ok(stmt.query_row([&token_hash[..]], |r| r.get(0)).optional()?)
+    }
+
+    fn peer(&self, peer_id: &str) -> Result<Option<PeerRecord>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached(&format!("SELECT {PEER_COLUMNS} FROM peers WHERE peer_id = ?1"))?;
+        Ok(stmt.query_row([peer_id], peer_row).optional()?)
+    }
+
+    fn peer_by_origin(
+        &self,
+        group_id: &str,
+        hostname: &str,
+        working_directory: &str,
+        requested_name: Option<&str>,
+    ) -> Result<Option<PeerRecord>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached(&format!(
+            "SELECT {PEER_COLUMNS} FROM peers WHERE group_id = ?1 AND hostname = ?2 \
+             AND working_directory = ?3 AND ifnull(requested_name, '') = ?4"
+        ))?;
+        let row = stmt
+            .query_row(params![group_id, hostname, working_directory, requested_name.unwrap_or("")], peer_row)
+            .optional()?;
+        Ok(row)
+    }
+
+    fn peers_in_group(&self, group_id: &str) -> Result<Vec<PeerRecord>> {
+        let conn = self.conn();
+        let mut stmt =
+            conn.prepare_cached(&format!("SELECT {PEER_COLUMNS} FROM peers WHERE group_id = ?1 ORDER BY peer_id"))?;
+        let rows = stmt.query_map([group_id], peer_row)?.collect::<rusqlite::Result<_>>()?;
+        Ok(rows)
+    }
+
+    fn peers_of_principal(&self, principal: PrincipalId) -> Result<Vec<PeerRecord>> {
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare_cached(&format!("SELECT {PEER_COLUMNS} FROM peers WHERE principal_id = ?1 ORDER BY peer_id"))?;
+        let rows = stmt.query_map([principal], peer_row)?.collect::<rusqlite::Result<_>>()?;
+        Ok(rows)
+    }
+
+    fn save_peer(&self, p: &PeerRecord) -> Result<()> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached(&format!(
+            "INSERT OR REPLACE INTO peers ({PEER_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)"
+        ))?;
+        stmt.execute(params![
+            p.peer_id,
+            p.group_id,
+            p.principal_id,
+            p.display_name,
+            p.requested_name,
+            p.hostname,
+            p.working_directory,
+            p.git_branch,
+            micros(p.joined_at),
+            micros(p.last_seen),
+            p.left_at.map(micros),
+            p.read_seq as i64,
+        ])?;
+        Ok(())
+    }
+
+    fn set_read_seq(&self, peer_id: &str, seq: u64) -> Result<()> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached("UPDATE peers SET read_seq = ?2 WHERE peer_id = ?1")?;
+        stmt.execute(params![peer_id, seq as i64])?;
+        Ok(())
+    }
+
+    fn touch_peer(&self, peer_id: &str, at: DateTime<Utc>) -> Result<()> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached("UPDATE peers SET last_seen = ?2 WHERE peer_id = ?1")?;
+        stmt.execute(params![peer_id, micros(at)])?;
+        Ok(())
+    }
+
+    fn append(&self, e: NewEntry) -> Result<LogEntry> {
+        let conn = self.conn();
+        // One statement, so the sequence number and the row commit together.
+        let mut stmt = conn.prepare_cached(
+            "INSERT INTO log (group_id, seq, id, kind, sender_id, sender_name, recipient_id, recipient_name, body, created_at)
+             VALUES (?1, (SELECT ifnull(max(seq), 0) + 1 FROM log WHERE group_id = ?1), ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
+             RETURNING seq",
+        )?;
+        let seq: i64 = stmt.query_row(
+            params![
+                e.group_id,
+                e.id,
+                kind_name(e.kind),
+                e.sender_id,
+                e.sender_name,
+                e.recipient_id,
+                e.recipient_name,
+                e.body,
+                micros(e.created_at)
+            ],
+            |r| r.get(0),
+        )?;
+        Ok(LogEntry {
+            group_id: e.group_id,
+            seq: seq as u64,
+            id: e.id,
+            kind: e.kind,
+            sender_id: e.sender_id,
+            sender_name: e.sender_name,
+            recipient_id: e.recipient_id,
+            recipient_name: e.recipient_name,
+            body: e.body,
+            // round-trips through the column's precision
+            created_at: time(micros(e.created_at)),
+        })
+    }
+
+    fn head_seq(&self, group_id: &str) -> Result<u64> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached("SELECT ifnull(max(seq), 0) FROM log WHERE group_id = ?1")?;
+        Ok(stmt.query_row([group_id], |r| r.get::<_, i64>(0))? as u64)
+    }
+
+    fn entries(&self, q: &LogQuery) -> Result<Vec<LogEntry>> {
+        let mut sql = format!("SELECT {LOG_COLUMNS} FROM log WHERE group_id = ?1 AND seq > ?2");
+        let mut args: Vec<rusqlite::types::Value> = vec![q.group_id.clone().into(), (q.after_seq as i64).into()];
+        let mut bind = |sql: &mut String, clause: &str, value: rusqlite::types::Value| {
+            args.push(value);
+            sql.push_str(&clause.replace('?', &format!("?{}", args.len())));
+        };
+        if let Some(up_to) = q.up_to_seq {
+            bind(&mut sql, " AND seq <= ?", (up_to as i64).into());
+        }
+        if let Some(since) = q.since {
+            bind(&mut sql, " AND created_at >= ?", micros(since).into());
+        }
+        if let Some(until) = q.until {
+            bind(&mut sql, " AND created_at <= ?", micros(until).into());
+        }
+        if let Some(kinds) = &q.kinds {
+            let names: Vec<String> = kinds.iter().map(|k| format!("'{}'", kind_name(*k))).collect();
+            sql.push_str(&format!(" AND kind IN ({})", names.join(",")));
+        }
+        if let Some((a, b)) = &q.dm_between {
+            bind(&mut sql, " AND ((sender_id = ?", a.clone().into());
+            bind(&mut sql, " AND recipient_id = ?)", b.clone().into());
+            bind(&mut sql, " OR (sender_id = ?", b.clone().into());
+            bind(&mut sql, " AND recipient_id = ?))", a.clone().into());
+        }
+        sql.push_str(if q.newest_first { " ORDER BY seq DESC" } else { " ORDER BY seq ASC" });
+        bind(&mut sql, " LIMIT ?", (q.limit.min(i64::MAX as usize) as i64).into());
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached(&sql)?;
+        let rows = stmt.query_map(rusqlite::params_from_iter(args), log_row)?.collect::<rusqlite::Result<_>>()?;
+        Ok(rows)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::contract;
+    use super::*;
+
+    #[test]
+    fn groups() {
+        contract::groups(&SqliteStore::open_in_memory().unwrap());
+    }
+
+    #[test]
+    fn principals_and_peers() {
+        contract::principals_and_peers(&SqliteStore::open_in_memory().unwrap());
+    }
+
+    #[test]
+    fn log() {
+        contract::log(&SqliteStore::open_in_memory().unwrap());
+    }
+
+    #[test]
+    fn survives_reopen_and_sets_up_a_private_dir() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        {
+            let store = SqliteStore::open_dir(&data, Synchronous::Normal).unwrap();
+            contract::log(&store);
+        }
+        let store = SqliteStore::open_dir(&data, Synchronous::Full).unwrap();
+        assert_eq!(store.head_seq("g").unwrap(), 5);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(&data).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o700);
+        }
+        let journal: String = store.conn().query_row("PRAGMA journal_mode", [], |r| r.get(0)).unwrap();
+        assert_eq!(journal, "wal");
+    }
+
+    #[test]
+    fn refuses_a_newer_schema() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x.sqlite3");
+        Connection::open(&path).unwrap().pragma_update(None, "user_version", 99).unwrap();
+        let err = SqliteStore::open(&path, Synchronous::Normal).err().unwrap();
+        assert!(err.to_string().contains("schema version 99"), "{err}");
+    }
+}
