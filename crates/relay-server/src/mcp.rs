@@ -238,8 +238,14 @@ impl RelayTools {
             let (registration, caller) = tokio::task::spawn_blocking(move || relay.register(caller.as_ref(), req))
                 .await
                 .expect("register does not panic")?;
-            let how_to_call = if bearer(&ctx).is_some() {
+            let how_to_call = if bearer(&ctx) == Some(registration.token.as_str()) {
                 "Your Authorization header identifies you; no token argument is needed.".to_owned()
+            } else if bearer(&ctx).is_some() {
+                format!(
+                    "You already have another peer in this group, so this one has its own token: pass \
+                     token=\"{}\" on relay calls made as this peer.",
+                    registration.token
+                )
             } else if has_session(&ctx) {
                 *self.session.lock().unwrap_or_else(|p| p.into_inner()) = Some(caller);
                 "This MCP session is now registered: later relay calls in it need no token argument. If the \

@@ -233,8 +233,21 @@ impl Relay {
             }
         };
 
-        let caller = match caller {
-            Some(c) => c.clone(),
+        let existing =
+            self.store.peer_by_origin(&req.group_id, &req.hostname, &req.working_directory, req.name.as_deref())?;
+        // A token stands for one agent: at most one peer per group. Another peer in a group
+        // where the caller already has one gets a token of its own.
+        let keep_caller = match caller {
+            Some(c) => {
+                let existing_id = existing.as_ref().map(|p| p.peer_id.as_str());
+                let mine = self.active_peers(c)?;
+                (!mine.iter().any(|p| p.group_id == req.group_id && Some(p.peer_id.as_str()) != existing_id))
+                    .then(|| c.clone())
+            }
+            None => None,
+        };
+        let caller = match keep_caller {
+            Some(c) => c,
             None => {
                 let token = secrets::new_token();
                 let principal = self.store.create_principal(&secrets::token_hash(&token), now)?;
@@ -242,8 +255,6 @@ impl Relay {
             }
         };
 
-        let existing =
-            self.store.peer_by_origin(&req.group_id, &req.hostname, &req.working_directory, req.name.as_deref())?;
         let new_peer = existing.is_none();
         let (peer, announce) = match existing {
             Some(mut peer) => {
@@ -333,7 +344,11 @@ impl Relay {
     /// The caller's peer in `group`, or in its only group when `group` is `None`.
     fn peer_in(&self, caller: &Caller, group: Option<&str>) -> Result<PeerRecord> {
         let mut peers = self.active_peers(caller)?;
-        let yours = || peers.iter().map(|p| p.group_id.clone()).collect::<Vec<_>>();
+        let yours = || {
+            let mut groups: Vec<String> = peers.iter().map(|p| p.group_id.clone()).collect();
+            groups.sort();
+            groups
+        };
         match group {
             Some(g) => match peers.iter().position(|p| p.group_id == g) {
                 Some(i) => Ok(peers.swap_remove(i)),
@@ -520,6 +535,7 @@ impl Relay {
                 peers.into_iter().map(|p| p.group_id).collect()
             }
         };
+        debug_assert!(groups.iter().collect::<std::collections::HashSet<_>>().len() == groups.len());
         let streams = lock(&self.streams).clone();
         let mut out = Vec::new();
         for g in groups {

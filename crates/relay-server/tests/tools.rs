@@ -64,6 +64,18 @@ async fn one_token_can_join_several_groups() {
     a.ok("send_message", json!({"message": "hi", "group_id": "two"})).await;
     let peers = a.ok("list_peers", json!({})).await;
     assert_eq!(peers["peers"].as_array().unwrap().len(), 2);
+
+    // a second peer in a group where this token already has one gets a token of its own
+    let third = a.ok("register", json!({"group_id": "two", "hostname": "box", "working_directory": "/src/other"})).await;
+    assert_ne!(third["token"], token);
+    assert!(third["how_to_call"].as_str().unwrap().contains("its own token"), "{third}");
+    let session = server.client_with(None, Mode::Session).await;
+    let s1 = session.ok("register", json!({"group_id": "three", "hostname": "h", "working_directory": "/1"})).await;
+    let s2 = session.ok("register", json!({"group_id": "three", "hostname": "h", "working_directory": "/2"})).await;
+    assert_ne!(s1["token"], s2["token"]);
+    // the session now speaks as the peer it registered last
+    let sent = session.ok("send_message", json!({"message": "who?"})).await;
+    assert_eq!(sent["from"]["peer_id"], s2["peer_id"]);
 }
 
 #[tokio::test]

@@ -1,0 +1,132 @@
+//! Helpers for the end-to-end tests: the real binaries as child processes, and the
+//! external tools some tests drive, and the clients (MCP, SSE) tests talk through.
+
+pub mod mcp;
+pub mod sse;
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+/// A binary of this workspace, built by `tests/run` before the tests start.
+pub fn binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    // target/<profile>/deps/<test> -> target/<profile>/<name>
+    let dir = exe.parent().and_then(Path::parent).expect("target dir");
+    let path = dir.join(name);
+    assert!(path.exists(), "{} is missing: build the binaries first (tests/run does)", path.display());
+    path
+}
+
+/// Whether a test that needs an external tool should run. Outside CI a missing tool skips
+/// the test, saying so by name; under CI=true it fails the test.
+pub fn require(test: &str, what: &str, found: Option<PathBuf>) -> Option<PathBuf> {
+    if found.is_some() {
+        return found;
+    }
+    if std::env::var("CI").is_ok_and(|v| v == "true" || v == "1") {
+        panic!("{test}: {what} is required under CI but was not found (tests/run installs it)");
+    }
+    eprintln!("SKIPPED: {test} ({what} not available; run tests/run to set it up)");
+    None
+}
+
+/// The venv Python with the official MCP SDK that `tests/run` prepared.
+pub fn python_with_mcp(test: &str) -> Option<PathBuf> {
+    let found = std::env::var_os("RELAY_TEST_PYTHON").map(PathBuf::from).filter(|p| p.exists());
+    require(test, "python with the MCP SDK (RELAY_TEST_PYTHON)", found)
+}
+
+/// A `relay-server` child process. Killed (SIGKILL) when dropped.
+pub struct ServerProcess {
+    pub child: Child,
+    pub addr: SocketAddr,
+    pub stderr: mpsc::Receiver<String>,
+}
+
+impl ServerProcess {
+    /// Starts `relay-server --listen 127.0.0.1:PORT` (0 picks a port) with `args`, and
+    /// waits until it answers /healthz.
+    pub fn start(port: u16, args: &[&str]) -> Self {
+        let mut child = Command::new(binary("relay-server"))
+            .arg("--listen")
+            .arg(format!("127.0.0.1:{port}"))
+            .args(args)
+            .env("RUST_LOG", "info")
+            .env_remove("RELAY_CONFIG")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn relay-server");
+        let (tx, rx) = mpsc::channel();
+        let stderr = child.stderr.take().expect("piped stderr");
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        // The server logs the address it bound; that is how a port of 0 becomes known.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let addr = loop {
+            let line = rx.recv_timeout(deadline.saturating_duration_since(Instant::now()));
+            let line = line.unwrap_or_else(|_| panic!("relay-server did not report its address: {:?}", child.try_wait()));
+            if let Some(addr) = line.split("addr=").nth(1).and_then(|rest| rest.split_whitespace().next()) {
+                if let Ok(addr) = addr.parse() {
+                    break addr;
+                }
+            }
+        };
+        let server = Self { child, addr, stderr: rx };
+        server.wait_healthy();
+        server
+    }
+
+    fn wait_healthy(&self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::net::TcpStream::connect(self.addr).is_err() {
+            assert!(Instant::now() < deadline, "relay-server at {} never accepted connections", self.addr);
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// SIGKILL: no chance to flush or say goodbye.
+    pub fn kill_hard(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM, then wait for a clean exit.
+    pub fn stop(&mut self) -> std::process::ExitStatus {
+        let _ = Command::new("kill").arg("-TERM").arg(self.pid().to_string()).status();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait relay-server") {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "relay-server ignored SIGTERM");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            self.kill_hard();
+        }
+    }
+}
