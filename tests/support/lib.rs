@@ -40,6 +40,28 @@ pub fn python_with_mcp(test: &str) -> Option<PathBuf> {
     require(test, "python with the MCP SDK (RELAY_TEST_PYTHON)", found)
 }
 
+/// The Claude Code CLI that `tests/run` installed from npm.
+pub fn claude_code(test: &str) -> Option<PathBuf> {
+    let found = std::env::var_os("RELAY_TEST_CLAUDE").map(PathBuf::from).filter(|p| p.exists());
+    require(test, "the Claude Code CLI (RELAY_TEST_CLAUDE)", found)
+}
+
+/// A command running Claude Code offline and quietly, in a private HOME.
+pub fn claude_command(bin: &Path, home: &Path) -> Command {
+    let mut cmd = Command::new(bin);
+    cmd.env_clear()
+        .env("HOME", home)
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .env("DISABLE_TELEMETRY", "1")
+        .env("DISABLE_AUTOUPDATER", "1")
+        .env("DISABLE_ERROR_REPORTING", "1")
+        .env("CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC", "1")
+        .env("CLAUDE_CODE_DISABLE_OFFICIAL_MARKETPLACE_AUTOINSTALL", "1")
+        .current_dir(home)
+        .stdin(Stdio::null());
+    cmd
+}
+
 /// A `relay-server` child process. Killed (SIGKILL) when dropped.
 pub struct ServerProcess {
     pub child: Child,
