@@ -11,14 +11,15 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-/// A binary of this workspace, built by `tests/run` before the tests start.
+/// A binary of this workspace beside the running one: a test's (`target/<profile>/deps/`)
+/// or a binary's own (`target/<profile>/`). `tests/run` builds them before the tests.
 pub fn binary(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().expect("test executable path");
-    // target/<profile>/deps/<test> -> target/<profile>/<name>
-    let dir = exe.parent().and_then(Path::parent).expect("target dir");
-    let path = dir.join(name);
-    assert!(path.exists(), "{} is missing: build the binaries first (tests/run does)", path.display());
-    path
+    let exe = std::env::current_exe().expect("executable path");
+    let dirs = exe.ancestors().skip(1).take(2);
+    let candidates: Vec<PathBuf> = dirs.map(|d| d.join(name)).collect();
+    candidates.iter().find(|p| p.is_file()).cloned().unwrap_or_else(|| {
+        panic!("{} is missing: build the workspace's binaries first (tests/run does)", candidates[0].display())
+    })
 }
 
 /// Whether a test that needs an external tool should run. Outside CI a missing tool skips

@@ -32,6 +32,8 @@ pub fn router(relay: Arc<Relay>, config: &Config, shutdown: CancellationToken) -
         .with_cancellation_token(shutdown.child_token())
         .with_sse_keep_alive(Some(Duration::from_secs(config.heartbeat_secs)))
         .with_max_request_body_bytes(config.max_request_bytes)
+        // stateless replies as plain JSON: cheaper than a one-event SSE stream
+        .with_json_response(true)
         // one Host check for every route, below
         .disable_allowed_hosts();
     let tools_relay = relay.clone();

@@ -12,6 +12,10 @@ async fn main() -> anyhow::Result<()> {
         None => Config::default(),
     };
     let config = args.apply(config);
+    // every event stream holds a descriptor; the soft limit is often a mere 1024
+    if let Err(e) = rlimit::increase_nofile_limit(u64::MAX) {
+        tracing::warn!(error = %e, "cannot raise the open-file limit");
+    }
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;

@@ -1,0 +1,145 @@
+//! relay-bench: starts relay-server (unless given --target), runs each scenario, prints a
+//! table and writes every figure to a JSON file.
+
+mod mcp_http;
+mod procstat;
+mod report;
+mod scenarios;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::Parser;
+use serde_json::{Value, json};
+
+use report::{Goal, Report};
+use scenarios::{FanOut, Target, ToolLoad};
+
+/// Measures relay side by side on this machine: tools/call latency and throughput, fan-out
+/// to open streams, memory per idle stream.
+#[derive(Parser)]
+#[command(version, about)]
+struct Args {
+    /// A small version of every scenario, in seconds (CI runs this)
+    #[arg(long)]
+    quick: bool,
+    /// Load an already running MCP server over streamable HTTP instead (tools/call only)
+    #[arg(long)]
+    target: Option<String>,
+    /// With --target: the tool to call
+    #[arg(long, requires = "target")]
+    tool: Option<String>,
+    /// With --target: the tool's arguments, as JSON
+    #[arg(long, requires = "target", default_value = "{}")]
+    args: String,
+    /// With --target: an extra request header, "Name: value" (repeatable)
+    #[arg(long = "header", requires = "target")]
+    headers: Vec<String>,
+    /// Streams in the fan-out scenario [default: 100; quick: 20]
+    #[arg(long)]
+    peers: Option<usize>,
+    /// Streams in the idle scenario [default: 10000; quick: 500]
+    #[arg(long)]
+    streams: Option<usize>,
+    /// Where to write the JSON figures
+    #[arg(long, default_value = "target/relay-bench.json")]
+    out: PathBuf,
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let args = Args::parse();
+    // thousands of streams need thousands of descriptors, here and in the server
+    let _ = rlimit::increase_nofile_limit(u64::MAX);
+    let http = reqwest::Client::builder().pool_max_idle_per_host(256).build()?;
+    let mut report = Report::default();
+
+    let server;
+    let target = match &args.target {
+        Some(url) => {
+            let base = url.trim_end_matches('/').trim_end_matches("/mcp").to_owned();
+            Target { http, base, pid: None, headers: parse_headers(&args.headers)? }
+        }
+        None => {
+            let data = tempfile::tempdir()?;
+            let data_dir = data.path().to_str().context("temp dir path")?.to_owned();
+            server = (data, relay_e2e::ServerProcess::start(0, &[
+                "--data-dir",
+                &data_dir,
+                "--rate-per-second",
+                "1000000000",
+                "--rate-burst",
+                "4000000000",
+            ]));
+            let pid = server.1.pid();
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let rss = procstat::rss_bytes(pid).context("server RSS")? as f64 / 1_048_576.0;
+            report.goal("server", "idle RSS", rss, "MB", (Goal::AtMost(15.0), "≤ 15"), Some("100 MB"));
+            Target { http, base: format!("http://{}", server.1.addr), pid: Some(pid), headers: Vec::new() }
+        }
+    };
+
+    let quick = args.quick;
+    let load = |tool: &str, args: Value, sequential| ToolLoad {
+        tool: tool.to_owned(),
+        args,
+        sequential,
+        concurrency: 32,
+        duration: Duration::from_secs(if quick { 2 } else { 10 }),
+    };
+    if let Some(tool) = &args.tool {
+        let tool_args: Value = serde_json::from_str(&args.args).context("--args must be JSON")?;
+        let outcome = scenarios::tool_calls(&target, None, &load(tool, tool_args, if quick { 200 } else { 2000 }), &mut report, "tools/call", false).await;
+        record(&mut report, "tools/call", outcome);
+    } else if args.target.is_some() {
+        report.failures.push("--target needs --tool (and usually --args)".into());
+    } else {
+        let outcome = async {
+            let anon = target.mcp(None).await?;
+            let peer = scenarios::register(&anon, "bench-tools", "/bench/caller").await?;
+            scenarios::tool_calls(&target, Some(&peer.token), &load("list_peers", json!({}), if quick { 200 } else { 2000 }), &mut report, "list_peers", true).await?;
+            let message = json!({"message": "a benchmark message of modest size"});
+            scenarios::tool_calls(&target, Some(&peer.token), &load("send_message", message, if quick { 100 } else { 1000 }), &mut report, "send_message", false).await
+        }
+        .await;
+        record(&mut report, "tools/call", outcome);
+
+        let fan = FanOut {
+            peers: args.peers.unwrap_or(if quick { 20 } else { 100 }),
+            messages: if quick { 40 } else { 300 },
+            rate_per_second: 100.0,
+        };
+        let outcome = scenarios::fan_out(&target, &fan, &mut report).await;
+        record(&mut report, "fan-out", outcome);
+
+        let streams = args.streams.unwrap_or(if quick { 500 } else { 10_000 });
+        let window = Duration::from_secs(if quick { 2 } else { 5 });
+        let outcome = scenarios::idle_streams(&target, streams, window, &mut report).await;
+        record(&mut report, "idle", outcome);
+    }
+
+    report.print_table();
+    let command: Vec<String> = std::env::args().collect();
+    report.write_json(&args.out, &command, quick)?;
+    println!("figures written to {}", args.out.display());
+    if !report.failures.is_empty() {
+        std::process::exit(1);
+    }
+    Ok(())
+}
+
+fn record(report: &mut Report, scenario: &str, outcome: Result<()>) {
+    if let Err(e) = outcome {
+        report.failures.push(format!("{scenario}: {e:#}"));
+    }
+}
+
+fn parse_headers(raw: &[String]) -> Result<Vec<(String, String)>> {
+    raw.iter()
+        .map(|h| {
+            let (k, v) = h.split_once(':').with_context(|| format!("header {h:?} is not \"Name: value\""))?;
+            Ok((k.trim().to_owned(), v.trim().to_owned()))
+        })
+        .collect()
+}

@@ -1,0 +1,255 @@
+//! The scenarios. Each adds its figures to the report and says whether it completed.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail, ensure};
+use futures::StreamExt;
+use serde_json::{Value, json};
+
+use crate::mcp_http::McpHttp;
+use crate::procstat;
+use crate::report::{Goal, Report, quantile};
+
+/// What the scenarios run against.
+pub struct Target {
+    pub http: reqwest::Client,
+    /// `http://host:port`
+    pub base: String,
+    /// The server's process, when the bench started it (for RSS and CPU).
+    pub pid: Option<u32>,
+    pub headers: Vec<(String, String)>,
+}
+
+impl Target {
+    pub fn mcp_url(&self) -> String {
+        format!("{}/mcp", self.base)
+    }
+
+    pub async fn mcp(&self, token: Option<&str>) -> Result<McpHttp> {
+        let mut headers = self.headers.clone();
+        if let Some(t) = token {
+            headers.push(("authorization".into(), format!("Bearer {t}")));
+        }
+        McpHttp::connect(self.http.clone(), &self.mcp_url(), &headers).await
+    }
+}
+
+/// A registered peer.
+#[derive(Clone)]
+pub struct Peer {
+    pub peer_id: String,
+    pub token: String,
+    pub group: String,
+}
+
+pub async fn register(mcp: &McpHttp, group: &str, dir: &str) -> Result<Peer> {
+    let r = mcp
+        .call_tool("register", &json!({"group_id": group, "hostname": "bench", "working_directory": dir}))
+        .await?;
+    let s = &r["structuredContent"];
+    Ok(Peer {
+        peer_id: s["peer_id"].as_str().context("peer_id")?.to_owned(),
+        token: s["token"].as_str().context("token")?.to_owned(),
+        group: group.to_owned(),
+    })
+}
+
+pub struct ToolLoad {
+    pub tool: String,
+    pub args: Value,
+    pub sequential: usize,
+    pub concurrency: usize,
+    pub duration: Duration,
+}
+
+/// Sequential latency and concurrent throughput of one tool.
+pub async fn tool_calls(
+    target: &Target,
+    token: Option<&str>,
+    load: &ToolLoad,
+    report: &mut Report,
+    label: &'static str,
+    goals: bool,
+) -> Result<()> {
+    let mcp = Arc::new(target.mcp(token).await?);
+    for _ in 0..20 {
+        mcp.call_tool(&load.tool, &load.args).await?; // warm up
+    }
+    let mut samples = Vec::with_capacity(load.sequential);
+    for _ in 0..load.sequential {
+        let started = Instant::now();
+        mcp.call_tool(&load.tool, &load.args).await?;
+        samples.push(started.elapsed().as_secs_f64() * 1000.0);
+    }
+    let median = quantile(&mut samples, 0.5);
+    let p99 = quantile(&mut samples, 0.99);
+
+    let calls = Arc::new(AtomicU64::new(0));
+    let deadline = Instant::now() + load.duration;
+    let workers: Vec<_> = (0..load.concurrency)
+        .map(|_| {
+            let (mcp, calls, tool, args) = (mcp.clone(), calls.clone(), load.tool.clone(), load.args.clone());
+            tokio::spawn(async move {
+                while Instant::now() < deadline {
+                    mcp.call_tool(&tool, &args).await?;
+                    calls.fetch_add(1, Ordering::Relaxed);
+                }
+                anyhow::Ok(())
+            })
+        })
+        .collect();
+    let started = Instant::now();
+    for w in workers {
+        w.await??;
+    }
+    let rate = calls.load(Ordering::Relaxed) as f64 / started.elapsed().as_secs_f64();
+    let c = load.concurrency;
+    if goals {
+        report.goal(label, "sequential median", median, "ms", (Goal::AtMost(0.3), "≤ 0.3"), Some("3–10 ms"));
+        report.add(label, "sequential p99", p99, "ms");
+        let name = if c == 32 { "calls/s at concurrency 32" } else { "calls/s at concurrency N" };
+        report.goal(label, name, rate, "calls/s", (Goal::AtLeast(20_000.0), "≥ 20000"), Some("90–210/s"));
+    } else {
+        report.add(label, "sequential median", median, "ms");
+        report.add(label, "sequential p99", p99, "ms");
+        report.add(label, "calls/s at concurrency 32", rate, "calls/s");
+    }
+    report.completed.push(label);
+    Ok(())
+}
+
+/// An open SSE stream whose `data:` payloads go to `on_event`.
+pub async fn open_stream(
+    target: &Target,
+    peer: &Peer,
+    on_event: impl Fn(Value) + Send + 'static,
+) -> Result<tokio::task::JoinHandle<()>> {
+    let url = format!("{}/notifications/{}/{}", target.base, peer.group, peer.peer_id);
+    let resp = target.http.get(&url).bearer_auth(&peer.token).header("accept", "text/event-stream").send().await?;
+    ensure!(resp.status().is_success(), "stream {url}: HTTP {}", resp.status());
+    Ok(tokio::spawn(async move {
+        let mut body = resp.bytes_stream();
+        let mut buf = Vec::new();
+        while let Some(Ok(chunk)) = body.next().await {
+            buf.extend_from_slice(&chunk);
+            while let Some(end) = buf.iter().position(|&b| b == b'\n') {
+                let line: Vec<u8> = buf.drain(..=end).collect();
+                if let Some(data) = line.strip_prefix(b"data:") {
+                    if let Ok(v) = serde_json::from_slice(data) {
+                        on_event(v);
+                    }
+                }
+            }
+        }
+    }))
+}
+
+pub struct FanOut {
+    pub peers: usize,
+    pub messages: usize,
+    pub rate_per_second: f64,
+}
+
+/// One sender, `peers` open streams: latency from send to every delivery.
+pub async fn fan_out(target: &Target, opts: &FanOut, report: &mut Report) -> Result<()> {
+    let anon = target.mcp(None).await?;
+    let group = "bench-fanout";
+    let sender = register(&anon, group, "/bench/sender").await?;
+    let sent_at: Arc<Mutex<HashMap<usize, Instant>>> = Arc::default();
+    let latencies: Arc<Mutex<Vec<f64>>> = Arc::default();
+    let received = Arc::new(AtomicUsize::new(0));
+    let last_delivery: Arc<Mutex<Option<Instant>>> = Arc::default();
+    let mut streams = Vec::new();
+    for i in 0..opts.peers {
+        let peer = register(&anon, group, &format!("/bench/peer{i}")).await?;
+        let (sent_at, latencies, received, last) =
+            (sent_at.clone(), latencies.clone(), received.clone(), last_delivery.clone());
+        streams.push(
+            open_stream(target, &peer, move |event| {
+                let now = Instant::now();
+                let Some(n) = event["preview"].as_str().and_then(|p| p.strip_prefix("fan ")).and_then(|n| n.parse().ok()) else {
+                    return;
+                };
+                if let Some(at) = sent_at.lock().unwrap().get(&n) {
+                    latencies.lock().unwrap().push(now.duration_since(*at).as_secs_f64() * 1000.0);
+                }
+                received.fetch_add(1, Ordering::Relaxed);
+                *last.lock().unwrap() = Some(now);
+            })
+            .await?,
+        );
+    }
+    let mcp = target.mcp(Some(&sender.token)).await?;
+    let interval = Duration::from_secs_f64(1.0 / opts.rate_per_second);
+    let first_send = Instant::now();
+    let mut tick = tokio::time::interval(interval);
+    for n in 0..opts.messages {
+        tick.tick().await;
+        sent_at.lock().unwrap().insert(n, Instant::now());
+        mcp.call_tool("send_message", &json!({"message": format!("fan {n}")})).await?;
+    }
+    let expected = opts.peers * opts.messages;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while received.load(Ordering::Relaxed) < expected && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for s in streams {
+        s.abort();
+    }
+    let got = received.load(Ordering::Relaxed);
+    let elapsed = last_delivery.lock().unwrap().map_or(Duration::ZERO, |t| t.duration_since(first_send));
+    let mut lat = latencies.lock().unwrap().clone();
+    let label = "fan-out";
+    let p99 = quantile(&mut lat, 0.99);
+    report.add(label, "streams", opts.peers as f64, "streams");
+    report.add(label, "send → delivery p50", quantile(&mut lat, 0.5), "ms");
+    let original = (opts.peers == 100).then_some("80–92 ms (one send)");
+    report.goal(label, "send → delivery p99", p99, "ms", (Goal::AtMost(2.0), "≤ 2 (100)"), original);
+    report.add(label, "send → delivery max", quantile(&mut lat, 1.0), "ms");
+    report.add(label, "deliveries/s", got as f64 / elapsed.as_secs_f64().max(1e-9), "events/s");
+    report.add(label, "lost", (expected - got.min(expected)) as f64, "events");
+    if got != expected {
+        bail!("fan-out lost events: {got} of {expected} delivered");
+    }
+    report.completed.push(label);
+    Ok(())
+}
+
+/// `streams` idle SSE streams: the server's memory per stream and its CPU while idle.
+pub async fn idle_streams(target: &Target, streams: usize, cpu_window: Duration, report: &mut Report) -> Result<()> {
+    let pid = target.pid.context("idle streams needs a server the bench started (no --target)")?;
+    let anon = target.mcp(None).await?;
+    let peers: Vec<Peer> = {
+        let mut v = Vec::new();
+        for i in 0..streams.clamp(1, 100) {
+            v.push(register(&anon, "bench-idle", &format!("/bench/idle{i}")).await?);
+        }
+        v
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let before = procstat::rss_bytes(pid).context("server RSS")?;
+    let mut handles = Vec::with_capacity(streams);
+    for chunk in (0..streams).collect::<Vec<_>>().chunks(256) {
+        let opened = futures::future::join_all(chunk.iter().map(|i| open_stream(target, &peers[i % peers.len()], |_| {}))).await;
+        for h in opened {
+            handles.push(h?);
+        }
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let after = procstat::rss_bytes(pid).context("server RSS")?;
+    let per_stream_kb = (after.saturating_sub(before)) as f64 / streams as f64 / 1024.0;
+    let cpu = procstat::cpu_percent(pid, cpu_window).await.context("server CPU")?;
+    let label = "idle";
+    report.add(label, "open streams", streams as f64, "streams");
+    report.goal(label, "server RSS per idle stream", per_stream_kb, "KB", (Goal::AtMost(8.0), "≤ 8 (10k)"), Some("≈ 46 KB"));
+    report.add(label, "server RSS with the streams", after as f64 / 1_048_576.0, "MB");
+    report.add(label, "server CPU while idle", cpu, "% core");
+    for h in handles {
+        h.abort();
+    }
+    report.completed.push(label);
+    Ok(())
+}
