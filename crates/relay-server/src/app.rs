@@ -8,7 +8,7 @@ use axum::extract::{Request, State};
 use axum::http::{StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{delete, get, post};
 use rmcp::transport::streamable_http_server::session::local::LocalSessionManager;
 use rmcp::transport::streamable_http_server::{StreamableHttpServerConfig, StreamableHttpService};
 use tokio_util::sync::CancellationToken;
@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::Config;
 use crate::mcp::RelayTools;
 use crate::relay::Relay;
-use crate::sse;
+use crate::{daemon_api, sse};
 
 #[derive(Clone)]
 pub struct AppState {
@@ -44,6 +44,10 @@ pub fn router(relay: Arc<Relay>, config: &Config, shutdown: CancellationToken) -
     Router::new()
         .nest_service("/mcp", mcp)
         .route("/notifications/{group_id}/{peer_id}", get(sse::notifications))
+        .route("/v1/daemons", post(daemon_api::create_daemon))
+        .route("/v1/peers", post(daemon_api::register_peer))
+        .route("/v1/peers/{peer_id}", delete(daemon_api::remove_peer))
+        .route("/v1/groups/{group_id}/events", get(daemon_api::group_events))
         .route("/metrics", get(metrics))
         .layer(middleware::from_fn_with_state(hosts, check_host))
         // after the layer: load balancers probe by IP

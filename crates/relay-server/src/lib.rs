@@ -6,6 +6,7 @@
 pub mod app;
 pub mod clock;
 pub mod config;
+pub mod daemon_api;
 pub mod error;
 pub mod mcp;
 pub mod metrics;

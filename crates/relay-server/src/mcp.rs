@@ -44,21 +44,8 @@ pub struct TokenOnly {
 
 #[derive(Debug, Deserialize, schemars::JsonSchema)]
 pub struct RegisterArgs {
-    /// The group to join (created if new): letters, digits, '.', '_' and '-'.
-    pub group_id: String,
-    /// This machine's hostname.
-    pub hostname: String,
-    /// The absolute path you are working in.
-    pub working_directory: String,
-    /// The current git branch, if any.
-    #[serde(default)]
-    pub git_branch: Option<String>,
-    /// A display name; defaults to `host:directory-name`.
-    #[serde(default)]
-    pub name: Option<String>,
-    /// The group's join key: sets it when creating a group, proves it when joining one.
-    #[serde(default)]
-    pub join_key: Option<String>,
+    #[serde(flatten)]
+    pub request: RegisterRequest,
     /// Your relay token from an earlier `register`, to join another group as the same agent.
     #[serde(default)]
     pub token: Option<String>,
@@ -226,14 +213,7 @@ impl RelayTools {
                 Some(token) => Some(self.relay.identify(token)?),
                 None => self.session.lock().unwrap_or_else(|p| p.into_inner()).clone(),
             };
-            let req = RegisterRequest {
-                group_id: args.group_id,
-                hostname: args.hostname,
-                working_directory: args.working_directory,
-                git_branch: args.git_branch.filter(|b| !b.is_empty()),
-                name: args.name.filter(|n| !n.is_empty()),
-                join_key: args.join_key.filter(|k| !k.is_empty()),
-            };
+            let req = args.request;
             let relay = self.relay.clone();
             let (registration, caller) = tokio::task::spawn_blocking(move || relay.register(caller.as_ref(), req))
                 .await

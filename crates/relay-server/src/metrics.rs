@@ -29,6 +29,7 @@ pub struct Metrics {
     broadcasts: AtomicU64,
     dms: AtomicU64,
     streams: AtomicI64,
+    daemon_streams: AtomicI64,
     streams_dropped_slow: AtomicU64,
 }
 
@@ -55,20 +56,20 @@ impl Metrics {
         .fetch_add(1, Relaxed);
     }
 
-    pub fn stream_opened(&self) {
-        self.streams.fetch_add(1, Relaxed);
+    pub fn stream_opened(&self, daemon: bool) {
+        self.gauge(daemon).fetch_add(1, Relaxed);
     }
 
-    pub fn stream_closed(&self) {
-        self.streams.fetch_sub(1, Relaxed);
+    pub fn stream_closed(&self, daemon: bool) {
+        self.gauge(daemon).fetch_sub(1, Relaxed);
+    }
+
+    fn gauge(&self, daemon: bool) -> &AtomicI64 {
+        if daemon { &self.daemon_streams } else { &self.streams }
     }
 
     pub fn stream_dropped_slow(&self) {
         self.streams_dropped_slow.fetch_add(1, Relaxed);
-    }
-
-    pub fn open_streams(&self) -> i64 {
-        self.streams.load(Relaxed)
     }
 
     pub fn render(&self) -> String {
@@ -104,9 +105,10 @@ impl Metrics {
         writeln!(out, "# TYPE relay_messages_total counter")?;
         writeln!(out, "relay_messages_total{{kind=\"broadcast\"}} {}", self.broadcasts.load(Relaxed))?;
         writeln!(out, "relay_messages_total{{kind=\"dm\"}} {}", self.dms.load(Relaxed))?;
-        writeln!(out, "# HELP relay_open_streams Event streams open now.")?;
+        writeln!(out, "# HELP relay_open_streams Event streams open now, per peer and per daemon (relayd) group stream.")?;
         writeln!(out, "# TYPE relay_open_streams gauge")?;
-        writeln!(out, "relay_open_streams {}", self.streams.load(Relaxed))?;
+        writeln!(out, "relay_open_streams{{kind=\"peer\"}} {}", self.streams.load(Relaxed))?;
+        writeln!(out, "relay_open_streams{{kind=\"daemon\"}} {}", self.daemon_streams.load(Relaxed))?;
         writeln!(out, "# HELP relay_streams_dropped_slow_total Streams closed because the client fell too far behind.")?;
         writeln!(out, "# TYPE relay_streams_dropped_slow_total counter")?;
         writeln!(out, "relay_streams_dropped_slow_total {}", self.streams_dropped_slow.load(Relaxed))?;
@@ -125,7 +127,10 @@ mod tests {
         m.tool_call("send_message", Duration::from_millis(3), true);
         m.tool_call("mystery", Duration::from_secs(10), false);
         m.message(MessageKind::Dm);
-        m.stream_opened();
+        m.stream_opened(false);
+        m.stream_opened(true);
+        m.stream_opened(true);
+        m.stream_closed(true);
         let text = m.render();
         for line in [
             "relay_tool_calls_total{tool=\"send_message\"} 2",
@@ -136,7 +141,8 @@ mod tests {
             "relay_tool_call_duration_seconds_bucket{le=\"2.5\"} 2",
             "relay_tool_call_duration_seconds_bucket{le=\"+Inf\"} 3",
             "relay_messages_total{kind=\"dm\"} 1",
-            "relay_open_streams 1",
+            "relay_open_streams{kind=\"peer\"} 1",
+            "relay_open_streams{kind=\"daemon\"} 1",
         ] {
             assert!(text.lines().any(|l| l == line), "missing {line:?} in\n{text}");
         }

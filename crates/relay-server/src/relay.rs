@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use chrono::{DateTime, Utc};
 use relay_proto::{EventKind, MessageKind, PeerInfo, PeerRef, StoredMessage, validate};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 
 use crate::clock::Clock;
@@ -52,14 +52,27 @@ pub struct Caller {
     pub token: String,
 }
 
-#[derive(Debug, Clone, Default)]
+/// What `register` needs; the MCP tool's arguments and the daemon API's body.
+#[derive(Debug, Clone, Default, Deserialize, schemars::JsonSchema)]
 pub struct RegisterRequest {
+    /// The group to join (created if new): letters, digits, '.', '_' and '-'.
     pub group_id: String,
+    /// This machine's hostname.
     pub hostname: String,
+    /// The absolute path you are working in.
     pub working_directory: String,
+    /// The current git branch, if any.
+    #[serde(default)]
     pub git_branch: Option<String>,
+    /// A display name; defaults to `host:directory-name`.
+    #[serde(default)]
     pub name: Option<String>,
+    /// The group's join key: sets it when creating a group, proves it when joining one.
+    #[serde(default)]
     pub join_key: Option<String>,
+    /// Set when a daemon (relayd) registers the peer for a local pane.
+    #[serde(skip)]
+    pub daemon_id: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
@@ -179,6 +192,40 @@ impl Relay {
         &*self.store
     }
 
+    /// A new daemon credential for relayd on `hostname`: its id and token.
+    pub fn create_daemon(&self, hostname: &str) -> Result<(String, String)> {
+        validate::hostname(hostname)?;
+        let (daemon_id, token) = (secrets::new_id("d_"), secrets::new_token());
+        self.store.create_daemon(&daemon_id, &secrets::token_hash(&token), hostname, self.clock.now())?;
+        Ok((daemon_id, token))
+    }
+
+    /// The daemon holding `token`.
+    pub fn identify_daemon(&self, token: &str) -> Result<String> {
+        self.store.daemon_by_token(&secrets::token_hash(token))?.ok_or(RelayError::UnknownToken)
+    }
+
+    /// Whether the daemon registered an active peer in the group: the right to its stream.
+    pub fn daemon_in_group(&self, daemon_id: &str, group_id: &str) -> Result<bool> {
+        Ok(self
+            .store
+            .peers_in_group(group_id)?
+            .iter()
+            .any(|p| p.left_at.is_none() && p.daemon_id.as_deref() == Some(daemon_id)))
+    }
+
+    /// Removes a peer the daemon registered from its group.
+    pub fn daemon_leave(&self, daemon_id: &str, peer_id: &str) -> Result<Option<Left>> {
+        let Some(peer) = self.store.peer(peer_id)?.filter(|p| p.daemon_id.as_deref() == Some(daemon_id)) else {
+            return Ok(None);
+        };
+        if peer.left_at.is_some() {
+            return Ok(Some(Left { group_id: peer.group_id, peer_id: peer.peer_id, display_name: peer.display_name }));
+        }
+        let caller = Caller { principal: peer.principal_id, token: String::new() };
+        self.leave_group(&caller, &peer.group_id).map(Some)
+    }
+
     /// The caller holding `token`.
     pub fn identify(&self, token: &str) -> Result<Caller> {
         match self.store.principal_by_token(&secrets::token_hash(token))? {
@@ -191,7 +238,13 @@ impl Relay {
     /// there is none. Registering again from the same host, directory and name returns the
     /// same peer. Slow when a join key is involved (password hashing): call it off the
     /// async threads.
-    pub fn register(&self, caller: Option<&Caller>, req: RegisterRequest) -> Result<(Registration, Caller)> {
+    pub fn register(&self, caller: Option<&Caller>, mut req: RegisterRequest) -> Result<(Registration, Caller)> {
+        // clients send "" for "not given"
+        for field in [&mut req.git_branch, &mut req.name, &mut req.join_key] {
+            if field.as_deref() == Some("") {
+                *field = None;
+            }
+        }
         validate::group_id(&req.group_id)?;
         validate::hostname(&req.hostname)?;
         validate::working_directory(&req.working_directory)?;
@@ -261,6 +314,9 @@ impl Relay {
                 let rejoined = peer.left_at.take().is_some();
                 peer.principal_id = caller.principal;
                 peer.git_branch = req.git_branch.clone();
+                if req.daemon_id.is_some() {
+                    peer.daemon_id = req.daemon_id.clone();
+                }
                 peer.last_seen = now;
                 (peer, rejoined)
             }
@@ -280,6 +336,7 @@ impl Relay {
                     left_at: None,
                     // history before joining is not "unread"
                     read_seq: self.store.head_seq(&req.group_id)?,
+                    daemon_id: req.daemon_id.clone(),
                 };
                 (peer, true)
             }
@@ -536,7 +593,6 @@ impl Relay {
             }
         };
         debug_assert!(groups.iter().collect::<std::collections::HashSet<_>>().len() == groups.len());
-        let streams = lock(&self.streams).clone();
         let mut out = Vec::new();
         for g in groups {
             for p in self.store.peers_in_group(&g)? {
@@ -544,7 +600,7 @@ impl Relay {
                     continue;
                 }
                 out.push(PeerInfo {
-                    online: streams.get(&p.peer_id).is_some_and(|n| *n > 0),
+                    online: self.is_online(&p),
                     peer_id: p.peer_id,
                     display_name: p.display_name,
                     group_id: p.group_id,
@@ -657,29 +713,67 @@ impl Relay {
             .filter(|p| p.group_id == group_id && p.principal_id == caller.principal && p.left_at.is_none()))
     }
 
-    pub fn stream_opened(&self, peer_id: &str) {
-        *lock(&self.streams).entry(peer_id.to_owned()).or_default() += 1;
-        self.metrics.stream_opened();
-        let _ = self.store.touch_peer(peer_id, self.clock.now());
+    /// A peer is online while it has an event stream open, or its daemon has one for its group.
+    fn is_online(&self, peer: &PeerRecord) -> bool {
+        let streams = lock(&self.streams);
+        let open = |key: &str| streams.get(key).is_some_and(|n| *n > 0);
+        open(&peer.peer_id) || peer.daemon_id.as_ref().is_some_and(|d| open(&daemon_stream_key(d, &peer.group_id)))
     }
 
-    pub fn stream_closed(&self, peer_id: &str, group_id: &str) {
+    pub fn stream_opened(&self, audience: &Audience, group_id: &str) {
+        *lock(&self.streams).entry(audience.presence_key(group_id)).or_default() += 1;
+        self.metrics.stream_opened(audience.is_daemon());
+        if let Audience::Peer(peer_id) = audience {
+            let _ = self.store.touch_peer(peer_id, self.clock.now());
+        }
+    }
+
+    pub fn stream_closed(&self, audience: &Audience, group_id: &str) {
         {
+            let key = audience.presence_key(group_id);
             let mut streams = lock(&self.streams);
-            if let Some(n) = streams.get_mut(peer_id) {
+            if let Some(n) = streams.get_mut(&key) {
                 *n -= 1;
                 if *n == 0 {
-                    streams.remove(peer_id);
+                    streams.remove(&key);
                 }
             }
         }
-        self.metrics.stream_closed();
-        let _ = self.store.touch_peer(peer_id, self.clock.now());
+        self.metrics.stream_closed(audience.is_daemon());
+        if let Audience::Peer(peer_id) = audience {
+            let _ = self.store.touch_peer(peer_id, self.clock.now());
+        }
         let mut live = lock(&self.live);
         if live.get(group_id).is_some_and(|tx| tx.receiver_count() == 0) {
             live.remove(group_id);
         }
     }
+}
+
+/// Who an event stream is for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Audience {
+    /// One peer: others' broadcasts, its DMs, membership changes.
+    Peer(String),
+    /// A daemon: every broadcast of the group, DMs to the peers it registered, membership.
+    Daemon(String),
+}
+
+impl Audience {
+    fn presence_key(&self, group_id: &str) -> String {
+        match self {
+            Audience::Peer(peer_id) => peer_id.clone(),
+            Audience::Daemon(daemon_id) => daemon_stream_key(daemon_id, group_id),
+        }
+    }
+
+    fn is_daemon(&self) -> bool {
+        matches!(self, Audience::Daemon(_))
+    }
+}
+
+fn daemon_stream_key(daemon_id: &str, group_id: &str) -> String {
+    format!("{daemon_id}/{group_id}")
 }
 
 fn is_other_member(p: &PeerRecord, me: &PeerRecord) -> bool {

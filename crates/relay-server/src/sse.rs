@@ -1,4 +1,5 @@
-//! `GET /notifications/{group_id}/{peer_id}`: one peer's live events, resumable.
+//! Event streams: one peer's (`GET /notifications/{group_id}/{peer_id}`, the seed's path)
+//! and a daemon's group stream (`GET /v1/groups/{group_id}/events`, see `daemon_api`).
 //!
 //! The SSE `id` is the group's sequence number. A client that reconnects with
 //! `Last-Event-ID` first gets what it missed from the store, then live events, with no gap
@@ -14,14 +15,13 @@ use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
-use futures::Stream;
 use relay_proto::{Event, EventKind, PeerRef, validate};
 use tokio::sync::broadcast::{self, error::RecvError};
 use tokio_util::sync::CancellationToken;
 
 use crate::app::AppState;
 use crate::error::RelayError;
-use crate::relay::{self, Relay};
+use crate::relay::{self, Audience, Relay};
 use crate::secrets;
 use crate::store::{LogEntry, LogQuery};
 
@@ -35,20 +35,12 @@ pub async fn notifications(
     Path((group_id, peer_id)): Path<(String, String)>,
     headers: HeaderMap,
 ) -> Response {
-    match open(&state, &group_id, &peer_id, &headers) {
-        Ok(stream) => {
-            let mut response = Sse::new(stream)
-                .keep_alive(KeepAlive::new().interval(state.heartbeat).text("heartbeat"))
-                .into_response();
-            // Reverse proxies must pass events through as they come.
-            response.headers_mut().insert("x-accel-buffering", "no".parse().expect("valid header"));
-            response
-        }
-        Err(rejection) => rejection,
-    }
+    let opened = authorize_peer(&state, &group_id, &peer_id, &headers)
+        .and_then(|()| open(&state, Audience::Peer(peer_id), &group_id, &headers));
+    opened.unwrap_or_else(|rejection| rejection)
 }
 
-fn reject(status: StatusCode, message: &str) -> Response {
+pub fn reject(status: StatusCode, message: &str) -> Response {
     let mut response = (status, format!("{message}\n")).into_response();
     if status == StatusCode::UNAUTHORIZED {
         response.headers_mut().insert(header::WWW_AUTHENTICATE, "Bearer".parse().expect("valid header"));
@@ -56,29 +48,37 @@ fn reject(status: StatusCode, message: &str) -> Response {
     response
 }
 
-fn open(
-    state: &AppState,
-    group_id: &str,
-    peer_id: &str,
-    headers: &HeaderMap,
-) -> Result<impl Stream<Item = Result<SseEvent, Infallible>> + use<>, Response> {
+/// The bearer token of a request, or a 401 saying how to send one.
+pub fn bearer_token(headers: &HeaderMap) -> Result<&str, Response> {
+    headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(secrets::bearer)
+        .ok_or_else(|| reject(StatusCode::UNAUTHORIZED, "send the token as Authorization: Bearer <token>"))
+}
+
+fn authorize_peer(state: &AppState, group_id: &str, peer_id: &str, headers: &HeaderMap) -> Result<(), Response> {
     let relay = &state.relay;
     if validate::group_id(group_id).is_err() {
         return Err(reject(StatusCode::NOT_FOUND, "no such group"));
     }
-    let token = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(secrets::bearer)
-        .ok_or_else(|| reject(StatusCode::UNAUTHORIZED, "send the peer's token as Authorization: Bearer <token>"))?;
-    let caller = relay.identify(token).map_err(|e| match e {
+    let caller = relay.identify(bearer_token(headers)?).map_err(auth_error)?;
+    match relay.owned_peer(&caller, group_id, peer_id).map_err(internal)? {
+        Some(_) => Ok(()),
+        None => Err(reject(StatusCode::FORBIDDEN, "this token holds no such peer in this group")),
+    }
+}
+
+pub fn auth_error(e: RelayError) -> Response {
+    match e {
         RelayError::UnknownToken => reject(StatusCode::UNAUTHORIZED, "unknown token"),
         other => internal(other),
-    })?;
-    let peer = relay.owned_peer(&caller, group_id, peer_id).map_err(internal)?;
-    if peer.is_none() {
-        return Err(reject(StatusCode::FORBIDDEN, "this token holds no such peer in this group"));
     }
+}
+
+/// The event stream of `group_id` for `audience`, resuming after `Last-Event-ID` if sent.
+pub fn open(state: &AppState, audience: Audience, group_id: &str, headers: &HeaderMap) -> Result<Response, Response> {
+    let relay = &state.relay;
     let last_event_id = match headers.get("last-event-id").map(|v| v.to_str().map(|s| s.trim().parse::<u64>())) {
         None => None,
         Some(Ok(Ok(seq))) => Some(seq),
@@ -86,9 +86,10 @@ fn open(
     };
     let (rx, head) = relay.subscribe(group_id).map_err(internal)?;
     let after = last_event_id.unwrap_or(head).min(head);
-    let stream = PeerStream {
+    relay.stream_opened(&audience, group_id);
+    let stream = GroupStream {
         relay: relay.clone(),
-        peer_id: peer_id.to_owned(),
+        audience,
         group_id: group_id.to_owned(),
         rx,
         backlog: VecDeque::new(),
@@ -99,21 +100,25 @@ fn open(
         retry_sent: false,
         done: false,
     };
-    relay.stream_opened(peer_id);
-    Ok(futures::stream::unfold(stream, |mut s| async move {
+    let events = futures::stream::unfold(stream, |mut s| async move {
         let event = s.next().await?;
-        Some((Ok(event), s))
-    }))
+        Some((Ok::<_, Infallible>(event), s))
+    });
+    let mut response =
+        Sse::new(events).keep_alive(KeepAlive::new().interval(state.heartbeat).text("heartbeat")).into_response();
+    // Reverse proxies must pass events through as they come.
+    response.headers_mut().insert("x-accel-buffering", "no".parse().expect("valid header"));
+    Ok(response)
 }
 
-fn internal(e: RelayError) -> Response {
+pub fn internal(e: RelayError) -> Response {
     tracing::error!(error = %e, "event stream failed to open");
     reject(StatusCode::INTERNAL_SERVER_ERROR, "the relay's storage failed")
 }
 
-struct PeerStream {
+struct GroupStream {
     relay: Arc<Relay>,
-    peer_id: String,
+    audience: Audience,
     group_id: String,
     rx: broadcast::Receiver<Arc<LogEntry>>,
     /// Replayed entries not yet sent.
@@ -128,7 +133,7 @@ struct PeerStream {
     done: bool,
 }
 
-impl PeerStream {
+impl GroupStream {
     async fn next(&mut self) -> Option<SseEvent> {
         if !self.retry_sent {
             self.retry_sent = true;
@@ -156,7 +161,7 @@ impl PeerStream {
                 received = self.rx.recv() => match received {
                     Ok(entry) => entry,
                     Err(RecvError::Lagged(_)) => {
-                        tracing::info!(peer = %self.peer_id, "event stream fell behind; closing it (the client can resume)");
+                        tracing::info!(audience = ?self.audience, "event stream fell behind; closing it (the client can resume)");
                         self.relay.metrics.stream_dropped_slow();
                         return None;
                     }
@@ -188,27 +193,47 @@ impl PeerStream {
         Ok(())
     }
 
-    /// The SSE event for `entry` if this peer should see it.
+    /// The SSE event for `entry` if this stream's audience should see it.
     fn deliver(&mut self, entry: &LogEntry) -> Option<SseEvent> {
         self.last_sent = self.last_sent.max(entry.seq);
-        let own = entry.sender_id == self.peer_id;
-        let visible = match entry.kind {
-            EventKind::Message | EventKind::Dm => relay::is_for(entry, &self.peer_id),
-            EventKind::PeerJoined => !own,
-            EventKind::PeerLeft => {
-                // Our own leave ends the stream after telling the client.
-                self.done = own;
-                true
+        let visible = match &self.audience {
+            Audience::Peer(peer_id) => {
+                let own = entry.sender_id == *peer_id;
+                match entry.kind {
+                    EventKind::Message | EventKind::Dm => relay::is_for(entry, peer_id),
+                    EventKind::PeerJoined => !own,
+                    EventKind::PeerLeft => {
+                        // Our own leave ends the stream after telling the client.
+                        self.done = own;
+                        true
+                    }
+                    EventKind::Unknown => false,
+                }
             }
-            EventKind::Unknown => false,
+            Audience::Daemon(daemon_id) => match entry.kind {
+                EventKind::Message | EventKind::PeerJoined | EventKind::PeerLeft => true,
+                // only DMs to the peers this daemon registered: never another machine's
+                EventKind::Dm => entry.recipient_id.as_deref().is_some_and(|to| self.daemon_owns(daemon_id, to)),
+                EventKind::Unknown => false,
+            },
         };
         visible.then(|| sse_event(entry))
     }
+
+    fn daemon_owns(&self, daemon_id: &str, peer_id: &str) -> bool {
+        match self.relay.store().peer(peer_id) {
+            Ok(peer) => peer.and_then(|p| p.daemon_id).as_deref() == Some(daemon_id),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot look up a DM's recipient; withholding it");
+                false
+            }
+        }
+    }
 }
 
-impl Drop for PeerStream {
+impl Drop for GroupStream {
     fn drop(&mut self) {
-        self.relay.stream_closed(&self.peer_id, &self.group_id);
+        self.relay.stream_closed(&self.audience, &self.group_id);
     }
 }
 

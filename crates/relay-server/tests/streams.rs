@@ -104,7 +104,7 @@ async fn a_peer_is_online_while_it_has_a_stream() {
     let stream = EventStream::open(&stream_url(&server, &b), Some(token(&b)), None).await;
     assert!(online(alice.ok("list_peers", json!({})).await));
     let metrics = reqwest::get(server.url("/metrics")).await.unwrap().text().await.unwrap();
-    assert!(metrics.contains("relay_open_streams 1"), "{metrics}");
+    assert!(metrics.contains("relay_open_streams{kind=\"peer\"} 1"), "{metrics}");
     drop(stream);
     let deadline = tokio::time::Instant::now() + LONG;
     while online(alice.ok("list_peers", json!({})).await) {

@@ -356,7 +356,7 @@ async fn metrics_count_calls_and_messages() {
         "relay_tool_calls_total{tool=\"send_message\"} 1",
         "relay_tool_errors_total{tool=\"send_dm\"} 1",
         "relay_messages_total{kind=\"broadcast\"} 1",
-        "relay_open_streams 0",
+        "relay_open_streams{kind=\"peer\"} 0",
     ] {
         assert!(text.lines().any(|l| l == line), "missing {line:?} in\n{text}");
     }

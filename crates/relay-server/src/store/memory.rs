@@ -16,6 +16,7 @@ pub struct MemoryStore {
 struct Inner {
     groups: HashMap<String, GroupRecord>,
     principals: HashMap<[u8; 32], PrincipalId>,
+    daemons: HashMap<[u8; 32], String>,
     /// Ordered by id so listings are stable, as in SQLite.
     peers: BTreeMap<String, PeerRecord>,
     logs: HashMap<String, Vec<LogEntry>>,
@@ -58,6 +59,19 @@ impl Store for MemoryStore {
 
     fn principal_by_token(&self, token_hash: &[u8; 32]) -> Result<Option<PrincipalId>> {
         Ok(self.lock().principals.get(token_hash).copied())
+    }
+
+    fn create_daemon(&self, daemon_id: &str, token_hash: &[u8; 32], _hostname: &str, _at: DateTime<Utc>) -> Result<()> {
+        let mut inner = self.lock();
+        if inner.daemons.contains_key(token_hash) {
+            return Err(StoreError::Conflict("daemon token".into()));
+        }
+        inner.daemons.insert(*token_hash, daemon_id.to_owned());
+        Ok(())
+    }
+
+    fn daemon_by_token(&self, token_hash: &[u8; 32]) -> Result<Option<String>> {
+        Ok(self.lock().daemons.get(token_hash).cloned())
     }
 
     fn peer(&self, peer_id: &str) -> Result<Option<PeerRecord>> {

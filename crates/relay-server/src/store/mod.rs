@@ -59,6 +59,9 @@ pub struct PeerRecord {
     pub left_at: Option<DateTime<Utc>>,
     /// Every log entry up to this sequence number has been read by the peer.
     pub read_seq: u64,
+    /// The daemon (relayd) the peer was registered through, whose group stream carries
+    /// its DMs.
+    pub daemon_id: Option<String>,
 }
 
 /// One entry of a group's log: a message or a membership change.
@@ -117,6 +120,10 @@ pub trait Store: Send + Sync + 'static {
     fn create_principal(&self, token_hash: &[u8; 32], at: DateTime<Utc>) -> Result<PrincipalId>;
     fn principal_by_token(&self, token_hash: &[u8; 32]) -> Result<Option<PrincipalId>>;
 
+    /// Stores a daemon's credential.
+    fn create_daemon(&self, daemon_id: &str, token_hash: &[u8; 32], hostname: &str, at: DateTime<Utc>) -> Result<()>;
+    fn daemon_by_token(&self, token_hash: &[u8; 32]) -> Result<Option<String>>;
+
     fn peer(&self, peer_id: &str) -> Result<Option<PeerRecord>>;
     /// The peer registered from this host, directory and requested name in the group.
     fn peer_by_origin(
@@ -166,6 +173,7 @@ pub(crate) mod contract {
             last_seen: t(0),
             left_at: None,
             read_seq: 0,
+            daemon_id: None,
         }
     }
 
@@ -224,6 +232,16 @@ pub(crate) mod contract {
         assert_eq!(ids(store.peers_of_principal(a).unwrap()), vec!["p3"]);
         assert_eq!(ids(store.peers_of_principal(b).unwrap()), vec!["p1", "p2"]);
         assert_eq!(ids(store.peers_in_group("g").unwrap()), vec!["p1", "p2", "p3"]);
+
+        store.create_daemon("d1", &[9; 32], "box", t(0)).unwrap();
+        assert_eq!(store.daemon_by_token(&[9; 32]).unwrap().as_deref(), Some("d1"));
+        assert_eq!(store.daemon_by_token(&[1; 32]).unwrap(), None);
+        assert!(matches!(store.create_daemon("d2", &[9; 32], "box", t(0)), Err(StoreError::Conflict(_))));
+
+        let mut via_daemon = peer("p4", "g", b, "cli");
+        via_daemon.daemon_id = Some("d1".into());
+        store.save_peer(&via_daemon).unwrap();
+        assert_eq!(store.peer("p4").unwrap().unwrap().daemon_id.as_deref(), Some("d1"));
 
         store.set_read_seq("p2", 7).unwrap();
         store.touch_peer("p2", t(9)).unwrap();

@@ -62,6 +62,16 @@ const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (group_id, seq)
     ) WITHOUT ROWID;
     "#,
+    // 2: daemons (relayd), and the daemon each peer was registered through
+    r#"
+    CREATE TABLE daemons (
+        daemon_id   TEXT PRIMARY KEY,
+        token_hash  BLOB NOT NULL UNIQUE,
+        hostname    TEXT NOT NULL,
+        created_at  INTEGER NOT NULL
+    );
+    ALTER TABLE peers ADD COLUMN daemon_id TEXT REFERENCES daemons(daemon_id);
+    "#,
 ];
 
 pub struct SqliteStore {
@@ -150,7 +160,7 @@ fn kind_from(name: &str) -> EventKind {
 }
 
 const PEER_COLUMNS: &str = "peer_id, group_id, principal_id, display_name, requested_name, hostname, \
-     working_directory, git_branch, joined_at, last_seen, left_at, read_seq";
+     working_directory, git_branch, joined_at, last_seen, left_at, read_seq, daemon_id";
 
 fn peer_row(r: &Row<'_>) -> rusqlite::Result<PeerRecord> {
     Ok(PeerRecord {
@@ -166,6 +176,7 @@ fn peer_row(r: &Row<'_>) -> rusqlite::Result<PeerRecord> {
         last_seen: time(r.get(9)?),
         left_at: r.get::<_, Option<i64>>(10)?.map(time),
         read_seq: r.get::<_, i64>(11)? as u64,
+        daemon_id: r.get(12)?,
     })
 }
 
@@ -228,6 +239,23 @@ impl Store for SqliteStore {
         Ok(stmt.query_row([&token_hash[..]], |r| r.get(0)).optional()?)
     }
 
+    fn create_daemon(&self, daemon_id: &str, token_hash: &[u8; 32], hostname: &str, at: DateTime<Utc>) -> Result<()> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached(
+            "INSERT INTO daemons (daemon_id, token_hash, hostname, created_at) VALUES (?1, ?2, ?3, ?4) ON CONFLICT DO NOTHING",
+        )?;
+        if stmt.execute(params![daemon_id, &token_hash[..], hostname, micros(at)])? == 0 {
+            return Err(StoreError::Conflict("daemon".into()));
+        }
+        Ok(())
+    }
+
+    fn daemon_by_token(&self, token_hash: &[u8; 32]) -> Result<Option<String>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached("SELECT daemon_id FROM daemons WHERE token_hash = ?1")?;
+        Ok(stmt.query_row([&token_hash[..]], |r| r.get(0)).optional()?)
+    }
+
     fn peer(&self, peer_id: &str) -> Result<Option<PeerRecord>> {
         let conn = self.conn();
         let mut stmt = conn.prepare_cached(&format!("SELECT {PEER_COLUMNS} FROM peers WHERE peer_id = ?1"))?;
@@ -271,7 +299,7 @@ impl Store for SqliteStore {
     fn save_peer(&self, p: &PeerRecord) -> Result<()> {
         let conn = self.conn();
         let mut stmt = conn.prepare_cached(&format!(
-            "INSERT OR REPLACE INTO peers ({PEER_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)"
+            "INSERT OR REPLACE INTO peers ({PEER_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)"
         ))?;
         stmt.execute(params![
             p.peer_id,
@@ -286,6 +314,7 @@ impl Store for SqliteStore {
             micros(p.last_seen),
             p.left_at.map(micros),
             p.read_seq as i64,
+            p.daemon_id,
         ])?;
         Ok(())
     }
@@ -420,6 +449,28 @@ mod tests {
         }
         let journal: String = store.conn().query_row("PRAGMA journal_mode", [], |r| r.get(0)).unwrap();
         assert_eq!(journal, "wal");
+    }
+
+    #[test]
+    fn migrates_a_version_1_database_keeping_its_rows() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("v1.sqlite3");
+        {
+            let conn = Connection::open(&path).unwrap();
+            conn.execute_batch(MIGRATIONS[0]).unwrap();
+            conn.pragma_update(None, "user_version", 1).unwrap();
+            conn.execute_batch(
+                "INSERT INTO groups VALUES ('g', NULL, 0);
+                 INSERT INTO principals VALUES (1, x'01', 0);
+                 INSERT INTO peers VALUES ('p1', 'g', 1, 'h:d', NULL, 'h', '/d', NULL, 0, 0, NULL, 4);",
+            )
+            .unwrap();
+        }
+        let store = SqliteStore::open(&path, Synchronous::Normal).unwrap();
+        let version: i64 = store.conn().query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap();
+        assert_eq!(version, MIGRATIONS.len() as i64);
+        let peer = store.peer("p1").unwrap().unwrap();
+        assert_eq!((peer.read_seq, peer.daemon_id), (4, None));
     }
 
     #[test]

@@ -1,0 +1,99 @@
+//! REST for daemons (relayd): one credential per daemon, peers registered through it, and
+//! one event stream per group carrying the group's broadcasts plus the DMs addressed to
+//! the daemon's own peers — never another machine's.
+//!
+//! - `POST /v1/daemons` `{"hostname"}` → `{"daemon_id", "token"}`
+//! - `POST /v1/peers` (daemon token) `{group_id, hostname, working_directory, git_branch?, name?, join_key?}`
+//!   → the registration, as the `register` tool returns it
+//! - `DELETE /v1/peers/{peer_id}` (daemon token) → the peer leaves its group
+//! - `GET /v1/groups/{group_id}/events` (daemon token) → SSE, resumable with `Last-Event-ID`
+
+use axum::Json;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
+use serde_json::json;
+
+use crate::app::AppState;
+use crate::error::RelayError;
+use crate::relay::{Audience, RegisterRequest};
+use crate::sse::{self, bearer_token};
+
+#[derive(Deserialize)]
+pub struct NewDaemon {
+    hostname: String,
+}
+
+/// A JSON error body with the status that fits the error.
+fn error(e: RelayError) -> Response {
+    let status = match &e {
+        RelayError::Invalid(_) | RelayError::BadArgument { .. } => StatusCode::BAD_REQUEST,
+        RelayError::UnknownToken | RelayError::NotRegistered => StatusCode::UNAUTHORIZED,
+        RelayError::JoinKeyRequired(_) | RelayError::WrongJoinKey(_) | RelayError::JoinKeyNeededToCreate => {
+            StatusCode::FORBIDDEN
+        }
+        RelayError::NotMember { .. } => StatusCode::FORBIDDEN,
+        RelayError::UnknownPeer { .. } | RelayError::AmbiguousPeer { .. } | RelayError::WhichGroup { .. } => {
+            StatusCode::NOT_FOUND
+        }
+        RelayError::DmToSelf => StatusCode::BAD_REQUEST,
+        RelayError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+        RelayError::Storage(_) => {
+            tracing::error!(error = %e, "daemon API call failed");
+            StatusCode::INTERNAL_SERVER_ERROR
+        }
+    };
+    (status, Json(json!({"error": e.to_string()}))).into_response()
+}
+
+fn daemon(state: &AppState, headers: &HeaderMap) -> Result<String, Response> {
+    state.relay.identify_daemon(bearer_token(headers)?).map_err(error)
+}
+
+pub async fn create_daemon(State(state): State<AppState>, Json(body): Json<NewDaemon>) -> Response {
+    match state.relay.create_daemon(&body.hostname) {
+        Ok((daemon_id, token)) => (StatusCode::CREATED, Json(json!({"daemon_id": daemon_id, "token": token}))).into_response(),
+        Err(e) => error(e),
+    }
+}
+
+pub async fn register_peer(State(state): State<AppState>, headers: HeaderMap, Json(mut req): Json<RegisterRequest>) -> Response {
+    let daemon_id = match daemon(&state, &headers) {
+        Ok(d) => d,
+        Err(rejection) => return rejection,
+    };
+    req.daemon_id = Some(daemon_id);
+    let relay = state.relay.clone();
+    // each pane is its own agent: a fresh token, never the daemon's
+    let outcome = tokio::task::spawn_blocking(move || relay.register(None, req)).await.expect("register does not panic");
+    match outcome {
+        Ok((registration, _)) => (StatusCode::OK, Json(registration)).into_response(),
+        Err(e) => error(e),
+    }
+}
+
+pub async fn remove_peer(State(state): State<AppState>, headers: HeaderMap, Path(peer_id): Path<String>) -> Response {
+    let daemon_id = match daemon(&state, &headers) {
+        Ok(d) => d,
+        Err(rejection) => return rejection,
+    };
+    match state.relay.daemon_leave(&daemon_id, &peer_id) {
+        Ok(Some(left)) => Json(left).into_response(),
+        Ok(None) => (StatusCode::NOT_FOUND, Json(json!({"error": "this daemon registered no such peer"}))).into_response(),
+        Err(e) => error(e),
+    }
+}
+
+pub async fn group_events(State(state): State<AppState>, headers: HeaderMap, Path(group_id): Path<String>) -> Response {
+    let daemon_id = match daemon(&state, &headers) {
+        Ok(d) => d,
+        Err(rejection) => return rejection,
+    };
+    match state.relay.daemon_in_group(&daemon_id, &group_id) {
+        Ok(true) => {}
+        Ok(false) => return sse::reject(StatusCode::FORBIDDEN, "this daemon has no peer in this group"),
+        Err(e) => return error(e),
+    }
+    sse::open(&state, Audience::Daemon(daemon_id), &group_id, &headers).unwrap_or_else(|rejection| rejection)
+}

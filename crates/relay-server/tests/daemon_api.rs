@@ -1,0 +1,137 @@
+//! The REST surface relayd uses: daemon credentials, peers registered through a daemon,
+//! and the per-daemon group stream.
+
+mod support;
+
+use serde_json::{Value, json};
+use support::*;
+
+struct Daemon {
+    token: String,
+}
+
+async fn new_daemon(server: &TestServer) -> Daemon {
+    let resp = reqwest::Client::new().post(server.url("/v1/daemons")).json(&json!({"hostname": "box"})).send().await.unwrap();
+    assert_eq!(resp.status(), 201);
+    let body: Value = resp.json().await.unwrap();
+    assert!(body["daemon_id"].as_str().unwrap().starts_with("d_"));
+    Daemon { token: body["token"].as_str().unwrap().to_owned() }
+}
+
+impl Daemon {
+    async fn register(&self, server: &TestServer, group: &str, dir: &str) -> Value {
+        let resp = reqwest::Client::new()
+            .post(server.url("/v1/peers"))
+            .bearer_auth(&self.token)
+            .json(&json!({"group_id": group, "hostname": "box", "working_directory": dir}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        resp.json().await.unwrap()
+    }
+
+    async fn events(&self, server: &TestServer, group: &str, last: Option<u64>) -> EventStream {
+        EventStream::open(&server.url(&format!("/v1/groups/{group}/events")), Some(&self.token), last).await
+    }
+}
+
+fn kinds_and_previews(events: &[Sse]) -> Vec<(String, String)> {
+    events.iter().map(|e| (e.event.clone().unwrap(), e.data["preview"].as_str().unwrap().to_owned())).collect()
+}
+
+#[tokio::test]
+async fn a_daemon_stream_carries_broadcasts_and_only_its_own_peers_dms() {
+    let server = TestServer::start().await;
+    let (a, b) = (new_daemon(&server).await, new_daemon(&server).await);
+    let a1 = a.register(&server, "team", "/a1").await;
+    let a2 = a.register(&server, "team", "/a2").await;
+    let b1 = b.register(&server, "team", "/b1").await;
+    let (direct, _) = server.peer("team", "/direct").await;
+    assert_ne!(a1["token"], a2["token"], "each pane is its own agent");
+
+    let mut a_events = a.events(&server, "team", None).await;
+    let mut b_events = b.events(&server, "team", None).await;
+    assert_eq!(a_events.status, 200);
+
+    let a1_client = server.client(Some(a1["token"].as_str().unwrap())).await;
+    a1_client.ok("send_message", json!({"message": "from a1 to all"})).await;
+    direct.ok("send_dm", json!({"to": a2["peer_id"], "message": "dm to a2"})).await;
+    direct.ok("send_dm", json!({"to": b1["peer_id"], "message": "dm to b1"})).await;
+    a1_client.ok("send_dm", json!({"to": "box:direct", "message": "dm to direct"})).await;
+
+    let seen_a = kinds_and_previews(&a_events.drain(SHORT).await);
+    assert_eq!(seen_a, [("message".into(), "from a1 to all".into()), ("dm".into(), "dm to a2".into())]);
+    let seen_b = kinds_and_previews(&b_events.drain(SHORT).await);
+    assert_eq!(seen_b, [("message".into(), "from a1 to all".into()), ("dm".into(), "dm to b1".into())]);
+
+    // membership changes reach every daemon
+    a.register(&server, "team", "/a3").await;
+    let joined = b_events.next(LONG).await.unwrap();
+    assert_eq!(joined.event.as_deref(), Some("peer_joined"));
+
+    let metrics = reqwest::get(server.url("/metrics")).await.unwrap().text().await.unwrap();
+    assert!(metrics.contains("relay_open_streams{kind=\"daemon\"} 2"), "{metrics}");
+}
+
+#[tokio::test]
+async fn daemon_streams_resume_and_make_their_peers_online() {
+    let server = TestServer::start().await;
+    let d = new_daemon(&server).await;
+    let pane = d.register(&server, "team", "/pane").await;
+    let (sender, _) = server.peer("team", "/sender").await;
+    let online = |v: &Value| v["peers"].as_array().unwrap().iter().find(|p| p["peer_id"] == pane["peer_id"]).unwrap()["online"] == true;
+    assert!(!online(&sender.ok("list_peers", json!({})).await));
+
+    let mut events = d.events(&server, "team", None).await;
+    assert!(online(&sender.ok("list_peers", json!({})).await));
+    sender.ok("send_message", json!({"message": "one"})).await;
+    let first = events.next(LONG).await.unwrap();
+    let last: u64 = first.id.unwrap().parse().unwrap();
+    drop(events);
+    for text in ["two", "three"] {
+        sender.ok("send_message", json!({"message": text})).await;
+    }
+    let mut resumed = d.events(&server, "team", Some(last)).await;
+    let previews: Vec<String> = kinds_and_previews(&resumed.drain(SHORT).await).into_iter().map(|(_, p)| p).collect();
+    assert_eq!(previews, ["two", "three"]);
+}
+
+#[tokio::test]
+async fn daemon_endpoints_check_their_credentials() {
+    let server = TestServer::start().await;
+    let d = new_daemon(&server).await;
+    let other = new_daemon(&server).await;
+    let pane = d.register(&server, "team", "/pane").await;
+    let http = reqwest::Client::new();
+
+    // no token, a peer's token, a daemon with no peer in the group
+    let url = server.url("/v1/groups/team/events");
+    assert_eq!(EventStream::open(&url, None, None).await.status, 401);
+    assert_eq!(EventStream::open(&url, Some(pane["token"].as_str().unwrap()), None).await.status, 401);
+    assert_eq!(other.events(&server, "team", None).await.status, 403);
+    let resp = http.post(server.url("/v1/peers")).bearer_auth("rly_nope").json(&json!({"group_id": "g", "hostname": "h", "working_directory": "/"})).send().await.unwrap();
+    assert_eq!(resp.status(), 401);
+
+    // bad input is a 400 with a readable error; a protected group a 403
+    let resp = http.post(server.url("/v1/peers")).bearer_auth(&d.token).json(&json!({"group_id": "no spaces", "hostname": "h", "working_directory": "/"})).send().await.unwrap();
+    assert_eq!(resp.status(), 400);
+    let body: Value = resp.json().await.unwrap();
+    assert!(body["error"].as_str().unwrap().contains("group_id \"no spaces\""), "{body}");
+    let resp = http.post(server.url("/v1/peers")).bearer_auth(&d.token).body("{not json").header("content-type", "application/json").send().await.unwrap();
+    assert_eq!(resp.status(), 400);
+    let anon = server.client(None).await;
+    anon.ok("register", json!({"group_id": "locked", "hostname": "h", "working_directory": "/", "join_key": "sesame seeds"})).await;
+    let resp = http.post(server.url("/v1/peers")).bearer_auth(&d.token).json(&json!({"group_id": "locked", "hostname": "h", "working_directory": "/x"})).send().await.unwrap();
+    assert_eq!(resp.status(), 403);
+
+    // only the daemon that registered a peer can remove it
+    let peer_url = server.url(&format!("/v1/peers/{}", pane["peer_id"].as_str().unwrap()));
+    assert_eq!(http.delete(&peer_url).bearer_auth(&other.token).send().await.unwrap().status(), 404);
+    let resp = http.delete(&peer_url).bearer_auth(&d.token).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let left: Value = resp.json().await.unwrap();
+    assert_eq!(left["peer_id"], pane["peer_id"]);
+    // with its last peer gone, the daemon has no business in the group
+    assert_eq!(d.events(&server, "team", None).await.status, 403);
+}
