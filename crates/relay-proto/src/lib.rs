@@ -4,8 +4,10 @@
 //! - [`event`]: the payloads pushed on SSE streams.
 //! - [`validate`]: the rules for names, sizes and ids, so every component rejects the same
 //!   input with the same words.
+//! - [`local`]: the frames between relayd and its local clients.
 
 pub mod event;
+pub mod local;
 pub mod model;
 pub mod validate;
 
