@@ -6,10 +6,11 @@
 //! - `POST /v1/peers` (daemon token) `{group_id, hostname, working_directory, git_branch?, name?, join_key?}`
 //!   → the registration, as the `register` tool returns it
 //! - `DELETE /v1/peers/{peer_id}` (daemon token) → the peer leaves its group
-//! - `GET /v1/groups/{group_id}/events` (daemon token) → SSE, resumable with `Last-Event-ID`
+//! - `GET /v1/groups/{group_id}/events` (daemon token) → SSE, resumable with `Last-Event-ID`;
+//!   `?once=true` ends it after the replay (to fill a gap)
 
 use axum::Json;
-use axum::extract::{Path, State};
+use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
@@ -18,7 +19,7 @@ use serde_json::json;
 use crate::app::AppState;
 use crate::error::RelayError;
 use crate::relay::{Audience, RegisterRequest};
-use crate::sse::{self, bearer_token};
+use crate::sse::{self, StreamParams, bearer_token};
 
 #[derive(Deserialize)]
 pub struct NewDaemon {
@@ -85,7 +86,12 @@ pub async fn remove_peer(State(state): State<AppState>, headers: HeaderMap, Path
     }
 }
 
-pub async fn group_events(State(state): State<AppState>, headers: HeaderMap, Path(group_id): Path<String>) -> Response {
+pub async fn group_events(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(group_id): Path<String>,
+    Query(params): Query<StreamParams>,
+) -> Response {
     let daemon_id = match daemon(&state, &headers) {
         Ok(d) => d,
         Err(rejection) => return rejection,
@@ -95,5 +101,5 @@ pub async fn group_events(State(state): State<AppState>, headers: HeaderMap, Pat
         Ok(false) => return sse::reject(StatusCode::FORBIDDEN, "this daemon has no peer in this group"),
         Err(e) => return error(e),
     }
-    sse::open(&state, Audience::Daemon(daemon_id), &group_id, &headers).unwrap_or_else(|rejection| rejection)
+    sse::open(&state, Audience::Daemon(daemon_id), &group_id, &headers, &params).unwrap_or_else(|rejection| rejection)
 }

@@ -11,7 +11,7 @@ use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::{Path, State};
+use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
@@ -33,10 +33,11 @@ const RETRY: Duration = Duration::from_secs(2);
 pub async fn notifications(
     State(state): State<AppState>,
     Path((group_id, peer_id)): Path<(String, String)>,
+    Query(params): Query<StreamParams>,
     headers: HeaderMap,
 ) -> Response {
     let opened = authorize_peer(&state, &group_id, &peer_id, &headers)
-        .and_then(|()| open(&state, Audience::Peer(peer_id), &group_id, &headers));
+        .and_then(|()| open(&state, Audience::Peer(peer_id), &group_id, &headers, &params));
     opened.unwrap_or_else(|rejection| rejection)
 }
 
@@ -76,8 +77,23 @@ pub fn auth_error(e: RelayError) -> Response {
     }
 }
 
+/// Query parameters of the stream endpoints.
+#[derive(Debug, Default, serde::Deserialize)]
+pub struct StreamParams {
+    /// End the stream once it has caught up (replay only, no live events): for clients
+    /// filling a gap.
+    #[serde(default)]
+    pub once: bool,
+}
+
 /// The event stream of `group_id` for `audience`, resuming after `Last-Event-ID` if sent.
-pub fn open(state: &AppState, audience: Audience, group_id: &str, headers: &HeaderMap) -> Result<Response, Response> {
+pub fn open(
+    state: &AppState,
+    audience: Audience,
+    group_id: &str,
+    headers: &HeaderMap,
+    params: &StreamParams,
+) -> Result<Response, Response> {
     let relay = &state.relay;
     let last_event_id = match headers.get("last-event-id").map(|v| v.to_str().map(|s| s.trim().parse::<u64>())) {
         None => None,
@@ -97,8 +113,9 @@ pub fn open(state: &AppState, audience: Audience, group_id: &str, headers: &Head
         replay_until: head,
         last_sent: after,
         shutdown: state.shutdown.clone(),
-        retry_sent: false,
+        retry_sent: params.once, // a one-off catch-up has no reconnects to pace
         done: false,
+        once: params.once,
     };
     let events = futures::stream::unfold(stream, |mut s| async move {
         let event = s.next().await?;
@@ -131,6 +148,8 @@ struct GroupStream {
     shutdown: CancellationToken,
     retry_sent: bool,
     done: bool,
+    /// End after the replay.
+    once: bool,
 }
 
 impl GroupStream {
@@ -155,6 +174,9 @@ impl GroupStream {
                     return None;
                 }
                 continue;
+            }
+            if self.once {
+                return None;
             }
             let entry = tokio::select! {
                 _ = self.shutdown.cancelled() => return None,

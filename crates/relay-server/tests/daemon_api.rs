@@ -95,6 +95,13 @@ async fn daemon_streams_resume_and_make_their_peers_online() {
     let mut resumed = d.events(&server, "team", Some(last)).await;
     let previews: Vec<String> = kinds_and_previews(&resumed.drain(SHORT).await).into_iter().map(|(_, p)| p).collect();
     assert_eq!(previews, ["two", "three"]);
+
+    // a one-off catch-up ends by itself once it has replayed
+    let url = server.url("/v1/groups/team/events?once=true");
+    let mut gap = EventStream::open(&url, Some(&d.token), Some(last)).await;
+    let previews: Vec<String> = kinds_and_previews(&gap.drain(LONG).await).into_iter().map(|(_, p)| p).collect();
+    assert_eq!(previews, ["two", "three"]);
+    assert!(gap.ended());
 }
 
 #[tokio::test]
