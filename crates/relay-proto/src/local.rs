@@ -34,8 +34,13 @@ pub enum Request {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         group: Option<String>,
     },
-    /// Stream the pane's events on this connection.
-    Subscribe { pane: String },
+    /// Stream the pane's events on this connection. `since` holds, per group, the last
+    /// sequence number the client already has: it gets what came after, once.
+    Subscribe {
+        pane: String,
+        #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+        since: std::collections::BTreeMap<String, u64>,
+    },
     Status,
     /// The peer tokens of a pane, for `relay mcp`.
     Credentials { pane: String },

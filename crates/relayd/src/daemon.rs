@@ -1,0 +1,465 @@
+//! The daemon's state and logic: attachments, upstream streams, fan-out to subscribed panes.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use relay_proto::local::{
+    AttachRequest, Attachment, ConnectionState, Credential, ErrorCode, Reply, Status, Upstream,
+};
+use relay_proto::{Event, EventKind};
+use tokio::sync::{Notify, mpsc};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::notify::{Notice, Notifier};
+use crate::server_api::{ApiError, PeerRequest, ServerApi};
+use crate::state::{DaemonCredential, State, StoredAttachment, upstream_key};
+use crate::upstream;
+
+/// Events a subscriber may fall behind before it is dropped (it resumes with `since`).
+pub const SUBSCRIBER_BUFFER: usize = 4096;
+
+/// A failed request, as the error frame says it.
+pub type Failure = (ErrorCode, String);
+
+/// An event for one pane, tagged with the group whose sequence it carries.
+pub type PaneEvent = Event;
+
+struct Subscriber {
+    id: u64,
+    pane: String,
+    tx: mpsc::Sender<PaneEvent>,
+}
+
+struct UpstreamHandle {
+    cancel: CancellationToken,
+    status: Upstream,
+}
+
+#[derive(Default)]
+struct Inner {
+    state: State,
+    upstreams: HashMap<String, UpstreamHandle>,
+    subscribers: Vec<Subscriber>,
+    next_subscriber: u64,
+}
+
+pub struct Daemon {
+    config: Config,
+    pub socket_path: PathBuf,
+    state_dir: PathBuf,
+    hostname: String,
+    api: ServerApi,
+    notifier: Arc<dyn Notifier>,
+    inner: Mutex<Inner>,
+    /// Attach and detach talk to servers; one at a time keeps the state simple.
+    changing: tokio::sync::Mutex<()>,
+    save_wanted: Notify,
+    pub shutdown: CancellationToken,
+}
+
+fn lock(m: &Mutex<Inner>) -> MutexGuard<'_, Inner> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Whether the peer `peer_id` should hear of `event`.
+pub fn visible_to(event: &Event, peer_id: &str) -> bool {
+    match event.kind {
+        EventKind::Message | EventKind::PeerJoined | EventKind::PeerLeft => event.sender.peer_id != peer_id,
+        EventKind::Dm => event.recipient.as_ref().is_some_and(|r| r.peer_id == peer_id),
+        EventKind::Unknown => false,
+    }
+}
+
+impl Daemon {
+    pub fn new(
+        config: Config,
+        state: State,
+        socket_path: PathBuf,
+        state_dir: PathBuf,
+        notifier: Arc<dyn Notifier>,
+        shutdown: CancellationToken,
+    ) -> Arc<Self> {
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(10))
+            .user_agent(concat!("relayd/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .expect("an HTTP client with default settings builds");
+        Arc::new(Self {
+            hostname: config.hostname(),
+            config,
+            socket_path,
+            state_dir,
+            api: ServerApi::new(http),
+            notifier,
+            inner: Mutex::new(Inner { state, ..Inner::default() }),
+            changing: tokio::sync::Mutex::new(()),
+            save_wanted: Notify::new(),
+            shutdown,
+        })
+    }
+
+    pub fn api(&self) -> &ServerApi {
+        &self.api
+    }
+
+    pub fn reconnect_max(&self) -> Duration {
+        self.config.reconnect_max()
+    }
+
+    /// Starts an upstream for every group some pane is attached to (after a restart).
+    pub fn resume(self: &Arc<Self>) {
+        let keys: Vec<(String, String)> = {
+            let inner = lock(&self.inner);
+            inner.state.attachments.iter().map(|a| (a.attachment.server.clone(), a.attachment.group.clone())).collect()
+        };
+        for (server, group) in keys {
+            self.ensure_upstream(&server, &group);
+        }
+    }
+
+    fn ensure_upstream(self: &Arc<Self>, server: &str, group: &str) {
+        let key = upstream_key(server, group);
+        let mut inner = lock(&self.inner);
+        if inner.upstreams.contains_key(&key) {
+            return;
+        }
+        let cancel = self.shutdown.child_token();
+        let status = Upstream {
+            server: server.to_owned(),
+            group: group.to_owned(),
+            state: ConnectionState::Connecting,
+            last_event_id: inner.state.last_event_ids.get(&key).copied().unwrap_or(0),
+            panes: 0,
+            error: None,
+        };
+        inner.upstreams.insert(key, UpstreamHandle { cancel: cancel.clone(), status });
+        tokio::spawn(upstream::run(self.clone(), server.to_owned(), group.to_owned(), cancel));
+    }
+
+    pub fn daemon_token(&self, server: &str) -> Option<String> {
+        lock(&self.inner).state.daemons.get(server).map(|d| d.token.clone())
+    }
+
+    pub fn last_event_id(&self, server: &str, group: &str) -> u64 {
+        lock(&self.inner).state.last_event_ids.get(&upstream_key(server, group)).copied().unwrap_or(0)
+    }
+
+    pub fn set_upstream_state(&self, server: &str, group: &str, state: ConnectionState, error: Option<String>) {
+        let mut inner = lock(&self.inner);
+        let Some(handle) = inner.upstreams.get_mut(&upstream_key(server, group)) else { return };
+        if handle.status.state == state && handle.status.error == error {
+            return;
+        }
+        handle.status.state = state;
+        handle.status.error = error;
+        tracing::debug!(%server, %group, ?state, "upstream state");
+    }
+
+    /// An event from an upstream: remember how far the stream got, hand the event to every
+    /// subscribed pane that should see it, and notify the desktop of DMs.
+    pub fn on_event(&self, server: &str, group: &str, event: Event) {
+        let key = upstream_key(server, group);
+        let mut notices = Vec::new();
+        {
+            let mut inner = lock(&self.inner);
+            let last = inner.state.last_event_ids.entry(key.clone()).or_default();
+            if event.seq <= *last {
+                return; // already seen: a resumed stream overlapped
+            }
+            *last = event.seq;
+            if let Some(handle) = inner.upstreams.get_mut(&key) {
+                handle.status.last_event_id = event.seq;
+            }
+            let panes: Vec<(String, String)> = inner
+                .state
+                .attachments
+                .iter()
+                .filter(|a| a.attachment.server == server && a.attachment.group == group)
+                .filter(|a| visible_to(&event, &a.attachment.peer_id))
+                .map(|a| (a.attachment.pane.clone(), a.attachment.display_name.clone()))
+                .collect();
+            if event.kind == EventKind::Dm && self.config.notifications {
+                for (pane, name) in &panes {
+                    notices.push(Notice {
+                        summary: format!("DM from {} in {}", event.sender.name, event.group),
+                        body: format!("to {name} ({pane}): {}", event.preview),
+                    });
+                }
+            }
+            inner.subscribers.retain(|sub| {
+                if !panes.iter().any(|(p, _)| *p == sub.pane) {
+                    return true;
+                }
+                match sub.tx.try_send(event.clone()) {
+                    Ok(()) => true,
+                    Err(mpsc::error::TrySendError::Full(_)) => {
+                        tracing::warn!(pane = %sub.pane, "a subscriber fell behind; dropping it (it resumes with since)");
+                        false
+                    }
+                    Err(mpsc::error::TrySendError::Closed(_)) => false,
+                }
+            });
+        }
+        self.save_wanted.notify_one();
+        for notice in notices {
+            self.notifier.notify(notice);
+        }
+    }
+
+    pub async fn attach(self: &Arc<Self>, req: AttachRequest) -> Result<Reply, Failure> {
+        let _changing = self.changing.lock().await;
+        let server = Config::normalize_server(req.server.as_deref().unwrap_or(&self.config.server));
+        if let Some(existing) = self.find(&req.pane, &server, &req.group) {
+            return Ok(Reply::Attached { attachment: existing.attachment, already: true });
+        }
+        let join_key = req.join_key.clone().or_else(|| self.config.join_keys.get(&server).cloned());
+        let peer = PeerRequest {
+            group: &req.group,
+            hostname: &self.hostname,
+            working_directory: &req.working_directory,
+            git_branch: req.git_branch.as_deref(),
+            name: req.name.as_deref(),
+            join_key: join_key.as_deref(),
+        };
+        let token = self.credential(&server).await?;
+        let registration = match self.api.register(&server, &token, &peer).await {
+            Err(e) if e.is_unauthorized() => {
+                let token = self.new_credential(&server).await?;
+                self.api.register(&server, &token, &peer).await
+            }
+            other => other,
+        }
+        .map_err(server_failure)?;
+        let stored = StoredAttachment {
+            attachment: Attachment {
+                pane: req.pane.clone(),
+                server: server.clone(),
+                group: registration.group_id.clone(),
+                peer_id: registration.peer_id,
+                display_name: registration.display_name,
+                working_directory: req.working_directory.clone(),
+            },
+            token: registration.token,
+        };
+        {
+            let mut inner = lock(&self.inner);
+            inner.state.attachments.push(stored.clone());
+        }
+        self.save_now().await;
+        self.ensure_upstream(&server, &stored.attachment.group);
+        tracing::info!(pane = %req.pane, %server, group = %req.group, peer = %stored.attachment.peer_id, "attached");
+        Ok(Reply::Attached { attachment: stored.attachment, already: false })
+    }
+
+    fn find(&self, pane: &str, server: &str, group: &str) -> Option<StoredAttachment> {
+        lock(&self.inner)
+            .state
+            .attachments
+            .iter()
+            .find(|a| a.attachment.pane == pane && a.attachment.server == server && a.attachment.group == group)
+            .cloned()
+    }
+
+    /// The daemon's token on `server`, asking the server for one the first time.
+    async fn credential(&self, server: &str) -> Result<String, Failure> {
+        match self.daemon_token(server) {
+            Some(token) => Ok(token),
+            None => self.new_credential(server).await,
+        }
+    }
+
+    async fn new_credential(&self, server: &str) -> Result<String, Failure> {
+        let (daemon_id, token) = self.api.create_daemon(server, &self.hostname).await.map_err(server_failure)?;
+        lock(&self.inner).state.daemons.insert(server.to_owned(), DaemonCredential { daemon_id, token: token.clone() });
+        self.save_now().await;
+        Ok(token)
+    }
+
+    /// After a server lost its data: a new credential, and every local pane registered again.
+    /// `refused` is the token the server did not know; if another upstream already replaced
+    /// it, there is nothing left to do.
+    pub async fn reregister(self: &Arc<Self>, server: &str, refused: &str) -> Result<(), ApiError> {
+        let _changing = self.changing.lock().await;
+        if self.daemon_token(server).as_deref() != Some(refused) {
+            return Ok(());
+        }
+        let (daemon_id, token) = self.api.create_daemon(server, &self.hostname).await?;
+        let attachments: Vec<StoredAttachment> = {
+            let mut inner = lock(&self.inner);
+            inner.state.daemons.insert(server.to_owned(), DaemonCredential { daemon_id, token: token.clone() });
+            inner.state.attachments.iter().filter(|a| a.attachment.server == server).cloned().collect()
+        };
+        for old in attachments {
+            let a = &old.attachment;
+            let peer = PeerRequest {
+                group: &a.group,
+                hostname: &self.hostname,
+                working_directory: &a.working_directory,
+                git_branch: None,
+                name: None,
+                join_key: self.config.join_keys.get(server).map(String::as_str),
+            };
+            let registration = self.api.register(server, &token, &peer).await?;
+            let mut inner = lock(&self.inner);
+            if let Some(stored) = inner.state.attachments.iter_mut().find(|s| s.attachment == old.attachment) {
+                stored.attachment.peer_id = registration.peer_id;
+                stored.attachment.display_name = registration.display_name;
+                stored.token = registration.token;
+            }
+            // a server that lost its data numbers events from the start again
+            inner.state.last_event_ids.remove(&upstream_key(server, &a.group));
+        }
+        drop(_changing);
+        self.save_now().await;
+        Ok(())
+    }
+
+    pub async fn detach(self: &Arc<Self>, pane: &str, group: Option<&str>) -> Result<Reply, Failure> {
+        let _changing = self.changing.lock().await;
+        let leaving: Vec<StoredAttachment> = lock(&self.inner)
+            .state
+            .attachments
+            .iter()
+            .filter(|a| a.attachment.pane == pane && group.is_none_or(|g| a.attachment.group == g))
+            .cloned()
+            .collect();
+        if leaving.is_empty() {
+            return Err((ErrorCode::NotAttached, format!("pane {pane} is not attached{}", in_group(group))));
+        }
+        for a in &leaving {
+            if let Some(token) = self.daemon_token(&a.attachment.server) {
+                match self.api.remove_peer(&a.attachment.server, &token, &a.attachment.peer_id).await {
+                    Ok(()) => {}
+                    // a server that forgot us has forgotten the peer too
+                    Err(e) if e.is_unauthorized() => {}
+                    Err(e) => return Err(server_failure(e)),
+                }
+            }
+        }
+        let groups: Vec<String> = leaving.iter().map(|a| a.attachment.group.clone()).collect();
+        {
+            let mut inner = lock(&self.inner);
+            inner.state.attachments.retain(|a| !leaving.contains(a));
+            for a in &leaving {
+                let (server, group) = (&a.attachment.server, &a.attachment.group);
+                let still_used = inner.state.attachments.iter().any(|o| o.attachment.server == *server && o.attachment.group == *group);
+                if !still_used {
+                    let key = upstream_key(server, group);
+                    if let Some(handle) = inner.upstreams.remove(&key) {
+                        handle.cancel.cancel();
+                    }
+                    inner.state.last_event_ids.remove(&key);
+                }
+            }
+        }
+        self.save_now().await;
+        tracing::info!(%pane, ?groups, "detached");
+        Ok(Reply::Detached { pane: pane.to_owned(), groups })
+    }
+
+    /// A new subscriber for `pane`: its attachments and the receiving end of its events.
+    pub fn subscribe(&self, pane: &str) -> (u64, Vec<StoredAttachment>, mpsc::Receiver<PaneEvent>) {
+        let (tx, rx) = mpsc::channel(SUBSCRIBER_BUFFER);
+        let mut inner = lock(&self.inner);
+        inner.next_subscriber += 1;
+        let id = inner.next_subscriber;
+        inner.subscribers.push(Subscriber { id, pane: pane.to_owned(), tx });
+        let attachments = inner.state.attachments.iter().filter(|a| a.attachment.pane == pane).cloned().collect();
+        (id, attachments, rx)
+    }
+
+    pub fn unsubscribe(&self, id: u64) {
+        lock(&self.inner).subscribers.retain(|s| s.id != id);
+    }
+
+    pub fn attachments_of(&self, pane: &str) -> Vec<StoredAttachment> {
+        lock(&self.inner).state.attachments.iter().filter(|a| a.attachment.pane == pane).cloned().collect()
+    }
+
+    pub fn status(&self) -> Status {
+        let inner = lock(&self.inner);
+        let mut upstreams: Vec<Upstream> = inner
+            .upstreams
+            .values()
+            .map(|h| {
+                let mut u = h.status.clone();
+                u.panes = inner.state.attachments.iter().filter(|a| a.attachment.server == u.server && a.attachment.group == u.group).count();
+                u
+            })
+            .collect();
+        upstreams.sort_by(|a, b| (&a.server, &a.group).cmp(&(&b.server, &b.group)));
+        Status {
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            pid: std::process::id(),
+            socket: self.socket_path.display().to_string(),
+            attachments: inner.state.attachments.iter().map(|a| a.attachment.clone()).collect(),
+            upstreams,
+            subscribers: inner.subscribers.len(),
+        }
+    }
+
+    pub fn credentials(&self, pane: &str) -> Result<Reply, Failure> {
+        let credentials: Vec<Credential> = self.attachments_of(pane).iter().map(StoredAttachment::credential).collect();
+        if credentials.is_empty() {
+            return Err((ErrorCode::NotAttached, format!("pane {pane} is not attached; run `relay attach {pane} --group GROUP`")));
+        }
+        Ok(Reply::Credentials { pane: pane.to_owned(), credentials })
+    }
+
+    /// The events a subscriber missed in `group` after `since`, fetched from the server.
+    pub async fn catch_up(&self, attachment: &StoredAttachment, since: u64) -> Result<Vec<Event>, ApiError> {
+        let a = &attachment.attachment;
+        let Some(token) = self.daemon_token(&a.server) else { return Ok(Vec::new()) };
+        let response = self.api.events(&a.server, &token, &a.group, since, true).await?;
+        let mut out = Vec::new();
+        let mut events = sse_stream::SseStream::from_bytes_stream(response.bytes_stream());
+        use futures::StreamExt;
+        while let Some(Ok(sse)) = events.next().await {
+            if let Some(event) = sse.data.and_then(|d| serde_json::from_str::<Event>(&d).ok()) {
+                if visible_to(&event, &a.peer_id) {
+                    out.push(event);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Writes the state now (attachments changed: worth a disk write before replying).
+    pub async fn save_now(&self) {
+        let snapshot = lock(&self.inner).state.clone();
+        let dir = self.state_dir.clone();
+        let saved = tokio::task::spawn_blocking(move || snapshot.save(&dir)).await;
+        if let Ok(Err(e)) | Err(e) = saved.map_err(std::io::Error::other) {
+            tracing::error!(error = %e, dir = %self.state_dir.display(), "cannot save relayd's state");
+        }
+    }
+
+    /// Saves stream positions in the background, at most a few times a second.
+    pub async fn save_in_background(self: Arc<Self>) {
+        loop {
+            tokio::select! {
+                _ = self.shutdown.cancelled() => break,
+                _ = self.save_wanted.notified() => {}
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            self.save_now().await;
+        }
+        self.save_now().await;
+    }
+
+    /// Last event ids by group for one pane's attachments, as a subscriber's `since` starts.
+    pub fn since_defaults(&self, attachments: &[StoredAttachment]) -> BTreeMap<String, u64> {
+        attachments.iter().map(|a| (a.attachment.group.clone(), self.last_event_id(&a.attachment.server, &a.attachment.group))).collect()
+    }
+}
+
+fn in_group(group: Option<&str>) -> String {
+    group.map(|g| format!(" to group {g}")).unwrap_or_default()
+}
+
+fn server_failure(e: ApiError) -> Failure {
+    (ErrorCode::Server, e.to_string())
+}

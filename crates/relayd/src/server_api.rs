@@ -1,0 +1,125 @@
+//! relay-server's daemon API, as relayd calls it.
+
+use serde::Deserialize;
+use serde_json::{Value, json};
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum ApiError {
+    #[error("cannot reach {server}: {source}")]
+    Unreachable { server: String, source: reqwest::Error },
+    /// The server answered with an error; `message` is its own words.
+    #[error("{server} refused: {message} (HTTP {status})")]
+    Refused { server: String, status: u16, message: String },
+}
+
+impl ApiError {
+    /// The server no longer knows our credential (a fresh or ephemeral server).
+    pub fn is_unauthorized(&self) -> bool {
+        matches!(self, ApiError::Refused { status: 401, .. })
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct Registration {
+    pub peer_id: String,
+    pub display_name: String,
+    pub group_id: String,
+    pub token: String,
+}
+
+#[derive(Clone)]
+pub struct ServerApi {
+    http: reqwest::Client,
+}
+
+/// What a registration asks for.
+pub struct PeerRequest<'a> {
+    pub group: &'a str,
+    pub hostname: &'a str,
+    pub working_directory: &'a str,
+    pub git_branch: Option<&'a str>,
+    pub name: Option<&'a str>,
+    pub join_key: Option<&'a str>,
+}
+
+impl ServerApi {
+    pub fn new(http: reqwest::Client) -> Self {
+        Self { http }
+    }
+
+    pub fn http(&self) -> &reqwest::Client {
+        &self.http
+    }
+
+    async fn send(&self, server: &str, request: reqwest::RequestBuilder) -> Result<Value, ApiError> {
+        let unreachable = |source| ApiError::Unreachable { server: server.to_owned(), source };
+        let resp = request.send().await.map_err(unreachable)?;
+        let status = resp.status();
+        let body: Value = resp.json().await.unwrap_or(Value::Null);
+        if status.is_success() {
+            return Ok(body);
+        }
+        let message = body["error"].as_str().map_or_else(|| status.to_string(), str::to_owned);
+        Err(ApiError::Refused { server: server.to_owned(), status: status.as_u16(), message })
+    }
+
+    pub async fn create_daemon(&self, server: &str, hostname: &str) -> Result<(String, String), ApiError> {
+        let body = self.send(server, self.http.post(format!("{server}/v1/daemons")).json(&json!({"hostname": hostname}))).await?;
+        let field = |k: &str| body[k].as_str().unwrap_or_default().to_owned();
+        Ok((field("daemon_id"), field("token")))
+    }
+
+    pub async fn register(&self, server: &str, daemon_token: &str, req: &PeerRequest<'_>) -> Result<Registration, ApiError> {
+        let body = json!({
+            "group_id": req.group,
+            "hostname": req.hostname,
+            "working_directory": req.working_directory,
+            "git_branch": req.git_branch,
+            "name": req.name,
+            "join_key": req.join_key,
+        });
+        let value = self.send(server, self.http.post(format!("{server}/v1/peers")).bearer_auth(daemon_token).json(&body)).await?;
+        serde_json::from_value(value).map_err(|e| ApiError::Refused {
+            server: server.to_owned(),
+            status: 200,
+            message: format!("unexpected registration reply: {e}"),
+        })
+    }
+
+    pub async fn remove_peer(&self, server: &str, daemon_token: &str, peer_id: &str) -> Result<(), ApiError> {
+        let request = self.http.delete(format!("{server}/v1/peers/{peer_id}")).bearer_auth(daemon_token);
+        match self.send(server, request).await {
+            // already gone is gone
+            Err(ApiError::Refused { status: 404, .. }) | Ok(_) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The group's event stream for this daemon, resuming after `last_event_id`.
+    pub async fn events(
+        &self,
+        server: &str,
+        daemon_token: &str,
+        group: &str,
+        last_event_id: u64,
+        once: bool,
+    ) -> Result<reqwest::Response, ApiError> {
+        let mut url = format!("{server}/v1/groups/{group}/events");
+        if once {
+            url.push_str("?once=true");
+        }
+        let mut request = self.http.get(url).bearer_auth(daemon_token).header("accept", "text/event-stream");
+        if last_event_id > 0 {
+            request = request.header("last-event-id", last_event_id.to_string());
+        }
+        let unreachable = |source| ApiError::Unreachable { server: server.to_owned(), source };
+        let resp = request.send().await.map_err(unreachable)?;
+        if resp.status().is_success() {
+            return Ok(resp);
+        }
+        let status = resp.status();
+        let message = resp.text().await.unwrap_or_default().trim().to_owned();
+        Err(ApiError::Refused { server: server.to_owned(), status: status.as_u16(), message })
+    }
+}

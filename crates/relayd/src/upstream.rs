@@ -1,0 +1,116 @@
+//! One event stream per (server, group), however many local panes are in the group:
+//! reconnects with exponential backoff and jitter, honours the server's `retry:`, resumes
+//! with `Last-Event-ID`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use relay_proto::Event;
+use relay_proto::local::ConnectionState;
+use sse_stream::SseStream;
+use tokio_util::sync::CancellationToken;
+
+use crate::daemon::Daemon;
+use crate::server_api::ApiError;
+
+const FIRST_RETRY: Duration = Duration::from_millis(500);
+
+/// The wait before attempt `attempt` (0-based) after a failure: doubling from `base` up to
+/// `max`, then spread over its upper half so that daemons do not reconnect in lockstep.
+pub fn backoff(attempt: u32, base: Duration, max: Duration) -> Duration {
+    let exp = base.saturating_mul(2u32.saturating_pow(attempt.min(16))).min(max);
+    let mut byte = [0u8; 1];
+    let _ = getrandom::fill(&mut byte);
+    exp.mul_f64(0.5 + byte[0] as f64 / 510.0)
+}
+
+enum Ended {
+    /// The server closed a stream that had worked: reconnect promptly.
+    Closed,
+    Failed(String),
+}
+
+pub async fn run(daemon: Arc<Daemon>, server: String, group: String, cancel: CancellationToken) {
+    let mut attempt: u32 = 0;
+    let mut retry_hint: Option<Duration> = None;
+    loop {
+        daemon.set_upstream_state(&server, &group, ConnectionState::Connecting, None);
+        let ended = tokio::select! {
+            _ = cancel.cancelled() => return,
+            ended = read_stream(&daemon, &server, &group, &mut retry_hint, &mut attempt) => ended,
+        };
+        let error = match ended {
+            Ended::Closed => None,
+            Ended::Failed(e) => Some(e),
+        };
+        if let Some(e) = &error {
+            tracing::info!(%server, %group, error = %e, attempt, "upstream stream failed; will retry");
+        }
+        daemon.set_upstream_state(&server, &group, ConnectionState::Retrying, error);
+        let delay = backoff(attempt, retry_hint.unwrap_or(FIRST_RETRY), daemon.reconnect_max());
+        attempt = attempt.saturating_add(1);
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(delay) => {}
+        }
+    }
+}
+
+async fn read_stream(
+    daemon: &Arc<Daemon>,
+    server: &str,
+    group: &str,
+    retry_hint: &mut Option<Duration>,
+    attempt: &mut u32,
+) -> Ended {
+    let Some(token) = daemon.daemon_token(server) else {
+        return Ended::Failed("no credential for this server".into());
+    };
+    let last = daemon.last_event_id(server, group);
+    let response = match daemon.api().events(server, &token, group, last, false).await {
+        Ok(r) => r,
+        Err(e) if e.is_unauthorized() => {
+            // the server forgot us (a fresh data dir, or --ephemeral): introduce ourselves again
+            if let Err(e) = daemon.reregister(server, &token).await {
+                return Ended::Failed(format!("cannot register again: {e}"));
+            }
+            return Ended::Failed("the server did not know this daemon; registered again".into());
+        }
+        Err(e @ ApiError::Refused { .. }) | Err(e @ ApiError::Unreachable { .. }) => return Ended::Failed(e.to_string()),
+    };
+    daemon.set_upstream_state(server, group, ConnectionState::Connected, None);
+    *attempt = 0;
+    let mut events = SseStream::from_bytes_stream(response.bytes_stream());
+    while let Some(item) = events.next().await {
+        let sse = match item {
+            Ok(sse) => sse,
+            Err(e) => return Ended::Failed(format!("stream broke: {e}")),
+        };
+        if let Some(ms) = sse.retry {
+            *retry_hint = Some(Duration::from_millis(ms));
+        }
+        let Some(data) = sse.data else { continue };
+        match serde_json::from_str::<Event>(&data) {
+            Ok(event) => daemon.on_event(server, group, event),
+            Err(e) => tracing::warn!(%server, %group, error = %e, "skipping an event that does not parse"),
+        }
+    }
+    Ended::Closed
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_with_jitter_up_to_the_cap() {
+        let (base, max) = (Duration::from_millis(100), Duration::from_secs(5));
+        for attempt in 0..20 {
+            let d = backoff(attempt, base, max);
+            let cap = base.saturating_mul(2u32.pow(attempt.min(16))).min(max);
+            assert!(d >= cap / 2 && d <= cap, "attempt {attempt}: {d:?} outside [{:?}, {cap:?}]", cap / 2);
+        }
+        assert!(backoff(30, base, max) <= max);
+    }
+}
