@@ -1,0 +1,321 @@
+//! relayd in-process against a real relay-server on 127.0.0.1:0.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use relay_e2e::mcp::{Client as Mcp, Mode};
+use relay_proto::local::{AttachRequest, ErrorCode, Reply, Request};
+use relayd::client::Client;
+use relayd::notify::{Notice, Notifier};
+use relayd::Config;
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+
+struct Server {
+    url: String,
+    relay: Arc<relay_server::Relay>,
+    shutdown: CancellationToken,
+}
+
+async fn server() -> Server {
+    let config = relay_server::Config { ephemeral: true, rate_burst: 100_000, rate_per_second: 100_000.0, ..Default::default() };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let store = relay_server::open_store(&config).unwrap();
+    let relay = Arc::new(relay_server::Relay::new(store, Arc::new(relay_server::clock::SystemClock), config.limits()));
+    let shutdown = CancellationToken::new();
+    tokio::spawn({
+        let (relay, shutdown) = (relay.clone(), shutdown.clone());
+        async move { relay_server::serve(relay, &config, listener, shutdown).await.unwrap() }
+    });
+    Server { url, relay, shutdown }
+}
+
+#[derive(Default)]
+struct Recorder(Mutex<Vec<Notice>>);
+
+impl Notifier for Recorder {
+    fn notify(&self, notice: Notice) {
+        self.0.lock().unwrap().push(notice);
+    }
+}
+
+struct Daemon {
+    socket: PathBuf,
+    shutdown: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+    notices: Arc<Recorder>,
+}
+
+fn daemon_config(dir: &std::path::Path, server: &str) -> Config {
+    Config {
+        server: server.to_owned(),
+        socket: Some(dir.join("run/relayd.sock")),
+        state_dir: Some(dir.join("state")),
+        reconnect_max_secs: 1,
+        ..Config::default()
+    }
+}
+
+async fn start_daemon(dir: &std::path::Path, server: &str) -> Daemon {
+    let config = daemon_config(dir, server);
+    let socket = config.socket_path();
+    let shutdown = CancellationToken::new();
+    let notices = Arc::new(Recorder::default());
+    let task = tokio::spawn({
+        let (shutdown, notices) = (shutdown.clone(), notices.clone());
+        async move { relayd::run_with(config, notices, shutdown).await.unwrap() }
+    });
+    for _ in 0..200 {
+        if socket.exists() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    Daemon { socket, shutdown, task, notices }
+}
+
+impl Daemon {
+    async fn client(&self) -> Client {
+        Client::connect(&self.socket, "test").await.unwrap()
+    }
+
+    async fn attach(&self, pane: &str, group: &str, dir: &str) -> relay_proto::local::Attachment {
+        let req = AttachRequest { pane: pane.into(), group: group.into(), working_directory: dir.into(), ..Default::default() };
+        match self.client().await.request(&Request::Attach(req)).await.unwrap() {
+            Reply::Attached { attachment, .. } => attachment,
+            other => panic!("attach {pane}: {other:?}"),
+        }
+    }
+
+    async fn subscribe(&self, pane: &str, since: &[(&str, u64)]) -> Client {
+        let mut c = self.client().await;
+        let since = since.iter().map(|(g, s)| (g.to_string(), *s)).collect();
+        match c.request(&Request::Subscribe { pane: pane.into(), since }).await.unwrap() {
+            Reply::Subscribed { .. } => c,
+            other => panic!("subscribe {pane}: {other:?}"),
+        }
+    }
+
+    async fn stop(self) {
+        self.shutdown.cancel();
+        tokio::time::timeout(Duration::from_secs(10), self.task).await.expect("relayd stops").unwrap();
+    }
+}
+
+/// Events that arrive within `wait`, as (kind, preview, seq).
+async fn events(sub: &mut Client, wait: Duration) -> Vec<(String, String, u64)> {
+    let mut out = Vec::new();
+    while let Ok(Ok(reply)) = tokio::time::timeout(wait, sub.next()).await {
+        if let Reply::Event { event, .. } = reply {
+            out.push((event.kind.as_str().to_owned(), event.preview, event.seq));
+        }
+    }
+    out
+}
+
+async fn mcp_peer(server: &Server, group: &str, dir: &str) -> (Mcp, serde_json::Value) {
+    let anon = Mcp::connect(&format!("{}/mcp", server.url), None, Mode::Stateless).await;
+    let reg = anon.ok("register", json!({"group_id": group, "hostname": "far", "working_directory": dir})).await;
+    let client = Mcp::connect(&format!("{}/mcp", server.url), Some(reg["token"].as_str().unwrap()), Mode::Stateless).await;
+    (client, reg)
+}
+
+const WAIT: Duration = Duration::from_millis(400);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn twenty_panes_share_one_upstream_and_get_what_is_theirs() {
+    let server = server().await;
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = start_daemon(dir.path(), &server.url).await;
+    let mut panes = Vec::new();
+    for i in 0..20 {
+        panes.push(daemon.attach(&format!("%{i}"), "team", &format!("/src/p{i}")).await);
+    }
+    let mut subs = Vec::new();
+    for i in 0..20 {
+        subs.push(daemon.subscribe(&format!("%{i}"), &[]).await);
+    }
+    // one upstream for the group, however many panes
+    let metrics = reqwest::get(format!("{}/metrics", server.url)).await.unwrap().text().await.unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    let mut metrics = metrics;
+    while !metrics.contains("relay_open_streams{kind=\"daemon\"} 1") {
+        assert!(tokio::time::Instant::now() < deadline, "{metrics}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        metrics = reqwest::get(format!("{}/metrics", server.url)).await.unwrap().text().await.unwrap();
+    }
+    let status = match daemon.client().await.request(&Request::Status).await.unwrap() {
+        Reply::Status { status } => status,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(status.upstreams.len(), 1);
+    assert_eq!(status.upstreams[0].panes, 20);
+    assert_eq!(status.attachments.len(), 20);
+
+    // a broadcast from afar reaches all 20; a DM only its pane, with a desktop notice
+    let (far, _) = mcp_peer(&server, "team", "/far").await;
+    far.ok("send_message", json!({"message": "hello everyone"})).await;
+    far.ok("send_dm", json!({"to": panes[5].peer_id, "message": "just you, five"})).await;
+    // a pane's own broadcast reaches the 19 others, not itself
+    let creds = match daemon.client().await.request(&Request::Credentials { pane: "%3".into() }).await.unwrap() {
+        Reply::Credentials { credentials, .. } => credentials,
+        other => panic!("{other:?}"),
+    };
+    let three = Mcp::connect(&format!("{}/mcp", server.url), Some(&creds[0].token), Mode::Stateless).await;
+    three.ok("send_message", json!({"message": "from three"})).await;
+
+    let all = futures::future::join_all(subs.iter_mut().map(|sub| events(sub, WAIT))).await;
+    for (i, got) in all.into_iter().enumerate() {
+        // (the panes' own joins may still be arriving; only the far peer's matters here)
+        let got: Vec<(String, String)> =
+            got.into_iter().map(|(k, p, _)| (k, p)).filter(|(k, p)| k != "peer_joined" || p.starts_with("far:")).collect();
+        let mut want = vec![("peer_joined".to_owned(), "far:far joined team".to_owned()), ("message".into(), "hello everyone".into())];
+        if i == 5 {
+            want.push(("dm".into(), "just you, five".into()));
+        }
+        if i != 3 {
+            want.push(("message".into(), "from three".into()));
+        }
+        assert_eq!(got, want, "pane %{i}");
+    }
+    let notices = daemon.notices.0.lock().unwrap().clone();
+    assert_eq!(notices.len(), 1, "{notices:?}");
+    assert!(notices[0].summary.contains("DM from far:far in team") && notices[0].body.contains("just you, five"), "{notices:?}");
+    daemon.stop().await;
+    server.shutdown.cancel();
+}
+
+#[tokio::test]
+async fn bad_frames_get_error_frames_and_the_connection_goes_on() {
+    let server = server().await;
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = start_daemon(dir.path(), &server.url).await;
+
+    let mut raw = Client::connect(&daemon.socket, "t").await.unwrap();
+    let mut fresh = relayd::client::Client::connect(&daemon.socket, "t").await.unwrap();
+    for (bytes, code) in [
+        (&b"this is not json\n"[..], ErrorCode::BadFrame),
+        (b"{\"type\":\"teleport\"}\n", ErrorCode::UnknownRequest),
+        (b"{\"type\":\"attach\"}\n", ErrorCode::BadFrame),
+        (b"\xff\xfe\n", ErrorCode::BadFrame),
+    ] {
+        raw.send_raw(bytes).await.unwrap();
+        match raw.next().await.unwrap() {
+            Reply::Error { code: got, .. } => assert_eq!(got, code, "{:?}", String::from_utf8_lossy(bytes)),
+            other => panic!("{other:?}"),
+        }
+    }
+    let huge = vec![b'x'; relay_proto::local::MAX_FRAME_BYTES + 10];
+    raw.send_raw(&huge).await.unwrap();
+    raw.send_raw(b"\n").await.unwrap();
+    assert!(matches!(raw.next().await.unwrap(), Reply::Error { code: ErrorCode::TooLarge, .. }));
+    // still talking
+    assert!(matches!(raw.request(&Request::Status).await.unwrap(), Reply::Status { .. }));
+    assert!(matches!(fresh.request(&Request::Status).await.unwrap(), Reply::Status { .. }));
+
+    // a client that skips the hello, or speaks another version, is told so
+    let socket = daemon.socket.clone();
+    let (first, second) = tokio::task::spawn_blocking(move || {
+        use std::io::{BufRead, Write};
+        let mut ungreeted = std::os::unix::net::UnixStream::connect(&socket).unwrap();
+        ungreeted.write_all(b"{\"type\":\"status\"}\n{\"type\":\"hello\",\"version\":99,\"client\":\"x\"}\n").unwrap();
+        let mut lines = std::io::BufReader::new(ungreeted).lines();
+        (lines.next().unwrap().unwrap(), lines.next().unwrap().unwrap())
+    })
+    .await
+    .unwrap();
+    assert!(first.contains("\"code\":\"hello_first\""), "{first}");
+    assert!(second.contains("\"code\":\"version_mismatch\""), "{second}");
+
+    // detaching what is not attached
+    match fresh.request(&Request::Detach { pane: "%9".into(), group: None }).await.unwrap() {
+        Reply::Error { code: ErrorCode::NotAttached, message } => assert!(message.contains("%9")),
+        other => panic!("{other:?}"),
+    }
+    daemon.stop().await;
+    server.shutdown.cancel();
+}
+
+#[tokio::test]
+async fn attach_is_idempotent_and_detach_leaves_the_group() {
+    let server = server().await;
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = start_daemon(dir.path(), &server.url).await;
+    let first = daemon.attach("%1", "team", "/src/a").await;
+    let mut c = daemon.client().await;
+    let again = AttachRequest { pane: "%1".into(), group: "team".into(), working_directory: "/src/a".into(), ..Default::default() };
+    match c.request(&Request::Attach(again)).await.unwrap() {
+        Reply::Attached { attachment, already } => {
+            assert!(already);
+            assert_eq!(attachment.peer_id, first.peer_id);
+        }
+        other => panic!("{other:?}"),
+    }
+    let (far, _) = mcp_peer(&server, "team", "/far").await;
+    let peers = far.ok("list_peers", json!({})).await;
+    let pane_peer = peers["peers"].as_array().unwrap().iter().find(|p| p["peer_id"] == first.peer_id.as_str()).unwrap().clone();
+    assert_eq!(pane_peer["online"], true, "a daemon stream makes its panes online");
+
+    match c.request(&Request::Detach { pane: "%1".into(), group: None }).await.unwrap() {
+        Reply::Detached { groups, .. } => assert_eq!(groups, ["team"]),
+        other => panic!("{other:?}"),
+    }
+    let peers = far.ok("list_peers", json!({})).await;
+    assert_eq!(peers["peers"].as_array().unwrap().len(), 1, "{peers}");
+    match c.request(&Request::Status).await.unwrap() {
+        Reply::Status { status } => assert!(status.upstreams.is_empty() && status.attachments.is_empty()),
+        other => panic!("{other:?}"),
+    }
+    // a group with a wrong join key is refused with the server's words
+    anonymous_protected_group(&server).await;
+    let locked = AttachRequest { pane: "%2".into(), group: "locked".into(), working_directory: "/x".into(), join_key: Some("wrong key!".into()), ..Default::default() };
+    match c.request(&Request::Attach(locked)).await.unwrap() {
+        Reply::Error { code: ErrorCode::Server, message } => assert!(message.contains("wrong join key"), "{message}"),
+        other => panic!("{other:?}"),
+    }
+    daemon.stop().await;
+    server.shutdown.cancel();
+}
+
+async fn anonymous_protected_group(server: &Server) {
+    let anon = Mcp::connect(&format!("{}/mcp", server.url), None, Mode::Stateless).await;
+    anon.ok("register", json!({"group_id": "locked", "hostname": "h", "working_directory": "/", "join_key": "right key!"})).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_daemon_restores_attachments_and_subscribers_catch_up_once() {
+    let server = server().await;
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = start_daemon(dir.path(), &server.url).await;
+    let pane = daemon.attach("%1", "team", "/src/a").await;
+    let mut sub = daemon.subscribe("%1", &[]).await;
+    let (far, _) = mcp_peer(&server, "team", "/far").await;
+    far.ok("send_message", json!({"message": "before"})).await;
+    let got = events(&mut sub, WAIT).await;
+    let last_seen = got.last().unwrap().2;
+    drop(sub);
+    daemon.stop().await;
+    assert!(!dir.path().join("run/relayd.sock").exists(), "the socket outlived the daemon");
+
+    // while the daemon is down
+    far.ok("send_message", json!({"message": "while down 1"})).await;
+    far.ok("send_message", json!({"message": "while down 2"})).await;
+
+    let daemon = start_daemon(dir.path(), &server.url).await;
+    let mut sub = daemon.subscribe("%1", &[("team", last_seen)]).await;
+    far.ok("send_message", json!({"message": "after"})).await;
+    let previews: Vec<String> = events(&mut sub, Duration::from_secs(1)).await.into_iter().map(|(_, p, _)| p).collect();
+    assert_eq!(previews, ["while down 1", "while down 2", "after"]);
+    match daemon.client().await.request(&Request::Status).await.unwrap() {
+        Reply::Status { status } => {
+            assert_eq!(status.attachments[0].peer_id, pane.peer_id);
+            assert_eq!(status.upstreams.len(), 1);
+        }
+        other => panic!("{other:?}"),
+    }
+    let _ = &server.relay;
+    daemon.stop().await;
+    server.shutdown.cancel();
+}
