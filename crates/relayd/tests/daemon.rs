@@ -319,3 +319,43 @@ async fn a_restarted_daemon_restores_attachments_and_subscribers_catch_up_once()
     daemon.stop().await;
     server.shutdown.cancel();
 }
+
+/// Another user cannot use the daemon: the socket's modes keep them out, and if the modes
+/// were loosened the peer-uid check still refuses them. Needs root to act as another user.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_user_is_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::process::CommandExt;
+    if relayd::paths::euid() != 0 {
+        eprintln!("SKIPPED: another_user_is_refused needs root to act as another user (the decision function is unit-tested)");
+        return;
+    }
+    let server = server().await;
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = start_daemon(dir.path(), &server.url).await;
+    let probe = |socket: &std::path::Path| {
+        let script = "import socket,sys\ns=socket.socket(socket.AF_UNIX)\ntry:\n  s.connect(sys.argv[1])\nexcept OSError as e:\n  print('refused', e.errno); sys.exit()\ntry:\n  s.sendall(b'{\"type\":\"hello\",\"version\":1,\"client\":\"intruder\"}\\n')\n  s.settimeout(5)\n  print('reply', s.recv(200))\nexcept OSError:\n  print('reply', b'')";
+        let out = std::process::Command::new("python3").args(["-c", script]).arg(socket).uid(65534).gid(65534).output().unwrap();
+        let said = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        if said.is_empty() { format!("python failed: {}", String::from_utf8_lossy(&out.stderr)) } else { said }
+    };
+    let socket = daemon.socket.clone();
+    // as installed: the modes alone keep another user out
+    let denied = tokio::task::spawn_blocking({
+        let socket = socket.clone();
+        move || probe(&socket)
+    })
+    .await
+    .unwrap();
+    assert!(denied.starts_with("refused"), "{denied}");
+    // loosened on purpose: the daemon's own check hangs up without a word
+    for path in [dir.path(), &dir.path().join("run"), &socket] {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o777)).unwrap();
+    }
+    let hung_up = tokio::task::spawn_blocking(move || probe(&socket)).await.unwrap();
+    assert_eq!(hung_up, "reply b''");
+    // and the owner is still served
+    assert!(matches!(daemon.client().await.request(&Request::Status).await.unwrap(), Reply::Status { .. }));
+    daemon.stop().await;
+    server.shutdown.cancel();
+}
