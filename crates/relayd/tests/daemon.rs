@@ -359,3 +359,29 @@ async fn another_user_is_refused() {
     daemon.stop().await;
     server.shutdown.cancel();
 }
+
+/// relayd speaks HTTPS to servers in the cloud: an https URL fails as a connection, not as
+/// an unsupported scheme.
+#[tokio::test]
+async fn https_servers_are_supported() {
+    let server = server().await;
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = start_daemon(dir.path(), &server.url).await;
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let req = AttachRequest {
+        pane: "%1".into(),
+        group: "g".into(),
+        server: Some(format!("https://{closed}")),
+        working_directory: "/w".into(),
+        ..Default::default()
+    };
+    match daemon.client().await.request(&Request::Attach(req)).await.unwrap() {
+        Reply::Error { code: ErrorCode::Server, message } => {
+            assert!(message.contains("cannot reach https://"), "{message}");
+            assert!(!message.to_lowercase().contains("scheme"), "{message}");
+        }
+        other => panic!("{other:?}"),
+    }
+    daemon.stop().await;
+    server.shutdown.cancel();
+}
