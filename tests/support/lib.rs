@@ -63,6 +63,28 @@ pub fn claude_command(bin: &Path, home: &Path) -> Command {
     cmd
 }
 
+/// Starts the real `relayd` with its socket and state under `dir`, for `server`; returns the
+/// child and the socket path. `extra_env` goes to its environment; its stderr to `stderr`.
+pub fn spawn_relayd(dir: &Path, server: &str, args: &[&str], extra_env: &[(&str, &str)], stderr: Stdio) -> (Child, PathBuf) {
+    let socket = dir.join("run/relayd.sock");
+    let child = Command::new(binary("relayd"))
+        .arg("--socket")
+        .arg(&socket)
+        .arg("--state-dir")
+        .arg(dir.join("state"))
+        .args(["--server", server])
+        .args(args)
+        .env("RUST_LOG", "info")
+        .env_remove("RELAY_CONFIG")
+        .envs(extra_env.iter().copied())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(stderr)
+        .spawn()
+        .expect("spawn relayd");
+    (child, socket)
+}
+
 /// A `relay-server` child process. Killed (SIGKILL) when dropped.
 pub struct ServerProcess {
     pub child: Child,

@@ -112,9 +112,7 @@ impl Report {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir)?;
         }
-        let tmp = path.with_extension("json.tmp");
-        std::fs::write(&tmp, serde_json::to_string_pretty(&doc)?)?;
-        std::fs::rename(&tmp, path)?;
+        relay_util::write_atomically(path, serde_json::to_string_pretty(&doc)?.as_bytes(), 0o644)?;
         Ok(())
     }
 }

@@ -82,8 +82,6 @@ impl Daemon {
         notifier: Arc<dyn Notifier>,
         shutdown: CancellationToken,
     ) -> Arc<Self> {
-        // HTTPS servers: rustls with ring (installing it twice is harmless)
-        let _ = rustls::crypto::ring::default_provider().install_default();
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(10))
             .user_agent(concat!("relayd/", env!("CARGO_PKG_VERSION")))

@@ -3,8 +3,7 @@
 //! (0600), replaced atomically.
 
 use std::collections::BTreeMap;
-use std::io::Write;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use relay_proto::local::{Attachment, Credential};
@@ -69,18 +68,13 @@ impl State {
         }
     }
 
-    /// Writes a temp file beside the real one, flushes it to disk, then renames it over.
+    /// Saves atomically and privately: the state holds tokens.
     pub fn save(&self, dir: &Path) -> std::io::Result<()> {
         std::fs::create_dir_all(dir)?;
         std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
-        let path = Self::path(dir);
-        let tmp = dir.join(format!(".{STATE_FILE}.{}.tmp", std::process::id()));
-        let mut file = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;
         let mut state = self.clone();
         state.version = STATE_VERSION;
-        file.write_all(&serde_json::to_vec_pretty(&state).expect("state serializes"))?;
-        file.sync_all()?;
-        std::fs::rename(&tmp, &path)
+        relay_util::write_atomically(&Self::path(dir), &serde_json::to_vec_pretty(&state).expect("state serializes"), 0o600)
     }
 }
 

@@ -7,7 +7,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use relay_e2e::mcp::{Client as Mcp, Mode};
-use relay_e2e::{ServerProcess, binary, require};
+use relay_e2e::{ServerProcess, require, spawn_relayd};
 use relay_proto::local::{AttachRequest, Reply, Request};
 use relayd::client::Client;
 use serde_json::json;
@@ -74,21 +74,8 @@ fn dunstctl(bus: &str, args: &[&str]) -> String {
 }
 
 fn relayd(dir: &Path, server: &str, bus: &str, children: &mut Children) -> PathBuf {
-    let socket = dir.join("run/relayd.sock");
-    let child = Command::new(binary("relayd"))
-        .arg("--socket")
-        .arg(&socket)
-        .arg("--state-dir")
-        .arg(dir.join("state"))
-        .args(["--server", server])
-        .env("DBUS_SESSION_BUS_ADDRESS", bus)
-        .env("RUST_LOG", "info")
-        .env_remove("RELAY_CONFIG")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(dir.join("relayd.log")).unwrap())
-        .spawn()
-        .expect("spawn relayd");
+    let log = std::fs::File::create(dir.join("relayd.log")).unwrap();
+    let (child, socket) = spawn_relayd(dir, server, &[], &[("DBUS_SESSION_BUS_ADDRESS", bus)], log.into());
     children.0.push(child);
     socket
 }

@@ -3,12 +3,12 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use relay_e2e::mcp::{Client as Mcp, Mode};
-use relay_e2e::{ServerProcess, binary};
+use relay_e2e::{ServerProcess, spawn_relayd};
 use relay_proto::local::{AttachRequest, Reply, Request};
 use relayd::client::Client;
 use serde_json::json;
@@ -20,20 +20,7 @@ struct Relayd {
 
 impl Relayd {
     async fn start(dir: &Path, server: &str) -> Self {
-        let socket = dir.join("run/relayd.sock");
-        let child = Command::new(binary("relayd"))
-            .arg("--socket")
-            .arg(&socket)
-            .arg("--state-dir")
-            .arg(dir.join("state"))
-            .args(["--server", server, "--no-notifications"])
-            .env("RUST_LOG", "info")
-            .env_remove("RELAY_CONFIG")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn relayd");
+        let (child, socket) = spawn_relayd(dir, server, &["--no-notifications"], &[], Stdio::null());
         for _ in 0..500 {
             if Client::connect(&socket, "test").await.is_ok() {
                 return Self { child, socket };
