@@ -7,10 +7,19 @@ use std::path::Path;
 use tokio_util::sync::CancellationToken;
 
 /// Logs to stderr (stdout may carry a protocol): `RUST_LOG` if set, else info, debug or
-/// trace by the number of `-v`. Colours only on a terminal.
+/// trace by the number of `-v`. Colours only on a terminal. For daemons.
 pub fn init_tracing(verbose: u8) {
+    init_tracing_from(["info", "debug", "trace"], verbose);
+}
+
+/// The same, starting at warnings: for commands people run, whose output is their own.
+pub fn init_tracing_quiet(verbose: u8) {
+    init_tracing_from(["warn", "debug", "trace"], verbose);
+}
+
+fn init_tracing_from(levels: [&str; 3], verbose: u8) {
     use std::io::IsTerminal;
-    let default = ["info", "debug", "trace"][usize::from(verbose.min(2))];
+    let default = levels[usize::from(verbose.min(2))];
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| default.into());
     tracing_subscriber::fmt()
         .with_env_filter(filter)

@@ -1,0 +1,184 @@
+//! `relay attach` and `relay detach`.
+
+use std::io::{BufRead, IsTerminal, Write};
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use relay_proto::local::{AttachRequest, Reply, Request};
+use relay_tmux::{Pane, RealTmux, Tmux};
+
+use crate::agents;
+use crate::cli::AttachArgs;
+use crate::daemon::{self, connect_or_start, sibling_binary};
+
+/// The one line typed into the agent to introduce it.
+pub fn intro_line(display_name: &str, group: &str) -> String {
+    format!(
+        "[RELAY] You are {display_name} in relay group {group}. Messages from other agents will be announced \
+         here; read them with the relay tool read_new_messages."
+    )
+}
+
+pub async fn attach(socket: &Path, args: AttachArgs) -> Result<()> {
+    let tmux = RealTmux::current();
+    let processes = agents::processes();
+    let pane = match &args.pane {
+        Some(target) => relay_tmux::pane(&tmux, target).with_context(|| format!("no tmux pane {target}"))?,
+        None => pick_pane(&tmux, &processes)?,
+    };
+    let agent = agents::agent_under(pane.pid, &processes);
+    if agent.is_none() {
+        let msg = format!("no coding agent ({}) runs in pane {} (it runs {})", agents::AGENTS.join(", "), pane.id, pane.current_command);
+        if !args.force {
+            bail!("{msg}; pass --force to attach anyway");
+        }
+        eprintln!("relay: warning: {msg}; attaching anyway (--force)");
+    }
+    let mut client = connect_or_start(socket).await?;
+    let request = AttachRequest {
+        pane: pane.id.clone(),
+        group: args.group.clone(),
+        server: args.server.clone(),
+        name: args.name.clone(),
+        join_key: args.join_key.clone(),
+        working_directory: pane.current_path.clone(),
+        git_branch: git_branch(&pane.current_path),
+    };
+    let (attachment, already) = match daemon::request(&mut client, &Request::Attach(request)).await? {
+        Reply::Attached { attachment, already } => (attachment, already),
+        other => bail!("relayd answered {other:?}"),
+    };
+    if already {
+        println!("{} is already attached to {} as {}; nothing to do.", pane.id, attachment.group, attachment.display_name);
+        return Ok(());
+    }
+    let sidebar = open_sidebar(&tmux, &pane, args.width);
+    if !args.no_mcp_config {
+        configure_mcp(agent);
+    }
+    // Enter separately, after a pause: sent together, agents sometimes drop it
+    relay_tmux::send_literal(&tmux, &pane.id, &intro_line(&attachment.display_name, &attachment.group))?;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    relay_tmux::send_enter(&tmux, &pane.id)?;
+    println!(
+        "Attached {} ({}) to group {} on {} as {} (peer {}){}.",
+        pane.id,
+        agent.unwrap_or("no agent"),
+        attachment.group,
+        attachment.server,
+        attachment.display_name,
+        attachment.peer_id,
+        sidebar.map(|s| format!(", sidebar {s}")).unwrap_or_default()
+    );
+    Ok(())
+}
+
+/// Among the panes running an agent: the only one, or the one the user picks.
+fn pick_pane(tmux: &dyn Tmux, processes: &[agents::Process]) -> Result<Pane> {
+    let candidates: Vec<(Pane, &str)> = relay_tmux::list_panes(tmux)
+        .context("cannot list tmux panes (is tmux running?)")?
+        .into_iter()
+        .filter_map(|p| agents::agent_under(p.pid, processes).map(|a| (p, a)))
+        .collect();
+    let describe = |(p, a): &(Pane, &str)| format!("{} {} ({a}) in {}", p.id, p.target, p.current_path);
+    match candidates.len() {
+        0 => bail!("no tmux pane runs a coding agent ({}); name the pane: relay attach %N --group G", agents::AGENTS.join(", ")),
+        1 => Ok(candidates.into_iter().next().expect("one").0),
+        _ if !std::io::stdin().is_terminal() => {
+            let list: Vec<String> = candidates.iter().map(describe).collect();
+            bail!("several panes run an agent; name one:\n  {}", list.join("\n  "))
+        }
+        _ => {
+            for (i, c) in candidates.iter().enumerate() {
+                eprintln!("  {}) {}", i + 1, describe(c));
+            }
+            eprint!("attach which? [1-{}] ", candidates.len());
+            std::io::stderr().flush()?;
+            let mut answer = String::new();
+            std::io::stdin().lock().read_line(&mut answer)?;
+            let n: usize = answer.trim().parse().context("not a number")?;
+            candidates.into_iter().nth(n.wrapping_sub(1)).map(|c| c.0).context("no such choice")
+        }
+    }
+}
+
+fn git_branch(dir: &str) -> Option<String> {
+    let out = Command::new("git").args(["-C", dir, "rev-parse", "--abbrev-ref", "HEAD"]).output().ok()?;
+    let branch = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    (out.status.success() && !branch.is_empty() && branch != "HEAD").then_some(branch)
+}
+
+/// `relay-pane` beside the agent, if it is installed; focus stays on the agent.
+fn open_sidebar(tmux: &dyn Tmux, pane: &Pane, width: u32) -> Option<String> {
+    let bin = sibling_binary("relay-pane");
+    if !bin.is_file() && which("relay-pane").is_none() {
+        eprintln!("relay: relay-pane is not installed; attached without a sidebar");
+        return None;
+    }
+    let command = format!("{} --pane {}", bin.display(), pane.id);
+    match relay_tmux::split_beside(tmux, &pane.id, width, &command) {
+        Ok(id) => Some(id),
+        Err(e) => {
+            eprintln!("relay: could not open the sidebar: {e}");
+            None
+        }
+    }
+}
+
+fn which(name: &str) -> Option<std::path::PathBuf> {
+    std::env::var_os("PATH")?.to_str()?.split(':').map(|d| Path::new(d).join(name)).find(|p| p.is_file())
+}
+
+/// Makes sure the agent can call the relay's tools: for Claude Code, `relay mcp` as a
+/// user-scope MCP server; for others, the config to add.
+fn configure_mcp(agent: Option<&str>) {
+    let relay = sibling_binary("relay");
+    match agent {
+        Some("claude") => {
+            let present = Command::new("claude").args(["mcp", "get", "relay"]).output().is_ok_and(|o| o.status.success());
+            if present {
+                return;
+            }
+            let added = Command::new("claude")
+                .args(["mcp", "add", "-s", "user", "relay", "--"])
+                .arg(&relay)
+                .arg("mcp")
+                .output();
+            match added {
+                Ok(o) if o.status.success() => eprintln!(
+                    "relay: added `relay mcp` to Claude Code's MCP servers (user scope); a session started before \
+                     this loads it after a restart (`claude --continue`)"
+                ),
+                _ => eprintln!("relay: could not run `claude mcp add`; add it yourself: claude mcp add -s user relay -- {} mcp", relay.display()),
+            }
+        }
+        _ => eprintln!(
+            "relay: give the agent the relay's tools with this MCP server (stdio): command `{}`, args [\"mcp\"]",
+            relay.display()
+        ),
+    }
+}
+
+pub async fn detach(socket: &Path, pane: Option<String>, group: Option<String>) -> Result<()> {
+    let tmux = RealTmux::current();
+    let target = pane.or_else(|| std::env::var("TMUX_PANE").ok()).context("which pane? name it: relay detach %N")?;
+    let id = relay_tmux::pane(&tmux, &target).map(|p| p.id).unwrap_or(target);
+    let mut client = connect_or_start(socket).await?;
+    let groups = match daemon::request(&mut client, &Request::Detach { pane: id.clone(), group }).await? {
+        Reply::Detached { groups, .. } => groups,
+        other => bail!("relayd answered {other:?}"),
+    };
+    let still_attached = matches!(
+        client.request(&Request::Credentials { pane: id.clone() }).await,
+        Ok(Reply::Credentials { .. })
+    );
+    if !still_attached {
+        for sidebar in relay_tmux::panes_started_with(&tmux, &format!("relay-pane --pane {id}")).unwrap_or_default() {
+            let _ = relay_tmux::kill_pane(&tmux, &sidebar);
+        }
+    }
+    println!("Detached {id} from {}.", groups.join(", "));
+    Ok(())
+}

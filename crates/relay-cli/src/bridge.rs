@@ -1,0 +1,178 @@
+//! `relay mcp`: a stdio MCP server for the agent in a pane. It learns the pane's peer from
+//! relayd and forwards every tool call to relay-server with that peer's token, so no token
+//! or peer id ever appears in a prompt. stdout carries the protocol only.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use relay_proto::local::{Credential, Reply, Request};
+use rmcp::model::{
+    CallToolRequestParams, CallToolResponse, CallToolResult, ClientConfig, ContentBlock, Implementation,
+    ListToolsResult, PaginatedRequestParams, ProtocolVersion, ServerCapabilities, ServerConfig, Tool,
+};
+use rmcp::service::{RequestContext, RunningService};
+use rmcp::transport::StreamableHttpClientTransport;
+use rmcp::transport::streamable_http_client::StreamableHttpClientTransportConfig;
+use rmcp::{ClientLifecycleMode, ClientServiceExt, ErrorData, RoleClient, RoleServer, ServerHandler, ServiceExt};
+use tokio::sync::Mutex;
+
+use crate::daemon::CLIENT_NAME;
+
+/// The relay-server session of one pane's peer.
+pub struct Upstream {
+    pub service: RunningService<RoleClient, ClientConfig>,
+}
+
+/// Connects to `server`'s MCP endpoint, with `token` as the bearer when given.
+pub async fn connect(server: &str, token: Option<&str>) -> Result<RunningService<RoleClient, ClientConfig>> {
+    let mut config = StreamableHttpClientTransportConfig::with_uri(format!("{server}/mcp"));
+    if let Some(t) = token {
+        config = config.auth_header(t);
+    }
+    let transport = StreamableHttpClientTransport::from_config(config);
+    let lifecycle = ClientLifecycleMode::Auto {
+        preferred_versions: vec![ProtocolVersion::V_2026_07_28],
+        legacy_version: Some(ProtocolVersion::V_2025_11_25),
+    };
+    ClientConfig::default().serve_with_lifecycle(transport, lifecycle).await.with_context(|| format!("cannot reach {server}"))
+}
+
+/// The pane's credentials from relayd (empty when it is not attached).
+pub async fn credentials(socket: &std::path::Path, pane: &str) -> Result<Vec<Credential>> {
+    let mut client = relayd::client::Client::connect(socket, CLIENT_NAME).await?;
+    match client.request(&Request::Credentials { pane: pane.to_owned() }).await? {
+        Reply::Credentials { credentials, .. } => Ok(credentials),
+        _ => Ok(Vec::new()),
+    }
+}
+
+/// A connection to the server as the pane's peer (its first group's).
+pub async fn upstream(socket: &std::path::Path, pane: &str) -> Result<Upstream> {
+    let credential = credentials(socket, pane)
+        .await?
+        .into_iter()
+        .next()
+        .with_context(|| format!("pane {pane} is not attached to relay; run `relay attach {pane} --group GROUP`"))?;
+    let service = connect(&credential.server, Some(&credential.token)).await?;
+    Ok(Upstream { service })
+}
+
+/// Tools as the agent sees them: without the `token` argument, which the bridge supplies.
+pub fn without_token(mut tool: Tool) -> Tool {
+    let mut schema = (*tool.input_schema).clone();
+    if let Some(props) = schema.get_mut("properties").and_then(|p| p.as_object_mut()) {
+        props.remove("token");
+    }
+    if let Some(required) = schema.get_mut("required").and_then(|r| r.as_array_mut()) {
+        required.retain(|r| r != "token");
+    }
+    tool.input_schema = Arc::new(schema);
+    tool
+}
+
+pub struct Bridge {
+    socket: PathBuf,
+    pane: Option<String>,
+    upstream: Mutex<Option<Upstream>>,
+}
+
+impl Bridge {
+    pub fn new(socket: PathBuf, pane: Option<String>) -> Self {
+        Self { socket, pane, upstream: Mutex::new(None) }
+    }
+
+    fn not_attached(&self) -> String {
+        match &self.pane {
+            Some(p) => format!("This pane ({p}) is not attached to relay. Ask your user to run `relay attach {p} --group GROUP` in a terminal."),
+            None => "relay mcp runs outside tmux (no $TMUX_PANE), so it has no peer. Start the agent in a tmux pane and run `relay attach`.".to_owned(),
+        }
+    }
+
+    /// The upstream session, connecting on first use (and after an attach that came later).
+    async fn ensure(&self) -> Result<tokio::sync::MutexGuard<'_, Option<Upstream>>, String> {
+        let mut guard = self.upstream.lock().await;
+        if guard.is_none() {
+            let pane = self.pane.as_deref().ok_or_else(|| self.not_attached())?;
+            match upstream(&self.socket, pane).await {
+                Ok(u) => *guard = Some(u),
+                Err(e) if e.to_string().contains("not attached") => return Err(self.not_attached()),
+                Err(e) => return Err(format!("relay is unavailable: {e:#}")),
+            }
+        }
+        Ok(guard)
+    }
+
+    /// The tool list when not attached: the default server's, so the agent still sees them.
+    async fn anonymous_tools(&self) -> Vec<Tool> {
+        let server = std::env::var("RELAY_SERVER").unwrap_or_else(|_| relayd::config::DEFAULT_SERVER.to_owned());
+        match connect(&relayd::Config::normalize_server(&server), None).await {
+            Ok(service) => {
+                let tools = service.list_all_tools().await.unwrap_or_default();
+                let _ = service.cancel().await;
+                tools
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "no tool list: not attached and no server reachable");
+                Vec::new()
+            }
+        }
+    }
+}
+
+impl ServerHandler for Bridge {
+    fn get_info(&self) -> ServerConfig {
+        ServerConfig::new(ServerCapabilities::builder().enable_tools().build())
+            .with_server_info(Implementation::new("relay", env!("CARGO_PKG_VERSION")))
+            .with_instructions(
+                "relay connects you with other AI coding agents in shared groups. These are the relay's own tools \
+                 (not any built-in messaging). Messages from peers come from other agents, not from your user.",
+            )
+    }
+
+    async fn list_tools(
+        &self,
+        _request: Option<PaginatedRequestParams>,
+        _context: RequestContext<RoleServer>,
+    ) -> Result<ListToolsResult, ErrorData> {
+        let tools = match self.ensure().await {
+            Ok(guard) => match guard.as_ref() {
+                Some(u) => u.service.list_all_tools().await.unwrap_or_default(),
+                None => Vec::new(),
+            },
+            Err(_) => self.anonymous_tools().await,
+        };
+        Ok(ListToolsResult::with_all_items(tools.into_iter().map(without_token).collect()))
+    }
+
+    async fn call_tool(
+        &self,
+        mut request: CallToolRequestParams,
+        _context: RequestContext<RoleServer>,
+    ) -> Result<CallToolResponse, ErrorData> {
+        let mut guard = match self.ensure().await {
+            Ok(guard) => guard,
+            Err(message) => return Ok(CallToolResult::error(vec![ContentBlock::text(message)]).into()),
+        };
+        if let Some(args) = request.arguments.as_mut() {
+            args.remove("token");
+        }
+        let upstream = guard.as_ref().expect("ensured");
+        match upstream.service.call_tool(request).await {
+            Ok(result) => Ok(result.into()),
+            Err(e) => {
+                // the connection may be stale (server restart): reconnect on the next call
+                *guard = None;
+                Ok(CallToolResult::error(vec![ContentBlock::text(format!("relay server unavailable, try again: {e}"))]).into())
+            }
+        }
+    }
+}
+
+/// Serves the bridge on stdin/stdout until the agent closes it.
+pub async fn serve(socket: PathBuf, pane: Option<String>) -> Result<()> {
+    let bridge = Bridge::new(socket, pane);
+    let service = bridge.serve(rmcp::transport::stdio()).await.context("MCP handshake on stdio failed")?;
+    service.waiting().await?;
+    Ok(())
+}

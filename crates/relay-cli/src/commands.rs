@@ -1,0 +1,178 @@
+//! The small commands: status, peers, send, dm, history, service, completions.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use relay_proto::local::{Reply, Request, Status};
+use serde_json::{Value, json};
+
+use crate::bridge;
+use crate::daemon::{self, sibling_binary};
+
+pub async fn status(socket: &Path, as_json: bool) -> Result<()> {
+    let mut client = relayd::client::Client::connect(socket, daemon::CLIENT_NAME).await?;
+    let Reply::Status { status } = daemon::request(&mut client, &Request::Status).await? else { bail!("unexpected reply") };
+    if as_json {
+        println!("{}", serde_json::to_string_pretty(&status)?);
+    } else {
+        print!("{}", render_status(&status));
+    }
+    Ok(())
+}
+
+pub fn render_status(s: &Status) -> String {
+    let mut out = format!("relayd {} (pid {}) on {}; {} subscriber(s)\n", s.version, s.pid, s.socket, s.subscribers);
+    if s.upstreams.is_empty() {
+        out.push_str("no server connections (nothing attached)\n");
+    }
+    for u in &s.upstreams {
+        let state = format!("{:?}", u.state).to_lowercase();
+        let error = u.error.as_deref().map(|e| format!(" ({e})")).unwrap_or_default();
+        out.push_str(&format!(
+            "  {} group {}: {state}{error}, last event {}, {} pane(s)\n",
+            u.server, u.group, u.last_event_id, u.panes
+        ));
+    }
+    for a in &s.attachments {
+        out.push_str(&format!("  {} in {} as {} ({}) at {}\n", a.pane, a.group, a.display_name, a.peer_id, a.working_directory));
+    }
+    out
+}
+
+fn pane_or_env(pane: Option<String>) -> Result<String> {
+    pane.context("which pane? run this inside the attached tmux pane or pass --pane %N")
+}
+
+/// Calls a relay tool as the pane's peer; prints the text, returns the JSON.
+async fn call_as_pane(socket: &Path, pane: &str, tool: &str, args: Value) -> Result<Value> {
+    let upstream = bridge::upstream(socket, pane).await?;
+    let params = rmcp::model::CallToolRequestParams::new(tool.to_owned())
+        .with_arguments(args.as_object().cloned().unwrap_or_default());
+    let result = upstream.service.call_tool(params).await.with_context(|| format!("{tool} failed"))?;
+    let text: Vec<String> = result.content.iter().filter_map(|c| c.as_text().map(|t| t.text.clone())).collect();
+    let _ = upstream.service.cancel().await;
+    if result.is_error == Some(true) {
+        bail!("{}", text.join("\n"));
+    }
+    Ok(json!({"text": text.join("\n"), "structured": result.structured_content}))
+}
+
+pub async fn peers(socket: &Path, pane: Option<String>, as_json: bool) -> Result<()> {
+    let out = call_as_pane(socket, &pane_or_env(pane)?, "list_peers", json!({})).await?;
+    if as_json {
+        println!("{}", serde_json::to_string_pretty(&out["structured"])?);
+    } else {
+        print!("{}", out["text"].as_str().unwrap_or_default());
+    }
+    Ok(())
+}
+
+pub async fn send(socket: &Path, pane: Option<String>, group: Option<String>, text: String) -> Result<()> {
+    let out = call_as_pane(socket, &pane_or_env(pane)?, "send_message", json!({"message": text, "group_id": group})).await?;
+    println!("{}", out["text"].as_str().unwrap_or_default());
+    Ok(())
+}
+
+pub async fn dm(socket: &Path, pane: Option<String>, peer: String, text: String) -> Result<()> {
+    let out = call_as_pane(socket, &pane_or_env(pane)?, "send_dm", json!({"to": peer, "message": text})).await?;
+    println!("{}", out["text"].as_str().unwrap_or_default());
+    Ok(())
+}
+
+pub async fn history(socket: &Path, pane: Option<String>, group: Option<String>, limit: usize) -> Result<()> {
+    let out = call_as_pane(socket, &pane_or_env(pane)?, "get_history", json!({"group_id": group, "limit": limit})).await?;
+    print!("{}", out["text"].as_str().unwrap_or_default());
+    Ok(())
+}
+
+const SYSTEMD_UNIT: &str = include_str!("../../../systemd/relayd.service");
+const LAUNCHD_PLIST: &str = include_str!("../../../launchd/com.relay.relayd.plist");
+
+/// Where the service file goes, and its text with this installation's relayd path.
+pub fn service_file(home: &Path, relayd: &Path) -> (PathBuf, String) {
+    let relayd = relayd.display().to_string();
+    if cfg!(target_os = "macos") {
+        let text = LAUNCHD_PLIST.replace("\"$HOME/.cargo/bin/relayd\"", &format!("\"{relayd}\""));
+        (home.join("Library/LaunchAgents/com.relay.relayd.plist"), text)
+    } else {
+        let text = SYSTEMD_UNIT.replace("ExecStart=%h/.cargo/bin/relayd", &format!("ExecStart={relayd}"));
+        (home.join(".config/systemd/user/relayd.service"), text)
+    }
+}
+
+pub fn service(install: bool) -> Result<()> {
+    let home = PathBuf::from(std::env::var_os("HOME").context("HOME is not set")?);
+    let relayd = std::fs::canonicalize(sibling_binary("relayd")).unwrap_or_else(|_| sibling_binary("relayd"));
+    let (path, text) = service_file(&home, &relayd);
+    let macos = cfg!(target_os = "macos");
+    if install {
+        std::fs::create_dir_all(path.parent().expect("a parent"))?;
+        relay_util::write_atomically(&path, text.as_bytes(), 0o644)?;
+        println!("Installed {}", path.display());
+        if macos {
+            println!("Next: launchctl bootstrap gui/$(id -u) {}", path.display());
+        } else {
+            let _ = std::process::Command::new("systemctl").args(["--user", "daemon-reload"]).status();
+            println!("Next: systemctl --user enable --now relayd");
+        }
+    } else {
+        if macos {
+            println!("First: launchctl bootout gui/$(id -u)/com.relay.relayd");
+        } else {
+            let _ = std::process::Command::new("systemctl").args(["--user", "disable", "--now", "relayd"]).status();
+        }
+        match std::fs::remove_file(&path) {
+            Ok(()) => println!("Removed {}", path.display()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => println!("Nothing installed at {}", path.display()),
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_service_file_runs_this_relayd() {
+        let (path, text) = service_file(Path::new("/home/me"), Path::new("/opt/relay/bin/relayd"));
+        if cfg!(target_os = "macos") {
+            assert!(path.ends_with("Library/LaunchAgents/com.relay.relayd.plist"));
+            assert!(text.contains("\"/opt/relay/bin/relayd\"") && text.contains("<key>KeepAlive</key>"));
+        } else {
+            assert_eq!(path, Path::new("/home/me/.config/systemd/user/relayd.service"));
+            assert!(text.contains("ExecStart=/opt/relay/bin/relayd\n"), "{text}");
+            assert!(text.contains("Restart=on-failure") && text.contains("WantedBy=default.target"));
+        }
+    }
+
+    #[test]
+    fn status_reads_well() {
+        let status = Status {
+            version: "0.1.0".into(),
+            pid: 7,
+            socket: "/run/s".into(),
+            attachments: vec![relay_proto::local::Attachment {
+                pane: "%3".into(),
+                server: "http://s".into(),
+                group: "g".into(),
+                peer_id: "p_1".into(),
+                display_name: "box:api".into(),
+                working_directory: "/w".into(),
+            }],
+            upstreams: vec![relay_proto::local::Upstream {
+                server: "http://s".into(),
+                group: "g".into(),
+                state: relay_proto::local::ConnectionState::Retrying,
+                last_event_id: 4,
+                panes: 1,
+                error: Some("connection refused".into()),
+            }],
+            subscribers: 1,
+        };
+        let text = render_status(&status);
+        assert!(text.contains("http://s group g: retrying (connection refused), last event 4, 1 pane(s)"), "{text}");
+        assert!(text.contains("%3 in g as box:api (p_1) at /w"), "{text}");
+    }
+}

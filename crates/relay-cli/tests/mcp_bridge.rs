@@ -1,0 +1,78 @@
+//! `relay mcp` driven by an MCP client over stdio, with a real relayd and relay-server.
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use relay_e2e::mcp::{Client as Mcp, Mode};
+use relay_e2e::{ServerProcess, binary, spawn_relayd};
+use relay_proto::local::{AttachRequest, Reply, Request};
+use rmcp::model::CallToolRequestParams;
+use rmcp::transport::TokioChildProcess;
+use rmcp::{RoleClient, ServiceExt, service::RunningService};
+use serde_json::{Value, json};
+
+async fn bridge(socket: &std::path::Path, pane: &str, server: &str) -> RunningService<RoleClient, ()> {
+    let mut cmd = tokio::process::Command::new(binary("relay"));
+    cmd.args(["mcp", "--pane", pane]).env("RELAYD_SOCKET", socket).env("RELAY_SERVER", server).stderr(Stdio::null());
+    ().serve(TokioChildProcess::new(cmd).unwrap()).await.expect("relay mcp speaks MCP on stdio")
+}
+
+async fn call(client: &RunningService<RoleClient, ()>, tool: &str, args: Value) -> (bool, String, Option<Value>) {
+    let params = CallToolRequestParams::new(tool.to_owned()).with_arguments(args.as_object().cloned().unwrap());
+    let r = client.call_tool(params).await.unwrap();
+    let text = r.content.iter().filter_map(|c| c.as_text().map(|t| t.text.clone())).collect::<Vec<_>>().join("\n");
+    (r.is_error == Some(true), text, r.structured_content)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_bridge_speaks_for_the_pane_without_tokens_in_sight() {
+    let server = ServerProcess::start(0, &["--ephemeral"]);
+    let base = server.url("");
+    let dir = tempfile::tempdir().unwrap();
+    let (mut relayd, socket) = spawn_relayd(dir.path(), &base, &["--no-notifications"], &[], Stdio::null());
+    let mut client = None;
+    for _ in 0..500 {
+        if let Ok(c) = relayd::client::Client::connect(&socket, "test").await {
+            client = Some(c);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let mut client = client.expect("relayd up");
+
+    // not attached yet: the tools are listed, and each says what to do
+    let unattached = bridge(&socket, "%7", &base).await;
+    let tools = unattached.list_all_tools().await.unwrap();
+    assert!(tools.iter().any(|t| t.name == "send_message"), "{tools:?}");
+    let (failed, text, _) = call(&unattached, "send_message", json!({"message": "hi"})).await;
+    assert!(failed && text.contains("relay attach %7 --group GROUP"), "{text}");
+
+    // attached: calls go out as the pane's peer
+    let req = AttachRequest { pane: "%7".into(), group: "team".into(), working_directory: "/src/seven".into(), ..Default::default() };
+    let Reply::Attached { attachment, .. } = client.request(&Request::Attach(req)).await.unwrap() else { panic!() };
+    let (far, far_reg) = {
+        let anon = Mcp::connect(&server.url("/mcp"), None, Mode::Stateless).await;
+        let reg = anon.ok("register", json!({"group_id": "team", "hostname": "far", "working_directory": "/far"})).await;
+        (Mcp::connect(&server.url("/mcp"), Some(reg["token"].as_str().unwrap()), Mode::Stateless).await, reg)
+    };
+    let agent = bridge(&socket, "%7", &base).await;
+    for tool in agent.list_all_tools().await.unwrap() {
+        let props = tool.input_schema.get("properties").and_then(|p| p.as_object()).cloned().unwrap_or_default();
+        assert!(!props.contains_key("token"), "{} still asks for a token", tool.name);
+    }
+    let (failed, text, sent) = call(&agent, "send_message", json!({"message": "hello from the bridge"})).await;
+    assert!(!failed, "{text}");
+    assert_eq!(sent.unwrap()["from"]["peer_id"], attachment.peer_id.as_str());
+    far.ok("send_dm", json!({"to": attachment.peer_id, "message": "hi seven"})).await;
+    let (_, text, inbox) = call(&agent, "read_new_messages", json!({})).await;
+    let inbox = inbox.unwrap();
+    assert_eq!(inbox["messages"][0]["text"], "hi seven", "{text}");
+    assert_eq!(inbox["messages"][0]["sender"]["peer_id"], far_reg["peer_id"]);
+    let got = far.ok("read_new_messages", json!({})).await;
+    assert_eq!(got["messages"][0]["text"], "hello from the bridge");
+
+    let _ = agent.cancel().await;
+    let _ = unattached.cancel().await;
+    let _ = relayd.kill();
+    let _ = relayd.wait();
+}
