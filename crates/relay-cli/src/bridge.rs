@@ -19,6 +19,8 @@ use tokio::sync::Mutex;
 
 use crate::daemon::CLIENT_NAME;
 
+pub use rmcp::model::CallToolRequestParams as CallParams;
+
 /// The relay-server session of one pane's peer.
 pub struct Upstream {
     pub service: RunningService<RoleClient, ClientConfig>,

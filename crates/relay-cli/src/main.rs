@@ -1,12 +1,6 @@
-mod agents;
-mod attach;
-mod bridge;
-mod cli;
-mod commands;
-mod daemon;
-
 use clap::{CommandFactory, Parser};
-use cli::{Cli, Command, ServiceAction};
+use relay_cli::cli::{Cli, Command, ServiceAction};
+use relay_cli::{attach, bridge, commands, daemon};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {

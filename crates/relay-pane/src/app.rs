@@ -1,0 +1,319 @@
+//! The sidebar's state and its drawing; no I/O, so it is tested with ratatui's TestBackend.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Local, Utc};
+use crossterm::event::{KeyCode, KeyEvent, KeyModifiers};
+use ratatui::Frame;
+use ratatui::layout::{Constraint, Layout, Rect};
+use ratatui::style::{Color, Modifier, Style};
+use ratatui::text::{Line, Span};
+use ratatui::widgets::{Block, Borders, Paragraph};
+use relay_proto::local::Attachment;
+use relay_proto::{Event, EventKind};
+use unicode_width::UnicodeWidthChar;
+
+/// Log entries kept; older ones scroll away for good (history is on the server).
+const MAX_LOG: usize = 2000;
+const SENDER_COLOURS: [Color; 6] = [Color::Cyan, Color::Green, Color::Yellow, Color::Magenta, Color::Blue, Color::LightRed];
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Connection {
+    Connecting,
+    Connected,
+    Lost(String),
+}
+
+#[derive(Debug, Clone)]
+struct Entry {
+    time: DateTime<Utc>,
+    sender: String,
+    group: String,
+    dm: bool,
+    text: String,
+    system: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerRow {
+    pub name: String,
+    pub online: bool,
+}
+
+pub enum Action {
+    Quit,
+    Redraw,
+    Nothing,
+}
+
+pub struct App {
+    pub pane: String,
+    pub attachments: Vec<Attachment>,
+    pub connection: Connection,
+    log: Vec<Entry>,
+    /// By group, then peer id.
+    pub peers: BTreeMap<String, BTreeMap<String, PeerRow>>,
+    /// Lines scrolled up from the bottom.
+    scroll: usize,
+    /// A note in the status line (held deliveries, errors).
+    pub note: Option<String>,
+}
+
+impl App {
+    pub fn new(pane: &str) -> Self {
+        Self {
+            pane: pane.to_owned(),
+            attachments: Vec::new(),
+            connection: Connection::Connecting,
+            log: Vec::new(),
+            peers: BTreeMap::new(),
+            scroll: 0,
+            note: None,
+        }
+    }
+
+    pub fn on_event(&mut self, e: &Event) {
+        let (text, system) = match e.kind {
+            EventKind::Message | EventKind::Dm => (e.preview.clone(), false),
+            EventKind::PeerJoined => {
+                self.peers.entry(e.group.clone()).or_default().insert(e.sender.peer_id.clone(), PeerRow { name: e.sender.name.clone(), online: true });
+                ("joined".to_owned(), true)
+            }
+            EventKind::PeerLeft => {
+                if let Some(g) = self.peers.get_mut(&e.group) {
+                    g.remove(&e.sender.peer_id);
+                }
+                ("left".to_owned(), true)
+            }
+            EventKind::Unknown => return,
+        };
+        self.log.push(Entry {
+            time: e.time,
+            sender: e.sender.name.clone(),
+            group: e.group.clone(),
+            dm: e.kind == EventKind::Dm,
+            text,
+            system,
+        });
+        if self.log.len() > MAX_LOG {
+            self.log.drain(..self.log.len() - MAX_LOG);
+        }
+    }
+
+    pub fn on_key(&mut self, key: KeyEvent) -> Action {
+        let ctrl = key.modifiers.contains(KeyModifiers::CONTROL);
+        match key.code {
+            KeyCode::Char('q') | KeyCode::Esc => Action::Quit,
+            KeyCode::Char('c') if ctrl => Action::Quit,
+            KeyCode::Up | KeyCode::Char('k') => self.scroll_by(1),
+            KeyCode::Down | KeyCode::Char('j') => self.scroll_by(-1),
+            KeyCode::PageUp => self.scroll_by(10),
+            KeyCode::PageDown => self.scroll_by(-10),
+            KeyCode::End | KeyCode::Char('G') => {
+                self.scroll = 0;
+                Action::Redraw
+            }
+            _ => Action::Nothing,
+        }
+    }
+
+    fn scroll_by(&mut self, lines: isize) -> Action {
+        self.scroll = self.scroll.saturating_add_signed(lines);
+        Action::Redraw
+    }
+
+    pub fn render(&self, frame: &mut Frame) {
+        let area = frame.area();
+        let peer_lines = self.peers.values().map(|g| g.len()).sum::<usize>().min(8) as u16;
+        let [header, log, peers] =
+            Layout::vertical([Constraint::Length(3), Constraint::Min(3), Constraint::Length(peer_lines + 2)]).areas(area);
+        frame.render_widget(Paragraph::new(self.header_lines()), header);
+        self.render_log(frame, log);
+        self.render_peers(frame, peers);
+    }
+
+    fn header_lines(&self) -> Vec<Line<'_>> {
+        let groups: Vec<&str> = self.attachments.iter().map(|a| a.group.as_str()).collect();
+        let me = self.attachments.first().map(|a| a.display_name.as_str()).unwrap_or("not attached");
+        let (state, colour) = match &self.connection {
+            Connection::Connecting => ("connecting…".to_owned(), Color::Yellow),
+            Connection::Connected => ("connected".to_owned(), Color::Green),
+            Connection::Lost(why) => (format!("reconnecting: {why}"), Color::Red),
+        };
+        vec![
+            Line::from(vec![
+                Span::styled("relay ", Style::default().add_modifier(Modifier::BOLD)),
+                Span::raw(if groups.is_empty() { "-".to_owned() } else { groups.join(", ") }),
+            ]),
+            Line::from(format!("{me} · {}", self.pane)),
+            Line::from(Span::styled(self.note.clone().unwrap_or(state), Style::default().fg(colour))),
+        ]
+    }
+
+    fn render_log(&self, frame: &mut Frame, area: Rect) {
+        let block = Block::default().borders(Borders::TOP).title(" messages ");
+        let inner = block.inner(area);
+        frame.render_widget(block, area);
+        let width = inner.width.max(1) as usize;
+        let mut lines: Vec<Line> = Vec::new();
+        for e in &self.log {
+            let time = e.time.with_timezone(&Local).format("%H:%M").to_string();
+            let colour = colour_of(&e.sender);
+            let mut head = vec![
+                Span::styled(time, Style::default().fg(Color::DarkGray)),
+                Span::raw(" "),
+                Span::styled(e.sender.clone(), Style::default().fg(colour).add_modifier(Modifier::BOLD)),
+            ];
+            if e.dm {
+                head.push(Span::styled(" DM", Style::default().fg(Color::LightMagenta).add_modifier(Modifier::BOLD)));
+            }
+            if self.attachments.len() > 1 {
+                head.push(Span::styled(format!(" #{}", e.group), Style::default().fg(Color::DarkGray)));
+            }
+            lines.push(Line::from(head));
+            let style = if e.system { Style::default().fg(Color::DarkGray) } else { Style::default() };
+            for piece in wrap(&e.text, width.saturating_sub(2).max(1)) {
+                lines.push(Line::from(Span::styled(format!("  {piece}"), style)));
+            }
+        }
+        let height = inner.height as usize;
+        let bottom = lines.len().saturating_sub(self.scroll.min(lines.len().saturating_sub(height)));
+        let top = bottom.saturating_sub(height);
+        frame.render_widget(Paragraph::new(lines[top..bottom].to_vec()), inner);
+    }
+
+    fn render_peers(&self, frame: &mut Frame, area: Rect) {
+        let block = Block::default().borders(Borders::TOP).title(" peers ");
+        let inner = block.inner(area);
+        frame.render_widget(block, area);
+        let lines: Vec<Line> = self
+            .peers
+            .values()
+            .flat_map(|g| g.values())
+            .map(|p| {
+                let (dot, colour) = if p.online { ("●", Color::Green) } else { ("○", Color::DarkGray) };
+                Line::from(vec![Span::styled(dot, Style::default().fg(colour)), Span::raw(" "), Span::raw(p.name.clone())])
+            })
+            .collect();
+        frame.render_widget(Paragraph::new(lines), inner);
+    }
+}
+
+fn colour_of(name: &str) -> Color {
+    let hash = name.bytes().fold(5381u32, |h, b| h.wrapping_mul(33) ^ u32::from(b));
+    SENDER_COLOURS[hash as usize % SENDER_COLOURS.len()]
+}
+
+/// Splits text into lines at most `width` columns wide (wide characters count double),
+/// breaking at spaces where it can.
+pub fn wrap(text: &str, width: usize) -> Vec<String> {
+    let mut lines = Vec::new();
+    for raw in text.lines() {
+        let mut line = String::new();
+        let mut cols = 0;
+        for word in raw.split(' ') {
+            let w: usize = word.chars().map(|c| c.width().unwrap_or(0)).sum();
+            if cols > 0 && cols + 1 + w > width {
+                lines.push(std::mem::take(&mut line));
+                cols = 0;
+            }
+            if cols > 0 {
+                line.push(' ');
+                cols += 1;
+            }
+            for c in word.chars() {
+                let cw = c.width().unwrap_or(0);
+                if cols + cw > width {
+                    lines.push(std::mem::take(&mut line));
+                    cols = 0;
+                }
+                line.push(c);
+                cols += cw;
+            }
+        }
+        lines.push(line);
+    }
+    if lines.is_empty() {
+        lines.push(String::new());
+    }
+    lines
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ratatui::Terminal;
+    use ratatui::backend::TestBackend;
+    use relay_proto::PeerRef;
+    use unicode_width::UnicodeWidthStr;
+
+    fn event(kind: EventKind, sender: &str, preview: &str) -> Event {
+        Event {
+            kind,
+            id: "m".into(),
+            seq: 1,
+            group: "team".into(),
+            sender: PeerRef { peer_id: format!("p_{sender}"), name: sender.into() },
+            recipient: None,
+            preview: preview.into(),
+            time: Utc::now(),
+        }
+    }
+
+    fn screen(app: &App, w: u16, h: u16) -> String {
+        let mut terminal = Terminal::new(TestBackend::new(w, h)).unwrap();
+        terminal.draw(|f| app.render(f)).unwrap();
+        let buf = terminal.backend().buffer().clone();
+        (0..h).map(|y| (0..w).map(|x| buf[(x, y)].symbol().to_owned()).collect::<String>() + "\n").collect()
+    }
+
+    #[test]
+    fn wraps_by_display_width() {
+        assert_eq!(wrap("hello world again", 11), ["hello world", "again"]);
+        assert_eq!(wrap("日本語のテキスト", 6), ["日本語", "のテキ", "スト"]);
+        assert_eq!(wrap("averyveryverylongword", 8), ["averyver", "yverylon", "gword"]);
+        for line in wrap("mixed 漢字 and ascii words here", 7) {
+            assert!(line.width() <= 7, "{line:?}");
+        }
+    }
+
+    #[test]
+    fn shows_identity_messages_dms_and_peers() {
+        let mut app = App::new("%3");
+        app.attachments.push(Attachment {
+            pane: "%3".into(),
+            server: "http://s".into(),
+            group: "team".into(),
+            peer_id: "p_me".into(),
+            display_name: "box:api".into(),
+            working_directory: "/w".into(),
+        });
+        app.connection = Connection::Connected;
+        app.on_event(&event(EventKind::PeerJoined, "bob:web", ""));
+        app.on_event(&event(EventKind::Message, "bob:web", "the build is green"));
+        app.on_event(&event(EventKind::Dm, "bob:web", "psst"));
+        let text = screen(&app, 40, 16);
+        for want in ["relay team", "box:api · %3", "connected", "bob:web", "the build is green", "DM", "psst", "● bob:web"] {
+            assert!(text.contains(want), "missing {want:?} in\n{text}");
+        }
+        app.on_event(&event(EventKind::PeerLeft, "bob:web", ""));
+        assert!(!screen(&app, 40, 16).contains("● bob:web"));
+    }
+
+    #[test]
+    fn scrolls_and_quits_on_keys() {
+        let mut app = App::new("%3");
+        for i in 0..50 {
+            app.on_event(&event(EventKind::Message, "a", &format!("line {i}")));
+        }
+        assert!(screen(&app, 30, 12).contains("line 49"));
+        for _ in 0..20 {
+            app.on_key(KeyEvent::from(KeyCode::Up));
+        }
+        let scrolled = screen(&app, 30, 12);
+        assert!(!scrolled.contains("line 49") && scrolled.contains("line 39"), "{scrolled}");
+        app.on_key(KeyEvent::from(KeyCode::End));
+        assert!(screen(&app, 30, 12).contains("line 49"));
+        assert!(matches!(app.on_key(KeyEvent::from(KeyCode::Char('q'))), Action::Quit));
+    }
+}
