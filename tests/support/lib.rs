@@ -63,9 +63,25 @@ pub fn claude_command(bin: &Path, home: &Path) -> Command {
     cmd
 }
 
+/// A child process killed (by its PID) when this goes out of scope, panics included.
+pub struct KillOnDrop(pub Child);
+
+impl KillOnDrop {
+    pub fn kill_hard(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        self.kill_hard();
+    }
+}
+
 /// Starts the real `relayd` with its socket and state under `dir`, for `server`; returns the
 /// child and the socket path. `extra_env` goes to its environment; its stderr to `stderr`.
-pub fn spawn_relayd(dir: &Path, server: &str, args: &[&str], extra_env: &[(&str, &str)], stderr: Stdio) -> (Child, PathBuf) {
+pub fn spawn_relayd(dir: &Path, server: &str, args: &[&str], extra_env: &[(&str, &str)], stderr: Stdio) -> (KillOnDrop, PathBuf) {
     let socket = dir.join("run/relayd.sock");
     let child = Command::new(binary("relayd"))
         .arg("--socket")
@@ -82,12 +98,12 @@ pub fn spawn_relayd(dir: &Path, server: &str, args: &[&str], extra_env: &[(&str,
         .stderr(stderr)
         .spawn()
         .expect("spawn relayd");
-    (child, socket)
+    (KillOnDrop(child), socket)
 }
 
 /// A `relay-server` child process. Killed (SIGKILL) when dropped.
 pub struct ServerProcess {
-    pub child: Child,
+    pub child: KillOnDrop,
     pub addr: SocketAddr,
     pub stderr: mpsc::Receiver<String>,
 }
@@ -109,6 +125,8 @@ impl ServerProcess {
             .expect("spawn relay-server");
         let (tx, rx) = mpsc::channel();
         let stderr = child.stderr.take().expect("piped stderr");
+        // from here on a failed start still stops the child
+        let child = KillOnDrop(child);
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 if tx.send(line).is_err() {
@@ -120,7 +138,7 @@ impl ServerProcess {
         let deadline = Instant::now() + Duration::from_secs(30);
         let addr = loop {
             let line = rx.recv_timeout(deadline.saturating_duration_since(Instant::now()));
-            let line = line.unwrap_or_else(|_| panic!("relay-server did not report its address: {:?}", child.try_wait()));
+            let line = line.unwrap_or_else(|_| panic!("relay-server did not report its address"));
             if let Some(addr) = line.split("addr=").nth(1).and_then(|rest| rest.split_whitespace().next()) {
                 if let Ok(addr) = addr.parse() {
                     break addr;
@@ -145,13 +163,12 @@ impl ServerProcess {
     }
 
     pub fn pid(&self) -> u32 {
-        self.child.id()
+        self.child.0.id()
     }
 
     /// SIGKILL: no chance to flush or say goodbye.
     pub fn kill_hard(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.child.kill_hard();
     }
 
     /// SIGTERM, then wait for a clean exit.
@@ -159,7 +176,7 @@ impl ServerProcess {
         let _ = Command::new("kill").arg("-TERM").arg(self.pid().to_string()).status();
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            if let Some(status) = self.child.try_wait().expect("wait relay-server") {
+            if let Some(status) = self.child.0.try_wait().expect("wait relay-server") {
                 return status;
             }
             assert!(Instant::now() < deadline, "relay-server ignored SIGTERM");
@@ -168,10 +185,3 @@ impl ServerProcess {
     }
 }
 
-impl Drop for ServerProcess {
-    fn drop(&mut self) {
-        if self.child.try_wait().ok().flatten().is_none() {
-            self.kill_hard();
-        }
-    }
-}

@@ -54,7 +54,7 @@ pub async fn attach(socket: &Path, args: AttachArgs) -> Result<()> {
         println!("{} is already attached to {} as {}; nothing to do.", pane.id, attachment.group, attachment.display_name);
         return Ok(());
     }
-    let sidebar = open_sidebar(&tmux, &pane, args.width);
+    let sidebar = open_sidebar(&tmux, &pane, args.width, socket);
     if !args.no_mcp_config {
         configure_mcp(agent);
     }
@@ -110,14 +110,15 @@ fn git_branch(dir: &str) -> Option<String> {
     (out.status.success() && !branch.is_empty() && branch != "HEAD").then_some(branch)
 }
 
-/// `relay-pane` beside the agent, if it is installed; focus stays on the agent.
-fn open_sidebar(tmux: &dyn Tmux, pane: &Pane, width: u32) -> Option<String> {
+/// `relay-pane` beside the agent, if it is installed; focus stays on the agent. The socket
+/// is passed on: the pane starts in tmux's environment, not ours.
+fn open_sidebar(tmux: &dyn Tmux, pane: &Pane, width: u32, socket: &Path) -> Option<String> {
     let bin = sibling_binary("relay-pane");
     if !bin.is_file() && which("relay-pane").is_none() {
         eprintln!("relay: relay-pane is not installed; attached without a sidebar");
         return None;
     }
-    let command = format!("{} --pane {}", bin.display(), pane.id);
+    let command = format!("{} --pane {} --socket {}", shell_quote(&bin.display().to_string()), pane.id, shell_quote(&socket.display().to_string()));
     match relay_tmux::split_beside(tmux, &pane.id, width, &command) {
         Ok(id) => Some(id),
         Err(e) => {
@@ -125,6 +126,11 @@ fn open_sidebar(tmux: &dyn Tmux, pane: &Pane, width: u32) -> Option<String> {
             None
         }
     }
+}
+
+/// Quoted for the shell tmux runs pane commands with.
+fn shell_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "'\\''"))
 }
 
 fn which(name: &str) -> Option<std::path::PathBuf> {
@@ -175,7 +181,8 @@ pub async fn detach(socket: &Path, pane: Option<String>, group: Option<String>) 
         Ok(Reply::Credentials { .. })
     );
     if !still_attached {
-        for sidebar in relay_tmux::panes_started_with(&tmux, &format!("relay-pane --pane {id}")).unwrap_or_default() {
+        // the command open_sidebar starts: "'…/relay-pane' --pane %3 --socket '…'"
+        for sidebar in relay_tmux::panes_started_with(&tmux, &format!("relay-pane' --pane {id} --socket")).unwrap_or_default() {
             let _ = relay_tmux::kill_pane(&tmux, &sidebar);
         }
     }

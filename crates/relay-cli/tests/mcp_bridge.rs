@@ -73,6 +73,5 @@ async fn the_bridge_speaks_for_the_pane_without_tokens_in_sight() {
 
     let _ = agent.cancel().await;
     let _ = unattached.cancel().await;
-    let _ = relayd.kill();
-    let _ = relayd.wait();
+    relayd.kill_hard();
 }

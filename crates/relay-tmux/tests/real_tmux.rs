@@ -24,7 +24,12 @@ impl Server {
 
 impl Drop for Server {
     fn drop(&mut self) {
-        let _ = RealTmux::named(&self.name).run(&["kill-server"]);
+        let tmux = RealTmux::named(&self.name);
+        let socket = tmux.run(&["display-message", "-p", "#{socket_path}"]).ok();
+        let _ = tmux.run(&["kill-server"]);
+        if let Some(path) = socket {
+            let _ = std::fs::remove_file(path.trim());
+        }
     }
 }
 

@@ -42,8 +42,8 @@ pub async fn cancel_on_signal(shutdown: CancellationToken) {
         _ = tokio::signal::ctrl_c() => {}
         _ = terminate => {}
     }
-    tracing::info!("shutting down");
     shutdown.cancel();
+    tracing::info!("shutting down");
 }
 
 /// Replaces `path` with `bytes` so that readers see the old file or the new one, never a

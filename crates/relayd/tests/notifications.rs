@@ -14,7 +14,7 @@ use serde_json::json;
 
 /// Children killed by PID when the test ends, however it ends.
 #[derive(Default)]
-struct Children(Vec<Child>);
+struct Children(Vec<Child>, Vec<relay_e2e::KillOnDrop>);
 
 impl Drop for Children {
     fn drop(&mut self) {
@@ -76,7 +76,7 @@ fn dunstctl(bus: &str, args: &[&str]) -> String {
 fn relayd(dir: &Path, server: &str, bus: &str, children: &mut Children) -> PathBuf {
     let log = std::fs::File::create(dir.join("relayd.log")).unwrap();
     let (child, socket) = spawn_relayd(dir, server, &[], &[("DBUS_SESSION_BUS_ADDRESS", bus)], log.into());
-    children.0.push(child);
+    children.1.push(child);
     socket
 }
 

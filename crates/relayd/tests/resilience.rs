@@ -3,18 +3,18 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Stdio};
+use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use relay_e2e::mcp::{Client as Mcp, Mode};
-use relay_e2e::{ServerProcess, spawn_relayd};
+use relay_e2e::{KillOnDrop, ServerProcess, spawn_relayd};
 use relay_proto::local::{AttachRequest, Reply, Request};
 use relayd::client::Client;
 use serde_json::json;
 
 struct Relayd {
-    child: Child,
+    child: KillOnDrop,
     socket: PathBuf,
 }
 
@@ -31,14 +31,7 @@ impl Relayd {
     }
 
     fn kill_hard(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Relayd {
-    fn drop(&mut self) {
-        self.kill_hard();
+        self.child.kill_hard();
     }
 }
 

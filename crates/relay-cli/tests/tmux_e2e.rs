@@ -1,0 +1,147 @@
+//! The first five minutes, for real: a tmux server of its own (`tmux -L`), relay-server and
+//! relayd as processes, two panes running a stand-in agent that logs every line it gets,
+//! `relay attach` for both, a message sent through `relay mcp`, an announcement typed into
+//! the other pane, its sidebar showing the message, `relay detach` cleaning up.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use relay_e2e::{ServerProcess, binary, require, spawn_relayd};
+use relay_tmux::{RealTmux, Tmux};
+use rmcp::model::CallToolRequestParams;
+use rmcp::transport::TokioChildProcess;
+use rmcp::{RoleClient, ServiceExt, service::RunningService};
+use serde_json::json;
+
+struct TmuxServer {
+    tmux: RealTmux,
+    socket: PathBuf,
+    env: String,
+}
+
+impl Drop for TmuxServer {
+    fn drop(&mut self) {
+        let _ = self.tmux.run(&["kill-server"]);
+        let _ = std::fs::remove_file(&self.socket);
+    }
+}
+
+fn tmux_server(test: &str) -> Option<TmuxServer> {
+    let found = Command::new("tmux").arg("-V").output().ok().filter(|o| o.status.success()).map(|_| PathBuf::from("tmux"));
+    require(test, "tmux", found)?;
+    let name = format!("relay-e2e-{}", std::process::id());
+    let tmux = RealTmux::named(&name);
+    tmux.run(&["-f", "/dev/null", "new-session", "-d", "-s", "e2e", "-x", "220", "-y", "50", "sleep 3600"]).unwrap();
+    let socket = tmux.run(&["display-message", "-p", "#{socket_path}"]).unwrap().trim().to_owned();
+    Some(TmuxServer { tmux, env: format!("{socket},0,0"), socket: PathBuf::from(socket) })
+}
+
+/// A stand-in agent named `claude` (so relay recognises it) that logs each line it reads.
+fn stand_in_agent(dir: &Path) -> PathBuf {
+    let path = dir.join("claude");
+    std::fs::write(
+        &path,
+        "import sys\nlog = open(sys.argv[1], 'a', buffering=1)\nfor line in sys.stdin:\n    log.write(line)\n",
+    )
+    .unwrap();
+    path
+}
+
+fn wait_until(what: &str, limit: Duration, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !check() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn relay(tmux_env: &str, socket: &Path, args: &[&str]) -> std::process::Output {
+    Command::new(binary("relay"))
+        .args(args)
+        .env("TMUX", tmux_env)
+        .env("RELAYD_SOCKET", socket)
+        .env_remove("TMUX_PANE")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap()
+}
+
+async fn mcp(socket: &Path, pane: &str) -> RunningService<RoleClient, ()> {
+    let mut cmd = tokio::process::Command::new(binary("relay"));
+    cmd.args(["mcp", "--pane", pane]).env("RELAYD_SOCKET", socket).stderr(Stdio::null());
+    ().serve(TokioChildProcess::new(cmd).unwrap()).await.unwrap()
+}
+
+async fn call(client: &RunningService<RoleClient, ()>, tool: &str, args: serde_json::Value) -> serde_json::Value {
+    let params = CallToolRequestParams::new(tool.to_owned()).with_arguments(args.as_object().cloned().unwrap());
+    let r = client.call_tool(params).await.unwrap();
+    assert_ne!(r.is_error, Some(true), "{tool}: {:?}", r.content);
+    r.structured_content.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attach_two_agents_message_announce_read_and_detach() {
+    let test = "attach_two_agents_message_announce_read_and_detach";
+    let Some(t) = tmux_server(test) else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let server = ServerProcess::start(0, &["--ephemeral"]);
+    let (mut relayd, socket) = spawn_relayd(dir.path(), &server.url(""), &["--no-notifications"], &[], Stdio::null());
+    let agent = stand_in_agent(dir.path());
+    let log_a = dir.path().join("a.log");
+    let log_b = dir.path().join("b.log");
+    let pane_a = t.tmux.run(&["new-window", "-d", "-P", "-F", "#{pane_id}", "-c", "/tmp", &format!("python3 {} {}", agent.display(), log_a.display())]).unwrap().trim().to_owned();
+    let pane_b = t.tmux.run(&["new-window", "-d", "-P", "-F", "#{pane_id}", "-c", "/", &format!("python3 {} {}", agent.display(), log_b.display())]).unwrap().trim().to_owned();
+    wait_until("relayd", Duration::from_secs(10), || socket.exists());
+    wait_until("the stand-in agents", Duration::from_secs(10), || log_a.exists() && log_b.exists());
+
+    for (pane, name) in [(&pane_a, "alice"), (&pane_b, "bob")] {
+        let out = relay(&t.env, &socket, &["attach", pane, "--group", "e2e", "--name", name, "--no-mcp-config"]);
+        assert!(out.status.success(), "attach {pane}: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        let said = String::from_utf8_lossy(&out.stdout);
+        assert!(said.contains(&format!("Attached {pane} (claude) to group e2e")) && said.contains("sidebar %"), "{said}");
+    }
+    // the intro line reached each agent
+    wait_until("the intro line", Duration::from_secs(10), || {
+        std::fs::read_to_string(&log_b).unwrap_or_default().contains("[RELAY] You are bob in relay group e2e.")
+    });
+    // attaching again is a no-op: no second sidebar
+    let again = relay(&t.env, &socket, &["attach", &pane_b, "--group", "e2e", "--name", "bob", "--no-mcp-config"]);
+    assert!(String::from_utf8_lossy(&again.stdout).contains("already attached"));
+    let sidebars = |pane: &str| relay_tmux::panes_started_with(&t.tmux, &format!("relay-pane' --pane {pane} --socket")).unwrap();
+    assert_eq!(sidebars(&pane_b).len(), 1);
+
+    // A sends through relay mcp; B is told, in one line, without the content
+    let a = mcp(&socket, &pane_a).await;
+    tokio::time::sleep(Duration::from_millis(500)).await; // sidebars subscribed
+    call(&a, "send_message", json!({"message": "the build is green; merge when ready"})).await;
+    wait_until("the announcement in B", Duration::from_secs(10), || {
+        std::fs::read_to_string(&log_b).unwrap_or_default().contains("[RELAY] 1 new message in e2e from alice. Use read_new_messages.")
+    });
+    let b_log = std::fs::read_to_string(&log_b).unwrap();
+    assert!(!b_log.contains("merge when ready"), "message content was typed into the agent:\n{b_log}");
+    assert_eq!(b_log.matches("new message").count(), 1, "{b_log}");
+    assert!(!std::fs::read_to_string(&log_a).unwrap().contains("new message"), "the sender was told of its own message");
+    // B's sidebar shows it
+    let sidebar_b = sidebars(&pane_b).remove(0);
+    wait_until("the sidebar", Duration::from_secs(10), || {
+        relay_tmux::capture(&t.tmux, &sidebar_b).unwrap_or_default().contains("the build is green")
+    });
+    // and B reads it through its own relay mcp
+    let b = mcp(&socket, &pane_b).await;
+    let inbox = call(&b, "read_new_messages", json!({})).await;
+    assert_eq!(inbox["messages"][0]["text"], "the build is green; merge when ready");
+
+    // detach removes the sidebar and the peer
+    let out = relay(&t.env, &socket, &["detach", &pane_b]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    wait_until("the sidebar to close", Duration::from_secs(10), || sidebars(&pane_b).is_empty());
+    let peers = call(&a, "list_peers", json!({})).await;
+    let names: Vec<&str> = peers["peers"].as_array().unwrap().iter().map(|p| p["display_name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["alice"]);
+
+    let _ = a.cancel().await;
+    let _ = b.cancel().await;
+    relayd.kill_hard();
+    drop(t);
+}
