@@ -21,25 +21,24 @@ pub struct Client {
 
 impl Client {
     pub async fn connect(url: &str, token: Option<&str>, mode: Mode) -> Self {
+        Self::try_connect(url, token, mode).await.unwrap_or_else(|e| panic!("connect to {url}: {e}"))
+    }
+
+    /// For tests that connect while the server may be down.
+    pub async fn try_connect(url: &str, token: Option<&str>, mode: Mode) -> Result<Self, rmcp::service::ClientInitializeError> {
         let mut cfg = StreamableHttpClientTransportConfig::with_uri(url.to_owned());
         if let Some(t) = token {
             cfg = cfg.auth_header(t);
         }
         let transport = StreamableHttpClientTransport::from_config(cfg);
         let service = match mode {
-            Mode::Stateless => ClientConfig::default()
-                .serve_with_lifecycle(transport, ClientLifecycleMode::Discover {
-                    preferred_versions: vec![ProtocolVersion::V_2026_07_28],
-                })
-                .await
-                .unwrap(),
-            Mode::Session => ClientConfig::default()
-                .with_protocol_version(ProtocolVersion::V_2025_11_25)
-                .serve(transport)
-                .await
-                .unwrap(),
+            Mode::Stateless => {
+                let lifecycle = ClientLifecycleMode::Discover { preferred_versions: vec![ProtocolVersion::V_2026_07_28] };
+                ClientConfig::default().serve_with_lifecycle(transport, lifecycle).await?
+            }
+            Mode::Session => ClientConfig::default().with_protocol_version(ProtocolVersion::V_2025_11_25).serve(transport).await?,
         };
-        Self { service }
+        Ok(Self { service })
     }
 
     pub async fn call(&self, tool: &str, args: Value) -> CallToolResult {

@@ -1,12 +1,15 @@
 //! The first five minutes, for real: a tmux server of its own (`tmux -L`), relay-server and
 //! relayd as processes, two panes running a stand-in agent that logs every line it gets,
 //! `relay attach` for both, a message sent through `relay mcp`, an announcement typed into
-//! the other pane, its sidebar showing the message, `relay detach` cleaning up.
+//! the other pane, its sidebar showing the message, a DM raising a desktop notification, the
+//! sidebar outliving a relayd restart, `relay detach` cleaning up, a closed agent pane taking
+//! its sidebar with it.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use relay_e2e::desktop::Desktop;
 use relay_e2e::{ServerProcess, binary, require, spawn_relayd};
 use relay_tmux::{RealTmux, Tmux};
 use rmcp::model::CallToolRequestParams;
@@ -85,8 +88,10 @@ async fn attach_two_agents_message_announce_read_and_detach() {
     let test = "attach_two_agents_message_announce_read_and_detach";
     let Some(t) = tmux_server(test) else { return };
     let dir = tempfile::tempdir().unwrap();
+    let Some(desktop) = Desktop::start(test) else { return };
     let server = ServerProcess::start(0, &["--ephemeral"]);
-    let (mut relayd, socket) = spawn_relayd(dir.path(), &server.url(""), &["--no-notifications"], &[], Stdio::null());
+    let start_relayd = || spawn_relayd(dir.path(), &server.url(""), &[], &[("DBUS_SESSION_BUS_ADDRESS", &desktop.bus)], Stdio::null());
+    let (mut relayd, socket) = start_relayd();
     let agent = stand_in_agent(dir.path());
     let log_a = dir.path().join("a.log");
     let log_b = dir.path().join("b.log");
@@ -132,6 +137,28 @@ async fn attach_two_agents_message_announce_read_and_detach() {
     let inbox = call(&b, "read_new_messages", json!({})).await;
     assert_eq!(inbox["messages"][0]["text"], "the build is green; merge when ready");
 
+    // a DM to B: its own announcement, and a desktop notification
+    call(&a, "send_dm", json!({"to": "bob", "message": "can you take the review?"})).await;
+    wait_until("the DM announcement", Duration::from_secs(10), || {
+        std::fs::read_to_string(&log_b).unwrap_or_default().contains("[RELAY] 1 new DM in e2e from alice. Use read_new_messages.")
+    });
+    let mut shown = None;
+    wait_until("a desktop notification", Duration::from_secs(10), || {
+        shown = desktop.shown();
+        shown.is_some()
+    });
+    let shown = shown.unwrap();
+    assert!(shown.contains("DM from alice in e2e") && shown.contains("can you take the review?"), "{shown}");
+
+    // relayd restarts: the sidebar reconnects and catches up
+    relayd.kill_hard();
+    let (relayd_again, _) = start_relayd();
+    relayd = relayd_again;
+    call(&a, "send_message", json!({"message": "sent while relayd restarted"})).await;
+    wait_until("the sidebar to catch up after a relayd restart", Duration::from_secs(15), || {
+        relay_tmux::capture(&t.tmux, &sidebar_b).unwrap_or_default().contains("sent while relayd")
+    });
+
     // detach removes the sidebar and the peer
     let out = relay(&t.env, &socket, &["detach", &pane_b]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
@@ -139,6 +166,11 @@ async fn attach_two_agents_message_announce_read_and_detach() {
     let peers = call(&a, "list_peers", json!({})).await;
     let names: Vec<&str> = peers["peers"].as_array().unwrap().iter().map(|p| p["display_name"].as_str().unwrap()).collect();
     assert_eq!(names, ["alice"]);
+
+    // the agent's pane closes: its sidebar goes too
+    let sidebar_a = sidebars(&pane_a).remove(0);
+    relay_tmux::kill_pane(&t.tmux, &pane_a).unwrap();
+    wait_until("A's sidebar to exit with its agent", Duration::from_secs(10), || relay_tmux::pane(&t.tmux, &sidebar_a).is_err());
 
     let _ = a.cancel().await;
     let _ = b.cancel().await;
