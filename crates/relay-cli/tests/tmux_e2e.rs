@@ -59,15 +59,32 @@ fn wait_until(what: &str, limit: Duration, mut check: impl FnMut() -> bool) {
     }
 }
 
-fn relay(tmux_env: &str, socket: &Path, args: &[&str]) -> std::process::Output {
+fn relay(tmux_env: &str, socket: &Path, args: &[&str], extra_env: &[(String, String)]) -> std::process::Output {
     Command::new(binary("relay"))
         .args(args)
         .env("TMUX", tmux_env)
         .env("RELAYD_SOCKET", socket)
         .env_remove("TMUX_PANE")
+        .envs(extra_env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
         .stdin(Stdio::null())
         .output()
         .unwrap()
+}
+
+/// With Claude Code's CLI installed: a PATH where `claude` is it, and a private HOME.
+fn claude_env(dir: &Path, test: &str) -> Option<(Vec<(String, String)>, PathBuf, PathBuf)> {
+    let bin = relay_e2e::claude_code(test)?;
+    let bin_dir = dir.join("bin");
+    let home = dir.join("home");
+    std::fs::create_dir_all(&bin_dir).unwrap();
+    std::fs::create_dir_all(&home).unwrap();
+    std::os::unix::fs::symlink(&bin, bin_dir.join("claude")).unwrap();
+    let path = format!("{}:{}", bin_dir.display(), std::env::var("PATH").unwrap_or_default());
+    let mut env = vec![("PATH".to_owned(), path), ("HOME".to_owned(), home.display().to_string())];
+    for quiet in ["DISABLE_TELEMETRY", "DISABLE_AUTOUPDATER", "DISABLE_ERROR_REPORTING", "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC", "CLAUDE_CODE_DISABLE_OFFICIAL_MARKETPLACE_AUTOINSTALL"] {
+        env.push((quiet.to_owned(), "1".to_owned()));
+    }
+    Some((env, bin, home))
 }
 
 async fn mcp(socket: &Path, pane: &str) -> RunningService<RoleClient, ()> {
@@ -100,18 +117,35 @@ async fn attach_two_agents_message_announce_read_and_detach() {
     wait_until("relayd", Duration::from_secs(10), || socket.exists());
     wait_until("the stand-in agents", Duration::from_secs(10), || log_a.exists() && log_b.exists());
 
+    // attach configures Claude Code's MCP servers (once), when its CLI is here
+    let claude = claude_env(dir.path(), test);
+    let (env, mcp_flag) = match &claude {
+        Some((env, _, _)) => (env.clone(), None),
+        None => (Vec::new(), Some("--no-mcp-config")),
+    };
     for (pane, name) in [(&pane_a, "alice"), (&pane_b, "bob")] {
-        let out = relay(&t.env, &socket, &["attach", pane, "--group", "e2e", "--name", name, "--no-mcp-config"]);
+        let started = Instant::now();
+        let mut args = vec!["attach", pane.as_str(), "--group", "e2e", "--name", name];
+        args.extend(mcp_flag);
+        let out = relay(&t.env, &socket, &args, &env);
+        eprintln!("relay attach {pane} took {:?}", started.elapsed());
         assert!(out.status.success(), "attach {pane}: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
         let said = String::from_utf8_lossy(&out.stdout);
         assert!(said.contains(&format!("Attached {pane} (claude) to group e2e")) && said.contains("sidebar %"), "{said}");
+    }
+    if let Some((_, bin, home)) = &claude {
+        let listed = relay_e2e::claude_command(bin, home).args(["mcp", "list"]).output().unwrap();
+        let listed = String::from_utf8_lossy(&listed.stdout).into_owned();
+        let relay_lines: Vec<&str> = listed.lines().filter(|l| l.starts_with("relay:")).collect();
+        assert_eq!(relay_lines.len(), 1, "{listed}");
+        assert!(relay_lines[0].contains(" mcp") && relay_lines[0].contains("✔ Connected"), "{listed}");
     }
     // the intro line reached each agent
     wait_until("the intro line", Duration::from_secs(10), || {
         std::fs::read_to_string(&log_b).unwrap_or_default().contains("[RELAY] You are bob in relay group e2e.")
     });
     // attaching again is a no-op: no second sidebar
-    let again = relay(&t.env, &socket, &["attach", &pane_b, "--group", "e2e", "--name", "bob", "--no-mcp-config"]);
+    let again = relay(&t.env, &socket, &["attach", &pane_b, "--group", "e2e", "--name", "bob", "--no-mcp-config"], &[]);
     assert!(String::from_utf8_lossy(&again.stdout).contains("already attached"));
     let sidebars = |pane: &str| relay_tmux::panes_started_with(&t.tmux, &format!("relay-pane' --pane {pane} --socket")).unwrap();
     assert_eq!(sidebars(&pane_b).len(), 1);
@@ -132,6 +166,9 @@ async fn attach_two_agents_message_announce_read_and_detach() {
     wait_until("the sidebar", Duration::from_secs(10), || {
         relay_tmux::capture(&t.tmux, &sidebar_b).unwrap_or_default().contains("the build is green")
     });
+    // (for the record: what the sidebars cost)
+    let rss = Command::new("ps").args(["-C", "relay-pane", "-o", "rss="]).output().unwrap();
+    eprintln!("relay-pane RSS (KiB): {}", String::from_utf8_lossy(&rss.stdout).split_whitespace().collect::<Vec<_>>().join(", "));
     // and B reads it through its own relay mcp
     let b = mcp(&socket, &pane_b).await;
     let inbox = call(&b, "read_new_messages", json!({})).await;
@@ -160,7 +197,7 @@ async fn attach_two_agents_message_announce_read_and_detach() {
     });
 
     // detach removes the sidebar and the peer
-    let out = relay(&t.env, &socket, &["detach", &pane_b]);
+    let out = relay(&t.env, &socket, &["detach", &pane_b], &[]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     wait_until("the sidebar to close", Duration::from_secs(10), || sidebars(&pane_b).is_empty());
     let peers = call(&a, "list_peers", json!({})).await;

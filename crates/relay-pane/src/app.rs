@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 
-use chrono::{DateTime, Local, Utc};
+use chrono::{DateTime, FixedOffset, Local, Utc};
 use crossterm::event::{KeyCode, KeyEvent, KeyModifiers};
 use ratatui::Frame;
 use ratatui::layout::{Constraint, Layout, Rect};
@@ -57,6 +57,8 @@ pub struct App {
     scroll: usize,
     /// A note in the status line (held deliveries, errors).
     pub note: Option<String>,
+    /// Times are shown in this zone (the local one).
+    pub zone: FixedOffset,
 }
 
 impl App {
@@ -69,6 +71,7 @@ impl App {
             peers: BTreeMap::new(),
             scroll: 0,
             note: None,
+            zone: *Local::now().offset(),
         }
     }
 
@@ -157,7 +160,7 @@ impl App {
         let width = inner.width.max(1) as usize;
         let mut lines: Vec<Line> = Vec::new();
         for e in &self.log {
-            let time = e.time.with_timezone(&Local).format("%H:%M").to_string();
+            let time = e.time.with_timezone(&self.zone).format("%H:%M").to_string();
             let colour = colour_of(&e.sender);
             let mut head = vec![
                 Span::styled(time, Style::default().fg(Color::DarkGray)),
@@ -264,7 +267,18 @@ mod tests {
         let mut terminal = Terminal::new(TestBackend::new(w, h)).unwrap();
         terminal.draw(|f| app.render(f)).unwrap();
         let buf = terminal.backend().buffer().clone();
-        (0..h).map(|y| (0..w).map(|x| buf[(x, y)].symbol().to_owned()).collect::<String>() + "\n").collect()
+        let mut out = String::new();
+        for y in 0..h {
+            let mut x = 0;
+            while x < w {
+                let symbol = buf[(x, y)].symbol();
+                out.push_str(symbol);
+                // a wide character covers the next cell too
+                x += symbol.width().max(1) as u16;
+            }
+            out.push('\n');
+        }
+        out
     }
 
     #[test]
@@ -298,6 +312,48 @@ mod tests {
         }
         app.on_event(&event(EventKind::PeerLeft, "bob:web", ""));
         assert!(!screen(&app, 40, 16).contains("● bob:web"));
+    }
+
+    /// The sidebar at a few sizes, compared with the files in `snapshots/`
+    /// (UPDATE_SNAPSHOTS=1 rewrites them).
+    #[test]
+    fn snapshots_at_several_sizes() {
+        use chrono::TimeZone;
+        let mut app = App::new("%3");
+        app.zone = FixedOffset::east_opt(0).unwrap();
+        app.attachments.push(Attachment {
+            pane: "%3".into(),
+            server: "http://s".into(),
+            group: "team".into(),
+            peer_id: "p_me".into(),
+            display_name: "box:api".into(),
+            working_directory: "/w".into(),
+        });
+        app.connection = Connection::Connected;
+        let at = |min: u32| Utc.with_ymd_and_hms(2026, 11, 25, 9, min, 0).unwrap();
+        let mut e = event(EventKind::PeerJoined, "bob:web", "");
+        e.time = at(0);
+        app.on_event(&e);
+        for (min, kind, who, text) in [
+            (1, EventKind::Message, "bob:web", "the build is green; merging the API change after lunch"),
+            (2, EventKind::Dm, "carol:db", "can you look at the migration? 日本語もOK"),
+            (3, EventKind::Message, "bob:web", "done"),
+        ] {
+            let mut e = event(kind, who, text);
+            e.time = at(min);
+            app.on_event(&e);
+        }
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("snapshots");
+        for (w, h) in [(30, 14), (42, 20), (80, 12)] {
+            let got = screen(&app, w, h);
+            let path = dir.join(format!("sidebar-{w}x{h}.txt"));
+            if std::env::var_os("UPDATE_SNAPSHOTS").is_some() {
+                std::fs::create_dir_all(&dir).unwrap();
+                std::fs::write(&path, &got).unwrap();
+            }
+            let want = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e} (UPDATE_SNAPSHOTS=1 writes it)", path.display()));
+            assert_eq!(got, want, "{w}x{h} differs from {}", path.display());
+        }
     }
 
     #[test]

@@ -107,6 +107,11 @@ mod tests {
         assert_eq!(sanitize(&"x".repeat(100)).len(), MAX_NAME + 1);
         assert_eq!(sanitize(""), "?");
         assert_eq!(sanitize("ünï"), "?n?");
+        for hostile in ["a\rb", "$(rm -rf ~)", "`id`", "x;y", "C-c", "M-x", "\u{202e}evil", "مرحبا", "🤖bot", "a\u{0}b", "\u{7f}"] {
+            let safe = sanitize(hostile);
+            assert!(safe.chars().all(|c| c.is_ascii_graphic()), "{hostile:?} became {safe:?}");
+            assert!(!safe.contains(['$', '`', ';', '(', ')', '\r', '\u{1b}', ' ']), "{hostile:?} became {safe:?}");
+        }
     }
 
     #[test]
@@ -127,6 +132,11 @@ mod tests {
         for e in [&burst[..], &mixed[..]] {
             assert!(!announcement(e).unwrap().contains("rm -rf"), "content must never be typed");
         }
+        // hostile names: the line stays one printable ASCII line
+        let hostile = [event(EventKind::Message, "\u{1b}]0;pwned\u{7}C-c\rEnter", "g"), event(EventKind::Dm, &"🤖".repeat(200), "g")];
+        let line = announcement(&hostile).unwrap();
+        assert!(line.chars().all(|c| c == ' ' || c.is_ascii_graphic()), "{line:?}");
+        assert!(line.len() < 200, "{line}");
     }
 
     #[tokio::test]
