@@ -263,6 +263,21 @@ mod tests {
         }
     }
 
+    /// An app for pane %3, attached to "team" as box:api, connected.
+    fn attached_app() -> App {
+        let mut app = App::new("%3");
+        app.attachments.push(Attachment {
+            pane: "%3".into(),
+            server: "http://s".into(),
+            group: "team".into(),
+            peer_id: "p_me".into(),
+            display_name: "box:api".into(),
+            working_directory: "/w".into(),
+        });
+        app.connection = Connection::Connected;
+        app
+    }
+
     fn screen(app: &App, w: u16, h: u16) -> String {
         let mut terminal = Terminal::new(TestBackend::new(w, h)).unwrap();
         terminal.draw(|f| app.render(f)).unwrap();
@@ -293,16 +308,7 @@ mod tests {
 
     #[test]
     fn shows_identity_messages_dms_and_peers() {
-        let mut app = App::new("%3");
-        app.attachments.push(Attachment {
-            pane: "%3".into(),
-            server: "http://s".into(),
-            group: "team".into(),
-            peer_id: "p_me".into(),
-            display_name: "box:api".into(),
-            working_directory: "/w".into(),
-        });
-        app.connection = Connection::Connected;
+        let mut app = attached_app();
         app.on_event(&event(EventKind::PeerJoined, "bob:web", ""));
         app.on_event(&event(EventKind::Message, "bob:web", "the build is green"));
         app.on_event(&event(EventKind::Dm, "bob:web", "psst"));
@@ -319,17 +325,8 @@ mod tests {
     #[test]
     fn snapshots_at_several_sizes() {
         use chrono::TimeZone;
-        let mut app = App::new("%3");
+        let mut app = attached_app();
         app.zone = FixedOffset::east_opt(0).unwrap();
-        app.attachments.push(Attachment {
-            pane: "%3".into(),
-            server: "http://s".into(),
-            group: "team".into(),
-            peer_id: "p_me".into(),
-            display_name: "box:api".into(),
-            working_directory: "/w".into(),
-        });
-        app.connection = Connection::Connected;
         let at = |min: u32| Utc.with_ymd_and_hms(2026, 11, 25, 9, min, 0).unwrap();
         let mut e = event(EventKind::PeerJoined, "bob:web", "");
         e.time = at(0);

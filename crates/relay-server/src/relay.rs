@@ -343,17 +343,7 @@ impl Relay {
         };
         self.store.save_peer(&peer)?;
         if announce {
-            self.publish(NewEntry {
-                group_id: peer.group_id.clone(),
-                id: secrets::new_id("e_"),
-                kind: EventKind::PeerJoined,
-                sender_id: peer.peer_id.clone(),
-                sender_name: peer.display_name.clone(),
-                recipient_id: None,
-                recipient_name: None,
-                body: String::new(),
-                created_at: now,
-            })?;
+            self.publish(membership_entry(&peer, EventKind::PeerJoined, now))?;
         }
         let registration = Registration {
             peer_id: peer.peer_id,
@@ -690,17 +680,7 @@ impl Relay {
         peer.left_at = Some(now);
         peer.last_seen = now;
         self.store.save_peer(&peer)?;
-        self.publish(NewEntry {
-            group_id: peer.group_id.clone(),
-            id: secrets::new_id("e_"),
-            kind: EventKind::PeerLeft,
-            sender_id: peer.peer_id.clone(),
-            sender_name: peer.display_name.clone(),
-            recipient_id: None,
-            recipient_name: None,
-            body: String::new(),
-            created_at: now,
-        })?;
+        self.publish(membership_entry(&peer, EventKind::PeerLeft, now))?;
         lock(&self.buckets).remove(&peer.peer_id);
         Ok(Left { group_id: peer.group_id, peer_id: peer.peer_id, display_name: peer.display_name })
     }
@@ -774,6 +754,21 @@ impl Audience {
 
 fn daemon_stream_key(daemon_id: &str, group_id: &str) -> String {
     format!("{daemon_id}/{group_id}")
+}
+
+/// A peer joining or leaving, as a log entry.
+fn membership_entry(peer: &PeerRecord, kind: EventKind, at: DateTime<Utc>) -> NewEntry {
+    NewEntry {
+        group_id: peer.group_id.clone(),
+        id: secrets::new_id("e_"),
+        kind,
+        sender_id: peer.peer_id.clone(),
+        sender_name: peer.display_name.clone(),
+        recipient_id: None,
+        recipient_name: None,
+        body: String::new(),
+        created_at: at,
+    }
 }
 
 fn is_other_member(p: &PeerRecord, me: &PeerRecord) -> bool {
