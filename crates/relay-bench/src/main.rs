@@ -113,6 +113,9 @@ async fn main() -> Result<()> {
         let outcome = scenarios::fan_out(&target, &fan, &mut report).await;
         record(&mut report, "fan-out", outcome);
 
+        let outcome = scenarios::daemon(&target, 20, if quick { 20 } else { 200 }, &mut report).await;
+        record(&mut report, "daemon", outcome);
+
         let streams = args.streams.unwrap_or(if quick { 500 } else { 10_000 });
         let window = Duration::from_secs(if quick { 2 } else { 5 });
         let outcome = scenarios::idle_streams(&target, streams, window, &mut report).await;

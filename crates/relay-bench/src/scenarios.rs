@@ -253,3 +253,92 @@ pub async fn idle_streams(target: &Target, streams: usize, cpu_window: Duration,
     report.completed.push(label);
     Ok(())
 }
+
+/// Panes attached in one group through one relayd: upstream connections (must be 1),
+/// relayd's memory idle and under load, and the latency from a send to each pane's event.
+pub async fn daemon(target: &Target, panes: usize, messages: usize, report: &mut Report) -> Result<()> {
+    use relay_proto::local::{AttachRequest, Reply, Request};
+    use relayd::client::Client;
+    let dir = tempfile::tempdir()?;
+    let (mut relayd, socket) = relay_e2e::spawn_relayd(dir.path(), &target.base, &["--no-notifications"], &[], std::process::Stdio::null());
+    let relayd_pid = relayd.0.id();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut control = loop {
+        match Client::connect(&socket, "relay-bench").await {
+            Ok(c) => break c,
+            Err(e) if Instant::now() > deadline => bail!("relayd did not start: {e}"),
+            Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    };
+    for i in 0..panes {
+        let req = AttachRequest { pane: format!("%{i}"), group: "bench-daemon".into(), working_directory: format!("/bench/pane{i}"), ..Default::default() };
+        match control.request(&Request::Attach(req)).await? {
+            Reply::Attached { .. } => {}
+            other => bail!("attach failed: {other:?}"),
+        }
+    }
+    let sent_at: Arc<Mutex<HashMap<usize, Instant>>> = Arc::default();
+    let latencies: Arc<Mutex<Vec<f64>>> = Arc::default();
+    let received = Arc::new(AtomicUsize::new(0));
+    let mut readers = Vec::new();
+    for i in 0..panes {
+        let mut sub = Client::connect(&socket, "relay-bench").await?;
+        sub.request(&Request::Subscribe { pane: format!("%{i}"), since: Default::default() }).await?;
+        let (sent_at, latencies, received) = (sent_at.clone(), latencies.clone(), received.clone());
+        readers.push(tokio::spawn(async move {
+            while let Ok(reply) = sub.next().await {
+                let Reply::Event { event, .. } = reply else { continue };
+                let Some(n) = event.preview.strip_prefix("fan ").and_then(|n| n.parse::<usize>().ok()) else { continue };
+                if let Some(at) = sent_at.lock().unwrap().get(&n) {
+                    latencies.lock().unwrap().push(at.elapsed().as_secs_f64() * 1000.0);
+                }
+                received.fetch_add(1, Ordering::Relaxed);
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let metrics = target.http.get(format!("{}/metrics", target.base)).send().await?.text().await?;
+    let upstreams: f64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("relay_open_streams{kind=\"daemon\"} "))
+        .and_then(|v| v.trim().parse().ok())
+        .context("no daemon stream gauge in /metrics")?;
+    let idle_rss = procstat::rss_bytes(relayd_pid).context("relayd RSS")? as f64 / 1_048_576.0;
+
+    let anon = target.mcp(None).await?;
+    let sender = register(&anon, "bench-daemon", "/bench/far").await?;
+    let mcp = target.mcp(Some(&sender.token)).await?;
+    let mut peak_rss = idle_rss;
+    let mut tick = tokio::time::interval(Duration::from_millis(10));
+    for n in 0..messages {
+        tick.tick().await;
+        sent_at.lock().unwrap().insert(n, Instant::now());
+        mcp.call_tool("send_message", &json!({"message": format!("fan {n}")})).await?;
+        if n % 20 == 0 {
+            peak_rss = peak_rss.max(procstat::rss_bytes(relayd_pid).unwrap_or(0) as f64 / 1_048_576.0);
+        }
+    }
+    let expected = panes * messages;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while received.load(Ordering::Relaxed) < expected && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for r in readers {
+        r.abort();
+    }
+    relayd.kill_hard();
+    let got = received.load(Ordering::Relaxed);
+    let mut lat = latencies.lock().unwrap().clone();
+    let label = "daemon";
+    report.add(label, "panes", panes as f64, "panes");
+    report.goal(label, "upstream connections", upstreams, "streams", (Goal::AtMost(1.0), "= 1"), None);
+    report.goal(label, "relayd RSS idle", idle_rss, "MB", (Goal::AtMost(10.0), "≤ 10"), None);
+    report.add(label, "relayd RSS under load", peak_rss, "MB");
+    report.add(label, "send → pane event p50", quantile(&mut lat, 0.5), "ms");
+    report.add(label, "send → pane event p99", quantile(&mut lat, 0.99), "ms");
+    report.add(label, "lost", (expected - got.min(expected)) as f64, "events");
+    ensure!(upstreams == 1.0, "{upstreams} upstream connections for one group");
+    ensure!(got == expected, "daemon fan-out lost events: {got} of {expected} delivered");
+    report.completed.push(label);
+    Ok(())
+}

@@ -35,8 +35,10 @@ struct Args {
     no_deliver: bool,
 }
 
-/// How long a burst may grow before it is announced.
-const COALESCE: Duration = Duration::from_millis(400);
+/// Events this close together are announced in one line.
+const GATHER: Duration = Duration::from_millis(20);
+/// After a line is typed, the next waits this long, so a burst becomes one more line.
+const COOLDOWN: Duration = Duration::from_millis(500);
 /// How soon to try again when the pane is in copy mode.
 const BUSY_RETRY: Duration = Duration::from_secs(1);
 
@@ -124,6 +126,7 @@ async fn run(terminal: &mut ratatui::DefaultTerminal, args: &Args, mut rx: mpsc:
     let mut keys = EventStream::new();
     let mut pending: Vec<Event> = Vec::new();
     let mut announce_at: Option<Instant> = None;
+    let mut last_typed: Option<Instant> = None;
     let mut pane_check = tokio::time::interval(Duration::from_secs(2));
     let own_peers = |app: &App| app.attachments.iter().map(|a| a.peer_id.clone()).collect::<Vec<_>>();
     terminal.draw(|f| app.render(f))?;
@@ -146,7 +149,10 @@ async fn run(terminal: &mut ratatui::DefaultTerminal, args: &Args, mut rx: mpsc:
                         let mine = own_peers(&app).contains(&event.sender.peer_id);
                         if !args.no_deliver && !mine && matches!(event.kind, EventKind::Message | EventKind::Dm) {
                             pending.push(event);
-                            announce_at.get_or_insert(Instant::now() + COALESCE);
+                            // the first of a burst goes out at once; the rest wait for the cooldown
+                            let earliest = Instant::now() + GATHER;
+                            let after_cooldown = last_typed.map_or(earliest, |t| t + COOLDOWN);
+                            announce_at.get_or_insert(earliest.max(after_cooldown));
                         }
                     }
                     Some(Incoming::Peers(peers)) => app.peers = peers,
@@ -169,6 +175,7 @@ async fn run(terminal: &mut ratatui::DefaultTerminal, args: &Args, mut rx: mpsc:
                         Ok(inject::Outcome::Typed) => {
                             pending.clear();
                             app.note = None;
+                            last_typed = Some(Instant::now());
                         }
                         Ok(inject::Outcome::Busy) => {
                             app.note = Some(format!("{} waiting: the agent pane is in copy mode", pending.len()));
