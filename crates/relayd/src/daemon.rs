@@ -215,13 +215,14 @@ impl Daemon {
         if let Some(existing) = self.find(&req.pane, &server, &req.group) {
             return Ok(Reply::Attached { attachment: existing.attachment, already: true });
         }
+        let name = self.distinct_name(&req, &server)?;
         let join_key = req.join_key.clone().or_else(|| self.config.join_keys.get(&server).cloned());
         let peer = PeerRequest {
             group: &req.group,
             hostname: &self.hostname,
             working_directory: &req.working_directory,
             git_branch: req.git_branch.as_deref(),
-            name: req.name.as_deref(),
+            name: name.as_deref(),
             join_key: join_key.as_deref(),
         };
         let token = self.credential(&server).await?;
@@ -243,6 +244,7 @@ impl Daemon {
                 working_directory: req.working_directory.clone(),
             },
             token: registration.token,
+            requested_name: name,
         };
         {
             let mut inner = lock(&self.inner);
@@ -252,6 +254,32 @@ impl Daemon {
         self.ensure_upstream(&server, &stored.attachment.group);
         tracing::info!(pane = %req.pane, %server, group = %req.group, peer = %stored.attachment.peer_id, "attached");
         Ok(Reply::Attached { attachment: stored.attachment, already: false })
+    }
+
+    /// The server knows a peer by host, directory and requested name: a second pane in the
+    /// same directory and group would take over the first one's peer. It gets a name of its
+    /// own instead (`host:dir-7` for pane %7), or an error if the clash is by explicit name.
+    fn distinct_name(&self, req: &AttachRequest, server: &str) -> Result<Option<String>, Failure> {
+        let inner = lock(&self.inner);
+        let clash = inner.state.attachments.iter().find(|a| {
+            a.attachment.server == server
+                && a.attachment.group == req.group
+                && a.attachment.working_directory == req.working_directory
+                && a.attachment.pane != req.pane
+                && a.requested_name == req.name
+        });
+        match (clash, &req.name) {
+            (None, name) => Ok(name.clone()),
+            (Some(other), None) => {
+                let base = other.requested_name.clone().unwrap_or_else(|| other.attachment.display_name.clone());
+                let base: String = base.chars().take(relay_proto::validate::MAX_NAME_CHARS - 8).collect();
+                Ok(Some(format!("{base}-{}", req.pane.trim_start_matches('%'))))
+            }
+            (Some(other), Some(name)) => Err((
+                ErrorCode::Server,
+                format!("pane {} is already attached to {} as {name} from this directory; choose another --name", other.attachment.pane, req.group),
+            )),
+        }
     }
 
     fn find(&self, pane: &str, server: &str, group: &str) -> Option<StoredAttachment> {
@@ -299,7 +327,7 @@ impl Daemon {
                 hostname: &self.hostname,
                 working_directory: &a.working_directory,
                 git_branch: None,
-                name: None,
+                name: old.requested_name.as_deref(),
                 join_key: self.config.join_keys.get(server).map(String::as_str),
             };
             let registration = self.api.register(server, &token, &peer).await?;

@@ -24,6 +24,10 @@ pub struct StoredAttachment {
     #[serde(flatten)]
     pub attachment: Attachment,
     pub token: String,
+    /// The name the attach asked for; with host and directory it is the peer's identity
+    /// on the server.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub requested_name: Option<String>,
 }
 
 impl StoredAttachment {
@@ -99,6 +103,7 @@ mod tests {
                 working_directory: "/w".into(),
             },
             token: "rly_p".into(),
+            requested_name: None,
         });
         state.last_event_ids.insert(upstream_key("http://s", "g"), 42);
         state.save(&state_dir).unwrap();

@@ -385,3 +385,35 @@ async fn https_servers_are_supported() {
     daemon.stop().await;
     server.shutdown.cancel();
 }
+
+/// Two agents in one directory are two peers: the second pane gets a name of its own
+/// instead of taking over the first one's peer.
+#[tokio::test]
+async fn two_panes_in_one_directory_are_two_peers() {
+    let server = server().await;
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = start_daemon(dir.path(), &server.url).await;
+    let first = daemon.attach("%1", "team", "/src/same").await;
+    let second = daemon.attach("%7", "team", "/src/same").await;
+    assert_ne!(first.peer_id, second.peer_id);
+    assert_eq!(second.display_name, format!("{}-7", first.display_name));
+    // both still speak for themselves
+    for pane in ["%1", "%7"] {
+        let creds = match daemon.client().await.request(&Request::Credentials { pane: pane.into() }).await.unwrap() {
+            Reply::Credentials { credentials, .. } => credentials,
+            other => panic!("{other:?}"),
+        };
+        let me = Mcp::connect(&format!("{}/mcp", server.url), Some(&creds[0].token), Mode::Stateless).await;
+        let sent = me.ok("send_message", json!({"message": format!("from {pane}")})).await;
+        assert_eq!(sent["from"]["peer_id"], creds[0].peer_id.as_str());
+    }
+    // the same explicit name from the same directory is refused, not taken over
+    let clash = AttachRequest { pane: "%9".into(), group: "team".into(), working_directory: "/src/same".into(), name: Some("twin".into()), ..Default::default() };
+    daemon.client().await.request(&Request::Attach(AttachRequest { pane: "%8".into(), ..clash.clone() })).await.unwrap();
+    match daemon.client().await.request(&Request::Attach(clash)).await.unwrap() {
+        Reply::Error { message, .. } => assert!(message.contains("already attached") && message.contains("--name"), "{message}"),
+        other => panic!("{other:?}"),
+    }
+    daemon.stop().await;
+    server.shutdown.cancel();
+}
