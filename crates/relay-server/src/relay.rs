@@ -162,7 +162,13 @@ pub struct Relay {
     reading: Mutex<()>,
     streams: Mutex<HashMap<String, usize>>,
     buckets: Mutex<HashMap<String, Bucket>>,
+    /// Token hash → principal, for the lookup every call makes. A token never changes
+    /// hands, so entries never go stale; the map is cleared when it grows too large.
+    known_tokens: Mutex<HashMap<[u8; 32], PrincipalId>>,
 }
+
+/// Tokens remembered before the cache starts over.
+const TOKEN_CACHE: usize = 100_000;
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // Every critical section here leaves the data consistent at each step.
@@ -181,6 +187,7 @@ impl Relay {
             reading: Mutex::default(),
             streams: Mutex::default(),
             buckets: Mutex::default(),
+            known_tokens: Mutex::default(),
         }
     }
 
@@ -228,10 +235,21 @@ impl Relay {
 
     /// The caller holding `token`.
     pub fn identify(&self, token: &str) -> Result<Caller> {
-        match self.store.principal_by_token(&secrets::token_hash(token))? {
-            Some(principal) => Ok(Caller { principal, token: token.to_owned() }),
-            None => Err(RelayError::UnknownToken),
-        }
+        let hash = secrets::token_hash(token);
+        let cached = lock(&self.known_tokens).get(&hash).copied();
+        let principal = match cached {
+            Some(principal) => principal,
+            None => {
+                let principal = self.store.principal_by_token(&hash)?.ok_or(RelayError::UnknownToken)?;
+                let mut known = lock(&self.known_tokens);
+                if known.len() >= TOKEN_CACHE {
+                    known.clear();
+                }
+                known.insert(hash, principal);
+                principal
+            }
+        };
+        Ok(Caller { principal, token: token.to_owned() })
     }
 
     /// Joins a group (creating it if new) as a peer of `caller`, or of a new caller when
