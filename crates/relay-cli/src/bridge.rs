@@ -19,8 +19,6 @@ use tokio::sync::Mutex;
 
 use crate::daemon::CLIENT_NAME;
 
-pub use rmcp::model::CallToolRequestParams as CallParams;
-
 /// The relay-server session of one pane's peer.
 pub struct Upstream {
     pub service: RunningService<RoleClient, ClientConfig>,
@@ -58,6 +56,21 @@ pub async fn upstream(socket: &std::path::Path, pane: &str) -> Result<Upstream> 
         .with_context(|| format!("pane {pane} is not attached to relay; run `relay attach {pane} --group GROUP`"))?;
     let service = connect(&credential.server, Some(&credential.token)).await?;
     Ok(Upstream { service })
+}
+
+/// Calls a relay tool as the pane's peer, once: `{"text", "structured"}` of its result, or
+/// the tool's error as an error.
+pub async fn call_as_pane(socket: &std::path::Path, pane: &str, tool: &str, args: serde_json::Value) -> Result<serde_json::Value> {
+    let upstream = upstream(socket, pane).await?;
+    let params = CallToolRequestParams::new(tool.to_owned()).with_arguments(args.as_object().cloned().unwrap_or_default());
+    let result = upstream.service.call_tool(params).await.with_context(|| format!("{tool} failed"));
+    let _ = upstream.service.cancel().await;
+    let result = result?;
+    let text: Vec<String> = result.content.iter().filter_map(|c| c.as_text().map(|t| t.text.clone())).collect();
+    if result.is_error == Some(true) {
+        anyhow::bail!("{}", text.join("\n"));
+    }
+    Ok(serde_json::json!({"text": text.join("\n"), "structured": result.structured_content}))
 }
 
 /// Tools as the agent sees them: without the `token` argument, which the bridge supplies.

@@ -4,9 +4,9 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 use relay_proto::local::{Reply, Request, Status};
-use serde_json::{Value, json};
+use serde_json::json;
 
-use crate::bridge;
+use crate::bridge::call_as_pane;
 use crate::daemon::{self, sibling_binary};
 
 pub async fn status(socket: &Path, as_json: bool) -> Result<()> {
@@ -41,20 +41,6 @@ pub fn render_status(s: &Status) -> String {
 
 fn pane_or_env(pane: Option<String>) -> Result<String> {
     pane.context("which pane? run this inside the attached tmux pane or pass --pane %N")
-}
-
-/// Calls a relay tool as the pane's peer; prints the text, returns the JSON.
-async fn call_as_pane(socket: &Path, pane: &str, tool: &str, args: Value) -> Result<Value> {
-    let upstream = bridge::upstream(socket, pane).await?;
-    let params = rmcp::model::CallToolRequestParams::new(tool.to_owned())
-        .with_arguments(args.as_object().cloned().unwrap_or_default());
-    let result = upstream.service.call_tool(params).await.with_context(|| format!("{tool} failed"))?;
-    let text: Vec<String> = result.content.iter().filter_map(|c| c.as_text().map(|t| t.text.clone())).collect();
-    let _ = upstream.service.cancel().await;
-    if result.is_error == Some(true) {
-        bail!("{}", text.join("\n"));
-    }
-    Ok(json!({"text": text.join("\n"), "structured": result.structured_content}))
 }
 
 pub async fn peers(socket: &Path, pane: Option<String>, as_json: bool) -> Result<()> {

@@ -101,23 +101,14 @@ async fn subscribe_once(
 
 /// Who is in the pane's groups, asked of the server as the pane's peer.
 async fn load_peers(socket: PathBuf, pane: String, tx: mpsc::Sender<Incoming>) {
-    let Ok(upstream) = relay_cli::bridge::upstream(&socket, &pane).await else { return };
-    let params = rmcp_list_peers();
-    if let Ok(result) = upstream.service.call_tool(params).await {
-        let mut peers: BTreeMap<String, BTreeMap<String, PeerRow>> = BTreeMap::new();
-        let list = result.structured_content.and_then(|v| v.get("peers").cloned()).unwrap_or_default();
-        for p in list.as_array().into_iter().flatten() {
-            let field = |k: &str| p[k].as_str().unwrap_or_default().to_owned();
-            let row = PeerRow { name: field("display_name"), online: p["online"] == true };
-            peers.entry(field("group_id")).or_default().insert(field("peer_id"), row);
-        }
-        let _ = tx.send(Incoming::Peers(peers)).await;
+    let Ok(out) = relay_cli::bridge::call_as_pane(&socket, &pane, "list_peers", serde_json::json!({})).await else { return };
+    let mut peers: BTreeMap<String, BTreeMap<String, PeerRow>> = BTreeMap::new();
+    for p in out["structured"]["peers"].as_array().into_iter().flatten() {
+        let field = |k: &str| p[k].as_str().unwrap_or_default().to_owned();
+        let row = PeerRow { name: field("display_name"), online: p["online"] == true };
+        peers.entry(field("group_id")).or_default().insert(field("peer_id"), row);
     }
-    let _ = upstream.service.cancel().await;
-}
-
-fn rmcp_list_peers() -> relay_cli::bridge::CallParams {
-    relay_cli::bridge::CallParams::new("list_peers")
+    let _ = tx.send(Incoming::Peers(peers)).await;
 }
 
 async fn run(terminal: &mut ratatui::DefaultTerminal, args: &Args, mut rx: mpsc::Receiver<Incoming>) -> Result<()> {

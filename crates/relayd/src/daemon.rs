@@ -8,6 +8,7 @@ use std::time::Duration;
 use relay_proto::local::{
     AttachRequest, Attachment, ConnectionState, Credential, ErrorCode, Reply, Status, Upstream,
 };
+use futures::StreamExt;
 use relay_proto::{Event, EventKind};
 use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
@@ -24,13 +25,10 @@ pub const SUBSCRIBER_BUFFER: usize = 4096;
 /// A failed request, as the error frame says it.
 pub type Failure = (ErrorCode, String);
 
-/// An event for one pane, tagged with the group whose sequence it carries.
-pub type PaneEvent = Event;
-
 struct Subscriber {
     id: u64,
     pane: String,
-    tx: mpsc::Sender<PaneEvent>,
+    tx: mpsc::Sender<Event>,
 }
 
 struct UpstreamHandle {
@@ -389,7 +387,7 @@ impl Daemon {
     }
 
     /// A new subscriber for `pane`: its attachments and the receiving end of its events.
-    pub fn subscribe(&self, pane: &str) -> (u64, Vec<StoredAttachment>, mpsc::Receiver<PaneEvent>) {
+    pub fn subscribe(&self, pane: &str) -> (u64, Vec<StoredAttachment>, mpsc::Receiver<Event>) {
         let (tx, rx) = mpsc::channel(SUBSCRIBER_BUFFER);
         let mut inner = lock(&self.inner);
         inner.next_subscriber += 1;
@@ -444,7 +442,6 @@ impl Daemon {
         let response = self.api.events(&a.server, &token, &a.group, since, true).await?;
         let mut out = Vec::new();
         let mut events = sse_stream::SseStream::from_bytes_stream(response.bytes_stream());
-        use futures::StreamExt;
         while let Some(Ok(sse)) = events.next().await {
             if let Some(event) = sse.data.and_then(|d| serde_json::from_str::<Event>(&d).ok()) {
                 if visible_to(&event, &a.peer_id) {
