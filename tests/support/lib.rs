@@ -4,6 +4,7 @@
 pub mod desktop;
 pub mod mcp;
 pub mod sse;
+pub mod tmux;
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;

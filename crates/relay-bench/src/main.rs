@@ -17,7 +17,7 @@ use report::{Goal, Report};
 use scenarios::{FanOut, Target, ToolLoad};
 
 /// Measures relay side by side on this machine: tools/call latency and throughput, fan-out
-/// to open streams, memory per idle stream.
+/// to open streams, memory per idle stream, relayd with 20 panes, and end to end through tmux.
 #[derive(Parser)]
 #[command(version, about)]
 struct Args {
@@ -115,6 +115,9 @@ async fn main() -> Result<()> {
 
         let outcome = scenarios::daemon(&target, 20, if quick { 20 } else { 200 }, &mut report).await;
         record(&mut report, "daemon", outcome);
+
+        let outcome = scenarios::end_to_end(&target, if quick { 5 } else { 40 }, &mut report).await;
+        record(&mut report, "end to end", outcome);
 
         let streams = args.streams.unwrap_or(if quick { 500 } else { 10_000 });
         let window = Duration::from_secs(if quick { 2 } else { 5 });

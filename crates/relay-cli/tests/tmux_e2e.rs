@@ -10,46 +10,10 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use relay_e2e::desktop::Desktop;
-use relay_e2e::{ServerProcess, binary, require, spawn_relayd};
-use relay_tmux::{RealTmux, Tmux};
-use rmcp::model::CallToolRequestParams;
-use rmcp::transport::TokioChildProcess;
-use rmcp::{RoleClient, ServiceExt, service::RunningService};
+use relay_e2e::tmux::{TmuxServer, call_tool, relay_mcp as mcp, stand_in_agent};
+use relay_e2e::{ServerProcess, spawn_relayd};
+use rmcp::{RoleClient, service::RunningService};
 use serde_json::json;
-
-struct TmuxServer {
-    tmux: RealTmux,
-    socket: PathBuf,
-    env: String,
-}
-
-impl Drop for TmuxServer {
-    fn drop(&mut self) {
-        let _ = self.tmux.run(&["kill-server"]);
-        let _ = std::fs::remove_file(&self.socket);
-    }
-}
-
-fn tmux_server(test: &str) -> Option<TmuxServer> {
-    let found = Command::new("tmux").arg("-V").output().ok().filter(|o| o.status.success()).map(|_| PathBuf::from("tmux"));
-    require(test, "tmux", found)?;
-    let name = format!("relay-e2e-{}", std::process::id());
-    let tmux = RealTmux::named(&name);
-    tmux.run(&["-f", "/dev/null", "new-session", "-d", "-s", "e2e", "-x", "220", "-y", "50", "sleep 3600"]).unwrap();
-    let socket = tmux.run(&["display-message", "-p", "#{socket_path}"]).unwrap().trim().to_owned();
-    Some(TmuxServer { tmux, env: format!("{socket},0,0"), socket: PathBuf::from(socket) })
-}
-
-/// A stand-in agent named `claude` (so relay recognises it) that logs each line it reads.
-fn stand_in_agent(dir: &Path) -> PathBuf {
-    let path = dir.join("claude");
-    std::fs::write(
-        &path,
-        "import sys\nlog = open(sys.argv[1], 'a', buffering=1)\nfor line in sys.stdin:\n    log.write(line)\n",
-    )
-    .unwrap();
-    path
-}
 
 fn wait_until(what: &str, limit: Duration, mut check: impl FnMut() -> bool) {
     let deadline = Instant::now() + limit;
@@ -57,18 +21,6 @@ fn wait_until(what: &str, limit: Duration, mut check: impl FnMut() -> bool) {
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
         std::thread::sleep(Duration::from_millis(50));
     }
-}
-
-fn relay(tmux_env: &str, socket: &Path, args: &[&str], extra_env: &[(String, String)]) -> std::process::Output {
-    Command::new(binary("relay"))
-        .args(args)
-        .env("TMUX", tmux_env)
-        .env("RELAYD_SOCKET", socket)
-        .env_remove("TMUX_PANE")
-        .envs(extra_env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-        .stdin(Stdio::null())
-        .output()
-        .unwrap()
 }
 
 /// With Claude Code's CLI installed: a PATH where `claude` is it, and a private HOME.
@@ -87,23 +39,14 @@ fn claude_env(dir: &Path, test: &str) -> Option<(Vec<(String, String)>, PathBuf,
     Some((env, bin, home))
 }
 
-async fn mcp(socket: &Path, pane: &str) -> RunningService<RoleClient, ()> {
-    let mut cmd = tokio::process::Command::new(binary("relay"));
-    cmd.args(["mcp", "--pane", pane]).env("RELAYD_SOCKET", socket).stderr(Stdio::null());
-    ().serve(TokioChildProcess::new(cmd).unwrap()).await.unwrap()
-}
-
 async fn call(client: &RunningService<RoleClient, ()>, tool: &str, args: serde_json::Value) -> serde_json::Value {
-    let params = CallToolRequestParams::new(tool.to_owned()).with_arguments(args.as_object().cloned().unwrap());
-    let r = client.call_tool(params).await.unwrap();
-    assert_ne!(r.is_error, Some(true), "{tool}: {:?}", r.content);
-    r.structured_content.unwrap()
+    call_tool(client, tool, args).await.unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn attach_two_agents_message_announce_read_and_detach() {
     let test = "attach_two_agents_message_announce_read_and_detach";
-    let Some(t) = tmux_server(test) else { return };
+    let Some(t) = TmuxServer::start(test, "e2e") else { return };
     let dir = tempfile::tempdir().unwrap();
     let Some(desktop) = Desktop::start(test) else { return };
     let server = ServerProcess::start(0, &["--ephemeral"]);
@@ -112,8 +55,8 @@ async fn attach_two_agents_message_announce_read_and_detach() {
     let agent = stand_in_agent(dir.path());
     let log_a = dir.path().join("a.log");
     let log_b = dir.path().join("b.log");
-    let pane_a = t.tmux.run(&["new-window", "-d", "-P", "-F", "#{pane_id}", "-c", "/tmp", &format!("python3 {} {}", agent.display(), log_a.display())]).unwrap().trim().to_owned();
-    let pane_b = t.tmux.run(&["new-window", "-d", "-P", "-F", "#{pane_id}", "-c", "/", &format!("python3 {} {}", agent.display(), log_b.display())]).unwrap().trim().to_owned();
+    let pane_a = t.new_pane("/tmp", &format!("python3 {} {}", agent.display(), log_a.display()));
+    let pane_b = t.new_pane("/", &format!("python3 {} {}", agent.display(), log_b.display()));
     wait_until("relayd", Duration::from_secs(10), || socket.exists());
     wait_until("the stand-in agents", Duration::from_secs(10), || log_a.exists() && log_b.exists());
 
@@ -127,7 +70,7 @@ async fn attach_two_agents_message_announce_read_and_detach() {
         let started = Instant::now();
         let mut args = vec!["attach", pane.as_str(), "--group", "e2e", "--name", name];
         args.extend(mcp_flag);
-        let out = relay(&t.env, &socket, &args, &env);
+        let out = t.relay(&socket, &args, &env);
         eprintln!("relay attach {pane} took {:?}", started.elapsed());
         assert!(out.status.success(), "attach {pane}: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
         let said = String::from_utf8_lossy(&out.stdout);
@@ -145,7 +88,7 @@ async fn attach_two_agents_message_announce_read_and_detach() {
         std::fs::read_to_string(&log_b).unwrap_or_default().contains("[RELAY] You are bob in relay group e2e.")
     });
     // attaching again is a no-op: no second sidebar
-    let again = relay(&t.env, &socket, &["attach", &pane_b, "--group", "e2e", "--name", "bob", "--no-mcp-config"], &[]);
+    let again = t.relay(&socket, &["attach", &pane_b, "--group", "e2e", "--name", "bob", "--no-mcp-config"], &[]);
     assert!(String::from_utf8_lossy(&again.stdout).contains("already attached"));
     let sidebars = |pane: &str| relay_tmux::panes_started_with(&t.tmux, &format!("relay-pane' --pane {pane} --socket")).unwrap();
     assert_eq!(sidebars(&pane_b).len(), 1);
@@ -197,7 +140,7 @@ async fn attach_two_agents_message_announce_read_and_detach() {
     });
 
     // detach removes the sidebar and the peer
-    let out = relay(&t.env, &socket, &["detach", &pane_b], &[]);
+    let out = t.relay(&socket, &["detach", &pane_b], &[]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     wait_until("the sidebar to close", Duration::from_secs(10), || sidebars(&pane_b).is_empty());
     let peers = call(&a, "list_peers", json!({})).await;

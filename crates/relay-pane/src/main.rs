@@ -49,7 +49,7 @@ enum Incoming {
     Lost(String),
 }
 
-#[tokio::main]
+#[tokio::main(flavor = "current_thread")]
 async fn main() -> Result<()> {
     let args = Args::parse();
     let socket = args.socket.clone().unwrap_or_else(relayd::paths::default_socket);

@@ -1,5 +1,7 @@
 //! The scenarios. Each adds its figures to the report and says whether it completed.
 
+mod end_to_end;
+
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -12,6 +14,8 @@ use serde_json::{Value, json};
 use crate::mcp_http::McpHttp;
 use crate::procstat;
 use crate::report::{Goal, Report, quantile};
+
+pub use end_to_end::end_to_end;
 
 /// What the scenarios run against.
 pub struct Target {

@@ -1,0 +1,82 @@
+//! A tmux server of the test's own (`tmux -L`), a stand-in agent to run in its panes, and
+//! the `relay` CLI and `relay mcp` pointed at it.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+use relay_tmux::{RealTmux, Tmux};
+use rmcp::model::CallToolRequestParams;
+use rmcp::transport::TokioChildProcess;
+use rmcp::{RoleClient, ServiceExt, service::RunningService};
+
+use crate::{binary, require};
+
+/// A private tmux server, killed (and its socket removed) when dropped.
+pub struct TmuxServer {
+    pub tmux: RealTmux,
+    pub socket: PathBuf,
+    /// What `$TMUX` says inside it, for commands run "from" it.
+    pub env: String,
+}
+
+impl TmuxServer {
+    /// Starts one named after `name` and this process, or None (skip) without tmux.
+    pub fn start(test: &str, name: &str) -> Option<Self> {
+        let found = Command::new("tmux").arg("-V").output().ok().filter(|o| o.status.success()).map(|_| PathBuf::from("tmux"));
+        require(test, "tmux", found)?;
+        let tmux = RealTmux::named(&format!("relay-{name}-{}", std::process::id()));
+        tmux.run(&["-f", "/dev/null", "new-session", "-d", "-s", "main", "-x", "220", "-y", "50", "sleep 3600"]).ok()?;
+        let socket = tmux.run(&["display-message", "-p", "#{socket_path}"]).ok()?.trim().to_owned();
+        Some(Self { tmux, env: format!("{socket},0,0"), socket: PathBuf::from(socket) })
+    }
+
+    /// A new window running `command` in `cwd`; returns its pane id.
+    pub fn new_pane(&self, cwd: &str, command: &str) -> String {
+        self.tmux.run(&["new-window", "-d", "-P", "-F", "#{pane_id}", "-c", cwd, command]).expect("tmux new-window").trim().to_owned()
+    }
+
+    /// Runs the `relay` CLI as if from inside this tmux server, with relayd at `socket`.
+    pub fn relay(&self, socket: &Path, args: &[&str], extra_env: &[(String, String)]) -> Output {
+        Command::new(binary("relay"))
+            .args(args)
+            .env("TMUX", &self.env)
+            .env("RELAYD_SOCKET", socket)
+            .env_remove("TMUX_PANE")
+            .envs(extra_env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .stdin(Stdio::null())
+            .output()
+            .expect("run relay")
+    }
+}
+
+impl Drop for TmuxServer {
+    fn drop(&mut self) {
+        let _ = self.tmux.run(&["kill-server"]);
+        let _ = std::fs::remove_file(&self.socket);
+    }
+}
+
+/// A stand-in agent named `claude` (so relay recognises it) that logs each line it reads;
+/// run it as `python3 <path> <log file>`.
+pub fn stand_in_agent(dir: &Path) -> PathBuf {
+    let path = dir.join("claude");
+    std::fs::write(&path, "import sys\nlog = open(sys.argv[1], 'a', buffering=1)\nfor line in sys.stdin:\n    log.write(line)\n").expect("write the stand-in agent");
+    path
+}
+
+/// `relay mcp --pane PANE` as a stdio MCP client session, the way an agent runs it.
+pub async fn relay_mcp(socket: &Path, pane: &str) -> RunningService<RoleClient, ()> {
+    let mut cmd = tokio::process::Command::new(binary("relay"));
+    cmd.args(["mcp", "--pane", pane]).env("RELAYD_SOCKET", socket).stderr(Stdio::null());
+    ().serve(TokioChildProcess::new(cmd).expect("spawn relay mcp")).await.expect("relay mcp handshake")
+}
+
+/// Calls a tool through `client`; its structured result, or the tool's error text.
+pub async fn call_tool(client: &RunningService<RoleClient, ()>, tool: &str, args: serde_json::Value) -> Result<serde_json::Value, String> {
+    let params = CallToolRequestParams::new(tool.to_owned()).with_arguments(args.as_object().cloned().unwrap_or_default());
+    let r = client.call_tool(params).await.map_err(|e| format!("{tool}: {e}"))?;
+    if r.is_error == Some(true) {
+        return Err(format!("{tool}: {:?}", r.content));
+    }
+    r.structured_content.ok_or_else(|| format!("{tool}: no structured content"))
+}
