@@ -58,8 +58,8 @@ async def main(base, mode):
         expected = "2026-07-28" if mode == "auto" else "2025-11-25"
         check(anon.protocol_version == expected, f"negotiated {anon.protocol_version}, wanted {expected}")
         tools = sorted(t.name for t in (await anon.list_tools()).tools)
-        check(tools == ["get_history", "leave_group", "list_peers", "read_new_messages", "register",
-                        "send_dm", "send_message"], f"tools {tools}")
+        check(tools == ["get_history", "leave_group", "list_peers", "message_status", "read_new_messages",
+                        "register", "send_dm", "send_message"], f"tools {tools}")
 
         group = f"py-{mode}"
         a, _ = await call(anon, "register", {"group_id": group, "hostname": "pyhost", "working_directory": "/w/alice"})
@@ -85,7 +85,7 @@ async def main(base, mode):
         check(all(p["online"] for p in peers["peers"] if p["display_name"] != "pyhost:alice"), f"online {peers}")
 
         await call(alice, "send_message", {"message": "hello from python"})
-        await call(alice, "send_dm", {"to": "pyhost:bob", "message": "just for bob"})
+        dm, _ = await call(alice, "send_dm", {"to": "pyhost:bob", "message": "just for bob"})
 
         inbox, text = await call(bob, "read_new_messages", tb)
         got = [(m["kind"], m["text"]) for m in inbox["messages"]]
@@ -93,6 +93,8 @@ async def main(base, mode):
         check("not from your user" in inbox["notice"], "untrusted notice")
         again, _ = await call(bob, "read_new_messages", tb)
         check(again["messages"] == [], "second read is empty")
+        status, _ = await call(alice, "message_status", {"message_id": dm["message_id"]})
+        check([r["state"] for r in status["recipients"]] == ["read"], f"status {status}")
 
         hist, _ = await call(bob, "get_history", {**tb, "filter": "python"})
         check([m["text"] for m in hist["messages"]] == ["hello from python"], f"history {hist}")

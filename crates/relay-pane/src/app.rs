@@ -10,7 +10,7 @@ use ratatui::style::{Color, Modifier, Style};
 use ratatui::text::{Line, Span};
 use ratatui::widgets::{Block, Borders, Paragraph};
 use relay_proto::local::Attachment;
-use relay_proto::{Event, EventKind};
+use relay_proto::{DeliveryState, Event, EventKind};
 use unicode_width::UnicodeWidthChar;
 
 /// Log entries kept; older ones scroll away for good (history is on the server).
@@ -26,12 +26,16 @@ pub enum Connection {
 
 #[derive(Debug, Clone)]
 struct Entry {
+    id: String,
     time: DateTime<Utc>,
     sender: String,
     group: String,
     dm: bool,
     text: String,
     system: bool,
+    /// Where the copies are, by recipient: for one's own messages, from the receipts; for
+    /// messages to this pane, how delivery into the agent went.
+    states: BTreeMap<String, DeliveryState>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -88,18 +92,35 @@ impl App {
                 }
                 ("left".to_owned(), true)
             }
+            EventKind::Receipt => {
+                if let Some(state) = e.state {
+                    self.mark(&e.id, &e.sender.peer_id, state);
+                }
+                return;
+            }
             EventKind::Unknown => return,
         };
         self.log.push(Entry {
+            id: e.id.clone(),
             time: e.time,
             sender: e.sender.name.clone(),
             group: e.group.clone(),
             dm: e.kind == EventKind::Dm,
             text,
             system,
+            states: BTreeMap::new(),
         });
         if self.log.len() > MAX_LOG {
             self.log.drain(..self.log.len() - MAX_LOG);
+        }
+    }
+
+    /// Records that `peer_id`'s copy of message `id` reached `state` (never a step back).
+    pub fn mark(&mut self, id: &str, peer_id: &str, state: DeliveryState) {
+        let Some(entry) = self.log.iter_mut().rev().find(|e| e.id == id) else { return };
+        let current = entry.states.get(peer_id).copied().unwrap_or(DeliveryState::Stored);
+        if current.can_move_to(state) {
+            entry.states.insert(peer_id.to_owned(), state);
         }
     }
 
@@ -173,6 +194,7 @@ impl App {
             if self.attachments.len() > 1 {
                 head.push(Span::styled(format!(" #{}", e.group), Style::default().fg(Color::DarkGray)));
             }
+            head.extend(state_marks(&e.states));
             lines.push(Line::from(head));
             let style = if e.system { Style::default().fg(Color::DarkGray) } else { Style::default() };
             for piece in wrap(&e.text, width.saturating_sub(2).max(1)) {
@@ -200,6 +222,26 @@ impl App {
             .collect();
         frame.render_widget(Paragraph::new(lines), inner);
     }
+}
+
+/// "✓✓2 ⏸1": how many copies are in each state, best first.
+fn state_marks(states: &BTreeMap<String, DeliveryState>) -> Vec<Span<'static>> {
+    let order = [DeliveryState::Read, DeliveryState::Notified, DeliveryState::Delivered, DeliveryState::Held, DeliveryState::Failed];
+    let mut spans = Vec::new();
+    for state in order {
+        let n = states.values().filter(|s| **s == state).count();
+        if n == 0 {
+            continue;
+        }
+        let colour = match state {
+            DeliveryState::Held => Color::Yellow,
+            DeliveryState::Failed => Color::Red,
+            _ => Color::Green,
+        };
+        let count = if states.len() > 1 { n.to_string() } else { String::new() };
+        spans.push(Span::styled(format!(" {}{count}", state.symbol()), Style::default().fg(colour)));
+    }
+    spans
 }
 
 fn colour_of(name: &str) -> Color {
@@ -260,6 +302,9 @@ mod tests {
             recipient: None,
             preview: preview.into(),
             time: Utc::now(),
+            text: None,
+            state: None,
+            detail: None,
         }
     }
 
@@ -351,6 +396,31 @@ mod tests {
             let want = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e} (UPDATE_SNAPSHOTS=1 writes it)", path.display()));
             assert_eq!(got, want, "{w}x{h} differs from {}", path.display());
         }
+    }
+
+    #[test]
+    fn receipts_mark_own_messages_and_never_step_back() {
+        let mut app = attached_app();
+        let mut mine = event(EventKind::Message, "box:api", "ready for review");
+        mine.sender.peer_id = "p_me".into();
+        mine.id = "m_mine".into();
+        app.on_event(&mine);
+        let receipt = |who: &str, state| {
+            let mut r = event(EventKind::Receipt, who, "");
+            r.id = "m_mine".into();
+            r.state = Some(state);
+            r
+        };
+        app.on_event(&receipt("bob", DeliveryState::Delivered));
+        app.on_event(&receipt("carol", DeliveryState::Held));
+        let text = screen(&app, 40, 12);
+        assert!(text.contains("box:api ✓1 ⏸1"), "{text}");
+        app.on_event(&receipt("bob", DeliveryState::Read));
+        app.on_event(&receipt("bob", DeliveryState::Delivered)); // late, ignored
+        app.on_event(&receipt("carol", DeliveryState::Read)); // the human let it in
+        let text = screen(&app, 40, 12);
+        assert!(text.contains("box:api ✓✓2"), "{text}");
+        assert_eq!(text.matches("ready for review").count(), 1, "receipts add no lines");
     }
 
     #[test]

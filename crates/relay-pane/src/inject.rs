@@ -96,6 +96,9 @@ mod tests {
             recipient: None,
             preview: "rm -rf / # never typed".into(),
             time: Utc::now(),
+            text: None,
+            state: None,
+            detail: None,
         }
     }
 

@@ -44,7 +44,7 @@ const BUSY_RETRY: Duration = Duration::from_secs(1);
 
 enum Incoming {
     Subscribed(Vec<Attachment>),
-    Event(Event),
+    Event(Box<Event>),
     Peers(BTreeMap<String, BTreeMap<String, PeerRow>>),
     Lost(String),
 }
@@ -94,7 +94,7 @@ async fn subscribe_once(
     loop {
         if let Reply::Event { event, .. } = client.next().await? {
             since.insert(event.group.clone(), event.seq);
-            tx.send(Incoming::Event(event)).await?;
+            tx.send(Incoming::Event(Box::new(event))).await?;
         }
     }
 }
@@ -139,7 +139,7 @@ async fn run(terminal: &mut ratatui::DefaultTerminal, args: &Args, mut rx: mpsc:
                         app.on_event(&event);
                         let mine = own_peers(&app).contains(&event.sender.peer_id);
                         if !args.no_deliver && !mine && matches!(event.kind, EventKind::Message | EventKind::Dm) {
-                            pending.push(event);
+                            pending.push(*event);
                             // the first of a burst goes out at once; the rest wait for the cooldown
                             let earliest = Instant::now() + GATHER;
                             let after_cooldown = last_typed.map_or(earliest, |t| t + COOLDOWN);

@@ -3,6 +3,7 @@
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
+use crate::delivery::DeliveryState;
 use crate::model::{MessageKind, PeerRef};
 
 /// What happened. The SSE `event:` field carries the same name.
@@ -15,6 +16,9 @@ pub enum EventKind {
     Dm,
     PeerJoined,
     PeerLeft,
+    /// A recipient's copy of one of your messages changed state. Not part of the log: it
+    /// has no SSE id and is not replayed (`message_status` has the current state).
+    Receipt,
     /// Sent by newer servers; older clients skip what they do not know.
     #[serde(other)]
     Unknown,
@@ -27,6 +31,7 @@ impl EventKind {
             EventKind::Dm => "dm",
             EventKind::PeerJoined => "peer_joined",
             EventKind::PeerLeft => "peer_left",
+            EventKind::Receipt => "receipt",
             EventKind::Unknown => "unknown",
         }
     }
@@ -50,9 +55,13 @@ impl From<MessageKind> for EventKind {
     }
 }
 
-/// One entry of a group's log, as streamed. Message bodies are not streamed in full:
+/// One entry of a group's log, as streamed. Peer streams carry no message bodies:
 /// `preview` is a short single-line excerpt, and the agent reads the whole text through
-/// `read_new_messages`.
+/// `read_new_messages`. A daemon's stream carries the whole `text`, which relayd hands to
+/// the pane that delivers it into the agent.
+///
+/// For a [`EventKind::Receipt`]: `id` and `seq` are the message's, `sender` is the
+/// recipient whose copy moved, `recipient` the message's sender, and `state` where it is.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Event {
     pub kind: EventKind,
@@ -69,4 +78,11 @@ pub struct Event {
     #[serde(default)]
     pub preview: String,
     pub time: DateTime<Utc>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub text: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state: Option<DeliveryState>,
+    /// Why a receipt says held or failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
 }

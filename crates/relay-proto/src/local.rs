@@ -10,6 +10,7 @@
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
+use crate::delivery::Receipt;
 use crate::event::Event;
 
 /// Bumped on any change an older peer could not read.
@@ -44,6 +45,9 @@ pub enum Request {
     Status,
     /// The peer tokens of a pane, for `relay mcp`.
     Credentials { pane: String },
+    /// Where the pane's agent got with messages it was sent (notified, held, read, …);
+    /// relayd passes them on to the server for the senders to see.
+    Report { pane: String, receipts: Vec<Receipt> },
     Shutdown,
 }
 
@@ -137,6 +141,8 @@ pub enum Reply {
     Subscribed { pane: String, attachments: Vec<Attachment> },
     Status { status: Status },
     Credentials { pane: String, credentials: Vec<Credential> },
+    /// The receipts are queued for the server (sent in order, retried while it is away).
+    Reported { pane: String, queued: usize },
     ShuttingDown,
     /// Something for a subscribed pane: a message, a DM, a peer coming or going.
     Event { pane: String, event: Event },

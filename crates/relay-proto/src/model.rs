@@ -3,6 +3,8 @@
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
+use crate::delivery::RecipientStatus;
+
 /// Whether a message went to the whole group or to one peer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -35,6 +37,9 @@ pub struct StoredMessage {
     pub recipient: Option<PeerRef>,
     pub text: String,
     pub sent_at: DateTime<Utc>,
+    /// For one's own messages in `get_history`: where each recipient's copy is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delivery: Option<Vec<RecipientStatus>>,
 }
 
 /// A peer named by id and display name.

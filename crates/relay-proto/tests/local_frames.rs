@@ -3,7 +3,7 @@
 
 use chrono::{TimeZone, Utc};
 use relay_proto::local::*;
-use relay_proto::{Event, EventKind, PeerRef};
+use relay_proto::{DeliveryState, Event, EventKind, PeerRef, Receipt};
 
 fn round_trip_request(r: Request) {
     let line = encode(&r);
@@ -52,6 +52,13 @@ fn every_request_round_trips() {
         Request::Subscribe { pane: "%3".into(), since: [("g".to_owned(), 41)].into() },
         Request::Status,
         Request::Credentials { pane: "%3".into() },
+        Request::Report {
+            pane: "%3".into(),
+            receipts: vec![
+                Receipt { message_id: "m_1".into(), group: "g".into(), state: DeliveryState::Notified, detail: None },
+                Receipt { message_id: "m_2".into(), group: "g".into(), state: DeliveryState::Held, detail: Some("bypass mode".into()) },
+            ],
+        },
         Request::Shutdown,
     ] {
         round_trip_request(r);
@@ -69,6 +76,9 @@ fn every_reply_round_trips() {
         recipient: None,
         preview: "hello".into(),
         time: Utc.with_ymd_and_hms(2026, 11, 25, 12, 0, 0).unwrap(),
+        text: Some("hello, in full".into()),
+        state: None,
+        detail: None,
     };
     let status = Status {
         version: "0.1.0".into(),
@@ -88,6 +98,7 @@ fn every_reply_round_trips() {
             pane: "%3".into(),
             credentials: vec![Credential { server: "s".into(), group: "g".into(), peer_id: "p".into(), token: "t".into() }],
         },
+        Reply::Reported { pane: "%3".into(), queued: 2 },
         Reply::ShuttingDown,
         Reply::Event { pane: "%3".into(), event },
     ];

@@ -48,6 +48,7 @@ pub fn router(relay: Arc<Relay>, config: &Config, shutdown: CancellationToken) -
         .route("/v1/peers", post(daemon_api::register_peer))
         .route("/v1/peers/{peer_id}", delete(daemon_api::remove_peer))
         .route("/v1/groups/{group_id}/events", get(daemon_api::group_events))
+        .route("/v1/receipts", post(daemon_api::report_receipts))
         .route("/metrics", get(metrics))
         .layer(middleware::from_fn_with_state(hosts, check_host))
         // after the layer: load balancers probe by IP

@@ -8,6 +8,9 @@
 //! - `DELETE /v1/peers/{peer_id}` (daemon token) → the peer leaves its group
 //! - `GET /v1/groups/{group_id}/events` (daemon token) → SSE, resumable with `Last-Event-ID`;
 //!   `?once=true` ends it after the replay (to fill a gap)
+//! - `POST /v1/receipts` (daemon token) `{"receipts": [{peer_id, message_id, state, detail?}]}`
+//!   → `{"moved", "unchanged", "rejected": [{message_id, error}]}`: where the daemon's peers
+//!   got with messages sent to them
 
 use axum::Json;
 use axum::extract::{Path, Query, State};
@@ -18,7 +21,7 @@ use serde_json::json;
 
 use crate::app::AppState;
 use crate::error::RelayError;
-use crate::relay::{Audience, RegisterRequest};
+use crate::relay::{Audience, PeerReceipt, RegisterRequest};
 use crate::sse::{self, StreamParams, bearer_token};
 
 #[derive(Deserialize)]
@@ -39,6 +42,7 @@ fn error(e: RelayError) -> Response {
             StatusCode::NOT_FOUND
         }
         RelayError::DmToSelf => StatusCode::BAD_REQUEST,
+        RelayError::UnknownMessage(_) => StatusCode::NOT_FOUND,
         RelayError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
         RelayError::Storage(_) => {
             tracing::error!(error = %e, "daemon API call failed");
@@ -102,4 +106,22 @@ pub async fn group_events(
         Err(e) => return error(e),
     }
     sse::open(&state, Audience::Daemon(daemon_id), &group_id, &headers, &params).unwrap_or_else(|rejection| rejection)
+}
+
+#[derive(Deserialize)]
+pub struct Receipts {
+    receipts: Vec<PeerReceipt>,
+}
+
+pub async fn report_receipts(State(state): State<AppState>, headers: HeaderMap, Json(body): Json<Receipts>) -> Response {
+    let daemon_id = match daemon(&state, &headers) {
+        Ok(d) => d,
+        Err(rejection) => return rejection,
+    };
+    let relay = state.relay.clone();
+    let outcome = tokio::task::spawn_blocking(move || relay.daemon_receipts(&daemon_id, &body.receipts)).await;
+    match outcome.expect("receipts do not panic") {
+        Ok(outcome) => Json(outcome).into_response(),
+        Err(e) => error(e),
+    }
 }

@@ -38,6 +38,8 @@ pub enum RelayError {
     DmToSelf,
     #[error("rate limit: at most {burst} messages at once and {per_second} per second after that; retry in {retry_after_ms} ms")]
     RateLimited { per_second: f64, burst: u32, retry_after_ms: u64 },
+    #[error("no message {0:?} among the messages you sent; pass the message_id that send_message or send_dm returned")]
+    UnknownMessage(String),
     #[error("invalid {field}: {reason}")]
     BadArgument { field: &'static str, reason: String },
     #[error("the relay's storage failed; nothing was changed. ({0})")]

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
 use chrono::{DateTime, Utc};
-use relay_proto::{EventKind, MessageKind, PeerInfo, PeerRef, StoredMessage, validate};
+use relay_proto::{DeliveryState, Event, EventKind, MessageKind, PeerInfo, PeerRef, RecipientStatus, StoredMessage, validate};
 use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 
@@ -16,7 +16,7 @@ use crate::clock::Clock;
 use crate::error::RelayError;
 use crate::metrics::Metrics;
 use crate::secrets;
-use crate::store::{GroupRecord, LogEntry, LogQuery, NewEntry, PeerRecord, PrincipalId, Store};
+use crate::store::{DeliveryRecord, GroupRecord, LogEntry, LogQuery, NewEntry, PeerRecord, PrincipalId, Store};
 
 type Result<T> = std::result::Result<T, RelayError>;
 
@@ -108,6 +108,53 @@ pub struct Inbox {
     pub more: bool,
 }
 
+/// Where each recipient's copy of one message is.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct MessageStatus {
+    pub message_id: String,
+    pub group_id: String,
+    pub kind: MessageKind,
+    pub sent_at: DateTime<Utc>,
+    pub recipients: Vec<RecipientStatus>,
+}
+
+/// A daemon's report on one of its peers' copy of a message.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct PeerReceipt {
+    pub peer_id: String,
+    pub message_id: String,
+    pub state: DeliveryState,
+    #[serde(default)]
+    pub detail: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
+pub struct ReceiptOutcome {
+    /// Receipts that moved a message's state.
+    pub moved: usize,
+    /// Receipts that changed nothing: the state was there or past it already.
+    pub unchanged: usize,
+    /// Receipts refused, each with why.
+    pub rejected: Vec<serde_json::Value>,
+}
+
+/// What travels on a group's live channel to its open streams.
+#[derive(Debug, Clone)]
+pub enum Live {
+    Entry(Arc<LogEntry>),
+    Receipt(Arc<ReceiptNote>),
+}
+
+/// A receipt on its way to the streams of the message's sender.
+#[derive(Debug)]
+pub struct ReceiptNote {
+    pub event: Event,
+    /// The message's sender: the only peer that sees the receipt.
+    pub sender_id: String,
+    /// The daemon the sender was registered through, whose group stream carries it too.
+    pub sender_daemon: Option<String>,
+}
+
 #[derive(Debug, Clone, Default)]
 pub struct HistoryRequest {
     pub group_id: Option<String>,
@@ -155,7 +202,9 @@ pub struct Relay {
     limits: Limits,
     pub metrics: Metrics,
     /// Held while appending and publishing, so live events leave in sequence order.
-    live: Mutex<HashMap<String, broadcast::Sender<Arc<LogEntry>>>>,
+    live: Mutex<HashMap<String, broadcast::Sender<Live>>>,
+    /// Held while a delivery state moves, so two reports cannot both move it.
+    delivering: Mutex<()>,
     /// Held for a whole registration: no two can race to create the same peer or group.
     registering: Mutex<()>,
     /// Held while a cursor moves, so two concurrent reads never return the same message.
@@ -183,6 +232,7 @@ impl Relay {
             limits,
             metrics: Metrics::default(),
             live: Mutex::default(),
+            delivering: Mutex::default(),
             registering: Mutex::default(),
             reading: Mutex::default(),
             streams: Mutex::default(),
@@ -475,7 +525,7 @@ impl Relay {
         let mut live = lock(&self.live);
         let stored = Arc::new(self.store.append(entry)?);
         if let Some(tx) = live.get(&stored.group_id) {
-            if tx.send(stored.clone()).is_err() {
+            if tx.send(Live::Entry(stored.clone())).is_err() {
                 live.remove(&stored.group_id);
             }
         }
@@ -487,7 +537,7 @@ impl Relay {
 
     /// Live entries of a group, and the sequence number they follow: every entry after it
     /// arrives on the receiver, everything up to it is in the store.
-    pub fn subscribe(&self, group_id: &str) -> Result<(broadcast::Receiver<Arc<LogEntry>>, u64)> {
+    pub fn subscribe(&self, group_id: &str) -> Result<(broadcast::Receiver<Live>, u64)> {
         let mut live = lock(&self.live);
         let head = self.store.head_seq(group_id)?;
         let rx = match live.get(group_id) {
@@ -535,7 +585,10 @@ impl Relay {
                 kinds: Some(vec![EventKind::Message, EventKind::Dm]),
                 ..Default::default()
             };
-            let (unread, scanned_to) = self.scan(query, peer.read_seq, limit, |e| is_for(e, &peer.peer_id))?;
+            let (unread, scanned_to) = self.scan(query, peer.read_seq, limit, |e| {
+                // what reached the agent with its content (the inbox) is read already
+                is_for(e, &peer.peer_id) && !self.already_read(&e.id, &peer.peer_id)
+            })?;
             let scanned_to = if unread.len() < limit { head } else { scanned_to };
             found.push((peer, unread, scanned_to));
         }
@@ -553,6 +606,9 @@ impl Relay {
                 self.store.set_read_seq(&peer.peer_id, cursor)?;
             }
             self.store.touch_peer(&peer.peer_id, now)?;
+        }
+        for (i, entry) in &all {
+            self.record_delivery(&found[*i].0, entry, DeliveryState::Read, None)?;
         }
         let messages = all.into_iter().map(|(_, e)| stored_message(e)).collect();
         Ok(Inbox { messages, more })
@@ -587,6 +643,123 @@ impl Relay {
                 return Ok((kept, query.after_seq));
             }
         }
+    }
+
+    fn already_read(&self, message_id: &str, peer_id: &str) -> bool {
+        matches!(self.store.delivery(message_id, peer_id), Ok(Some(d)) if d.state == DeliveryState::Read)
+    }
+
+    /// Moves `recipient`'s copy of `message` to `state` if that is a move forward (see
+    /// [`DeliveryState::can_move_to`]), and tells the sender's streams. Returns whether it moved.
+    pub fn record_delivery(
+        &self,
+        recipient: &PeerRecord,
+        message: &LogEntry,
+        state: DeliveryState,
+        detail: Option<String>,
+    ) -> Result<bool> {
+        if !is_for(message, &recipient.peer_id) {
+            return Err(RelayError::UnknownMessage(message.id.clone()));
+        }
+        let _delivering = lock(&self.delivering);
+        let current = self.store.delivery(&message.id, &recipient.peer_id)?.map_or(DeliveryState::Stored, |d| d.state);
+        if !current.can_move_to(state) {
+            return Ok(false);
+        }
+        let now = self.clock.now();
+        let record = DeliveryRecord {
+            message_id: message.id.clone(),
+            peer_id: recipient.peer_id.clone(),
+            state,
+            detail: detail.clone(),
+            updated_at: now,
+        };
+        self.store.save_delivery(&record)?;
+        let sender_daemon = self.store.peer(&message.sender_id)?.and_then(|p| p.daemon_id);
+        let event = Event {
+            kind: EventKind::Receipt,
+            id: message.id.clone(),
+            seq: message.seq,
+            group: message.group_id.clone(),
+            sender: PeerRef { peer_id: recipient.peer_id.clone(), name: recipient.display_name.clone() },
+            recipient: Some(PeerRef { peer_id: message.sender_id.clone(), name: message.sender_name.clone() }),
+            preview: format!("{} {state}", recipient.display_name),
+            time: now,
+            text: None,
+            state: Some(state),
+            detail,
+        };
+        let note = Live::Receipt(Arc::new(ReceiptNote { event, sender_id: message.sender_id.clone(), sender_daemon }));
+        if let Some(tx) = lock(&self.live).get(&message.group_id) {
+            let _ = tx.send(note);
+        }
+        Ok(true)
+    }
+
+    /// Receipts from a daemon for its own peers; each is checked on its own.
+    pub fn daemon_receipts(&self, daemon_id: &str, receipts: &[PeerReceipt]) -> Result<ReceiptOutcome> {
+        let mut outcome = ReceiptOutcome::default();
+        for r in receipts {
+            let reject = |why: &str| serde_json::json!({"message_id": r.message_id, "peer_id": r.peer_id, "error": why});
+            let Some(peer) = self.store.peer(&r.peer_id)?.filter(|p| p.daemon_id.as_deref() == Some(daemon_id)) else {
+                outcome.rejected.push(reject("this daemon registered no such peer"));
+                continue;
+            };
+            let Some(entry) = self.store.entry_by_id(&r.message_id)?.filter(|e| e.group_id == peer.group_id) else {
+                outcome.rejected.push(reject("no such message in the peer's group"));
+                continue;
+            };
+            let detail = r.detail.as_deref().map(|d| validate::preview(d));
+            match self.record_delivery(&peer, &entry, r.state, detail) {
+                Ok(true) => outcome.moved += 1,
+                Ok(false) => outcome.unchanged += 1,
+                Err(RelayError::UnknownMessage(_)) => outcome.rejected.push(reject("the message was not sent to this peer")),
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(outcome)
+    }
+
+    /// Per recipient, where a message the caller sent is.
+    pub fn message_status(&self, caller: &Caller, message_id: &str) -> Result<MessageStatus> {
+        let unknown = || RelayError::UnknownMessage(message_id.to_owned());
+        let entry = self.store.entry_by_id(message_id.trim())?.ok_or_else(unknown)?;
+        let sender = self.store.peer(&entry.sender_id)?.filter(|p| p.principal_id == caller.principal);
+        let kind = entry.kind.message_kind().filter(|_| sender.is_some()).ok_or_else(unknown)?;
+        Ok(MessageStatus {
+            message_id: entry.id.clone(),
+            group_id: entry.group_id.clone(),
+            kind,
+            sent_at: entry.created_at,
+            recipients: self.recipient_statuses(&entry)?,
+        })
+    }
+
+    /// The peers a message was for (for a broadcast: the members when it was sent), each
+    /// with the state of its copy.
+    fn recipient_statuses(&self, entry: &LogEntry) -> Result<Vec<RecipientStatus>> {
+        let mut records: HashMap<String, DeliveryRecord> =
+            self.store.deliveries(&entry.id)?.into_iter().map(|d| (d.peer_id.clone(), d)).collect();
+        let recipients: Vec<PeerRef> = match (&entry.recipient_id, &entry.recipient_name) {
+            (Some(id), name) => vec![PeerRef { peer_id: id.clone(), name: name.clone().unwrap_or_default() }],
+            (None, _) => self
+                .store
+                .peers_in_group(&entry.group_id)?
+                .into_iter()
+                .filter(|p| p.peer_id != entry.sender_id && p.joined_at <= entry.created_at)
+                .filter(|p| p.left_at.is_none_or(|left| left > entry.created_at) || records.contains_key(&p.peer_id))
+                .map(|p| PeerRef { peer_id: p.peer_id, name: p.display_name })
+                .collect(),
+        };
+        let mut statuses: Vec<RecipientStatus> = recipients
+            .into_iter()
+            .map(|peer| match records.remove(&peer.peer_id) {
+                Some(d) => RecipientStatus { peer, state: d.state, detail: d.detail, updated_at: Some(d.updated_at) },
+                None => RecipientStatus { peer, state: DeliveryState::Stored, detail: None, updated_at: Some(entry.created_at) },
+            })
+            .collect();
+        statuses.sort_by(|a, b| (&a.peer.name, &a.peer.peer_id).cmp(&(&b.peer.name, &b.peer.peer_id)));
+        Ok(statuses)
     }
 
     pub fn list_peers(&self, caller: &Caller, group: Option<&str>) -> Result<Vec<PeerInfo>> {
@@ -683,10 +856,18 @@ impl Relay {
             }
         }
         kept.reverse();
+        let mut messages = Vec::with_capacity(kept.len());
+        for entry in &kept {
+            let mut message = stored_message(entry);
+            if entry.sender_id == me.peer_id {
+                message.delivery = Some(self.recipient_statuses(entry)?);
+            }
+            messages.push(message);
+        }
         Ok(History {
             group_id: me.group_id,
             with_peer: with.map(|p| PeerRef { peer_id: p.peer_id, name: p.display_name }),
-            messages: kept.iter().map(stored_message).collect(),
+            messages,
             truncated,
         })
     }
@@ -765,7 +946,7 @@ impl Audience {
         }
     }
 
-    fn is_daemon(&self) -> bool {
+    pub fn is_daemon(&self) -> bool {
         matches!(self, Audience::Daemon(_))
     }
 }
@@ -856,6 +1037,7 @@ pub fn stored_message(e: &LogEntry) -> StoredMessage {
             .map(|id| PeerRef { peer_id: id.clone(), name: e.recipient_name.clone().unwrap_or_default() }),
         text: e.body.clone(),
         sent_at: e.created_at,
+        delivery: None,
     }
 }
 

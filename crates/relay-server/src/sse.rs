@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::app::AppState;
 use crate::error::RelayError;
-use crate::relay::{self, Audience, Relay};
+use crate::relay::{self, Audience, Live, Relay};
 use crate::secrets;
 use crate::store::{LogEntry, LogQuery};
 
@@ -137,7 +137,7 @@ struct GroupStream {
     relay: Arc<Relay>,
     audience: Audience,
     group_id: String,
-    rx: broadcast::Receiver<Arc<LogEntry>>,
+    rx: broadcast::Receiver<Live>,
     /// Replayed entries not yet sent.
     backlog: VecDeque<LogEntry>,
     /// The store has been read up to here.
@@ -181,7 +181,19 @@ impl GroupStream {
             let entry = tokio::select! {
                 _ = self.shutdown.cancelled() => return None,
                 received = self.rx.recv() => match received {
-                    Ok(entry) => entry,
+                    Ok(Live::Entry(entry)) => entry,
+                    Ok(Live::Receipt(note)) => {
+                        let mine = match &self.audience {
+                            Audience::Peer(peer_id) => note.sender_id == *peer_id,
+                            Audience::Daemon(daemon_id) => note.sender_daemon.as_deref() == Some(daemon_id),
+                        };
+                        if mine {
+                            // no SSE id: receipts are not in the log, and do not move Last-Event-ID
+                            let data = serde_json::to_string(&note.event).expect("events serialize");
+                            return Some(SseEvent::default().event(EventKind::Receipt.as_str()).data(data));
+                        }
+                        continue;
+                    }
                     Err(RecvError::Lagged(_)) => {
                         tracing::info!(audience = ?self.audience, "event stream fell behind; closing it (the client can resume)");
                         self.relay.metrics.stream_dropped_slow();
@@ -229,17 +241,17 @@ impl GroupStream {
                         self.done = own;
                         true
                     }
-                    EventKind::Unknown => false,
+                    EventKind::Receipt | EventKind::Unknown => false,
                 }
             }
             Audience::Daemon(daemon_id) => match entry.kind {
                 EventKind::Message | EventKind::PeerJoined | EventKind::PeerLeft => true,
                 // only DMs to the peers this daemon registered: never another machine's
                 EventKind::Dm => entry.recipient_id.as_deref().is_some_and(|to| self.daemon_owns(daemon_id, to)),
-                EventKind::Unknown => false,
+                EventKind::Receipt | EventKind::Unknown => false,
             },
         };
-        visible.then(|| sse_event(entry))
+        visible.then(|| sse_event(entry, self.audience.is_daemon()))
     }
 
     fn daemon_owns(&self, daemon_id: &str, peer_id: &str) -> bool {
@@ -259,7 +271,8 @@ impl Drop for GroupStream {
     }
 }
 
-pub fn event_payload(entry: &LogEntry) -> Event {
+/// The event for a log entry; with the message's whole text for a daemon, which delivers it.
+pub fn event_payload(entry: &LogEntry, with_text: bool) -> Event {
     let preview = match entry.kind {
         EventKind::PeerJoined => format!("{} joined {}", entry.sender_name, entry.group_id),
         EventKind::PeerLeft => format!("{} left {}", entry.sender_name, entry.group_id),
@@ -277,10 +290,13 @@ pub fn event_payload(entry: &LogEntry) -> Event {
             .map(|id| PeerRef { peer_id: id.clone(), name: entry.recipient_name.clone().unwrap_or_default() }),
         preview,
         time: entry.created_at,
+        text: (with_text && entry.kind.message_kind().is_some()).then(|| entry.body.clone()),
+        state: None,
+        detail: None,
     }
 }
 
-fn sse_event(entry: &LogEntry) -> SseEvent {
-    let data = serde_json::to_string(&event_payload(entry)).expect("events serialize");
+fn sse_event(entry: &LogEntry, with_text: bool) -> SseEvent {
+    let data = serde_json::to_string(&event_payload(entry, with_text)).expect("events serialize");
     SseEvent::default().event(entry.kind.as_str()).id(entry.seq.to_string()).data(data)
 }

@@ -6,13 +6,13 @@ use serde_json::json;
 use support::*;
 
 #[tokio::test]
-async fn lists_the_seven_tools_described_as_the_relays() {
+async fn lists_the_eight_tools_described_as_the_relays() {
     let server = TestServer::start().await;
     let client = server.client(None).await;
     let tools = client.service.list_all_tools().await.unwrap();
     let mut names: Vec<&str> = tools.iter().map(|t| t.name.as_ref()).collect();
     names.sort();
-    assert_eq!(names, ["get_history", "leave_group", "list_peers", "read_new_messages", "register", "send_dm", "send_message"]);
+    assert_eq!(names, ["get_history", "leave_group", "list_peers", "message_status", "read_new_messages", "register", "send_dm", "send_message"]);
     for tool in &tools {
         let description = tool.description.as_deref().unwrap_or_default();
         assert!(description.starts_with("Relay: "), "{}: {description}", tool.name);

@@ -20,7 +20,7 @@ pub enum ClientError {
     #[error("relayd closed the connection")]
     Closed,
     #[error("relayd refused the hello: {0:?}")]
-    Refused(Reply),
+    Refused(Box<Reply>),
 }
 
 pub struct Client {
@@ -38,7 +38,7 @@ impl Client {
         let hello = Request::Hello { version: PROTOCOL_VERSION, client: client_name.to_owned() };
         match client.request(&hello).await? {
             Reply::Hello { .. } => Ok(client),
-            other => Err(ClientError::Refused(other)),
+            other => Err(ClientError::Refused(Box::new(other))),
         }
     }
 

@@ -4,6 +4,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use interprocess::local_socket::tokio::Stream;
+use relay_proto::EventKind;
 use relay_proto::local::{self, ErrorCode, FrameReader, PROTOCOL_VERSION, Reply, Request};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -88,6 +89,7 @@ impl Connection<'_> {
             Request::Detach { pane, group } => self.daemon.detach(&pane, group.as_deref()).await,
             Request::Status => Ok(Reply::Status { status: self.daemon.status() }),
             Request::Credentials { pane } => self.daemon.credentials(&pane),
+            Request::Report { pane, receipts } => self.daemon.report(&pane, receipts),
             Request::Shutdown => Ok(Reply::ShuttingDown),
             Request::Subscribe { .. } => unreachable!("handled by run"),
         };
@@ -130,11 +132,13 @@ impl Connection<'_> {
                 tokio::select! {
                     event = live.recv() => {
                         let Some(event) = event else { return Ok(()) }; // dropped as too slow
-                        let seen = delivered.entry(event.group.clone()).or_default();
-                        if event.seq <= *seen {
-                            continue;
+                        if event.kind != EventKind::Receipt {
+                            let seen = delivered.entry(event.group.clone()).or_default();
+                            if event.seq <= *seen {
+                                continue;
+                            }
+                            *seen = event.seq;
                         }
-                        *seen = event.seq;
                         self.send(&Reply::Event { pane: pane.clone(), event }).await?;
                     }
                     n = reader.read(&mut buf) => {

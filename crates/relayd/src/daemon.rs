@@ -9,12 +9,13 @@ use relay_proto::local::{
     AttachRequest, Attachment, ConnectionState, Credential, ErrorCode, Reply, Status, Upstream,
 };
 use futures::StreamExt;
-use relay_proto::{Event, EventKind};
+use relay_proto::{DeliveryState, Event, EventKind, Receipt};
 use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::notify::{Notice, Notifier};
+use crate::receipts::{Outbox, PeerReceipt};
 use crate::server_api::{ApiError, PeerRequest, ServerApi};
 use crate::state::{DaemonCredential, State, StoredAttachment, upstream_key};
 use crate::upstream;
@@ -55,6 +56,7 @@ pub struct Daemon {
     /// Attach and detach talk to servers; one at a time keeps the state simple.
     changing: tokio::sync::Mutex<()>,
     save_wanted: Notify,
+    outbox: Arc<Outbox>,
     pub shutdown: CancellationToken,
 }
 
@@ -66,7 +68,8 @@ fn lock(m: &Mutex<Inner>) -> MutexGuard<'_, Inner> {
 pub fn visible_to(event: &Event, peer_id: &str) -> bool {
     match event.kind {
         EventKind::Message | EventKind::PeerJoined | EventKind::PeerLeft => event.sender.peer_id != peer_id,
-        EventKind::Dm => event.recipient.as_ref().is_some_and(|r| r.peer_id == peer_id),
+        // DMs to the peer, and receipts for the messages it sent
+        EventKind::Dm | EventKind::Receipt => event.recipient.as_ref().is_some_and(|r| r.peer_id == peer_id),
         EventKind::Unknown => false,
     }
 }
@@ -95,12 +98,34 @@ impl Daemon {
             inner: Mutex::new(Inner { state, ..Inner::default() }),
             changing: tokio::sync::Mutex::new(()),
             save_wanted: Notify::new(),
+            outbox: Arc::default(),
             shutdown,
         })
     }
 
     pub fn api(&self) -> &ServerApi {
         &self.api
+    }
+
+    pub fn outbox(&self) -> Arc<Outbox> {
+        self.outbox.clone()
+    }
+
+    /// Receipts from a pane's deliverer, passed on to the servers as its peers' reports.
+    pub fn report(&self, pane: &str, receipts: Vec<Receipt>) -> Result<Reply, Failure> {
+        let attachments = self.attachments_of(pane);
+        if attachments.is_empty() {
+            return Err((ErrorCode::NotAttached, format!("pane {pane} is not attached")));
+        }
+        let mut queued = 0;
+        for r in receipts {
+            let Some(a) = attachments.iter().find(|a| a.attachment.group == r.group) else {
+                return Err((ErrorCode::NotAttached, format!("pane {pane} is not attached to group {}", r.group)));
+            };
+            let receipt = PeerReceipt { peer_id: a.attachment.peer_id.clone(), message_id: r.message_id, state: r.state, detail: r.detail };
+            queued += self.outbox.push(&a.attachment.server, [receipt]);
+        }
+        Ok(Reply::Reported { pane: pane.to_owned(), queued })
     }
 
     pub fn reconnect_max(&self) -> Duration {
@@ -161,24 +186,38 @@ impl Daemon {
     pub fn on_event(&self, server: &str, group: &str, event: Event) {
         let key = upstream_key(server, group);
         let mut notices = Vec::new();
+        let receipt = event.kind == EventKind::Receipt;
         {
             let mut inner = lock(&self.inner);
-            let last = inner.state.last_event_ids.entry(key.clone()).or_default();
-            if event.seq <= *last {
-                return; // already seen: a resumed stream overlapped
+            // receipts are not in the log: no position of their own
+            if !receipt {
+                let last = inner.state.last_event_ids.entry(key.clone()).or_default();
+                if event.seq <= *last {
+                    return; // already seen: a resumed stream overlapped
+                }
+                *last = event.seq;
+                if let Some(handle) = inner.upstreams.get_mut(&key) {
+                    handle.status.last_event_id = event.seq;
+                }
             }
-            *last = event.seq;
-            if let Some(handle) = inner.upstreams.get_mut(&key) {
-                handle.status.last_event_id = event.seq;
-            }
-            let panes: Vec<(String, String)> = inner
+            let recipients: Vec<(String, String, String)> = inner
                 .state
                 .attachments
                 .iter()
                 .filter(|a| a.attachment.server == server && a.attachment.group == group)
                 .filter(|a| visible_to(&event, &a.attachment.peer_id))
-                .map(|a| (a.attachment.pane.clone(), a.attachment.display_name.clone()))
+                .map(|a| (a.attachment.pane.clone(), a.attachment.display_name.clone(), a.attachment.peer_id.clone()))
                 .collect();
+            if event.kind.message_kind().is_some() {
+                let delivered = recipients.iter().map(|(_, _, peer_id)| PeerReceipt {
+                    peer_id: peer_id.clone(),
+                    message_id: event.id.clone(),
+                    state: DeliveryState::Delivered,
+                    detail: None,
+                });
+                self.outbox.push(server, delivered);
+            }
+            let panes: Vec<(String, String)> = recipients.into_iter().map(|(pane, name, _)| (pane, name)).collect();
             if event.kind == EventKind::Dm && self.config.notifications {
                 for (pane, name) in &panes {
                     notices.push(Notice {
@@ -201,7 +240,9 @@ impl Daemon {
                 }
             });
         }
-        self.save_wanted.notify_one();
+        if !receipt {
+            self.save_wanted.notify_one();
+        }
         for notice in notices {
             self.notifier.notify(notice);
         }

@@ -10,6 +10,7 @@ pub mod control;
 pub mod daemon;
 pub mod notify;
 pub mod paths;
+pub mod receipts;
 pub mod server_api;
 pub mod socket;
 pub mod state;
@@ -50,6 +51,7 @@ pub async fn run_with(config: Config, notifier: Arc<dyn Notifier>, shutdown: Can
     let daemon = Daemon::new(config, state, socket_path.clone(), state_dir, notifier, shutdown.clone());
     daemon.resume();
     let saver = tokio::spawn(daemon.clone().save_in_background());
+    tokio::spawn(receipts::Outbox::run(daemon.clone()));
     tracing::info!(socket = %socket_path.display(), "relayd listening");
     loop {
         use interprocess::local_socket::traits::tokio::Listener as _;

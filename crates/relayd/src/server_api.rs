@@ -4,6 +4,8 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use thiserror::Error;
 
+use crate::receipts::PeerReceipt;
+
 #[derive(Debug, Error)]
 pub enum ApiError {
     #[error("cannot reach {server}: {source}")]
@@ -94,6 +96,12 @@ impl ServerApi {
             Err(ApiError::Refused { status: 404, .. }) | Ok(_) => Ok(()),
             Err(e) => Err(e),
         }
+    }
+
+    /// Where this daemon's peers got with messages sent to them.
+    pub async fn report(&self, server: &str, daemon_token: &str, receipts: &[PeerReceipt]) -> Result<Value, ApiError> {
+        let request = self.http.post(format!("{server}/v1/receipts")).bearer_auth(daemon_token).json(&json!({"receipts": receipts}));
+        self.send(server, request).await
     }
 
     /// The group's event stream for this daemon, resuming after `last_event_id`.

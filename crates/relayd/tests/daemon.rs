@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use relay_e2e::mcp::{Client as Mcp, Mode};
 use relay_proto::local::{AttachRequest, ErrorCode, Reply, Request};
+use relay_proto::{DeliveryState, Receipt};
 use relayd::client::Client;
 use relayd::notify::{Notice, Notifier};
 use relayd::Config;
@@ -169,8 +170,18 @@ async fn twenty_panes_share_one_upstream_and_get_what_is_theirs() {
     let all = futures::future::join_all(subs.iter_mut().map(|sub| events(sub, WAIT))).await;
     for (i, got) in all.into_iter().enumerate() {
         // (the panes' own joins may still be arriving; only the far peer's matters here)
-        let got: Vec<(String, String)> =
-            got.into_iter().map(|(k, p, _)| (k, p)).filter(|(k, p)| k != "peer_joined" || p.starts_with("far:")).collect();
+        let (receipts, got): (Vec<(String, String)>, Vec<(String, String)>) =
+            got.into_iter().map(|(k, p, _)| (k, p)).filter(|(k, p)| k != "peer_joined" || p.starts_with("far:")).partition(|(k, _)| k == "receipt");
+        // relayd told the server each pane has its copy; the sender's pane hears of each
+        if i == 3 {
+            let mut want: Vec<String> = (0..20).filter(|n| *n != 3).map(|n| format!("vm:p{n} delivered")).collect();
+            let mut got: Vec<String> = receipts.into_iter().map(|(_, p)| p).collect();
+            want.sort();
+            got.sort();
+            assert_eq!(got, want, "receipts for pane %3's message");
+        } else {
+            assert_eq!(receipts, [], "pane %{i} sent nothing");
+        }
         let mut want = vec![("peer_joined".to_owned(), "far:far joined team".to_owned()), ("message".into(), "hello everyone".into())];
         if i == 5 {
             want.push(("dm".into(), "just you, five".into()));
@@ -414,6 +425,56 @@ async fn two_panes_in_one_directory_are_two_peers() {
         Reply::Error { message, .. } => assert!(message.contains("already attached") && message.contains("--name"), "{message}"),
         other => panic!("{other:?}"),
     }
+    daemon.stop().await;
+    server.shutdown.cancel();
+}
+
+#[tokio::test]
+async fn a_panes_reports_reach_the_sender_as_message_states() {
+    let server = server().await;
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = start_daemon(dir.path(), &server.url).await;
+    let pane = daemon.attach("%4", "team", "/four").await;
+    let mut sub = daemon.subscribe("%4", &[]).await;
+    let (far, _) = mcp_peer(&server, "team", "/far").await;
+    let sent = far.ok("send_dm", json!({"to": pane.peer_id, "message": "are you there?"})).await;
+    let id = sent["message_id"].as_str().unwrap().to_owned();
+    let reaches = |state: &'static str| {
+        let (far, id) = (&far, &id);
+        async move {
+            let deadline = std::time::Instant::now() + WAIT;
+            loop {
+                let status = far.ok("message_status", json!({"message_id": id})).await;
+                if status["recipients"][0]["state"] == state {
+                    return status["recipients"][0].clone();
+                }
+                assert!(std::time::Instant::now() < deadline, "never {state}: {status}");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
+
+    // relayd says delivered by itself; the pane gets the whole text to deliver
+    let got = events(&mut sub, WAIT).await;
+    assert!(got.iter().any(|(k, p, _)| k == "dm" && p == "are you there?"), "{got:?}");
+    reaches("delivered").await;
+
+    let report = |state: DeliveryState, detail: Option<&str>| Request::Report {
+        pane: "%4".into(),
+        receipts: vec![Receipt { message_id: id.clone(), group: "team".into(), state, detail: detail.map(str::to_owned) }],
+    };
+    let mut control = daemon.client().await;
+    assert_eq!(control.request(&report(DeliveryState::Held, Some("waiting for the human"))).await.unwrap(), Reply::Reported { pane: "%4".into(), queued: 1 });
+    assert_eq!(reaches("held").await["detail"], "waiting for the human");
+    // a pane that is not attached, or a group it is not in, is refused with a reason
+    let mut wrong = report(DeliveryState::Read, None);
+    if let Request::Report { receipts, .. } = &mut wrong {
+        receipts[0].group = "elsewhere".into();
+    }
+    let err = control.request(&wrong).await.unwrap();
+    assert!(matches!(&err, Reply::Error { code: ErrorCode::NotAttached, message } if message.contains("elsewhere")), "{err:?}");
+    let err = control.request(&Request::Report { pane: "%99".into(), receipts: vec![] }).await.unwrap();
+    assert!(matches!(err, Reply::Error { code: ErrorCode::NotAttached, .. }), "{err:?}");
     daemon.stop().await;
     server.shutdown.cancel();
 }

@@ -5,7 +5,7 @@ use std::sync::Mutex;
 
 use chrono::{DateTime, Utc};
 
-use super::{GroupRecord, LogEntry, LogQuery, NewEntry, PeerRecord, PrincipalId, Result, Store, StoreError};
+use super::{DeliveryRecord, GroupRecord, LogEntry, LogQuery, NewEntry, PeerRecord, PrincipalId, Result, Store, StoreError};
 
 #[derive(Default)]
 pub struct MemoryStore {
@@ -20,6 +20,10 @@ struct Inner {
     /// Ordered by id so listings are stable, as in SQLite.
     peers: BTreeMap<String, PeerRecord>,
     logs: HashMap<String, Vec<LogEntry>>,
+    /// Log entry id → (group, seq).
+    ids: HashMap<String, (String, u64)>,
+    /// Message id → peer id → record.
+    deliveries: HashMap<String, BTreeMap<String, DeliveryRecord>>,
 }
 
 impl MemoryStore {
@@ -141,6 +145,7 @@ impl Store for MemoryStore {
             created_at: entry.created_at,
         };
         log.push(stored.clone());
+        inner.ids.insert(stored.id.clone(), (stored.group_id.clone(), stored.seq));
         Ok(stored)
     }
 
@@ -161,6 +166,26 @@ impl Store for MemoryStore {
             matching.take(q.limit).cloned().collect()
         };
         Ok(out)
+    }
+
+    fn entry_by_id(&self, id: &str) -> Result<Option<LogEntry>> {
+        let inner = self.lock();
+        let Some((group, seq)) = inner.ids.get(id) else { return Ok(None) };
+        Ok(inner.logs.get(group).and_then(|log| log.get(*seq as usize - 1)).cloned())
+    }
+
+    fn delivery(&self, message_id: &str, peer_id: &str) -> Result<Option<DeliveryRecord>> {
+        Ok(self.lock().deliveries.get(message_id).and_then(|m| m.get(peer_id)).cloned())
+    }
+
+    fn deliveries(&self, message_id: &str) -> Result<Vec<DeliveryRecord>> {
+        Ok(self.lock().deliveries.get(message_id).map(|m| m.values().cloned().collect()).unwrap_or_default())
+    }
+
+    fn save_delivery(&self, record: &DeliveryRecord) -> Result<()> {
+        let mut inner = self.lock();
+        inner.deliveries.entry(record.message_id.clone()).or_default().insert(record.peer_id.clone(), record.clone());
+        Ok(())
     }
 }
 
@@ -192,5 +217,10 @@ mod tests {
     #[test]
     fn log() {
         contract::log(&MemoryStore::new());
+    }
+
+    #[test]
+    fn deliveries() {
+        contract::deliveries(&MemoryStore::new());
     }
 }

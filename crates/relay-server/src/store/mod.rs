@@ -9,7 +9,7 @@ pub mod memory;
 pub mod sqlite;
 
 use chrono::{DateTime, Utc};
-use relay_proto::EventKind;
+use relay_proto::{DeliveryState, EventKind};
 use thiserror::Error;
 
 pub use memory::MemoryStore;
@@ -93,6 +93,16 @@ pub struct NewEntry {
     pub created_at: DateTime<Utc>,
 }
 
+/// Where one recipient's copy of a message is. A recipient with no record is `stored`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeliveryRecord {
+    pub message_id: String,
+    pub peer_id: String,
+    pub state: DeliveryState,
+    pub detail: Option<String>,
+    pub updated_at: DateTime<Utc>,
+}
+
 /// Which entries of one group's log to read.
 #[derive(Debug, Clone, Default)]
 pub struct LogQuery {
@@ -147,6 +157,13 @@ pub trait Store: Send + Sync + 'static {
     /// The group's highest sequence number (0 for an empty log).
     fn head_seq(&self, group_id: &str) -> Result<u64>;
     fn entries(&self, query: &LogQuery) -> Result<Vec<LogEntry>>;
+    fn entry_by_id(&self, id: &str) -> Result<Option<LogEntry>>;
+
+    fn delivery(&self, message_id: &str, peer_id: &str) -> Result<Option<DeliveryRecord>>;
+    /// Every recipient's record of one message.
+    fn deliveries(&self, message_id: &str) -> Result<Vec<DeliveryRecord>>;
+    /// Inserts or replaces the record of (message, peer).
+    fn save_delivery(&self, record: &DeliveryRecord) -> Result<()>;
 }
 
 /// Runs the same behavioural tests against every store.
@@ -284,5 +301,29 @@ pub(crate) mod contract {
         assert_eq!(ids(LogQuery { since: Some(t(2)), until: Some(t(3)), ..all.clone() }), vec!["m2", "m3"]);
         let thread = LogQuery { dm_between: Some(("b".into(), "a".into())), ..all.clone() };
         assert_eq!(ids(thread), vec!["m2", "m3"]);
+        assert_eq!(store.entry_by_id("m3").unwrap().map(|e| (e.group_id, e.seq)), Some(("g".into(), 3)));
+        assert_eq!(store.entry_by_id("o1").unwrap().map(|e| e.group_id), Some("other".into()));
+        assert_eq!(store.entry_by_id("nope").unwrap(), None);
+    }
+
+    pub fn deliveries(store: &dyn Store) {
+        let record = |peer: &str, state, at| DeliveryRecord {
+            message_id: "m1".into(),
+            peer_id: peer.into(),
+            state,
+            detail: None,
+            updated_at: t(at),
+        };
+        assert_eq!(store.delivery("m1", "b").unwrap(), None);
+        assert!(store.deliveries("m1").unwrap().is_empty());
+        store.save_delivery(&record("b", DeliveryState::Delivered, 1)).unwrap();
+        store.save_delivery(&record("c", DeliveryState::Held, 2)).unwrap();
+        let read = DeliveryRecord { detail: Some("through the inbox".into()), ..record("b", DeliveryState::Read, 3) };
+        store.save_delivery(&read).unwrap();
+        assert_eq!(store.delivery("m1", "b").unwrap(), Some(read.clone()));
+        let mut all = store.deliveries("m1").unwrap();
+        all.sort_by(|x, y| x.peer_id.cmp(&y.peer_id));
+        assert_eq!(all, vec![read, record("c", DeliveryState::Held, 2)]);
+        assert!(store.deliveries("m2").unwrap().is_empty());
     }
 }

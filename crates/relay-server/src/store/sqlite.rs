@@ -9,10 +9,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use chrono::{DateTime, TimeZone, Utc};
-use relay_proto::EventKind;
+use relay_proto::{DeliveryState, EventKind};
 use rusqlite::{Connection, OptionalExtension, Row, params};
 
-use super::{GroupRecord, LogEntry, LogQuery, NewEntry, PeerRecord, PrincipalId, Result, Store, StoreError};
+use super::{DeliveryRecord, GroupRecord, LogEntry, LogQuery, NewEntry, PeerRecord, PrincipalId, Result, Store, StoreError};
 
 /// The file inside the data directory.
 pub const DB_FILE: &str = "relay.sqlite3";
@@ -71,6 +71,17 @@ const MIGRATIONS: &[&str] = &[
         created_at  INTEGER NOT NULL
     );
     ALTER TABLE peers ADD COLUMN daemon_id TEXT REFERENCES daemons(daemon_id);
+    "#,
+    // 3: where each recipient's copy of a message is (no row: stored)
+    r#"
+    CREATE TABLE deliveries (
+        message_id  TEXT NOT NULL,
+        peer_id     TEXT NOT NULL,
+        state       TEXT NOT NULL,
+        detail      TEXT,
+        updated_at  INTEGER NOT NULL,
+        PRIMARY KEY (message_id, peer_id)
+    ) WITHOUT ROWID;
     "#,
 ];
 
@@ -409,6 +420,46 @@ impl Store for SqliteStore {
         let rows = stmt.query_map(rusqlite::params_from_iter(args), log_row)?.collect::<rusqlite::Result<_>>()?;
         Ok(rows)
     }
+
+    fn entry_by_id(&self, id: &str) -> Result<Option<LogEntry>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached(&format!("SELECT {LOG_COLUMNS} FROM log WHERE id = ?1"))?;
+        Ok(stmt.query_row([id], log_row).optional()?)
+    }
+
+    fn delivery(&self, message_id: &str, peer_id: &str) -> Result<Option<DeliveryRecord>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached(&format!("SELECT {DELIVERY_COLUMNS} FROM deliveries WHERE message_id = ?1 AND peer_id = ?2"))?;
+        Ok(stmt.query_row([message_id, peer_id], delivery_row).optional()?)
+    }
+
+    fn deliveries(&self, message_id: &str) -> Result<Vec<DeliveryRecord>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached(&format!("SELECT {DELIVERY_COLUMNS} FROM deliveries WHERE message_id = ?1"))?;
+        let rows = stmt.query_map([message_id], delivery_row)?.collect::<rusqlite::Result<_>>()?;
+        Ok(rows)
+    }
+
+    fn save_delivery(&self, d: &DeliveryRecord) -> Result<()> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached(&format!("INSERT OR REPLACE INTO deliveries ({DELIVERY_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5)"))?;
+        stmt.execute(params![d.message_id, d.peer_id, d.state.as_str(), d.detail, micros(d.updated_at)])?;
+        Ok(())
+    }
+}
+
+const DELIVERY_COLUMNS: &str = "message_id, peer_id, state, detail, updated_at";
+
+fn delivery_row(r: &Row<'_>) -> rusqlite::Result<DeliveryRecord> {
+    let state: String = r.get(2)?;
+    Ok(DeliveryRecord {
+        message_id: r.get(0)?,
+        peer_id: r.get(1)?,
+        // a state this version does not know reads as the earliest
+        state: serde_json::from_value(serde_json::Value::String(state)).unwrap_or(DeliveryState::Stored),
+        detail: r.get(3)?,
+        updated_at: time(r.get(4)?),
+    })
 }
 
 #[cfg(test)]
@@ -424,6 +475,11 @@ mod tests {
     #[test]
     fn principals_and_peers() {
         contract::principals_and_peers(&SqliteStore::open_in_memory().unwrap());
+    }
+
+    #[test]
+    fn deliveries() {
+        contract::deliveries(&SqliteStore::open_in_memory().unwrap());
     }
 
     #[test]
