@@ -54,7 +54,7 @@ pub async fn attach(socket: &Path, args: AttachArgs) -> Result<()> {
         println!("{} is already attached to {} as {}; nothing to do.", pane.id, attachment.group, attachment.display_name);
         return Ok(());
     }
-    let sidebar = open_sidebar(&tmux, &pane, args.width, socket);
+    let sidebar = open_sidebar(&tmux, &pane, &args, socket);
     if !args.no_mcp_config {
         configure_mcp(agent);
     }
@@ -112,14 +112,20 @@ fn git_branch(dir: &str) -> Option<String> {
 
 /// `relay-pane` beside the agent, if it is installed; focus stays on the agent. The socket
 /// is passed on: the pane starts in tmux's environment, not ours.
-fn open_sidebar(tmux: &dyn Tmux, pane: &Pane, width: u32, socket: &Path) -> Option<String> {
+fn open_sidebar(tmux: &dyn Tmux, pane: &Pane, args: &AttachArgs, socket: &Path) -> Option<String> {
     let bin = sibling_binary("relay-pane");
     if !bin.is_file() && which("relay-pane").is_none() {
         eprintln!("relay: relay-pane is not installed; attached without a sidebar");
         return None;
     }
-    let command = format!("{} --pane {} --socket {}", shell_quote(&bin.display().to_string()), pane.id, shell_quote(&socket.display().to_string()));
-    match relay_tmux::split_beside(tmux, &pane.id, width, &command) {
+    let command = format!(
+        "{} --pane {} --socket {} --fallback {}",
+        shell_quote(&bin.display().to_string()),
+        pane.id,
+        shell_quote(&socket.display().to_string()),
+        args.fallback
+    );
+    match relay_tmux::split_beside(tmux, &pane.id, args.width, &command) {
         Ok(id) => Some(id),
         Err(e) => {
             eprintln!("relay: could not open the sidebar: {e}");

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
-use relay_proto::local::{Credential, Reply, Request};
+use relay_proto::local::{AgentInfo, Credential, Reply, Request};
 use rmcp::model::{
     CallToolRequestParams, CallToolResponse, CallToolResult, ClientConfig, ContentBlock, Implementation,
     ListToolsResult, PaginatedRequestParams, ProtocolVersion, ServerCapabilities, ServerConfig, Tool,
@@ -49,11 +49,16 @@ pub async fn credentials(socket: &std::path::Path, pane: &str) -> Result<Vec<Cre
 
 /// A connection to the server as the pane's peer (its first group's).
 pub async fn upstream(socket: &std::path::Path, pane: &str) -> Result<Upstream> {
+    upstream_in(socket, pane, None).await
+}
+
+/// A connection to the server as the pane's peer in `group` (its first group's if None).
+pub async fn upstream_in(socket: &std::path::Path, pane: &str, group: Option<&str>) -> Result<Upstream> {
     let credential = credentials(socket, pane)
         .await?
         .into_iter()
-        .next()
-        .with_context(|| format!("pane {pane} is not attached to relay; run `relay attach {pane} --group GROUP`"))?;
+        .find(|c| group.is_none_or(|g| c.group == g))
+        .with_context(|| format!("pane {pane} is not attached to relay{}; run `relay attach {pane} --group GROUP`", group.map(|g| format!(" in group {g}")).unwrap_or_default()))?;
     let service = connect(&credential.server, Some(&credential.token)).await?;
     Ok(Upstream { service })
 }
@@ -61,7 +66,18 @@ pub async fn upstream(socket: &std::path::Path, pane: &str) -> Result<Upstream> 
 /// Calls a relay tool as the pane's peer, once: `{"text", "structured"}` of its result, or
 /// the tool's error as an error.
 pub async fn call_as_pane(socket: &std::path::Path, pane: &str, tool: &str, args: serde_json::Value) -> Result<serde_json::Value> {
-    let upstream = upstream(socket, pane).await?;
+    call_in_group(socket, pane, None, tool, args).await
+}
+
+/// [`call_as_pane`] as the pane's peer in `group`.
+pub async fn call_in_group(
+    socket: &std::path::Path,
+    pane: &str,
+    group: Option<&str>,
+    tool: &str,
+    args: serde_json::Value,
+) -> Result<serde_json::Value> {
+    let upstream = upstream_in(socket, pane, group).await?;
     let params = CallToolRequestParams::new(tool.to_owned()).with_arguments(args.as_object().cloned().unwrap_or_default());
     let result = upstream.service.call_tool(params).await.with_context(|| format!("{tool} failed"));
     let _ = upstream.service.cancel().await;
@@ -184,8 +200,31 @@ impl ServerHandler for Bridge {
     }
 }
 
+/// Tells relayd who runs this `relay mcp`: the agent (our parent) and, for Claude Code, its
+/// inbox socket, so the pane's sidebar delivers into the right session. Best effort.
+async fn report_agent(socket: &std::path::Path, pane: &str) {
+    let agent = AgentInfo {
+        // SAFETY: getppid has no preconditions and cannot fail.
+        pid: unsafe { libc::getppid() } as u32,
+        messaging_socket: std::env::var("CLAUDE_CODE_MESSAGING_SOCKET").ok().filter(|s| !s.is_empty()),
+        session_id: std::env::var("CLAUDE_CODE_SESSION_ID").ok().filter(|s| !s.is_empty()),
+    };
+    let reported = async {
+        let mut client = relayd::client::Client::connect(socket, CLIENT_NAME).await?;
+        client.request(&Request::Agent { pane: pane.to_owned(), agent }).await
+    };
+    match tokio::time::timeout(std::time::Duration::from_secs(2), reported).await {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => tracing::debug!(error = %e, "could not tell relayd about the agent"),
+        Err(_) => tracing::debug!("relayd did not answer about the agent in 2 s"),
+    }
+}
+
 /// Serves the bridge on stdin/stdout until the agent closes it.
 pub async fn serve(socket: PathBuf, pane: Option<String>) -> Result<()> {
+    if let Some(pane) = &pane {
+        report_agent(&socket, pane).await;
+    }
     let bridge = Bridge::new(socket, pane);
     let service = bridge.serve(rmcp::transport::stdio()).await.context("MCP handshake on stdio failed")?;
     service.waiting().await?;

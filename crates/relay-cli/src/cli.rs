@@ -109,4 +109,8 @@ pub struct AttachArgs {
     /// Sidebar width in columns
     #[arg(long, default_value_t = 42)]
     pub width: u32,
+    /// When Claude Code will not let a message in through its inbox (refused, denied,
+    /// expired), announce it by keystrokes instead ("keys"); by default relay only reports it
+    #[arg(long, default_value = "none", value_parser = ["none", "keys"])]
+    pub fallback: String,
 }

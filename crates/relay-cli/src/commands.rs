@@ -36,6 +36,12 @@ pub fn render_status(s: &Status) -> String {
     for a in &s.attachments {
         out.push_str(&format!("  {} in {} as {} ({}) at {}\n", a.pane, a.group, a.display_name, a.peer_id, a.working_directory));
     }
+    for (pane, n) in &s.held {
+        out.push_str(&format!(
+            "  ⏸ {pane}: Claude Code holds {n} relay message(s) for your approval: approve them in the pane, or set \
+             \"crossSessionInbound\": \"accept\" in Claude Code's settings.json to let relay messages in\n"
+        ));
+    }
     out
 }
 
@@ -156,8 +162,10 @@ mod tests {
                 error: Some("connection refused".into()),
             }],
             subscribers: 1,
+            held: [("%3".to_owned(), 2)].into(),
         };
         let text = render_status(&status);
+        assert!(text.contains("⏸ %3: Claude Code holds 2 relay message(s)") && text.contains("crossSessionInbound"), "{text}");
         assert!(text.contains("http://s group g: retrying (connection refused), last event 4, 1 pane(s)"), "{text}");
         assert!(text.contains("%3 in g as box:api (p_1) at /w"), "{text}");
     }

@@ -17,6 +17,17 @@ async fn bridge(socket: &std::path::Path, pane: &str, server: &str) -> RunningSe
     ().serve(TokioChildProcess::new(cmd).unwrap()).await.expect("relay mcp speaks MCP on stdio")
 }
 
+/// A control connection to the relayd just started, once it listens.
+async fn connect(socket: &std::path::Path) -> relayd::client::Client {
+    for _ in 0..500 {
+        if let Ok(c) = relayd::client::Client::connect(socket, "test").await {
+            return c;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("relayd did not start listening at {}", socket.display());
+}
+
 async fn call(client: &RunningService<RoleClient, ()>, tool: &str, args: Value) -> (bool, String, Option<Value>) {
     let params = CallToolRequestParams::new(tool.to_owned()).with_arguments(args.as_object().cloned().unwrap());
     let r = client.call_tool(params).await.unwrap();
@@ -30,15 +41,7 @@ async fn the_bridge_speaks_for_the_pane_without_tokens_in_sight() {
     let base = server.url("");
     let dir = tempfile::tempdir().unwrap();
     let (mut relayd, socket) = spawn_relayd(dir.path(), &base, &["--no-notifications"], &[], Stdio::null());
-    let mut client = None;
-    for _ in 0..500 {
-        if let Ok(c) = relayd::client::Client::connect(&socket, "test").await {
-            client = Some(c);
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    let mut client = client.expect("relayd up");
+    let mut client = connect(&socket).await;
 
     // not attached yet: the tools are listed, and each says what to do
     let unattached = bridge(&socket, "%7", &base).await;
@@ -73,5 +76,48 @@ async fn the_bridge_speaks_for_the_pane_without_tokens_in_sight() {
 
     let _ = agent.cancel().await;
     let _ = unattached.cancel().await;
+    relayd.kill_hard();
+}
+
+/// `relay mcp` tells relayd which process runs it and, under Claude Code, that session's
+/// inbox socket; the pane's sidebar (a subscriber) hears of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_bridge_reports_its_agent_to_the_panes_subscribers() {
+    let server = ServerProcess::start(0, &["--ephemeral"]);
+    let dir = tempfile::tempdir().unwrap();
+    let (mut relayd, socket) = spawn_relayd(dir.path(), &server.url(""), &["--no-notifications"], &[], Stdio::null());
+    let mut client = connect(&socket).await;
+    let req = AttachRequest { pane: "%9".into(), group: "team".into(), working_directory: "/nine".into(), ..Default::default() };
+    client.request(&Request::Attach(req)).await.unwrap();
+    let mut sidebar = relayd::client::Client::connect(&socket, "test").await.unwrap();
+    sidebar.request(&Request::Subscribe { pane: "%9".into(), since: Default::default() }).await.unwrap();
+
+    let mut cmd = tokio::process::Command::new(binary("relay"));
+    cmd.args(["mcp", "--pane", "%9"])
+        .env("RELAYD_SOCKET", &socket)
+        .env("CLAUDE_CODE_MESSAGING_SOCKET", "/tmp/cc-socks/12345.sock")
+        .env("CLAUDE_CODE_SESSION_ID", "session-9")
+        .stderr(Stdio::null());
+    let agent = ().serve(TokioChildProcess::new(cmd).unwrap()).await.unwrap();
+    let heard = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            if let Reply::Agent { pane, agent } = sidebar.next().await.unwrap() {
+                return (pane, agent);
+            }
+        }
+    })
+    .await
+    .expect("the sidebar hears of the agent");
+    assert_eq!(heard.0, "%9");
+    assert_eq!(heard.1.pid, std::process::id(), "the agent is relay mcp's parent: this test");
+    assert_eq!(heard.1.messaging_socket.as_deref(), Some("/tmp/cc-socks/12345.sock"));
+    assert_eq!(heard.1.session_id.as_deref(), Some("session-9"));
+
+    // a sidebar that subscribes later is told at once
+    let mut late = relayd::client::Client::connect(&socket, "test").await.unwrap();
+    late.request(&Request::Subscribe { pane: "%9".into(), since: Default::default() }).await.unwrap();
+    let next = tokio::time::timeout(Duration::from_secs(5), late.next()).await.unwrap().unwrap();
+    assert!(matches!(&next, Reply::Agent { agent, .. } if agent.pid == std::process::id()), "{next:?}");
+    let _ = agent.cancel().await;
     relayd.kill_hard();
 }

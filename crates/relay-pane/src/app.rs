@@ -13,6 +13,9 @@ use relay_proto::local::Attachment;
 use relay_proto::{DeliveryState, Event, EventKind};
 use unicode_width::UnicodeWidthChar;
 
+/// The key under which a message's delivery into this pane's own agent is marked.
+pub const ME: &str = "";
+
 /// Log entries kept; older ones scroll away for good (history is on the server).
 const MAX_LOG: usize = 2000;
 const SENDER_COLOURS: [Color; 6] = [Color::Cyan, Color::Green, Color::Yellow, Color::Magenta, Color::Blue, Color::LightRed];

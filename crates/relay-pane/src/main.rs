@@ -1,10 +1,12 @@
 //! relay-pane: the sidebar beside one agent's tmux pane. It subscribes to the pane's events
-//! through relayd, shows them, and announces new messages to the agent by keystrokes.
+//! through relayd, shows them, and delivers new messages into the agent: through Claude
+//! Code's inbox when the pane runs it, else by an announcement typed into the pane.
 
 mod app;
-mod inject;
+mod deliver;
+mod report;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -12,8 +14,8 @@ use anyhow::Result;
 use clap::Parser;
 use crossterm::event::{Event as TermEvent, EventStream};
 use futures::StreamExt;
-use relay_proto::local::{Attachment, Reply, Request};
-use relay_proto::{Event, EventKind};
+use relay_proto::local::{AgentInfo, Attachment, Reply, Request};
+use relay_proto::{DeliveryState, Event, Receipt};
 use relay_tmux::RealTmux;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -30,9 +32,13 @@ struct Args {
     /// relayd's control socket
     #[arg(long, env = "RELAYD_SOCKET")]
     socket: Option<PathBuf>,
-    /// Show events without typing announcements into the agent
+    /// Show events without delivering anything into the agent
     #[arg(long)]
     no_deliver: bool,
+    /// When Claude Code will not let a message in (refused, denied, expired), type an
+    /// announcement into the pane instead: "keys". The default reports and types nothing.
+    #[arg(long, default_value = "none", value_parser = ["none", "keys"])]
+    fallback: String,
 }
 
 /// Events this close together are announced in one line.
@@ -41,22 +47,32 @@ const GATHER: Duration = Duration::from_millis(20);
 const COOLDOWN: Duration = Duration::from_millis(500);
 /// How soon to try again when the pane is in copy mode.
 const BUSY_RETRY: Duration = Duration::from_secs(1);
+/// How often Claude Code's transcript is read for notices that reached the conversation.
+const TRANSCRIPT_CHECK: Duration = Duration::from_millis(250);
 
 enum Incoming {
     Subscribed(Vec<Attachment>),
     Event(Box<Event>),
     Peers(BTreeMap<String, BTreeMap<String, PeerRow>>),
     Lost(String),
+    /// Words for the status line (how an agent's reply went).
+    Note(String),
+    /// `relay mcp` reported the pane's agent process.
+    Agent(AgentInfo),
 }
+
+/// Message events kept to retype when the inbox refuses them.
+const RECENT: usize = 256;
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> Result<()> {
     let args = Args::parse();
     let socket = args.socket.clone().unwrap_or_else(relayd::paths::default_socket);
     let (tx, rx) = mpsc::channel(1024);
-    tokio::spawn(follow(socket.clone(), args.pane.clone(), tx));
+    tokio::spawn(follow(socket.clone(), args.pane.clone(), tx.clone()));
+    let reporter = report::Reporter::spawn(socket.clone(), args.pane.clone());
     let mut terminal = ratatui::init();
-    let outcome = run(&mut terminal, &args, rx).await;
+    let outcome = run(&mut terminal, &args, &socket, rx, tx, reporter).await;
     ratatui::restore();
     outcome
 }
@@ -92,9 +108,15 @@ async fn subscribe_once(
     tx.send(Incoming::Subscribed(attachments)).await?;
     tokio::spawn(load_peers(socket.to_owned(), pane.to_owned(), tx.clone()));
     loop {
-        if let Reply::Event { event, .. } = client.next().await? {
-            since.insert(event.group.clone(), event.seq);
-            tx.send(Incoming::Event(Box::new(event))).await?;
+        match client.next().await? {
+            Reply::Event { event, .. } => {
+                if event.kind != relay_proto::EventKind::Receipt {
+                    since.insert(event.group.clone(), event.seq);
+                }
+                tx.send(Incoming::Event(Box::new(event))).await?;
+            }
+            Reply::Agent { agent, .. } => tx.send(Incoming::Agent(agent)).await?,
+            _ => {}
         }
     }
 }
@@ -111,15 +133,32 @@ async fn load_peers(socket: PathBuf, pane: String, tx: mpsc::Sender<Incoming>) {
     let _ = tx.send(Incoming::Peers(peers)).await;
 }
 
-async fn run(terminal: &mut ratatui::DefaultTerminal, args: &Args, mut rx: mpsc::Receiver<Incoming>) -> Result<()> {
+async fn run(
+    terminal: &mut ratatui::DefaultTerminal,
+    args: &Args,
+    socket: &std::path::Path,
+    mut rx: mpsc::Receiver<Incoming>,
+    tx: mpsc::Sender<Incoming>,
+    reporter: report::Reporter,
+) -> Result<()> {
     let tmux = RealTmux::current();
     let mut app = App::new(&args.pane);
     let mut keys = EventStream::new();
+    let (heard_tx, mut heard_rx) = mpsc::channel(64);
+    let mut inbox = deliver::Inbox::new(&args.pane, heard_tx);
     let mut pending: Vec<Event> = Vec::new();
+    let mut recent: VecDeque<Event> = VecDeque::new();
     let mut announce_at: Option<Instant> = None;
     let mut last_typed: Option<Instant> = None;
     let mut pane_check = tokio::time::interval(Duration::from_secs(2));
+    let mut transcript_check = tokio::time::interval(TRANSCRIPT_CHECK);
     let own_peers = |app: &App| app.attachments.iter().map(|a| a.peer_id.clone()).collect::<Vec<_>>();
+    let report = |app: &mut App, receipts: Vec<Receipt>| {
+        for r in &receipts {
+            app.mark(&r.message_id, app::ME, r.state);
+        }
+        reporter.send(receipts);
+    };
     terminal.draw(|f| app.render(f))?;
     loop {
         let announce = async {
@@ -132,13 +171,20 @@ async fn run(terminal: &mut ratatui::DefaultTerminal, args: &Args, mut rx: mpsc:
             incoming = rx.recv() => {
                 match incoming {
                     Some(Incoming::Subscribed(attachments)) => {
+                        if let Some(first) = attachments.first() {
+                            inbox.set_me(&first.display_name);
+                        }
                         app.attachments = attachments;
                         app.connection = Connection::Connected;
                     }
                     Some(Incoming::Event(event)) => {
                         app.on_event(&event);
                         let mine = own_peers(&app).contains(&event.sender.peer_id);
-                        if !args.no_deliver && !mine && matches!(event.kind, EventKind::Message | EventKind::Dm) {
+                        if !args.no_deliver && !mine && event.kind.message_kind().is_some() {
+                            recent.push_back((*event).clone());
+                            if recent.len() > RECENT {
+                                recent.pop_front();
+                            }
                             pending.push(*event);
                             // the first of a burst goes out at once; the rest wait for the cooldown
                             let earliest = Instant::now() + GATHER;
@@ -148,6 +194,8 @@ async fn run(terminal: &mut ratatui::DefaultTerminal, args: &Args, mut rx: mpsc:
                     }
                     Some(Incoming::Peers(peers)) => app.peers = peers,
                     Some(Incoming::Lost(why)) => app.connection = Connection::Lost(why),
+                    Some(Incoming::Note(note)) => app.note = Some(note),
+                    Some(Incoming::Agent(agent)) => inbox.agent_reported(agent),
                     None => return Ok(()),
                 }
             }
@@ -161,25 +209,54 @@ async fn run(terminal: &mut ratatui::DefaultTerminal, args: &Args, mut rx: mpsc:
             },
             _ = announce => {
                 announce_at = None;
-                if let Some(line) = inject::announcement(&pending) {
-                    match inject::type_line(&tmux, &args.pane, &line).await {
-                        Ok(inject::Outcome::Typed) => {
-                            pending.clear();
-                            app.note = None;
-                            last_typed = Some(Instant::now());
-                        }
-                        Ok(inject::Outcome::Busy) => {
-                            app.note = Some(format!("{} waiting: the agent pane is in copy mode", pending.len()));
-                            announce_at = Some(Instant::now() + BUSY_RETRY);
-                        }
-                        Err(e) => {
-                            app.note = Some(format!("cannot type into {}: {e}", args.pane));
-                            announce_at = Some(Instant::now() + BUSY_RETRY);
-                        }
-                    }
-                } else {
-                    pending.clear();
+                if pending.is_empty() {
+                    continue;
                 }
+                if inbox.session().is_some() {
+                    if let Some(wait) = inbox.wait_for_room() {
+                        announce_at = Some(Instant::now() + wait);
+                        continue;
+                    }
+                    if let deliver::Posting::Posted(receipts) = inbox.post(&pending).await {
+                        pending.clear();
+                        last_typed = Some(Instant::now());
+                        report(&mut app, receipts);
+                        app.note = None;
+                        terminal.draw(|f| app.render(f))?;
+                        continue;
+                    }
+                }
+                // no inbox: announce by keystrokes
+                if let Some(at) = type_announcement(&tmux, &args.pane, &mut pending, &mut app, &report).await {
+                    announce_at = Some(at);
+                } else {
+                    last_typed = Some(Instant::now());
+                }
+            }
+            heard = heard_rx.recv() => {
+                let Some(heard) = heard else { continue };
+                let outcome = inbox.on_heard(heard);
+                report(&mut app, outcome.receipts);
+                if let Some(note) = outcome.note {
+                    app.note = Some(note);
+                }
+                if let Some(reply) = outcome.reply {
+                    tokio::spawn(send_reply(socket.to_owned(), args.pane.clone(), reply, tx.clone()));
+                }
+                if args.fallback == "keys" && !outcome.refused.is_empty() {
+                    let refused: Vec<Event> = recent.iter().filter(|e| outcome.refused.iter().any(|(g, id)| *g == e.group && *id == e.id)).cloned().collect();
+                    pending.extend(refused);
+                    if type_announcement(&tmux, &args.pane, &mut pending, &mut app, &report).await.is_some() {
+                        announce_at = Some(Instant::now() + BUSY_RETRY);
+                    }
+                }
+            }
+            _ = transcript_check.tick(), if inbox.has_pending() => {
+                let receipts = inbox.check_transcript();
+                if receipts.is_empty() {
+                    continue;
+                }
+                report(&mut app, receipts);
             }
             _ = pane_check.tick() => {
                 if relay_tmux::pane(&tmux, &args.pane).is_err() {
@@ -190,4 +267,51 @@ async fn run(terminal: &mut ratatui::DefaultTerminal, args: &Args, mut rx: mpsc:
         }
         terminal.draw(|f| app.render(f))?;
     }
+}
+
+/// Types one announcement for `pending` into the pane. None when done (typed, or nothing
+/// to say); else when to try again.
+async fn type_announcement(
+    tmux: &RealTmux,
+    pane: &str,
+    pending: &mut Vec<Event>,
+    app: &mut App,
+    report: &impl Fn(&mut App, Vec<Receipt>),
+) -> Option<Instant> {
+    let Some(line) = deliver::keys::announcement(pending) else {
+        pending.clear();
+        return None;
+    };
+    match deliver::keys::type_line(tmux, pane, &line).await {
+        Ok(deliver::keys::Outcome::Typed) => {
+            let receipts =
+                pending.drain(..).map(|e| Receipt { message_id: e.id, group: e.group, state: DeliveryState::Notified, detail: None }).collect();
+            report(app, receipts);
+            app.note = None;
+            None
+        }
+        Ok(deliver::keys::Outcome::Busy) => {
+            app.note = Some(format!("{} waiting: the agent pane is in copy mode", pending.len()));
+            Some(Instant::now() + BUSY_RETRY)
+        }
+        Err(e) => {
+            app.note = Some(format!("cannot type into {pane}: {e}"));
+            Some(Instant::now() + BUSY_RETRY)
+        }
+    }
+}
+
+/// Sends what the agent answered with `SendMessage` over relay: a DM back to the sender,
+/// or a message to the group.
+async fn send_reply(socket: PathBuf, pane: String, reply: deliver::AgentReply, tx: mpsc::Sender<Incoming>) {
+    use deliver::notice::ReplyTarget;
+    let (group, tool, args) = match &reply.target {
+        ReplyTarget::Dm { group, peer_id, .. } => (group, "send_dm", serde_json::json!({"to": peer_id, "message": reply.text})),
+        ReplyTarget::Group { group } => (group, "send_message", serde_json::json!({"group_id": group, "message": reply.text})),
+    };
+    let note = match relay_cli::bridge::call_in_group(&socket, &pane, Some(group), tool, args).await {
+        Ok(_) => format!("sent the agent's reply ({tool} in {group})"),
+        Err(e) => format!("the agent's reply was not sent: {e:#}"),
+    };
+    let _ = tx.send(Incoming::Note(note)).await;
 }

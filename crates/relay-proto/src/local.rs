@@ -45,6 +45,9 @@ pub enum Request {
     Status,
     /// The peer tokens of a pane, for `relay mcp`.
     Credentials { pane: String },
+    /// What `relay mcp` learns from its environment when the pane's agent starts it: the
+    /// agent's process and (Claude Code) its inbox socket. relayd tells the pane's sidebar.
+    Agent { pane: String, agent: AgentInfo },
     /// Where the pane's agent got with messages it was sent (notified, held, read, …);
     /// relayd passes them on to the server for the senders to see.
     Report { pane: String, receipts: Vec<Receipt> },
@@ -81,6 +84,19 @@ pub struct Attachment {
 }
 
 /// A pane's identity on one server, for `relay mcp`.
+/// The agent process of a pane.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct AgentInfo {
+    /// The agent's pid (`relay mcp`'s parent).
+    pub pid: u32,
+    /// Claude Code's `CLAUDE_CODE_MESSAGING_SOCKET`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub messaging_socket: Option<String>,
+    /// Claude Code's `CLAUDE_CODE_SESSION_ID`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session_id: Option<String>,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Credential {
     pub server: String,
@@ -121,6 +137,9 @@ pub struct Status {
     pub attachments: Vec<Attachment>,
     pub upstreams: Vec<Upstream>,
     pub subscribers: usize,
+    /// Per pane, messages its Claude Code session holds for the human's approval.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub held: std::collections::BTreeMap<String, usize>,
 }
 
 /// What the daemon sends.
@@ -141,6 +160,8 @@ pub enum Reply {
     Subscribed { pane: String, attachments: Vec<Attachment> },
     Status { status: Status },
     Credentials { pane: String, credentials: Vec<Credential> },
+    /// The agent of a pane, as `relay mcp` reported it (to the pane's subscribers too).
+    Agent { pane: String, agent: AgentInfo },
     /// The receipts are queued for the server (sent in order, retried while it is away).
     Reported { pane: String, queued: usize },
     ShuttingDown,

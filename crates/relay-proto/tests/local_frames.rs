@@ -5,6 +5,10 @@ use chrono::{TimeZone, Utc};
 use relay_proto::local::*;
 use relay_proto::{DeliveryState, Event, EventKind, PeerRef, Receipt};
 
+fn agent() -> AgentInfo {
+    AgentInfo { pid: 4242, messaging_socket: Some("/tmp/cc-socks/4242.sock".into()), session_id: Some("s-1".into()) }
+}
+
 fn round_trip_request(r: Request) {
     let line = encode(&r);
     assert!(line.ends_with('\n') && !line[..line.len() - 1].contains('\n'));
@@ -52,6 +56,8 @@ fn every_request_round_trips() {
         Request::Subscribe { pane: "%3".into(), since: [("g".to_owned(), 41)].into() },
         Request::Status,
         Request::Credentials { pane: "%3".into() },
+        Request::Agent { pane: "%3".into(), agent: agent() },
+        Request::Agent { pane: "%3".into(), agent: AgentInfo { pid: 7, ..Default::default() } },
         Request::Report {
             pane: "%3".into(),
             receipts: vec![
@@ -87,6 +93,7 @@ fn every_reply_round_trips() {
         attachments: vec![attachment()],
         upstreams: vec![upstream(ConnectionState::Connected)],
         subscribers: 3,
+        held: [("%3".to_owned(), 2)].into(),
     };
     let mut replies = vec![
         Reply::Hello { version: PROTOCOL_VERSION, daemon: "0.1.0".into() },
@@ -99,6 +106,7 @@ fn every_reply_round_trips() {
             credentials: vec![Credential { server: "s".into(), group: "g".into(), peer_id: "p".into(), token: "t".into() }],
         },
         Reply::Reported { pane: "%3".into(), queued: 2 },
+        Reply::Agent { pane: "%3".into(), agent: agent() },
         Reply::ShuttingDown,
         Reply::Event { pane: "%3".into(), event },
     ];

@@ -8,7 +8,7 @@ use relay_proto::EventKind;
 use relay_proto::local::{self, ErrorCode, FrameReader, PROTOCOL_VERSION, Reply, Request};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::daemon::{Daemon, Failure};
+use crate::daemon::{Daemon, Failure, Subscription};
 use crate::paths::euid;
 use crate::socket::{peer_allowed, peer_euid};
 
@@ -90,6 +90,7 @@ impl Connection<'_> {
             Request::Status => Ok(Reply::Status { status: self.daemon.status() }),
             Request::Credentials { pane } => self.daemon.credentials(&pane),
             Request::Report { pane, receipts } => self.daemon.report(&pane, receipts),
+            Request::Agent { pane, agent } => Ok(self.daemon.agent_started(&pane, agent)),
             Request::Shutdown => Ok(Reply::ShuttingDown),
             Request::Subscribe { .. } => unreachable!("handled by run"),
         };
@@ -99,7 +100,7 @@ impl Connection<'_> {
     /// Streams the pane's events until the client hangs up: first what it missed after
     /// `since` (per group), then live ones, never one twice.
     async fn subscribe(self, pane: String, since: BTreeMap<String, u64>) -> std::io::Result<()> {
-        let (id, attachments, mut live) = self.daemon.subscribe(&pane);
+        let Subscription { id, attachments, events: mut live, mut agents } = self.daemon.subscribe(&pane);
         let result = async {
             let view = attachments.iter().map(|a| a.attachment.clone()).collect();
             self.send(&Reply::Subscribed { pane: pane.clone(), attachments: view }).await?;
@@ -140,6 +141,10 @@ impl Connection<'_> {
                             *seen = event.seq;
                         }
                         self.send(&Reply::Event { pane: pane.clone(), event }).await?;
+                    }
+                    agent = agents.recv() => {
+                        let Some(agent) = agent else { return Ok(()) }; // dropped as too slow
+                        self.send(&Reply::Agent { pane: pane.clone(), agent }).await?;
                     }
                     n = reader.read(&mut buf) => {
                         if n? == 0 {

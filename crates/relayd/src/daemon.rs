@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use relay_proto::local::{
-    AttachRequest, Attachment, ConnectionState, Credential, ErrorCode, Reply, Status, Upstream,
+    AgentInfo, AttachRequest, Attachment, ConnectionState, Credential, ErrorCode, Reply, Status, Upstream,
 };
 use futures::StreamExt;
 use relay_proto::{DeliveryState, Event, EventKind, Receipt};
@@ -23,6 +23,14 @@ use crate::upstream;
 /// Events a subscriber may fall behind before it is dropped (it resumes with `since`).
 pub const SUBSCRIBER_BUFFER: usize = 4096;
 
+/// What a subscriber receives.
+pub struct Subscription {
+    pub id: u64,
+    pub attachments: Vec<StoredAttachment>,
+    pub events: mpsc::Receiver<Event>,
+    pub agents: mpsc::Receiver<AgentInfo>,
+}
+
 /// A failed request, as the error frame says it.
 pub type Failure = (ErrorCode, String);
 
@@ -30,6 +38,7 @@ struct Subscriber {
     id: u64,
     pane: String,
     tx: mpsc::Sender<Event>,
+    agents: mpsc::Sender<AgentInfo>,
 }
 
 struct UpstreamHandle {
@@ -43,6 +52,10 @@ struct Inner {
     upstreams: HashMap<String, UpstreamHandle>,
     subscribers: Vec<Subscriber>,
     next_subscriber: u64,
+    /// What `relay mcp` last reported of each pane's agent (until relayd restarts).
+    agents: HashMap<String, AgentInfo>,
+    /// Per pane, the messages its agent's session holds for the human (group, id).
+    held: HashMap<String, std::collections::BTreeSet<(String, String)>>,
 }
 
 pub struct Daemon {
@@ -118,6 +131,18 @@ impl Daemon {
             return Err((ErrorCode::NotAttached, format!("pane {pane} is not attached")));
         }
         let mut queued = 0;
+        {
+            let mut inner = lock(&self.inner);
+            let held = inner.held.entry(pane.to_owned()).or_default();
+            for r in &receipts {
+                let key = (r.group.clone(), r.message_id.clone());
+                if r.state == DeliveryState::Held {
+                    held.insert(key);
+                } else {
+                    held.remove(&key);
+                }
+            }
+        }
         for r in receipts {
             let Some(a) = attachments.iter().find(|a| a.attachment.group == r.group) else {
                 return Err((ErrorCode::NotAttached, format!("pane {pane} is not attached to group {}", r.group)));
@@ -427,15 +452,31 @@ impl Daemon {
         Ok(Reply::Detached { pane: pane.to_owned(), groups })
     }
 
-    /// A new subscriber for `pane`: its attachments and the receiving end of its events.
-    pub fn subscribe(&self, pane: &str) -> (u64, Vec<StoredAttachment>, mpsc::Receiver<Event>) {
-        let (tx, rx) = mpsc::channel(SUBSCRIBER_BUFFER);
+    /// A new subscriber for `pane`: its attachments and the receiving ends of its events
+    /// and of news of its agent (the last known first).
+    pub fn subscribe(&self, pane: &str) -> Subscription {
+        let (tx, events) = mpsc::channel(SUBSCRIBER_BUFFER);
+        let (agents_tx, agents) = mpsc::channel(4);
         let mut inner = lock(&self.inner);
         inner.next_subscriber += 1;
         let id = inner.next_subscriber;
-        inner.subscribers.push(Subscriber { id, pane: pane.to_owned(), tx });
+        if let Some(agent) = inner.agents.get(pane) {
+            let _ = agents_tx.try_send(agent.clone());
+        }
+        inner.subscribers.push(Subscriber { id, pane: pane.to_owned(), tx, agents: agents_tx });
         let attachments = inner.state.attachments.iter().filter(|a| a.attachment.pane == pane).cloned().collect();
-        (id, attachments, rx)
+        Subscription { id, attachments, events, agents }
+    }
+
+    /// `relay mcp` reported the pane's agent: remember it and tell the pane's subscribers.
+    pub fn agent_started(&self, pane: &str, agent: AgentInfo) -> Reply {
+        let mut inner = lock(&self.inner);
+        for sub in inner.subscribers.iter().filter(|s| s.pane == pane) {
+            let _ = sub.agents.try_send(agent.clone());
+        }
+        tracing::info!(%pane, pid = agent.pid, socket = ?agent.messaging_socket, "the pane's agent reported in");
+        inner.agents.insert(pane.to_owned(), agent.clone());
+        Reply::Agent { pane: pane.to_owned(), agent }
     }
 
     pub fn unsubscribe(&self, id: u64) {
@@ -465,6 +506,7 @@ impl Daemon {
             attachments: inner.state.attachments.iter().map(|a| a.attachment.clone()).collect(),
             upstreams,
             subscribers: inner.subscribers.len(),
+            held: inner.held.iter().filter(|(_, h)| !h.is_empty()).map(|(pane, h)| (pane.clone(), h.len())).collect(),
         }
     }
 

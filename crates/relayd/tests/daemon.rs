@@ -466,6 +466,12 @@ async fn a_panes_reports_reach_the_sender_as_message_states() {
     let mut control = daemon.client().await;
     assert_eq!(control.request(&report(DeliveryState::Held, Some("waiting for the human"))).await.unwrap(), Reply::Reported { pane: "%4".into(), queued: 1 });
     assert_eq!(reaches("held").await["detail"], "waiting for the human");
+    let Reply::Status { status } = control.request(&Request::Status).await.unwrap() else { panic!() };
+    assert_eq!(status.held, [("%4".to_owned(), 1)].into(), "relay status shows what is held");
+    control.request(&report(DeliveryState::Read, None)).await.unwrap();
+    reaches("read").await;
+    let Reply::Status { status } = control.request(&Request::Status).await.unwrap() else { panic!() };
+    assert!(status.held.is_empty(), "{:?}", status.held);
     // a pane that is not attached, or a group it is not in, is refused with a reason
     let mut wrong = report(DeliveryState::Read, None);
     if let Request::Report { receipts, .. } = &mut wrong {
