@@ -17,22 +17,48 @@ pub struct TmuxServer {
     pub socket: PathBuf,
     /// What `$TMUX` says inside it, for commands run "from" it.
     pub env: String,
+    /// The environment it was started with, given to every new pane too.
+    pane_env: Vec<(String, String)>,
 }
 
 impl TmuxServer {
     /// Starts one named after `name` and this process, or None (skip) without tmux.
     pub fn start(test: &str, name: &str) -> Option<Self> {
+        Self::start_with_env(test, name, &[])
+    }
+
+    /// [`TmuxServer::start`] with `env` in the server's environment, which every pane
+    /// started in it inherits (a machine of its own: its HOME, its runtime dir).
+    pub fn start_with_env(test: &str, name: &str, env: &[(String, String)]) -> Option<Self> {
         let found = Command::new("tmux").arg("-V").output().ok().filter(|o| o.status.success()).map(|_| PathBuf::from("tmux"));
         require(test, "tmux", found)?;
-        let tmux = RealTmux::named(&format!("relay-{name}-{}", std::process::id()));
-        tmux.run(&["-f", "/dev/null", "new-session", "-d", "-s", "main", "-x", "220", "-y", "50", "sleep 3600"]).ok()?;
-        let socket = tmux.run(&["display-message", "-p", "#{socket_path}"]).ok()?.trim().to_owned();
-        Some(Self { tmux, env: format!("{socket},0,0"), socket: PathBuf::from(socket) })
+        // unique per server, so tests running side by side never share one
+        static SERVERS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = SERVERS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let name = format!("relay-{name}-{}-{n}", std::process::id());
+        let started = Command::new("tmux")
+            .args(["-L", &name, "-f", "/dev/null", "new-session", "-d", "-s", "main", "-x", "220", "-y", "50", "sleep 3600"])
+            .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .env_remove("TMUX")
+            .output()
+            .expect("run tmux");
+        assert!(started.status.success(), "tmux new-session: {}", String::from_utf8_lossy(&started.stderr));
+        let tmux = RealTmux::named(&name);
+        let socket = tmux.run(&["display-message", "-p", "#{socket_path}"]).expect("tmux display-message").trim().to_owned();
+        Some(Self { tmux, env: format!("{socket},0,0"), socket: PathBuf::from(socket), pane_env: env.to_vec() })
     }
 
     /// A new window running `command` in `cwd`; returns its pane id.
     pub fn new_pane(&self, cwd: &str, command: &str) -> String {
-        self.tmux.run(&["new-window", "-d", "-P", "-F", "#{pane_id}", "-c", cwd, command]).expect("tmux new-window").trim().to_owned()
+        // tmux takes a new window's PATH from the client that asks for it, so the
+        // environment this server was started with is set on the command itself
+        let command = if self.pane_env.is_empty() {
+            command.to_owned()
+        } else {
+            let vars: Vec<String> = self.pane_env.iter().map(|(k, v)| format!("{k}='{}'", v.replace('\'', "'\\''"))).collect();
+            format!("export {}; {command}", vars.join(" "))
+        };
+        self.tmux.run(&["new-window", "-d", "-P", "-F", "#{pane_id}", "-c", cwd, &command]).expect("tmux new-window").trim().to_owned()
     }
 
     /// Runs the `relay` CLI as if from inside this tmux server, with relayd at `socket`.
@@ -67,7 +93,12 @@ pub fn stand_in_agent(dir: &Path) -> PathBuf {
 /// `relay mcp --pane PANE` as a stdio MCP client session, the way an agent runs it.
 pub async fn relay_mcp(socket: &Path, pane: &str) -> RunningService<RoleClient, ()> {
     let mut cmd = tokio::process::Command::new(binary("relay"));
-    cmd.args(["mcp", "--pane", pane]).env("RELAYD_SOCKET", socket).stderr(Stdio::null());
+    // not the Claude Code session these tests may run in: relay mcp would report it
+    cmd.args(["mcp", "--pane", pane])
+        .env("RELAYD_SOCKET", socket)
+        .env_remove("CLAUDE_CODE_MESSAGING_SOCKET")
+        .env_remove("CLAUDE_CODE_SESSION_ID")
+        .stderr(Stdio::null());
     ().serve(TokioChildProcess::new(cmd).expect("spawn relay mcp")).await.expect("relay mcp handshake")
 }
 

@@ -10,6 +10,7 @@ use relay_proto::local::{AttachRequest, Reply, Request};
 use relay_tmux::{Pane, RealTmux, Tmux};
 
 use crate::agents;
+use crate::claude;
 use crate::cli::AttachArgs;
 use crate::daemon::{self, connect_or_start, sibling_binary};
 
@@ -54,14 +55,26 @@ pub async fn attach(socket: &Path, args: AttachArgs) -> Result<()> {
         println!("{} is already attached to {} as {}; nothing to do.", pane.id, attachment.group, attachment.display_name);
         return Ok(());
     }
-    let sidebar = open_sidebar(&tmux, &pane, &args, socket);
+    // Claude Code with an inbox hears everything through it, the introduction included
+    let inbox = agent == Some("claude") && claude::claude_dir().and_then(|dir| claude::find(&dir, &pane.id)).is_some();
+    let sidebar = open_sidebar(&tmux, &pane, &args, socket, inbox);
     if !args.no_mcp_config {
         configure_mcp(agent);
     }
-    // Enter separately, after a pause: sent together, agents sometimes drop it
-    relay_tmux::send_literal(&tmux, &pane.id, &intro_line(&attachment.display_name, &attachment.group))?;
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    relay_tmux::send_enter(&tmux, &pane.id)?;
+    if agent == Some("claude") {
+        explain_inbox_once();
+        if args.allow_tools {
+            allow_tools();
+        }
+    }
+    if inbox && sidebar.is_some() {
+        println!("Claude Code in {} has an inbox: relay delivers messages into it, with no keystrokes.", pane.id);
+    } else {
+        // Enter separately, after a pause: sent together, agents sometimes drop it
+        relay_tmux::send_literal(&tmux, &pane.id, &intro_line(&attachment.display_name, &attachment.group))?;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        relay_tmux::send_enter(&tmux, &pane.id)?;
+    }
     println!(
         "Attached {} ({}) to group {} on {} as {} (peer {}){}.",
         pane.id,
@@ -112,18 +125,19 @@ fn git_branch(dir: &str) -> Option<String> {
 
 /// `relay-pane` beside the agent, if it is installed; focus stays on the agent. The socket
 /// is passed on: the pane starts in tmux's environment, not ours.
-fn open_sidebar(tmux: &dyn Tmux, pane: &Pane, args: &AttachArgs, socket: &Path) -> Option<String> {
+fn open_sidebar(tmux: &dyn Tmux, pane: &Pane, args: &AttachArgs, socket: &Path, intro: bool) -> Option<String> {
     let bin = sibling_binary("relay-pane");
     if !bin.is_file() && which("relay-pane").is_none() {
         eprintln!("relay: relay-pane is not installed; attached without a sidebar");
         return None;
     }
     let command = format!(
-        "{} --pane {} --socket {} --fallback {}",
+        "{} --pane {} --socket {} --fallback {}{}",
         shell_quote(&bin.display().to_string()),
         pane.id,
         shell_quote(&socket.display().to_string()),
-        args.fallback
+        args.fallback,
+        if intro { " --intro" } else { "" }
     );
     match relay_tmux::split_beside(tmux, &pane.id, args.width, &command) {
         Ok(id) => Some(id),
@@ -170,6 +184,34 @@ fn configure_mcp(agent: Option<&str>) {
             "relay: give the agent the relay's tools with this MCP server (stdio): command `{}`, args [\"mcp\"]",
             relay.display()
         ),
+    }
+}
+
+/// What Claude Code's inbox needs, said once per user (a marker in relayd's state dir).
+fn explain_inbox_once() {
+    let marker = relayd::paths::default_state_dir().join("claude-inbox-explained");
+    if marker.exists() {
+        return;
+    }
+    eprintln!(
+        "relay: Claude Code 2.1.224 or later takes relay's messages through its inbox: no keystrokes; an idle \
+         session starts a turn, a busy one reads them after its running tool call.\n\
+         relay: in bypass-permissions mode Claude Code holds them until you approve them in the pane (or set \
+         \"crossSessionInbound\": \"accept\" in ~/.claude/settings.json); `relay status` lists held ones.\n\
+         relay: a session started before relay's MCP server was added gets relay's tools after a restart \
+         (`claude --continue`); until then it reads and answers relay messages through its inbox.\n\
+         relay: `relay attach --allow-tools` lets relay's tools run without a permission prompt."
+    );
+    let _ = std::fs::create_dir_all(marker.parent().unwrap_or(Path::new(".")));
+    let _ = std::fs::write(&marker, b"");
+}
+
+fn allow_tools() {
+    let Some(settings) = claude::claude_dir().map(|d| d.join("settings.json")) else { return };
+    match claude::allow_relay_tools(&settings) {
+        Ok(true) => eprintln!("relay: relay's tools now run without a prompt ({} allows {})", settings.display(), claude::RELAY_TOOLS_RULE),
+        Ok(false) => {}
+        Err(e) => eprintln!("relay: could not allow relay's tools: {e}"),
     }
 }
 

@@ -134,9 +134,14 @@ impl Bridge {
         Ok(guard)
     }
 
-    /// The tool list when not attached: the default server's, so the agent still sees them.
+    /// The tool list when not attached: the server's that relayd attaches to, so the agent
+    /// has the tools from the start (Claude Code asks once, when it starts) and they work as
+    /// soon as the pane is attached.
     async fn anonymous_tools(&self) -> Vec<Tool> {
-        let server = std::env::var("RELAY_SERVER").unwrap_or_else(|_| relayd::config::DEFAULT_SERVER.to_owned());
+        let server = match std::env::var("RELAY_SERVER") {
+            Ok(server) => server,
+            Err(_) => relayd_server(&self.socket).await.unwrap_or_else(|| relayd::config::DEFAULT_SERVER.to_owned()),
+        };
         match connect(&relayd::Config::normalize_server(&server), None).await {
             Ok(service) => {
                 let tools = service.list_all_tools().await.unwrap_or_default();
@@ -197,6 +202,15 @@ impl ServerHandler for Bridge {
                 Ok(CallToolResult::error(vec![ContentBlock::text(format!("relay server unavailable, try again: {e}"))]).into())
             }
         }
+    }
+}
+
+/// The server relayd attaches panes to.
+async fn relayd_server(socket: &std::path::Path) -> Option<String> {
+    let mut client = relayd::client::Client::connect(socket, CLIENT_NAME).await.ok()?;
+    match client.request(&Request::Status).await.ok()? {
+        Reply::Status { status } if !status.server.is_empty() => Some(status.server),
+        _ => None,
     }
 }
 

@@ -113,4 +113,8 @@ pub struct AttachArgs {
     /// expired), announce it by keystrokes instead ("keys"); by default relay only reports it
     #[arg(long, default_value = "none", value_parser = ["none", "keys"])]
     pub fallback: String,
+    /// Let relay's MCP tools run without a permission prompt in Claude Code (adds
+    /// "mcp__relay" to permissions.allow in its settings.json)
+    #[arg(long)]
+    pub allow_tools: bool,
 }

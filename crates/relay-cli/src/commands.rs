@@ -145,6 +145,7 @@ mod tests {
             version: "0.1.0".into(),
             pid: 7,
             socket: "/run/s".into(),
+            server: "http://s".into(),
             attachments: vec![relay_proto::local::Attachment {
                 pane: "%3".into(),
                 server: "http://s".into(),

@@ -11,9 +11,14 @@ use rmcp::transport::TokioChildProcess;
 use rmcp::{RoleClient, ServiceExt, service::RunningService};
 use serde_json::{Value, json};
 
-async fn bridge(socket: &std::path::Path, pane: &str, server: &str) -> RunningService<RoleClient, ()> {
+/// `relay mcp` for `pane`; it learns the server from relayd (no RELAY_SERVER).
+async fn bridge(socket: &std::path::Path, pane: &str) -> RunningService<RoleClient, ()> {
     let mut cmd = tokio::process::Command::new(binary("relay"));
-    cmd.args(["mcp", "--pane", pane]).env("RELAYD_SOCKET", socket).env("RELAY_SERVER", server).stderr(Stdio::null());
+    cmd.args(["mcp", "--pane", pane])
+        .env("RELAYD_SOCKET", socket)
+        .env_remove("RELAY_SERVER")
+        .env_remove("CLAUDE_CODE_MESSAGING_SOCKET")
+        .stderr(Stdio::null());
     ().serve(TokioChildProcess::new(cmd).unwrap()).await.expect("relay mcp speaks MCP on stdio")
 }
 
@@ -43,8 +48,9 @@ async fn the_bridge_speaks_for_the_pane_without_tokens_in_sight() {
     let (mut relayd, socket) = spawn_relayd(dir.path(), &base, &["--no-notifications"], &[], Stdio::null());
     let mut client = connect(&socket).await;
 
-    // not attached yet: the tools are listed, and each says what to do
-    let unattached = bridge(&socket, "%7", &base).await;
+    // not attached yet: the tools are listed (Claude Code asks only once, at its start), and
+    // each says what to do
+    let unattached = bridge(&socket, "%7").await;
     let tools = unattached.list_all_tools().await.unwrap();
     assert!(tools.iter().any(|t| t.name == "send_message"), "{tools:?}");
     let (failed, text, _) = call(&unattached, "send_message", json!({"message": "hi"})).await;
@@ -58,7 +64,7 @@ async fn the_bridge_speaks_for_the_pane_without_tokens_in_sight() {
         let reg = anon.ok("register", json!({"group_id": "team", "hostname": "far", "working_directory": "/far"})).await;
         (Mcp::connect(&server.url("/mcp"), Some(reg["token"].as_str().unwrap()), Mode::Stateless).await, reg)
     };
-    let agent = bridge(&socket, "%7", &base).await;
+    let agent = bridge(&socket, "%7").await;
     for tool in agent.list_all_tools().await.unwrap() {
         let props = tool.input_schema.get("properties").and_then(|p| p.as_object()).cloned().unwrap_or_default();
         assert!(!props.contains_key("token"), "{} still asks for a token", tool.name);

@@ -39,6 +39,10 @@ struct Args {
     /// announcement into the pane instead: "keys". The default reports and types nothing.
     #[arg(long, default_value = "none", value_parser = ["none", "keys"])]
     fallback: String,
+    /// Introduce the agent to relay through its inbox (relay attach found a Claude Code
+    /// session in the pane); typed into the pane if the inbox cannot take it
+    #[arg(long)]
+    intro: bool,
 }
 
 /// Events this close together are announced in one line.
@@ -152,6 +156,7 @@ async fn run(
     let mut last_typed: Option<Instant> = None;
     let mut pane_check = tokio::time::interval(Duration::from_secs(2));
     let mut transcript_check = tokio::time::interval(TRANSCRIPT_CHECK);
+    let mut intro = args.intro;
     let own_peers = |app: &App| app.attachments.iter().map(|a| a.peer_id.clone()).collect::<Vec<_>>();
     let report = |app: &mut App, receipts: Vec<Receipt>| {
         for r in &receipts {
@@ -173,6 +178,9 @@ async fn run(
                     Some(Incoming::Subscribed(attachments)) => {
                         if let Some(first) = attachments.first() {
                             inbox.set_me(&first.display_name);
+                            if std::mem::take(&mut intro) {
+                                introduce(&mut inbox, &tmux, &args.pane, first).await;
+                            }
                         }
                         app.attachments = attachments;
                         app.connection = Connection::Connected;
@@ -266,6 +274,26 @@ async fn run(
             }
         }
         terminal.draw(|f| app.render(f))?;
+    }
+}
+
+/// Tells the agent who it is, through its inbox, else typed (as relay attach would have).
+async fn introduce(inbox: &mut deliver::Inbox, tmux: &RealTmux, pane: &str, attachment: &Attachment) {
+    // Claude Code may still be starting: give its session a moment to appear
+    for _ in 0..20 {
+        if inbox.session().is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    match inbox.introduce(&attachment.group).await {
+        Ok(()) => return,
+        Err(e) => tracing::info!(%pane, error = %e, "cannot introduce through the inbox; typing it"),
+    }
+    let line = relay_cli::attach::intro_line(&attachment.display_name, &attachment.group);
+    if relay_tmux::send_literal(tmux, pane, &line).is_ok() {
+        tokio::time::sleep(deliver::keys::ENTER_DELAY).await;
+        let _ = relay_tmux::send_enter(tmux, pane);
     }
 }
 

@@ -134,6 +134,9 @@ pub struct Status {
     pub version: String,
     pub pid: u32,
     pub socket: String,
+    /// The server panes attach to unless they name another.
+    #[serde(default)]
+    pub server: String,
     pub attachments: Vec<Attachment>,
     pub upstreams: Vec<Upstream>,
     pub subscribers: usize,

@@ -90,6 +90,7 @@ fn every_reply_round_trips() {
         version: "0.1.0".into(),
         pid: 1,
         socket: "/tmp/s".into(),
+        server: "https://relay.example".into(),
         attachments: vec![attachment()],
         upstreams: vec![upstream(ConnectionState::Connected)],
         subscribers: 3,

@@ -172,7 +172,14 @@ pub fn send_literal(tmux: &dyn Tmux, pane: &str, text: &str) -> Result<(), TmuxE
 }
 
 pub fn send_enter(tmux: &dyn Tmux, pane: &str) -> Result<(), TmuxError> {
-    tmux.run(&["send-keys", "-t", pane, "Enter"]).map(drop)
+    send_keys(tmux, pane, &["Enter"])
+}
+
+/// Named keys (`Enter`, `Down`, `C-c`), as tmux's send-keys reads them.
+pub fn send_keys(tmux: &dyn Tmux, pane: &str, keys: &[&str]) -> Result<(), TmuxError> {
+    let mut args = vec!["send-keys", "-t", pane];
+    args.extend_from_slice(keys);
+    tmux.run(&args).map(drop)
 }
 
 /// The visible screen of a pane, as text.

@@ -503,6 +503,7 @@ impl Daemon {
             version: env!("CARGO_PKG_VERSION").to_owned(),
             pid: std::process::id(),
             socket: self.socket_path.display().to_string(),
+            server: Config::normalize_server(&self.config.server),
             attachments: inner.state.attachments.iter().map(|a| a.attachment.clone()).collect(),
             upstreams,
             subscribers: inner.subscribers.len(),

@@ -11,7 +11,6 @@
 pub mod inbox;
 pub mod keys;
 pub mod notice;
-pub mod session;
 
 use std::collections::HashMap;
 use std::io;
@@ -23,7 +22,7 @@ use tokio::sync::mpsc;
 
 use inbox::{Heard, Inbound, ReplySocket};
 use notice::ReplyTarget;
-use session::Session;
+use relay_cli::claude::{self as session, Session};
 
 /// A message by group and id.
 type MessageRef = (String, String);
@@ -185,17 +184,28 @@ impl Inbox {
         Posting::Posted(receipts)
     }
 
-    async fn post_notice(&mut self, n: &notice::Notice) -> io::Result<Vec<Receipt>> {
+    /// The reply socket for `target` (bound now if need be), and the session's inbox.
+    fn addresses(&mut self, target: &ReplyTarget) -> io::Result<(PathBuf, PathBuf)> {
         let socket = self.session().map(|s| s.socket.clone()).ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no session"))?;
-        let from = match self.reply_sockets.get(&n.target) {
-            Some(r) => r.path.clone(),
-            None => {
-                let path = inbox::reply_path(&socket, &self.pane, &n.target);
-                let listening = inbox::listen(path.clone(), n.target.clone(), self.heard.clone())?;
-                self.reply_sockets.insert(n.target.clone(), listening);
-                path
-            }
-        };
+        if let Some(r) = self.reply_sockets.get(target) {
+            return Ok((r.path.clone(), socket));
+        }
+        let path = inbox::reply_path(&socket, &self.pane, target);
+        let listening = inbox::listen(path.clone(), target.clone(), self.heard.clone())?;
+        self.reply_sockets.insert(target.clone(), listening);
+        Ok((path, socket))
+    }
+
+    /// Tells the agent who it is on relay, through the inbox; replies go to the group.
+    pub async fn introduce(&mut self, group: &str) -> io::Result<()> {
+        let target = ReplyTarget::Group { group: group.to_owned() };
+        let (from, socket) = self.addresses(&target)?;
+        let n = notice::introduction(&self.me, group, target);
+        inbox::post(&socket, &inbox::line(&n, &from, &uuid::Uuid::new_v4().to_string())).await
+    }
+
+    async fn post_notice(&mut self, n: &notice::Notice) -> io::Result<Vec<Receipt>> {
+        let (from, socket) = self.addresses(&n.target)?;
         let msg_id = uuid::Uuid::new_v4().to_string();
         inbox::post(&socket, &inbox::line(n, &from, &msg_id)).await?;
         self.room -= 1.0;

@@ -1,4 +1,5 @@
-//! Finding the Claude Code session of a tmux pane, and knowing whether it is still there.
+//! Claude Code's sessions: finding the one in a tmux pane, and knowing whether it is still
+//! there.
 //!
 //! Claude Code keeps a registry, `~/.claude/sessions/<pid>.json`, with the session's inbox
 //! socket (`messagingSocketPath`), its tmux pane (`tmux`: `"work:@0.%3"`), its `status`
@@ -40,6 +41,36 @@ pub fn claude_dir() -> Option<PathBuf> {
         return Some(PathBuf::from(dir));
     }
     std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".claude"))
+}
+
+/// The permission rule that lets every relay MCP tool run without a prompt.
+pub const RELAY_TOOLS_RULE: &str = "mcp__relay";
+
+/// Adds [`RELAY_TOOLS_RULE`] to `permissions.allow` in `settings.json`, keeping everything
+/// else in it. Returns false if it was there already.
+pub fn allow_relay_tools(settings: &Path) -> std::io::Result<bool> {
+    let mut value: serde_json::Value = match std::fs::read_to_string(settings) {
+        Ok(text) if !text.trim().is_empty() => serde_json::from_str(&text).map_err(|e| {
+            std::io::Error::new(std::io::ErrorKind::InvalidData, format!("{} is not valid JSON ({e}); left it alone", settings.display()))
+        })?,
+        Ok(_) => serde_json::json!({}),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => serde_json::json!({}),
+        Err(e) => return Err(e),
+    };
+    let bad_shape = || std::io::Error::new(std::io::ErrorKind::InvalidData, format!("{}: permissions.allow is not a list", settings.display()));
+    let root = value.as_object_mut().ok_or_else(bad_shape)?;
+    let permissions = root.entry("permissions").or_insert_with(|| serde_json::json!({})).as_object_mut().ok_or_else(bad_shape)?;
+    let allow = permissions.entry("allow").or_insert_with(|| serde_json::json!([])).as_array_mut().ok_or_else(bad_shape)?;
+    if allow.iter().any(|r| r == RELAY_TOOLS_RULE) {
+        return Ok(false);
+    }
+    allow.push(RELAY_TOOLS_RULE.into());
+    if let Some(dir) = settings.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let text = serde_json::to_string_pretty(&value).expect("JSON values serialize") + "\n";
+    relay_util::write_atomically(settings, text.as_bytes(), 0o600)?;
+    Ok(true)
 }
 
 /// The live session whose registry entry names `pane`; the most recently started one if
@@ -158,6 +189,23 @@ mod tests {
         assert_eq!(find(dir.path(), "%5"), None);
         // no registry at all
         assert_eq!(find(&dir.path().join("nowhere"), "%5"), None);
+    }
+
+    #[test]
+    fn allowing_relay_tools_keeps_the_rest_of_the_settings() {
+        let dir = tempfile::tempdir().unwrap();
+        let settings = dir.path().join("sub/settings.json");
+        assert!(allow_relay_tools(&settings).unwrap(), "created");
+        std::fs::write(&settings, r#"{"theme":"dark","permissions":{"allow":["Bash(ls:*)"],"defaultMode":"default"}}"#).unwrap();
+        assert!(allow_relay_tools(&settings).unwrap());
+        assert!(!allow_relay_tools(&settings).unwrap(), "once is enough");
+        let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&settings).unwrap()).unwrap();
+        assert_eq!(v["permissions"]["allow"], serde_json::json!(["Bash(ls:*)", "mcp__relay"]));
+        assert_eq!((v["theme"].as_str(), v["permissions"]["defaultMode"].as_str()), (Some("dark"), Some("default")));
+        std::fs::write(&settings, "{ not json").unwrap();
+        let err = allow_relay_tools(&settings).unwrap_err();
+        assert!(err.to_string().contains("not valid JSON"), "{err}");
+        assert_eq!(std::fs::read_to_string(&settings).unwrap(), "{ not json", "a broken file is left alone");
     }
 
     #[test]
