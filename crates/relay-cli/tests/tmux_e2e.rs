@@ -157,3 +157,80 @@ async fn attach_two_agents_message_announce_read_and_detach() {
     relayd.kill_hard();
     drop(t);
 }
+
+/// The keystroke path never garbles what a human is typing: an announcement waits while a
+/// line is half-typed, goes in once it is submitted, and after waiting too long the message
+/// is marked failed and the human gets a desktop notification.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keystrokes_wait_for_a_half_typed_line_and_give_up_loudly() {
+    let test = "keystrokes_wait_for_a_half_typed_line_and_give_up_loudly";
+    let Some(desktop) = Desktop::start(test) else { return };
+    let env: Vec<(String, String)> = [
+        ("DBUS_SESSION_BUS_ADDRESS", desktop.bus.as_str()),
+        ("RELAY_QUIET_MS", "150"),
+        ("RELAY_PATIENCE_SECS", "3"),
+        ("PATH", &std::env::var("PATH").unwrap_or_default()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v.to_owned()))
+    .collect();
+    let Some(t) = TmuxServer::start_with_env(test, "keys", &env) else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let server = ServerProcess::start(0, &["--ephemeral"]);
+    let (mut relayd, socket) = spawn_relayd(dir.path(), &server.url(""), &["--no-notifications"], &[], Stdio::null());
+    let agent = stand_in_agent(dir.path());
+    let (log_a, log_b) = (dir.path().join("a.log"), dir.path().join("b.log"));
+    let pane_a = t.new_pane("/tmp", &format!("python3 {} {}", agent.display(), log_a.display()));
+    let pane_b = t.new_pane("/", &format!("python3 {} {}", agent.display(), log_b.display()));
+    wait_until("relayd and the agents", Duration::from_secs(10), || socket.exists() && log_a.exists() && log_b.exists());
+    for (pane, name) in [(&pane_a, "alice"), (&pane_b, "bob")] {
+        let out = t.relay(&socket, &["attach", pane, "--group", "keys", "--name", name, "--no-mcp-config"], &[]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+    let b_log = || std::fs::read_to_string(&log_b).unwrap_or_default();
+    wait_until("bob's introduction", Duration::from_secs(10), || b_log().contains("You are bob"));
+    let a = mcp(&socket, &pane_a).await;
+    tokio::time::sleep(Duration::from_millis(500)).await; // sidebars subscribed
+
+    // the human at bob's pane has typed half a line
+    relay_tmux::send_literal(&t.tmux, &pane_b, "deploy to stag").unwrap();
+    call(&a, "send_message", json!({"message": "the build is green"})).await;
+    tokio::time::sleep(Duration::from_millis(2000)).await;
+    let screen = relay_tmux::capture(&t.tmux, &pane_b).unwrap();
+    assert!(!screen.contains("[RELAY] 1 new message"), "typed into a half-typed line:\n{screen}");
+    assert!(!b_log().contains("new message"));
+    // the human finishes the line: it arrives whole, then the announcement on its own line
+    relay_tmux::send_literal(&t.tmux, &pane_b, "ing").unwrap();
+    relay_tmux::send_enter(&t.tmux, &pane_b).unwrap();
+    wait_until("the announcement after the human's line", Duration::from_secs(10), || b_log().contains("new message"));
+    let lines: Vec<String> = b_log().lines().map(str::to_owned).collect();
+    let human = lines.iter().position(|l| l == "deploy to staging").unwrap_or_else(|| panic!("the human's line was garbled: {lines:?}"));
+    let announced = lines.iter().position(|l| l == "[RELAY] 1 new message in keys from alice. Use read_new_messages.").unwrap_or_else(|| panic!("{lines:?}"));
+    assert!(human < announced, "{lines:?}");
+    assert_eq!(lines.iter().filter(|l| l.contains("new message")).count(), 1, "{lines:?}");
+
+    // a half-typed line that is never finished: the message fails, and the human is told
+    relay_tmux::send_literal(&t.tmux, &pane_b, "thinking about it").unwrap();
+    let sent = call(&a, "send_dm", json!({"to": "bob", "message": "are you there?"})).await;
+    let id = sent["message_id"].as_str().unwrap().to_owned();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let status = call(&a, "message_status", json!({"message_id": id})).await;
+        if status["recipients"][0]["state"] == "failed" {
+            assert!(status["recipients"][0]["detail"].as_str().unwrap().contains("someone is typing"), "{status}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "never failed: {status}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let mut shown = None;
+    wait_until("the desktop notification", Duration::from_secs(10), || {
+        shown = desktop.shown();
+        shown.is_some()
+    });
+    assert!(shown.as_deref().unwrap().contains("not delivered"), "{shown:?}");
+    assert_eq!(relay_tmux::capture(&t.tmux, &pane_b).unwrap().matches("thinking about it").count(), 1);
+    assert!(!b_log().contains("thinking about it"), "the human's half line was never submitted by relay");
+    let _ = a.cancel().await;
+    relayd.kill_hard();
+}

@@ -15,7 +15,8 @@ use clap::Parser;
 use crossterm::event::{Event as TermEvent, EventStream};
 use futures::StreamExt;
 use relay_proto::local::{AgentInfo, Attachment, Reply, Request};
-use relay_proto::{DeliveryState, Event, Receipt};
+use relay_proto::{Event, Receipt};
+use relayd::notify::Notifier as _;
 use relay_tmux::RealTmux;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -39,6 +40,13 @@ struct Args {
     /// announcement into the pane instead: "keys". The default reports and types nothing.
     #[arg(long, default_value = "none", value_parser = ["none", "keys"])]
     fallback: String,
+    /// Type only after the agent's pane has shown no change for this long (milliseconds)
+    #[arg(long, env = "RELAY_QUIET_MS", default_value_t = 250)]
+    quiet_ms: u64,
+    /// After this many seconds of failing to type an announcement, mark its messages
+    /// failed and tell the human with a desktop notification
+    #[arg(long, env = "RELAY_PATIENCE_SECS", default_value_t = 120)]
+    patience_secs: u64,
     /// Introduce the agent to relay through its inbox (relay attach found a Claude Code
     /// session in the pane); typed into the pane if the inbox cannot take it
     #[arg(long)]
@@ -49,8 +57,6 @@ struct Args {
 const GATHER: Duration = Duration::from_millis(20);
 /// After a line is typed, the next waits this long, so a burst becomes one more line.
 const COOLDOWN: Duration = Duration::from_millis(500);
-/// How soon to try again when the pane is in copy mode.
-const BUSY_RETRY: Duration = Duration::from_secs(1);
 /// How often Claude Code's transcript is read for notices that reached the conversation.
 const TRANSCRIPT_CHECK: Duration = Duration::from_millis(250);
 
@@ -157,6 +163,8 @@ async fn run(
     let mut pane_check = tokio::time::interval(Duration::from_secs(2));
     let mut transcript_check = tokio::time::interval(TRANSCRIPT_CHECK);
     let mut intro = args.intro;
+    let care = deliver::keys::Care { quiet: Duration::from_millis(args.quiet_ms), ..Default::default() };
+    let mut typist = deliver::keys::Typist::new(care, Duration::from_secs(args.patience_secs));
     let own_peers = |app: &App| app.attachments.iter().map(|a| a.peer_id.clone()).collect::<Vec<_>>();
     let report = |app: &mut App, receipts: Vec<Receipt>| {
         for r in &receipts {
@@ -235,10 +243,10 @@ async fn run(
                     }
                 }
                 // no inbox: announce by keystrokes
-                if let Some(at) = type_announcement(&tmux, &args.pane, &mut pending, &mut app, &report).await {
-                    announce_at = Some(at);
-                } else {
-                    last_typed = Some(Instant::now());
+                let status = inbox.agent_status();
+                match type_announcement(&mut typist, &tmux, &args.pane, &mut pending, &mut app, status.as_deref(), &report).await {
+                    Some(at) => announce_at = Some(at),
+                    None => last_typed = Some(Instant::now()),
                 }
             }
             heard = heard_rx.recv() => {
@@ -254,9 +262,7 @@ async fn run(
                 if args.fallback == "keys" && !outcome.refused.is_empty() {
                     let refused: Vec<Event> = recent.iter().filter(|e| outcome.refused.iter().any(|(g, id)| *g == e.group && *id == e.id)).cloned().collect();
                     pending.extend(refused);
-                    if type_announcement(&tmux, &args.pane, &mut pending, &mut app, &report).await.is_some() {
-                        announce_at = Some(Instant::now() + BUSY_RETRY);
-                    }
+                    announce_at.get_or_insert(Instant::now());
                 }
             }
             _ = transcript_check.tick(), if inbox.has_pending() => {
@@ -297,34 +303,36 @@ async fn introduce(inbox: &mut deliver::Inbox, tmux: &RealTmux, pane: &str, atta
     }
 }
 
-/// Types one announcement for `pending` into the pane. None when done (typed, or nothing
-/// to say); else when to try again.
+/// One attempt at announcing `pending` by keystrokes; when to try again, if it must.
 async fn type_announcement(
+    typist: &mut deliver::keys::Typist,
     tmux: &RealTmux,
     pane: &str,
     pending: &mut Vec<Event>,
     app: &mut App,
+    agent_status: Option<&str>,
     report: &impl Fn(&mut App, Vec<Receipt>),
 ) -> Option<Instant> {
-    let Some(line) = deliver::keys::announcement(pending) else {
-        pending.clear();
-        return None;
-    };
-    match deliver::keys::type_line(tmux, pane, &line).await {
-        Ok(deliver::keys::Outcome::Typed) => {
-            let receipts =
-                pending.drain(..).map(|e| Receipt { message_id: e.id, group: e.group, state: DeliveryState::Notified, detail: None }).collect();
+    use deliver::keys::Announced;
+    match typist.announce(tmux, pane, pending, agent_status).await {
+        Announced::Typed(receipts) => {
             report(app, receipts);
             app.note = None;
             None
         }
-        Ok(deliver::keys::Outcome::Busy) => {
-            app.note = Some(format!("{} waiting: the agent pane is in copy mode", pending.len()));
-            Some(Instant::now() + BUSY_RETRY)
+        Announced::Later(at, why) => {
+            app.note = Some(format!("{} waiting: {why}", pending.len()));
+            Some(at)
         }
-        Err(e) => {
-            app.note = Some(format!("cannot type into {pane}: {e}"));
-            Some(Instant::now() + BUSY_RETRY)
+        Announced::GaveUp(receipts, why) => {
+            let n = receipts.len();
+            report(app, receipts);
+            app.note = Some(format!("✗ {n} not delivered: {why}"));
+            relayd::notify::Desktop::default().notify(relayd::notify::Notice {
+                summary: format!("relay: {n} message(s) not delivered to {pane}"),
+                body: format!("relay could not type into the agent's pane ({why}). Read them in the sidebar, or tell the agent to call read_new_messages."),
+            });
+            None
         }
     }
 }

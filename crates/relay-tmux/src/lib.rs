@@ -114,14 +114,16 @@ pub struct Pane {
     /// In copy mode (or another mode): typing would go to the mode, not the program.
     pub in_mode: bool,
     pub width: u32,
+    /// Where the cursor is: column and row of the visible screen.
+    pub cursor: (u32, u32),
 }
 
-const PANE_FORMAT: &str =
-    "#{pane_id}\t#{pane_pid}\t#{pane_current_command}\t#{pane_current_path}\t#{session_name}:#{window_index}.#{pane_index}\t#{pane_in_mode}\t#{pane_width}";
+const PANE_FORMAT: &str = "#{pane_id}\t#{pane_pid}\t#{pane_current_command}\t#{pane_current_path}\t\
+     #{session_name}:#{window_index}.#{pane_index}\t#{pane_in_mode}\t#{pane_width}\t#{cursor_x}\t#{cursor_y}";
 
 fn parse_pane(line: &str) -> Option<Pane> {
     let f: Vec<&str> = line.split('\t').collect();
-    if f.len() != 7 {
+    if f.len() != 9 {
         return None;
     }
     Some(Pane {
@@ -132,6 +134,7 @@ fn parse_pane(line: &str) -> Option<Pane> {
         target: f[4].to_owned(),
         in_mode: f[5] == "1",
         width: f[6].parse().unwrap_or(0),
+        cursor: (f[7].parse().unwrap_or(0), f[8].parse().unwrap_or(0)),
     })
 }
 
@@ -182,6 +185,11 @@ pub fn send_keys(tmux: &dyn Tmux, pane: &str, keys: &[&str]) -> Result<(), TmuxE
     tmux.run(&args).map(drop)
 }
 
+/// The visible screen of a pane with wrapped lines joined: what was typed shows whole.
+pub fn capture_joined(tmux: &dyn Tmux, pane: &str) -> Result<String, TmuxError> {
+    tmux.run(&["capture-pane", "-p", "-J", "-t", pane])
+}
+
 /// The visible screen of a pane, as text.
 pub fn capture(tmux: &dyn Tmux, pane: &str) -> Result<String, TmuxError> {
     tmux.run(&["capture-pane", "-p", "-t", pane])
@@ -209,7 +217,7 @@ mod tests {
     #[test]
     fn parses_panes_and_builds_the_right_commands() {
         let fake = FakeTmux::default();
-        fake.answer("display-message", Ok("%3\t4242\tclaude\t/home/me/api\twork:1.0\t0\t120\n"));
+        fake.answer("display-message", Ok("%3\t4242\tclaude\t/home/me/api\twork:1.0\t0\t120\t7\t23\n"));
         let p = pane(&fake, "%3").unwrap();
         assert_eq!(p, Pane {
             id: "%3".into(),
@@ -219,6 +227,7 @@ mod tests {
             target: "work:1.0".into(),
             in_mode: false,
             width: 120,
+            cursor: (7, 23),
         });
         fake.answer("split-window", Ok("%9\n"));
         assert_eq!(split_beside(&fake, "%3", 40, "relay-pane --pane %3").unwrap(), "%9");

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use relay_proto::{Event, EventKind};
+use relay_proto::{DeliveryState, Event, EventKind, Receipt};
 use relay_tmux::Tmux;
 
 /// Longest sender or group name typed into a pane.
@@ -60,23 +60,137 @@ pub fn announcement(events: &[Event]) -> Option<String> {
     Some(format!("[RELAY] {what} in {} from {from}. Use read_new_messages.", groups.join(", ")))
 }
 
+/// How careful typing is.
+#[derive(Debug, Clone, Copy)]
+pub struct Care {
+    /// The pane's screen must stay unchanged this long (no output, no key echo).
+    pub quiet: Duration,
+    /// How long the typed line may take to show before relay gives up on it.
+    pub shown_within: Duration,
+}
+
+impl Default for Care {
+    fn default() -> Self {
+        Self { quiet: Duration::from_millis(250), shown_within: Duration::from_secs(1) }
+    }
+}
+
 /// What happened to an attempt.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Outcome {
     Typed,
-    /// The pane is in copy mode (or another mode); try again later.
-    Busy,
+    /// Not now, and why (copy mode, the agent working, someone typing); try again later.
+    Busy(String),
 }
 
-/// Types `line` into `pane` unless it is in a mode; then Enter, separately.
-pub async fn type_line(tmux: &dyn Tmux, pane: &str, line: &str) -> Result<Outcome, relay_tmux::TmuxError> {
-    if relay_tmux::pane(tmux, pane)?.in_mode {
-        return Ok(Outcome::Busy);
+/// Types `line` into `pane` only when it can take it: not in copy mode, the agent idle (by
+/// Claude Code's own `status` when known, else a screen that stays still for `care.quiet`),
+/// and nothing half-typed on the input line. Presses Enter only once the line shows.
+pub async fn type_line(
+    tmux: &dyn Tmux,
+    pane: &str,
+    line: &str,
+    care: Care,
+    agent_status: Option<&str>,
+) -> Result<Outcome, relay_tmux::TmuxError> {
+    let before = relay_tmux::pane(tmux, pane)?;
+    if before.in_mode {
+        return Ok(Outcome::Busy("the pane is in copy mode".into()));
+    }
+    if let Some(status) = agent_status.filter(|s| *s != "idle") {
+        return Ok(Outcome::Busy(format!("the agent is {status}")));
+    }
+    let screen = relay_tmux::capture(tmux, pane)?;
+    if let Some(typed) = pending_input(&screen, before.cursor) {
+        return Ok(Outcome::Busy(format!("someone is typing in the pane ({} characters)", typed.chars().count())));
+    }
+    tokio::time::sleep(care.quiet).await;
+    let after = relay_tmux::pane(tmux, pane)?;
+    if after.in_mode || after.cursor != before.cursor || relay_tmux::capture(tmux, pane)? != screen {
+        return Ok(Outcome::Busy("the pane is busy (its screen keeps changing)".into()));
     }
     relay_tmux::send_literal(tmux, pane, line)?;
+    let deadline = tokio::time::Instant::now() + care.shown_within;
+    while !relay_tmux::capture_joined(tmux, pane)?.contains(line) {
+        if tokio::time::Instant::now() >= deadline {
+            return Ok(Outcome::Busy("the typed line did not show in the pane".into()));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     tokio::time::sleep(ENTER_DELAY).await;
     relay_tmux::send_enter(tmux, pane)?;
     Ok(Outcome::Typed)
+}
+
+/// What became of a burst handed to the [`Typist`].
+#[derive(Debug, PartialEq, Eq)]
+pub enum Announced {
+    /// Typed and submitted: these messages reached the agent.
+    Typed(Vec<Receipt>),
+    /// Not yet; try again at this time. Says why.
+    Later(tokio::time::Instant, String),
+    /// Kept failing for longer than the patience allows: these messages failed.
+    GaveUp(Vec<Receipt>, String),
+}
+
+/// Announces bursts by keystrokes, retrying with backoff while the pane is busy, and
+/// giving up (so the human can be told) after `patience`.
+pub struct Typist {
+    pub care: Care,
+    pub patience: Duration,
+    blocked_since: Option<tokio::time::Instant>,
+    attempts: u32,
+}
+
+impl Typist {
+    pub fn new(care: Care, patience: Duration) -> Self {
+        Self { care, patience, blocked_since: None, attempts: 0 }
+    }
+
+    /// One attempt at announcing `pending` (left empty unless it must wait).
+    pub async fn announce(&mut self, tmux: &dyn Tmux, pane: &str, pending: &mut Vec<Event>, agent_status: Option<&str>) -> Announced {
+        let receipts = |pending: &mut Vec<Event>, state, detail: Option<&str>| -> Vec<Receipt> {
+            pending
+                .drain(..)
+                .filter(|e| e.kind.message_kind().is_some())
+                .map(|e| Receipt { message_id: e.id, group: e.group, state, detail: detail.map(str::to_owned) })
+                .collect()
+        };
+        let Some(line) = announcement(pending) else {
+            pending.clear();
+            return Announced::Typed(Vec::new());
+        };
+        let why = match type_line(tmux, pane, &line, self.care, agent_status).await {
+            Ok(Outcome::Typed) => {
+                self.blocked_since = None;
+                self.attempts = 0;
+                return Announced::Typed(receipts(pending, DeliveryState::Notified, None));
+            }
+            Ok(Outcome::Busy(why)) => why,
+            Err(e) => format!("cannot type into {pane}: {e}"),
+        };
+        let now = tokio::time::Instant::now();
+        let since = *self.blocked_since.get_or_insert(now);
+        if now.duration_since(since) >= self.patience {
+            self.blocked_since = None;
+            self.attempts = 0;
+            let detail = format!("could not be typed into the agent's pane: {why}");
+            return Announced::GaveUp(receipts(pending, DeliveryState::Failed, Some(&detail)), why);
+        }
+        self.attempts += 1;
+        // 0.5 s, 1 s, 2 s, … at most 10 s between attempts
+        let backoff = Duration::from_millis(500 * 2u64.pow(self.attempts.min(5) - 1)).min(Duration::from_secs(10));
+        Announced::Later(now + backoff, why)
+    }
+}
+
+/// Text someone has typed but not submitted: what stands left of the cursor on its line,
+/// once the usual prompt marks are taken off.
+pub fn pending_input(screen: &str, (x, y): (u32, u32)) -> Option<String> {
+    let row = screen.lines().nth(y as usize)?;
+    let before_cursor: String = row.chars().take(x as usize).collect();
+    let typed = before_cursor.trim_start_matches(|c: char| c.is_whitespace() || "│|>❯›»$%#:".contains(c)).trim_end();
+    (!typed.is_empty()).then(|| typed.to_owned())
 }
 
 #[cfg(test)]
@@ -142,16 +256,99 @@ mod tests {
         assert!(line.len() < 200, "{line}");
     }
 
+    /// A pane for FakeTmux: `%3`, in copy mode or not, cursor at (x, y).
+    fn pane_info(in_mode: bool, cursor: (u32, u32)) -> String {
+        format!("%3\t1\tclaude\t/w\ts:0.0\t{}\t80\t{}\t{}\n", u8::from(in_mode), cursor.0, cursor.1)
+    }
+
+    const QUICK: Care = Care { quiet: Duration::from_millis(1), shown_within: Duration::from_millis(50) };
+
     #[tokio::test]
-    async fn copy_mode_is_never_typed_into_and_enter_comes_separately() {
+    async fn types_only_into_an_idle_pane_and_enter_comes_once_the_line_shows() {
         let tmux = FakeTmux::default();
-        tmux.answer("display-message", Ok("%3\t1\tclaude\t/w\ts:0.0\t1\t80\n"));
-        assert_eq!(type_line(&tmux, "%3", "[RELAY] x").await.unwrap(), Outcome::Busy);
+        tmux.answer("display-message", Ok(&pane_info(true, (0, 0))));
+        assert_eq!(type_line(&tmux, "%3", "[RELAY] x", QUICK, None).await.unwrap(), Outcome::Busy("the pane is in copy mode".into()));
         assert_eq!(tmux.calls().len(), 1, "nothing typed in copy mode");
-        tmux.answer("display-message", Ok("%3\t1\tclaude\t/w\ts:0.0\t0\t80\n"));
-        assert_eq!(type_line(&tmux, "%3", "[RELAY] x").await.unwrap(), Outcome::Typed);
+
+        let tmux = FakeTmux::default();
+        tmux.answer("display-message", Ok(&pane_info(false, (0, 0))));
+        let busy = type_line(&tmux, "%3", "[RELAY] x", QUICK, Some("busy")).await.unwrap();
+        assert_eq!(busy, Outcome::Busy("the agent is busy".into()));
+
+        // a human's half-typed line: wait
+        let tmux = FakeTmux::default();
+        tmux.answer("display-message", Ok(&pane_info(false, (14, 1))));
+        tmux.answer("capture-pane", Ok("earlier output\n> git push --fo\n"));
+        let typing = type_line(&tmux, "%3", "[RELAY] x", QUICK, None).await.unwrap();
+        assert_eq!(typing, Outcome::Busy("someone is typing in the pane (12 characters)".into()));
+        assert!(!tmux.calls().iter().any(|c| c[0] == "send-keys"));
+
+        // output still coming: wait
+        let tmux = FakeTmux::default();
+        tmux.answer("display-message", Ok(&pane_info(false, (0, 1))));
+        tmux.answer("capture-pane", Ok("building…\n\n"));
+        tmux.answer("display-message", Ok(&pane_info(false, (0, 2))));
+        tmux.answer("capture-pane", Ok("building…\ndone\n\n"));
+        let working = type_line(&tmux, "%3", "[RELAY] x", QUICK, None).await.unwrap();
+        assert_eq!(working, Outcome::Busy("the pane is busy (its screen keeps changing)".into()));
+
+        // idle: typed, checked on screen, then Enter on its own
+        let tmux = FakeTmux::default();
+        for _ in 0..2 {
+            tmux.answer("display-message", Ok(&pane_info(false, (2, 1))));
+            tmux.answer("capture-pane", Ok("ok\n> \n"));
+        }
+        tmux.answer("capture-pane", Ok("ok\n> [RELAY] x\n"));
+        assert_eq!(type_line(&tmux, "%3", "[RELAY] x", QUICK, Some("idle")).await.unwrap(), Outcome::Typed);
         let calls = tmux.calls();
-        assert_eq!(calls[2], ["send-keys", "-t", "%3", "-l", "--", "[RELAY] x"]);
-        assert_eq!(calls[3], ["send-keys", "-t", "%3", "Enter"]);
+        let keys: Vec<&Vec<String>> = calls.iter().filter(|c| c[0] == "send-keys").collect();
+        assert_eq!(keys, [&vec!["send-keys", "-t", "%3", "-l", "--", "[RELAY] x"], &vec!["send-keys", "-t", "%3", "Enter"]]);
+        assert_eq!(calls.last().unwrap(), keys[1], "Enter comes last, after the line showed");
+
+        // typed, but it never shows: no Enter
+        let tmux = FakeTmux::default();
+        for _ in 0..2 {
+            tmux.answer("display-message", Ok(&pane_info(false, (0, 0))));
+            tmux.answer("capture-pane", Ok("\n"));
+        }
+        let lost = type_line(&tmux, "%3", "[RELAY] x", QUICK, None).await.unwrap();
+        assert_eq!(lost, Outcome::Busy("the typed line did not show in the pane".into()));
+        assert!(!tmux.calls().iter().any(|c| c.len() == 4 && c[3] == "Enter"), "no Enter for a line that did not show");
+    }
+
+    #[tokio::test]
+    async fn the_typist_backs_off_then_gives_up_with_failed_receipts() {
+        let tmux = FakeTmux::default();
+        let mut typist = Typist::new(QUICK, Duration::from_millis(30));
+        let mut pending = vec![event(EventKind::Dm, "bob", "g")];
+        for _ in 0..3 {
+            tmux.answer("display-message", Ok(&pane_info(true, (0, 0))));
+        }
+        let Announced::Later(_, why) = typist.announce(&tmux, "%3", &mut pending, None).await else { panic!("should wait") };
+        assert_eq!(why, "the pane is in copy mode");
+        assert_eq!(pending.len(), 1, "kept for the next attempt");
+        tokio::time::sleep(Duration::from_millis(40)).await;
+        match typist.announce(&tmux, "%3", &mut pending, None).await {
+            Announced::GaveUp(receipts, why) => {
+                assert_eq!(why, "the pane is in copy mode");
+                assert_eq!(receipts.len(), 1);
+                assert_eq!(receipts[0].state, DeliveryState::Failed);
+                assert!(receipts[0].detail.as_deref().unwrap().contains("copy mode"));
+            }
+            other => panic!("should give up: {other:?}"),
+        }
+        assert!(pending.is_empty());
+    }
+
+    #[test]
+    fn half_typed_input_is_told_from_a_bare_prompt() {
+        assert_eq!(pending_input("> \n", (2, 0)), None);
+        assert_eq!(pending_input("│ > \n", (4, 0)), None);
+        assert_eq!(pending_input("❯ \n", (2, 0)), None);
+        assert_eq!(pending_input("\n\n", (0, 1)), None);
+        assert_eq!(pending_input("│ > fix the tests\n", (16, 0)).as_deref(), Some("fix the test"));
+        assert_eq!(pending_input("hello\n", (5, 0)).as_deref(), Some("hello"));
+        assert_eq!(pending_input("out\n$ ls -la\n", (8, 1)).as_deref(), Some("ls -la"));
+        assert_eq!(pending_input("", (0, 5)), None);
     }
 }

@@ -158,6 +158,13 @@ impl Inbox {
         self.transcript = None;
     }
 
+    /// Claude Code's own word on whether the pane's session is idle, busy or waiting, read
+    /// fresh from its registry; None for other agents.
+    pub fn agent_status(&mut self) -> Option<String> {
+        let pid = self.session()?.pid;
+        session::by_pid(self.claude_dir.as_deref()?, pid)?.status
+    }
+
     pub fn has_pending(&self) -> bool {
         !self.posted.is_empty()
     }
