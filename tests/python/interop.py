@@ -120,9 +120,12 @@ async def main(base, mode):
         await asyncio.sleep(0.5)
         for t in tasks:
             t.cancel()
-        bob_kinds = [(k, e["preview"]) for k, e in events["bob"]]
+        bob_kinds = [(k, e["preview"]) for k, e in events["bob"] if k != "receipt"]
         check(bob_kinds == [("message", "hello from python"), ("dm", "just for bob"), ("peer_left", "pyhost:bob left " + group)],
               f"bob's stream {bob_kinds}")
+        # bob's stream also says his copies were read (read_new_messages)
+        bob_receipts = [(e["id"], e["state"]) for k, e in events["bob"] if k == "receipt"]
+        check(len(bob_receipts) == 2 and all(state == "read" for _, state in bob_receipts), f"bob's receipts {bob_receipts}")
         carol_kinds = [k for k, _ in events["carol"]]
         check(carol_kinds == ["message", "message", "peer_left"], f"carol's stream {carol_kinds}")
         check(all(e.get("recipient") is None for _, e in events["carol"]), "carol saw a DM")

@@ -234,3 +234,59 @@ async fn keystrokes_wait_for_a_half_typed_line_and_give_up_loudly() {
     let _ = a.cancel().await;
     relayd.kill_hard();
 }
+
+/// A message announced but not read gets one reminder, then the human is told; one the
+/// agent reads gets none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unread_message_is_announced_once_more_then_the_human_is_told() {
+    let test = "an_unread_message_is_announced_once_more_then_the_human_is_told";
+    let Some(desktop) = Desktop::start(test) else { return };
+    let env: Vec<(String, String)> = [
+        ("DBUS_SESSION_BUS_ADDRESS", desktop.bus.as_str()),
+        ("RELAY_QUIET_MS", "100"),
+        ("RELAY_RENOTIFY_SECS", "2"),
+        ("PATH", &std::env::var("PATH").unwrap_or_default()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v.to_owned()))
+    .collect();
+    let Some(t) = TmuxServer::start_with_env(test, "remind", &env) else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let server = ServerProcess::start(0, &["--ephemeral"]);
+    let (mut relayd, socket) = spawn_relayd(dir.path(), &server.url(""), &["--no-notifications"], &[], Stdio::null());
+    let agent = stand_in_agent(dir.path());
+    let (log_a, log_b) = (dir.path().join("a.log"), dir.path().join("b.log"));
+    let pane_a = t.new_pane("/tmp", &format!("python3 {} {}", agent.display(), log_a.display()));
+    let pane_b = t.new_pane("/", &format!("python3 {} {}", agent.display(), log_b.display()));
+    wait_until("relayd and the agents", Duration::from_secs(10), || socket.exists() && log_a.exists() && log_b.exists());
+    for (pane, name) in [(&pane_a, "alice"), (&pane_b, "bob")] {
+        let out = t.relay(&socket, &["attach", pane, "--group", "remind", "--name", name, "--no-mcp-config"], &[]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+    let b_log = || std::fs::read_to_string(&log_b).unwrap_or_default();
+    let announced = || b_log().matches("[RELAY] 1 new DM in remind from alice").count();
+    wait_until("bob's introduction", Duration::from_secs(10), || b_log().contains("You are bob"));
+    let a = mcp(&socket, &pane_a).await;
+    let b = mcp(&socket, &pane_b).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    // read at once: no reminder
+    call(&a, "send_dm", json!({"to": "bob", "message": "first"})).await;
+    wait_until("the first announcement", Duration::from_secs(10), || announced() == 1);
+    call(&b, "read_new_messages", json!({})).await;
+    // not read: one reminder after 2 s, then the human hears of it
+    call(&a, "send_dm", json!({"to": "bob", "message": "second"})).await;
+    wait_until("the second announcement", Duration::from_secs(10), || announced() == 2);
+    wait_until("the reminder", Duration::from_secs(10), || announced() == 3);
+    let mut shown = None;
+    wait_until("the desktop notification", Duration::from_secs(15), || {
+        shown = desktop.shown();
+        shown.is_some()
+    });
+    assert!(shown.as_deref().unwrap().contains("unread"), "{shown:?}");
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(announced(), 3, "one reminder, no more: {}", b_log());
+    let _ = a.cancel().await;
+    let _ = b.cancel().await;
+    relayd.kill_hard();
+}

@@ -15,7 +15,7 @@ use clap::Parser;
 use crossterm::event::{Event as TermEvent, EventStream};
 use futures::StreamExt;
 use relay_proto::local::{AgentInfo, Attachment, Reply, Request};
-use relay_proto::{Event, Receipt};
+use relay_proto::{DeliveryState, Event, EventKind, Receipt};
 use relayd::notify::Notifier as _;
 use relay_tmux::RealTmux;
 use tokio::sync::mpsc;
@@ -47,6 +47,13 @@ struct Args {
     /// failed and tell the human with a desktop notification
     #[arg(long, env = "RELAY_PATIENCE_SECS", default_value_t = 120)]
     patience_secs: u64,
+    /// Remind the agent once of a message it was told of but has not read after this many
+    /// seconds; tell the human if it is still unread after as long again
+    #[arg(long, env = "RELAY_RENOTIFY_SECS", default_value_t = 600)]
+    renotify_secs: u64,
+    /// At most this many reminders for one sender's messages in any hour
+    #[arg(long, default_value_t = 6)]
+    max_reminders_per_hour: usize,
     /// Introduce the agent to relay through its inbox (relay attach found a Claude Code
     /// session in the pane); typed into the pane if the inbox cannot take it
     #[arg(long)]
@@ -71,8 +78,42 @@ enum Incoming {
     Agent(AgentInfo),
 }
 
-/// Message events kept to retype when the inbox refuses them.
+/// Message events kept to retype when the inbox refuses them, and to remind of.
 const RECENT: usize = 256;
+
+/// Where deliveries stand: receipts go to relayd and the sidebar, and what the agent was
+/// told but has not read is watched for a reminder.
+struct Tracker {
+    reporter: report::Reporter,
+    renotifier: deliver::renotify::Renotifier,
+    recent: VecDeque<Event>,
+}
+
+impl Tracker {
+    fn remember(&mut self, event: &Event) {
+        self.recent.push_back(event.clone());
+        if self.recent.len() > RECENT {
+            self.recent.pop_front();
+        }
+    }
+
+    fn report(&mut self, app: &mut App, receipts: Vec<Receipt>) {
+        let now = std::time::Instant::now();
+        for r in &receipts {
+            app.mark(&r.message_id, app::ME, r.state);
+            match r.state {
+                DeliveryState::Notified => {
+                    if let Some(e) = self.recent.iter().find(|e| e.id == r.message_id) {
+                        self.renotifier.notified(e, now);
+                    }
+                }
+                DeliveryState::Read | DeliveryState::Held | DeliveryState::Failed => self.renotifier.settled(&r.message_id),
+                DeliveryState::Stored | DeliveryState::Delivered => {}
+            }
+        }
+        self.reporter.send(receipts);
+    }
+}
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> Result<()> {
@@ -151,13 +192,15 @@ async fn run(
     tx: mpsc::Sender<Incoming>,
     reporter: report::Reporter,
 ) -> Result<()> {
+    let renotifier = deliver::renotify::Renotifier::new(Duration::from_secs(args.renotify_secs), args.max_reminders_per_hour);
+    let mut tracker = Tracker { reporter, renotifier, recent: VecDeque::new() };
+    let mut renotify_check = tokio::time::interval(Duration::from_secs(args.renotify_secs.div_ceil(4).clamp(1, 15)));
     let tmux = RealTmux::current();
     let mut app = App::new(&args.pane);
     let mut keys = EventStream::new();
     let (heard_tx, mut heard_rx) = mpsc::channel(64);
     let mut inbox = deliver::Inbox::new(&args.pane, heard_tx);
     let mut pending: Vec<Event> = Vec::new();
-    let mut recent: VecDeque<Event> = VecDeque::new();
     let mut announce_at: Option<Instant> = None;
     let mut last_typed: Option<Instant> = None;
     let mut pane_check = tokio::time::interval(Duration::from_secs(2));
@@ -166,12 +209,6 @@ async fn run(
     let care = deliver::keys::Care { quiet: Duration::from_millis(args.quiet_ms), ..Default::default() };
     let mut typist = deliver::keys::Typist::new(care, Duration::from_secs(args.patience_secs));
     let own_peers = |app: &App| app.attachments.iter().map(|a| a.peer_id.clone()).collect::<Vec<_>>();
-    let report = |app: &mut App, receipts: Vec<Receipt>| {
-        for r in &receipts {
-            app.mark(&r.message_id, app::ME, r.state);
-        }
-        reporter.send(receipts);
-    };
     terminal.draw(|f| app.render(f))?;
     loop {
         let announce = async {
@@ -196,11 +233,12 @@ async fn run(
                     Some(Incoming::Event(event)) => {
                         app.on_event(&event);
                         let mine = own_peers(&app).contains(&event.sender.peer_id);
+                        // our own copy was read (its reminder is off), or the like
+                        if mine && event.kind == EventKind::Receipt && event.state.is_some_and(|s| s != DeliveryState::Notified) {
+                            tracker.renotifier.settled(&event.id);
+                        }
                         if !args.no_deliver && !mine && event.kind.message_kind().is_some() {
-                            recent.push_back((*event).clone());
-                            if recent.len() > RECENT {
-                                recent.pop_front();
-                            }
+                            tracker.remember(&event);
                             pending.push(*event);
                             // the first of a burst goes out at once; the rest wait for the cooldown
                             let earliest = Instant::now() + GATHER;
@@ -236,7 +274,7 @@ async fn run(
                     if let deliver::Posting::Posted(receipts) = inbox.post(&pending).await {
                         pending.clear();
                         last_typed = Some(Instant::now());
-                        report(&mut app, receipts);
+                        tracker.report(&mut app, receipts);
                         app.note = None;
                         terminal.draw(|f| app.render(f))?;
                         continue;
@@ -244,7 +282,7 @@ async fn run(
                 }
                 // no inbox: announce by keystrokes
                 let status = inbox.agent_status();
-                match type_announcement(&mut typist, &tmux, &args.pane, &mut pending, &mut app, status.as_deref(), &report).await {
+                match type_announcement(&mut typist, &tmux, &args.pane, &mut pending, &mut app, status.as_deref(), &mut tracker).await {
                     Some(at) => announce_at = Some(at),
                     None => last_typed = Some(Instant::now()),
                 }
@@ -252,7 +290,7 @@ async fn run(
             heard = heard_rx.recv() => {
                 let Some(heard) = heard else { continue };
                 let outcome = inbox.on_heard(heard);
-                report(&mut app, outcome.receipts);
+                tracker.report(&mut app, outcome.receipts);
                 if let Some(note) = outcome.note {
                     app.note = Some(note);
                 }
@@ -260,7 +298,7 @@ async fn run(
                     tokio::spawn(send_reply(socket.to_owned(), args.pane.clone(), reply, tx.clone()));
                 }
                 if args.fallback == "keys" && !outcome.refused.is_empty() {
-                    let refused: Vec<Event> = recent.iter().filter(|e| outcome.refused.iter().any(|(g, id)| *g == e.group && *id == e.id)).cloned().collect();
+                    let refused: Vec<Event> = tracker.recent.iter().filter(|e| outcome.refused.iter().any(|(g, id)| *g == e.group && *id == e.id)).cloned().collect();
                     pending.extend(refused);
                     announce_at.get_or_insert(Instant::now());
                 }
@@ -270,7 +308,28 @@ async fn run(
                 if receipts.is_empty() {
                     continue;
                 }
-                report(&mut app, receipts);
+                tracker.report(&mut app, receipts);
+            }
+            _ = renotify_check.tick(), if tracker.renotifier.is_watching() => {
+                let due = tracker.renotifier.due(std::time::Instant::now());
+                if !due.remind.is_empty() {
+                    pending.extend(due.remind);
+                    announce_at.get_or_insert(Instant::now());
+                }
+                if !due.tell_human.is_empty() {
+                    let n = due.tell_human.len();
+                    let mut senders: Vec<String> = due.tell_human.iter().map(|e| e.sender.name.clone()).collect();
+                    senders.dedup();
+                    app.note = Some(format!("{n} message(s) still unread by the agent"));
+                    relayd::notify::Desktop::default().notify(relayd::notify::Notice {
+                        summary: format!("relay: {n} message(s) unread in {}", args.pane),
+                        body: format!(
+                            "The agent in {} was told of messages from {} but has not read them, even after a reminder.",
+                            args.pane,
+                            senders.join(", ")
+                        ),
+                    });
+                }
             }
             _ = pane_check.tick() => {
                 if relay_tmux::pane(&tmux, &args.pane).is_err() {
@@ -311,12 +370,12 @@ async fn type_announcement(
     pending: &mut Vec<Event>,
     app: &mut App,
     agent_status: Option<&str>,
-    report: &impl Fn(&mut App, Vec<Receipt>),
+    tracker: &mut Tracker,
 ) -> Option<Instant> {
     use deliver::keys::Announced;
     match typist.announce(tmux, pane, pending, agent_status).await {
         Announced::Typed(receipts) => {
-            report(app, receipts);
+            tracker.report(app, receipts);
             app.note = None;
             None
         }
@@ -326,7 +385,7 @@ async fn type_announcement(
         }
         Announced::GaveUp(receipts, why) => {
             let n = receipts.len();
-            report(app, receipts);
+            tracker.report(app, receipts);
             app.note = Some(format!("✗ {n} not delivered: {why}"));
             relayd::notify::Desktop::default().notify(relayd::notify::Notice {
                 summary: format!("relay: {n} message(s) not delivered to {pane}"),

@@ -145,14 +145,24 @@ pub enum Live {
     Receipt(Arc<ReceiptNote>),
 }
 
-/// A receipt on its way to the streams of the message's sender.
+/// A receipt on its way to the streams of the message's sender, and of the recipient
+/// whose copy it is (so its pane knows when a reminder is no longer needed).
 #[derive(Debug)]
 pub struct ReceiptNote {
     pub event: Event,
-    /// The message's sender: the only peer that sees the receipt.
-    pub sender_id: String,
-    /// The daemon the sender was registered through, whose group stream carries it too.
-    pub sender_daemon: Option<String>,
+    /// The message's sender and the recipient: the only peers that see the receipt.
+    pub peers: [String; 2],
+    /// The daemons they were registered through, whose group streams carry it too.
+    pub daemons: [Option<String>; 2],
+}
+
+impl ReceiptNote {
+    pub fn is_for(&self, audience: &Audience) -> bool {
+        match audience {
+            Audience::Peer(peer_id) => self.peers.contains(peer_id),
+            Audience::Daemon(daemon_id) => self.daemons.iter().flatten().any(|d| d == daemon_id),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Default)]
@@ -676,6 +686,7 @@ impl Relay {
         };
         self.store.save_delivery(&record)?;
         let sender_daemon = self.store.peer(&message.sender_id)?.and_then(|p| p.daemon_id);
+        let daemons = [sender_daemon, recipient.daemon_id.clone()];
         let event = Event {
             kind: EventKind::Receipt,
             id: message.id.clone(),
@@ -689,7 +700,8 @@ impl Relay {
             state: Some(state),
             detail,
         };
-        let note = Live::Receipt(Arc::new(ReceiptNote { event, sender_id: message.sender_id.clone(), sender_daemon }));
+        let peers = [message.sender_id.clone(), recipient.peer_id.clone()];
+        let note = Live::Receipt(Arc::new(ReceiptNote { event, peers, daemons }));
         if let Some(tx) = lock(&self.live).get(&message.group_id) {
             let _ = tx.send(note);
         }

@@ -183,11 +183,7 @@ impl GroupStream {
                 received = self.rx.recv() => match received {
                     Ok(Live::Entry(entry)) => entry,
                     Ok(Live::Receipt(note)) => {
-                        let mine = match &self.audience {
-                            Audience::Peer(peer_id) => note.sender_id == *peer_id,
-                            Audience::Daemon(daemon_id) => note.sender_daemon.as_deref() == Some(daemon_id),
-                        };
-                        if mine {
+                        if note.is_for(&self.audience) {
                             // no SSE id: receipts are not in the log, and do not move Last-Event-ID
                             let data = serde_json::to_string(&note.event).expect("events serialize");
                             return Some(SseEvent::default().event(EventKind::Receipt.as_str()).data(data));

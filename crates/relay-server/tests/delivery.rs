@@ -74,6 +74,10 @@ async fn a_dm_moves_from_stored_through_daemon_receipts_to_read() {
     assert_eq!((event.data["id"].as_str(), event.data["state"].as_str()), (Some(id), Some("delivered")));
     assert_eq!(event.data["sender"]["peer_id"], pane["peer_id"]);
 
+    // the recipient's machine hears of its own copy too
+    let own = daemon_events.next(LONG).await.unwrap();
+    assert_eq!((own.event.as_deref(), own.data["state"].as_str()), (Some("receipt"), Some("delivered")));
+
     // a repeat or a step back changes nothing and says nothing
     assert_eq!(report(&server, &daemon, receipt("delivered")).await.1["unchanged"], 1);
     let held = json!([{"peer_id": pane["peer_id"], "message_id": id, "state": "held", "detail": "bypass-permissions mode"}]);

@@ -81,8 +81,9 @@ fn lock(m: &Mutex<Inner>) -> MutexGuard<'_, Inner> {
 pub fn visible_to(event: &Event, peer_id: &str) -> bool {
     match event.kind {
         EventKind::Message | EventKind::PeerJoined | EventKind::PeerLeft => event.sender.peer_id != peer_id,
-        // DMs to the peer, and receipts for the messages it sent
-        EventKind::Dm | EventKind::Receipt => event.recipient.as_ref().is_some_and(|r| r.peer_id == peer_id),
+        EventKind::Dm => event.recipient.as_ref().is_some_and(|r| r.peer_id == peer_id),
+        // receipts for the messages the peer sent, and for its own copies
+        EventKind::Receipt => event.sender.peer_id == peer_id || event.recipient.as_ref().is_some_and(|r| r.peer_id == peer_id),
         EventKind::Unknown => false,
     }
 }

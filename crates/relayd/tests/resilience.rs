@@ -53,7 +53,10 @@ async fn follow(socket: PathBuf, pane: &'static str, view: Arc<Mutex<Pane>>) {
         return;
     }
     while let Ok(reply) = c.next().await {
-        if let Reply::Event { event, .. } = reply {
+        // (receipts are not in the log: they carry their message's seq, not a new one)
+        if let Reply::Event { event, .. } = reply
+            && event.kind != relay_proto::EventKind::Receipt
+        {
             let mut v = view.lock().unwrap();
             assert!(event.seq > v.last_seq, "{pane} got seq {} after {}", event.seq, v.last_seq);
             v.last_seq = event.seq;

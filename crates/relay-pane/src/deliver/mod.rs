@@ -11,6 +11,7 @@
 pub mod inbox;
 pub mod keys;
 pub mod notice;
+pub mod renotify;
 
 use std::collections::HashMap;
 use std::io;
