@@ -158,6 +158,49 @@ async fn attach_two_agents_message_announce_read_and_detach() {
     drop(t);
 }
 
+/// Two stand-in agents, alice (pane a) and bob (pane b), attached to `group` in a tmux
+/// server whose panes see a desktop's session bus and `settings` (RELAY_* variables).
+struct TwoAgents {
+    t: TmuxServer,
+    dir: tempfile::TempDir,
+    _server: ServerProcess,
+    relayd: relay_e2e::KillOnDrop,
+    socket: PathBuf,
+    pane_a: String,
+    pane_b: String,
+}
+
+impl TwoAgents {
+    fn start(test: &str, group: &str, desktop: &Desktop, settings: &[(&str, &str)]) -> Option<TwoAgents> {
+        let mut env: Vec<(String, String)> = vec![
+            ("DBUS_SESSION_BUS_ADDRESS".into(), desktop.bus.clone()),
+            ("PATH".into(), std::env::var("PATH").unwrap_or_default()),
+        ];
+        env.extend(settings.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        let t = TmuxServer::start_with_env(test, group, &env)?;
+        let dir = tempfile::tempdir().unwrap();
+        let server = ServerProcess::start(0, &["--ephemeral"]);
+        let (relayd, socket) = spawn_relayd(dir.path(), &server.url(""), &["--no-notifications"], &[], Stdio::null());
+        let agent = stand_in_agent(dir.path());
+        let (log_a, log_b) = (dir.path().join("a.log"), dir.path().join("b.log"));
+        let pane_a = t.new_pane("/tmp", &format!("python3 {} {}", agent.display(), log_a.display()));
+        let pane_b = t.new_pane("/", &format!("python3 {} {}", agent.display(), log_b.display()));
+        wait_until("relayd and the agents", Duration::from_secs(10), || socket.exists() && log_a.exists() && log_b.exists());
+        for (pane, name) in [(&pane_a, "alice"), (&pane_b, "bob")] {
+            let out = t.relay(&socket, &["attach", pane, "--group", group, "--name", name, "--no-mcp-config"], &[]);
+            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        }
+        let two = TwoAgents { t, dir, _server: server, relayd, socket, pane_a, pane_b };
+        wait_until("bob's introduction", Duration::from_secs(10), || two.b_log().contains("You are bob"));
+        Some(two)
+    }
+
+    /// What bob's agent has read from its terminal.
+    fn b_log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("b.log")).unwrap_or_default()
+    }
+}
+
 /// The keystroke path never garbles what a human is typing: an announcement waits while a
 /// line is half-typed, goes in once it is submitted, and after waiting too long the message
 /// is marked failed and the human gets a desktop notification.
@@ -165,31 +208,10 @@ async fn attach_two_agents_message_announce_read_and_detach() {
 async fn keystrokes_wait_for_a_half_typed_line_and_give_up_loudly() {
     let test = "keystrokes_wait_for_a_half_typed_line_and_give_up_loudly";
     let Some(desktop) = Desktop::start(test) else { return };
-    let env: Vec<(String, String)> = [
-        ("DBUS_SESSION_BUS_ADDRESS", desktop.bus.as_str()),
-        ("RELAY_QUIET_MS", "150"),
-        ("RELAY_PATIENCE_SECS", "3"),
-        ("PATH", &std::env::var("PATH").unwrap_or_default()),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_owned(), v.to_owned()))
-    .collect();
-    let Some(t) = TmuxServer::start_with_env(test, "keys", &env) else { return };
-    let dir = tempfile::tempdir().unwrap();
-    let server = ServerProcess::start(0, &["--ephemeral"]);
-    let (mut relayd, socket) = spawn_relayd(dir.path(), &server.url(""), &["--no-notifications"], &[], Stdio::null());
-    let agent = stand_in_agent(dir.path());
-    let (log_a, log_b) = (dir.path().join("a.log"), dir.path().join("b.log"));
-    let pane_a = t.new_pane("/tmp", &format!("python3 {} {}", agent.display(), log_a.display()));
-    let pane_b = t.new_pane("/", &format!("python3 {} {}", agent.display(), log_b.display()));
-    wait_until("relayd and the agents", Duration::from_secs(10), || socket.exists() && log_a.exists() && log_b.exists());
-    for (pane, name) in [(&pane_a, "alice"), (&pane_b, "bob")] {
-        let out = t.relay(&socket, &["attach", pane, "--group", "keys", "--name", name, "--no-mcp-config"], &[]);
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    }
-    let b_log = || std::fs::read_to_string(&log_b).unwrap_or_default();
-    wait_until("bob's introduction", Duration::from_secs(10), || b_log().contains("You are bob"));
-    let a = mcp(&socket, &pane_a).await;
+    let Some(mut w) = TwoAgents::start(test, "keys", &desktop, &[("RELAY_QUIET_MS", "150"), ("RELAY_PATIENCE_SECS", "3")]) else { return };
+    let (t, pane_b) = (&w.t, w.pane_b.clone());
+    let b_log = || w.b_log();
+    let a = mcp(&w.socket, &w.pane_a).await;
     tokio::time::sleep(Duration::from_millis(500)).await; // sidebars subscribed
 
     // the human at bob's pane has typed half a line
@@ -232,7 +254,7 @@ async fn keystrokes_wait_for_a_half_typed_line_and_give_up_loudly() {
     assert_eq!(relay_tmux::capture(&t.tmux, &pane_b).unwrap().matches("thinking about it").count(), 1);
     assert!(!b_log().contains("thinking about it"), "the human's half line was never submitted by relay");
     let _ = a.cancel().await;
-    relayd.kill_hard();
+    w.relayd.kill_hard();
 }
 
 /// A message announced but not read gets one reminder, then the human is told; one the
@@ -241,33 +263,10 @@ async fn keystrokes_wait_for_a_half_typed_line_and_give_up_loudly() {
 async fn an_unread_message_is_announced_once_more_then_the_human_is_told() {
     let test = "an_unread_message_is_announced_once_more_then_the_human_is_told";
     let Some(desktop) = Desktop::start(test) else { return };
-    let env: Vec<(String, String)> = [
-        ("DBUS_SESSION_BUS_ADDRESS", desktop.bus.as_str()),
-        ("RELAY_QUIET_MS", "100"),
-        ("RELAY_RENOTIFY_SECS", "2"),
-        ("PATH", &std::env::var("PATH").unwrap_or_default()),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_owned(), v.to_owned()))
-    .collect();
-    let Some(t) = TmuxServer::start_with_env(test, "remind", &env) else { return };
-    let dir = tempfile::tempdir().unwrap();
-    let server = ServerProcess::start(0, &["--ephemeral"]);
-    let (mut relayd, socket) = spawn_relayd(dir.path(), &server.url(""), &["--no-notifications"], &[], Stdio::null());
-    let agent = stand_in_agent(dir.path());
-    let (log_a, log_b) = (dir.path().join("a.log"), dir.path().join("b.log"));
-    let pane_a = t.new_pane("/tmp", &format!("python3 {} {}", agent.display(), log_a.display()));
-    let pane_b = t.new_pane("/", &format!("python3 {} {}", agent.display(), log_b.display()));
-    wait_until("relayd and the agents", Duration::from_secs(10), || socket.exists() && log_a.exists() && log_b.exists());
-    for (pane, name) in [(&pane_a, "alice"), (&pane_b, "bob")] {
-        let out = t.relay(&socket, &["attach", pane, "--group", "remind", "--name", name, "--no-mcp-config"], &[]);
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    }
-    let b_log = || std::fs::read_to_string(&log_b).unwrap_or_default();
-    let announced = || b_log().matches("[RELAY] 1 new DM in remind from alice").count();
-    wait_until("bob's introduction", Duration::from_secs(10), || b_log().contains("You are bob"));
-    let a = mcp(&socket, &pane_a).await;
-    let b = mcp(&socket, &pane_b).await;
+    let Some(mut w) = TwoAgents::start(test, "remind", &desktop, &[("RELAY_QUIET_MS", "100"), ("RELAY_RENOTIFY_SECS", "2")]) else { return };
+    let announced = || w.b_log().matches("[RELAY] 1 new DM in remind from alice").count();
+    let a = mcp(&w.socket, &w.pane_a).await;
+    let b = mcp(&w.socket, &w.pane_b).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
 
     // read at once: no reminder
@@ -285,8 +284,8 @@ async fn an_unread_message_is_announced_once_more_then_the_human_is_told() {
     });
     assert!(shown.as_deref().unwrap().contains("unread"), "{shown:?}");
     tokio::time::sleep(Duration::from_secs(5)).await;
-    assert_eq!(announced(), 3, "one reminder, no more: {}", b_log());
+    assert_eq!(announced(), 3, "one reminder, no more: {}", w.b_log());
     let _ = a.cancel().await;
     let _ = b.cancel().await;
-    relayd.kill_hard();
+    w.relayd.kill_hard();
 }
