@@ -1,6 +1,7 @@
 //! Helpers for the end-to-end tests: the real binaries as child processes, and the
 //! external tools some tests drive, and the clients (MCP, SSE) tests talk through.
 
+pub mod claude;
 pub mod desktop;
 pub mod mcp;
 pub mod sse;

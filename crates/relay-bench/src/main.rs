@@ -116,8 +116,11 @@ async fn main() -> Result<()> {
         let outcome = scenarios::daemon(&target, 20, if quick { 20 } else { 200 }, &mut report).await;
         record(&mut report, "daemon", outcome);
 
-        let outcome = scenarios::end_to_end(&target, if quick { 5 } else { 40 }, &mut report).await;
+        let outcome = scenarios::end_to_end(&target, if quick { 3 } else { 20 }, &mut report).await;
         record(&mut report, "end to end", outcome);
+
+        let outcome = scenarios::claude_inbox(if quick { 3 } else { 20 }, &mut report).await;
+        record(&mut report, "claude inbox", outcome);
 
         let streams = args.streams.unwrap_or(if quick { 500 } else { 10_000 });
         let window = Duration::from_secs(if quick { 2 } else { 5 });

@@ -335,6 +335,9 @@ async fn run(
                 if relay_tmux::pane(&tmux, &args.pane).is_err() {
                     return Ok(()); // the agent's pane is gone, and so are we
                 }
+                if inbox.session().is_none() && !args.no_deliver {
+                    typist.observe(&tmux, &args.pane);
+                }
                 continue;
             }
         }

@@ -53,8 +53,8 @@ pub async fn end_to_end(target: &Target, messages: usize, report: &mut Report) -
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
         latencies.push(started.elapsed().as_secs_f64() * 1000.0);
-        // past the pane's cooldown, so each message is announced on its own
-        tokio::time::sleep(Duration::from_millis(700)).await;
+        // an idle pane, as the sidebar sees it every 2 s (else it waits out a quiet period)
+        tokio::time::sleep(Duration::from_millis(2500)).await;
     }
     let _ = sender.cancel().await;
     relayd.kill_hard();

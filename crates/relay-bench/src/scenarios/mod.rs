@@ -1,5 +1,6 @@
 //! The scenarios. Each adds its figures to the report and says whether it completed.
 
+mod claude;
 mod end_to_end;
 
 use std::collections::HashMap;
@@ -15,6 +16,7 @@ use crate::mcp_http::McpHttp;
 use crate::procstat;
 use crate::report::{Goal, Report, quantile};
 
+pub use claude::claude_inbox;
 pub use end_to_end::end_to_end;
 
 /// What the scenarios run against.

@@ -60,6 +60,14 @@ pub fn announcement(events: &[Event]) -> Option<String> {
     Some(format!("[RELAY] {what} in {} from {from}. Use read_new_messages.", groups.join(", ")))
 }
 
+/// What a pane showed, and since when it has shown it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Screen {
+    pub text: String,
+    pub cursor: (u32, u32),
+    pub since: std::time::Instant,
+}
+
 /// How careful typing is.
 #[derive(Debug, Clone, Copy)]
 pub struct Care {
@@ -92,6 +100,7 @@ pub async fn type_line(
     line: &str,
     care: Care,
     agent_status: Option<&str>,
+    seen: Option<&Screen>,
 ) -> Result<Outcome, relay_tmux::TmuxError> {
     let before = relay_tmux::pane(tmux, pane)?;
     if before.in_mode {
@@ -104,10 +113,14 @@ pub async fn type_line(
     if let Some(typed) = pending_input(&screen, before.cursor) {
         return Ok(Outcome::Busy(format!("someone is typing in the pane ({} characters)", typed.chars().count())));
     }
-    tokio::time::sleep(care.quiet).await;
-    let after = relay_tmux::pane(tmux, pane)?;
-    if after.in_mode || after.cursor != before.cursor || relay_tmux::capture(tmux, pane)? != screen {
-        return Ok(Outcome::Busy("the pane is busy (its screen keeps changing)".into()));
+    // unchanged since it was last looked at, long enough ago: quiet already
+    let quiet_already = seen.is_some_and(|s| s.text == screen && s.cursor == before.cursor && s.since.elapsed() >= care.quiet);
+    if !quiet_already {
+        tokio::time::sleep(care.quiet).await;
+        let after = relay_tmux::pane(tmux, pane)?;
+        if after.in_mode || after.cursor != before.cursor || relay_tmux::capture(tmux, pane)? != screen {
+            return Ok(Outcome::Busy("the pane is busy (its screen keeps changing)".into()));
+        }
     }
     relay_tmux::send_literal(tmux, pane, line)?;
     let deadline = tokio::time::Instant::now() + care.shown_within;
@@ -140,11 +153,22 @@ pub struct Typist {
     pub patience: Duration,
     blocked_since: Option<tokio::time::Instant>,
     attempts: u32,
+    seen: Option<Screen>,
 }
 
 impl Typist {
     pub fn new(care: Care, patience: Duration) -> Self {
-        Self { care, patience, blocked_since: None, attempts: 0 }
+        Self { care, patience, blocked_since: None, attempts: 0, seen: None }
+    }
+
+    /// Looks at the pane (every few seconds), so one that has not changed since can be
+    /// typed into without first waiting out the quiet period.
+    pub fn observe(&mut self, tmux: &dyn Tmux, pane: &str) {
+        let (Ok(info), Ok(text)) = (relay_tmux::pane(tmux, pane), relay_tmux::capture(tmux, pane)) else { return };
+        if self.seen.as_ref().is_some_and(|s| s.text == text && s.cursor == info.cursor) {
+            return;
+        }
+        self.seen = Some(Screen { text, cursor: info.cursor, since: std::time::Instant::now() });
     }
 
     /// One attempt at announcing `pending` (left empty unless it must wait).
@@ -160,7 +184,7 @@ impl Typist {
             pending.clear();
             return Announced::Typed(Vec::new());
         };
-        let why = match type_line(tmux, pane, &line, self.care, agent_status).await {
+        let why = match type_line(tmux, pane, &line, self.care, agent_status, self.seen.as_ref()).await {
             Ok(Outcome::Typed) => {
                 self.blocked_since = None;
                 self.attempts = 0;
@@ -267,19 +291,19 @@ mod tests {
     async fn types_only_into_an_idle_pane_and_enter_comes_once_the_line_shows() {
         let tmux = FakeTmux::default();
         tmux.answer("display-message", Ok(&pane_info(true, (0, 0))));
-        assert_eq!(type_line(&tmux, "%3", "[RELAY] x", QUICK, None).await.unwrap(), Outcome::Busy("the pane is in copy mode".into()));
+        assert_eq!(type_line(&tmux, "%3", "[RELAY] x", QUICK, None, None).await.unwrap(), Outcome::Busy("the pane is in copy mode".into()));
         assert_eq!(tmux.calls().len(), 1, "nothing typed in copy mode");
 
         let tmux = FakeTmux::default();
         tmux.answer("display-message", Ok(&pane_info(false, (0, 0))));
-        let busy = type_line(&tmux, "%3", "[RELAY] x", QUICK, Some("busy")).await.unwrap();
+        let busy = type_line(&tmux, "%3", "[RELAY] x", QUICK, Some("busy"), None).await.unwrap();
         assert_eq!(busy, Outcome::Busy("the agent is busy".into()));
 
         // a human's half-typed line: wait
         let tmux = FakeTmux::default();
         tmux.answer("display-message", Ok(&pane_info(false, (14, 1))));
         tmux.answer("capture-pane", Ok("earlier output\n> git push --fo\n"));
-        let typing = type_line(&tmux, "%3", "[RELAY] x", QUICK, None).await.unwrap();
+        let typing = type_line(&tmux, "%3", "[RELAY] x", QUICK, None, None).await.unwrap();
         assert_eq!(typing, Outcome::Busy("someone is typing in the pane (12 characters)".into()));
         assert!(!tmux.calls().iter().any(|c| c[0] == "send-keys"));
 
@@ -289,7 +313,7 @@ mod tests {
         tmux.answer("capture-pane", Ok("building…\n\n"));
         tmux.answer("display-message", Ok(&pane_info(false, (0, 2))));
         tmux.answer("capture-pane", Ok("building…\ndone\n\n"));
-        let working = type_line(&tmux, "%3", "[RELAY] x", QUICK, None).await.unwrap();
+        let working = type_line(&tmux, "%3", "[RELAY] x", QUICK, None, None).await.unwrap();
         assert_eq!(working, Outcome::Busy("the pane is busy (its screen keeps changing)".into()));
 
         // idle: typed, checked on screen, then Enter on its own
@@ -299,7 +323,7 @@ mod tests {
             tmux.answer("capture-pane", Ok("ok\n> \n"));
         }
         tmux.answer("capture-pane", Ok("ok\n> [RELAY] x\n"));
-        assert_eq!(type_line(&tmux, "%3", "[RELAY] x", QUICK, Some("idle")).await.unwrap(), Outcome::Typed);
+        assert_eq!(type_line(&tmux, "%3", "[RELAY] x", QUICK, Some("idle"), None).await.unwrap(), Outcome::Typed);
         let calls = tmux.calls();
         let keys: Vec<&Vec<String>> = calls.iter().filter(|c| c[0] == "send-keys").collect();
         assert_eq!(keys, [&vec!["send-keys", "-t", "%3", "-l", "--", "[RELAY] x"], &vec!["send-keys", "-t", "%3", "Enter"]]);
@@ -311,9 +335,32 @@ mod tests {
             tmux.answer("display-message", Ok(&pane_info(false, (0, 0))));
             tmux.answer("capture-pane", Ok("\n"));
         }
-        let lost = type_line(&tmux, "%3", "[RELAY] x", QUICK, None).await.unwrap();
+        let lost = type_line(&tmux, "%3", "[RELAY] x", QUICK, None, None).await.unwrap();
         assert_eq!(lost, Outcome::Busy("the typed line did not show in the pane".into()));
         assert!(!tmux.calls().iter().any(|c| c.len() == 4 && c[3] == "Enter"), "no Enter for a line that did not show");
+    }
+
+    #[tokio::test]
+    async fn a_pane_seen_unchanged_long_enough_is_typed_into_at_once() {
+        let slow = Care { quiet: Duration::from_secs(3600), shown_within: Duration::from_millis(50) };
+        let tmux = FakeTmux::default();
+        tmux.answer("display-message", Ok(&pane_info(false, (2, 1))));
+        tmux.answer("capture-pane", Ok("ok\n> \n"));
+        tmux.answer("capture-pane", Ok("ok\n> [RELAY] x\n"));
+        let seen = Screen { text: "ok\n> \n".into(), cursor: (2, 1), since: std::time::Instant::now() - Duration::from_secs(7200) };
+        let started = std::time::Instant::now();
+        assert_eq!(type_line(&tmux, "%3", "[RELAY] x", slow, None, Some(&seen)).await.unwrap(), Outcome::Typed);
+        assert!(started.elapsed() < Duration::from_secs(5), "no quiet period to wait out");
+        // seen too recently, or something else: the quiet period applies
+        let recent = Screen { since: std::time::Instant::now(), ..seen };
+        let quick = Care { quiet: Duration::from_millis(1), ..slow };
+        let tmux = FakeTmux::default();
+        tmux.answer("display-message", Ok(&pane_info(false, (2, 1))));
+        tmux.answer("capture-pane", Ok("ok\n> \n"));
+        tmux.answer("display-message", Ok(&pane_info(false, (2, 1))));
+        tmux.answer("capture-pane", Ok("ok\n> changed\n"));
+        let busy = type_line(&tmux, "%3", "[RELAY] x", quick, None, Some(&recent)).await.unwrap();
+        assert_eq!(busy, Outcome::Busy("the pane is busy (its screen keeps changing)".into()));
     }
 
     #[tokio::test]
