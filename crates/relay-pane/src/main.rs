@@ -60,7 +60,7 @@ struct Args {
     intro: bool,
 }
 
-/// Events this close together are announced in one line.
+/// Events this close together are announced in one typed line.
 const GATHER: Duration = Duration::from_millis(20);
 /// After a line is typed, the next waits this long, so a burst becomes one more line.
 const COOLDOWN: Duration = Duration::from_millis(500);
@@ -240,8 +240,10 @@ async fn run(
                         if !args.no_deliver && !mine && event.kind.message_kind().is_some() {
                             tracker.remember(&event);
                             pending.push(*event);
-                            // the first of a burst goes out at once; the rest wait for the cooldown
-                            let earliest = Instant::now() + GATHER;
+                            // the first of a burst goes out at once (typed lines wait a moment for
+                            // what comes with it); the rest wait for the cooldown
+                            let gather = if inbox.knows_session() { Duration::ZERO } else { GATHER };
+                            let earliest = Instant::now() + gather;
                             let after_cooldown = last_typed.map_or(earliest, |t| t + COOLDOWN);
                             announce_at.get_or_insert(earliest.max(after_cooldown));
                         }

@@ -166,6 +166,11 @@ impl Inbox {
         session::by_pid(self.claude_dir.as_deref()?, pid)?.status
     }
 
+    /// A session was found (and not seen to go away since).
+    pub fn knows_session(&self) -> bool {
+        self.session.is_some()
+    }
+
     pub fn has_pending(&self) -> bool {
         !self.posted.is_empty()
     }
