@@ -53,6 +53,12 @@ impl DeliveryState {
         }
     }
 
+    /// Whether the recipient's own side hears of this state too (it ends the wait for a
+    /// read, so the recipient's pane knows no reminder is due); the sender hears of all.
+    pub fn concerns_recipient(self) -> bool {
+        matches!(self, Self::Read | Self::Held | Self::Failed)
+    }
+
     /// Whether a report of `next` moves a message that is in `self`. Read is final; held
     /// and failed can still be overcome (the human approves, a retry or the agent's own
     /// read gets through); nothing moves back towards stored, and no state repeats.
@@ -137,6 +143,12 @@ mod tests {
         for next in DeliveryState::ALL {
             assert!(!Read.can_move_to(next));
         }
+    }
+
+    #[test]
+    fn the_recipient_hears_only_of_what_ends_its_wait() {
+        let told: Vec<DeliveryState> = DeliveryState::ALL.into_iter().filter(|s| s.concerns_recipient()).collect();
+        assert_eq!(told, [Held, Failed, Read]);
     }
 
     #[test]

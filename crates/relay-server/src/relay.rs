@@ -145,8 +145,8 @@ pub enum Live {
     Receipt(Arc<ReceiptNote>),
 }
 
-/// A receipt on its way to the streams of the message's sender, and of the recipient
-/// whose copy it is (so its pane knows when a reminder is no longer needed).
+/// A receipt on its way to the streams of the message's sender, and (read, held, failed) of
+/// the recipient whose copy it is, so its pane knows when a reminder is no longer needed.
 #[derive(Debug)]
 pub struct ReceiptNote {
     pub event: Event,
@@ -158,10 +158,16 @@ pub struct ReceiptNote {
 
 impl ReceiptNote {
     pub fn is_for(&self, audience: &Audience) -> bool {
+        // the recipient's side only hears of what ends its wait: read, held, failed
+        let sides = if self.tells_recipient() { 2 } else { 1 };
         match audience {
-            Audience::Peer(peer_id) => self.peers.contains(peer_id),
-            Audience::Daemon(daemon_id) => self.daemons.iter().flatten().any(|d| d == daemon_id),
+            Audience::Peer(peer_id) => self.peers[..sides].contains(peer_id),
+            Audience::Daemon(daemon_id) => self.daemons[..sides].iter().flatten().any(|d| d == daemon_id),
         }
+    }
+
+    fn tells_recipient(&self) -> bool {
+        self.event.state.is_some_and(DeliveryState::concerns_recipient)
     }
 }
 

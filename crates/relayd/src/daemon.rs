@@ -82,8 +82,11 @@ pub fn visible_to(event: &Event, peer_id: &str) -> bool {
     match event.kind {
         EventKind::Message | EventKind::PeerJoined | EventKind::PeerLeft => event.sender.peer_id != peer_id,
         EventKind::Dm => event.recipient.as_ref().is_some_and(|r| r.peer_id == peer_id),
-        // receipts for the messages the peer sent, and for its own copies
-        EventKind::Receipt => event.sender.peer_id == peer_id || event.recipient.as_ref().is_some_and(|r| r.peer_id == peer_id),
+        // receipts for the messages the peer sent, and for its own copies once read, held or failed
+        EventKind::Receipt => {
+            let own_copy = event.sender.peer_id == peer_id && event.state.is_some_and(DeliveryState::concerns_recipient);
+            own_copy || event.recipient.as_ref().is_some_and(|r| r.peer_id == peer_id)
+        }
         EventKind::Unknown => false,
     }
 }
