@@ -119,6 +119,10 @@ fn pane_of(tmux: &str) -> Option<&str> {
 
 /// The pid runs, and (when the registry says) it is the same process that registered.
 pub fn is_alive(session: &Session) -> bool {
+    // 0 and values past i32 would name process groups to kill(2), not a process
+    if session.pid == 0 || i32::try_from(session.pid).is_err() {
+        return false;
+    }
     let Ok(stat) = std::fs::read_to_string(format!("/proc/{}/stat", session.pid)) else {
         // no procfs (macOS): ask the kernel whether the pid exists
         // SAFETY: signal 0 only checks that the process exists and may be signalled.

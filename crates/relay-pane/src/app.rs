@@ -97,7 +97,9 @@ impl App {
             }
             EventKind::Receipt => {
                 if let Some(state) = e.state {
-                    self.mark(&e.id, &e.sender.peer_id, state);
+                    // our own copy is marked under ME, as this pane's own reports are
+                    let own = self.attachments.iter().any(|a| a.peer_id == e.sender.peer_id);
+                    self.mark(&e.id, if own { ME } else { &e.sender.peer_id }, state);
                 }
                 return;
             }

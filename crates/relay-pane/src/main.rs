@@ -64,6 +64,8 @@ struct Args {
 const GATHER: Duration = Duration::from_millis(20);
 /// After a line is typed, the next waits this long, so a burst becomes one more line.
 const COOLDOWN: Duration = Duration::from_millis(500);
+/// How soon notices the inbox did not take are tried again.
+const INBOX_RETRY: Duration = Duration::from_secs(2);
 /// How often Claude Code's transcript is read for notices that reached the conversation.
 const TRANSCRIPT_CHECK: Duration = Duration::from_millis(250);
 
@@ -107,8 +109,8 @@ impl Tracker {
                         self.renotifier.notified(e, now);
                     }
                 }
-                DeliveryState::Read | DeliveryState::Held | DeliveryState::Failed => self.renotifier.settled(&r.message_id),
-                DeliveryState::Stored | DeliveryState::Delivered => {}
+                state if state.concerns_recipient() => self.renotifier.settled(&r.message_id),
+                _ => {}
             }
         }
         self.reporter.send(receipts);
@@ -212,6 +214,8 @@ async fn run(
     let (heard_tx, mut heard_rx) = mpsc::channel(64);
     let mut inbox = deliver::Inbox::new(&args.pane, heard_tx);
     let mut pending: Vec<Event> = Vec::new();
+    // refused by Claude Code, to be announced by keystrokes (--fallback keys)
+    let mut keys_only: Vec<Event> = Vec::new();
     let mut announce_at: Option<Instant> = None;
     let mut last_typed: Option<Instant> = None;
     let mut pane_check = tokio::time::interval(Duration::from_secs(2));
@@ -245,7 +249,7 @@ async fn run(
                         app.on_event(&event);
                         let mine = own_peers(&app).contains(&event.sender.peer_id);
                         // our own copy was read (its reminder is off), or the like
-                        if mine && event.kind == EventKind::Receipt && event.state.is_some_and(|s| s != DeliveryState::Notified) {
+                        if mine && event.kind == EventKind::Receipt && event.state.is_some_and(DeliveryState::concerns_recipient) {
                             tracker.renotifier.settled(&event.id);
                         }
                         if !args.no_deliver && !mine && event.kind.message_kind().is_some() {
@@ -276,6 +280,12 @@ async fn run(
             },
             _ = announce => {
                 announce_at = None;
+                if !keys_only.is_empty() {
+                    let status = inbox.agent_status();
+                    if let Some(at) = type_announcement(&mut typist, &tmux, &args.pane, &mut keys_only, &mut app, status.as_deref(), &mut tracker).await {
+                        announce_at = Some(at);
+                    }
+                }
                 if pending.is_empty() {
                     continue;
                 }
@@ -284,8 +294,11 @@ async fn run(
                         announce_at = Some(Instant::now() + wait);
                         continue;
                     }
-                    if let deliver::Posting::Posted(receipts) = inbox.post(&pending).await {
-                        pending.clear();
+                    if let deliver::Posting::Posted { receipts, left } = inbox.post(&pending).await {
+                        pending = left;
+                        if !pending.is_empty() {
+                            announce_at = Some(Instant::now() + INBOX_RETRY);
+                        }
                         last_typed = Some(Instant::now());
                         tracker.report(&mut app, receipts);
                         app.note = None;
@@ -311,8 +324,9 @@ async fn run(
                     tokio::spawn(send_reply(socket.to_owned(), args.pane.clone(), reply, tx.clone()));
                 }
                 if args.fallback == "keys" && !outcome.refused.is_empty() {
-                    let refused: Vec<Event> = tracker.recent.iter().filter(|e| outcome.refused.iter().any(|(g, id)| *g == e.group && *id == e.id)).cloned().collect();
-                    pending.extend(refused);
+                    // typed, never posted again: the session refused them
+                    let refused = tracker.recent.iter().filter(|e| outcome.refused.iter().any(|(g, id)| *g == e.group && *id == e.id));
+                    keys_only.extend(refused.cloned());
                     announce_at.get_or_insert(Instant::now());
                 }
             }

@@ -106,6 +106,16 @@ pub struct Receipt {
     pub detail: Option<String>,
 }
 
+/// A daemon's report to the server on one of its peers' copies (`POST /v1/receipts`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerReceipt {
+    pub peer_id: String,
+    pub message_id: String,
+    pub state: DeliveryState,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+}
+
 #[cfg(test)]
 mod tests {
     use super::DeliveryState::{self, *};

@@ -13,7 +13,7 @@ pub mod local;
 pub mod model;
 pub mod validate;
 
-pub use delivery::{DeliveryState, Receipt, RecipientStatus};
+pub use delivery::{DeliveryState, PeerReceipt, Receipt, RecipientStatus};
 pub use event::{Event, EventKind};
 pub use model::{MessageKind, PeerInfo, PeerRef, StoredMessage};
 pub use validate::ValidationError;

@@ -16,12 +16,13 @@ use axum::Json;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
+use relay_proto::PeerReceipt;
 use serde::Deserialize;
 use serde_json::json;
 
 use crate::app::AppState;
 use crate::error::RelayError;
-use crate::relay::{Audience, PeerReceipt, RegisterRequest};
+use crate::relay::{Audience, RegisterRequest};
 use crate::sse::{self, StreamParams, bearer_token};
 
 #[derive(Deserialize)]

@@ -8,7 +8,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
 use chrono::{DateTime, Utc};
-use relay_proto::{DeliveryState, Event, EventKind, MessageKind, PeerInfo, PeerRef, RecipientStatus, StoredMessage, validate};
+use relay_proto::{
+    DeliveryState, Event, EventKind, MessageKind, PeerInfo, PeerReceipt, PeerRef, RecipientStatus, StoredMessage, validate,
+};
 use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 
@@ -116,16 +118,6 @@ pub struct MessageStatus {
     pub kind: MessageKind,
     pub sent_at: DateTime<Utc>,
     pub recipients: Vec<RecipientStatus>,
-}
-
-/// A daemon's report on one of its peers' copy of a message.
-#[derive(Debug, Clone, Deserialize, Serialize)]
-pub struct PeerReceipt {
-    pub peer_id: String,
-    pub message_id: String,
-    pub state: DeliveryState,
-    #[serde(default)]
-    pub detail: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
@@ -624,7 +616,10 @@ impl Relay {
             self.store.touch_peer(&peer.peer_id, now)?;
         }
         for (i, entry) in &all {
-            self.record_delivery(&found[*i].0, entry, DeliveryState::Read, None)?;
+            // the cursor has moved: a failed mark must not lose the messages it returns
+            if let Err(e) = self.record_delivery(&found[*i].0, entry, DeliveryState::Read, None) {
+                tracing::warn!(error = %e, message = %entry.id, "cannot mark a message read");
+            }
         }
         let messages = all.into_iter().map(|(_, e)| stored_message(e)).collect();
         Ok(Inbox { messages, more })

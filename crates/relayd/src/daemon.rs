@@ -135,10 +135,15 @@ impl Daemon {
             return Err((ErrorCode::NotAttached, format!("pane {pane} is not attached")));
         }
         let mut queued = 0;
-        {
-            let mut inner = lock(&self.inner);
-            let held = inner.held.entry(pane.to_owned()).or_default();
-            for r in &receipts {
+        for r in receipts {
+            // one stale receipt (a group the pane has left) must not cost the others
+            let Some(a) = attachments.iter().find(|a| a.attachment.group == r.group) else {
+                tracing::warn!(%pane, group = %r.group, "dropping a receipt for a group the pane is not in");
+                continue;
+            };
+            {
+                let mut inner = lock(&self.inner);
+                let held = inner.held.entry(pane.to_owned()).or_default();
                 let key = (r.group.clone(), r.message_id.clone());
                 if r.state == DeliveryState::Held {
                     held.insert(key);
@@ -146,11 +151,6 @@ impl Daemon {
                     held.remove(&key);
                 }
             }
-        }
-        for r in receipts {
-            let Some(a) = attachments.iter().find(|a| a.attachment.group == r.group) else {
-                return Err((ErrorCode::NotAttached, format!("pane {pane} is not attached to group {}", r.group)));
-            };
             let receipt = PeerReceipt { peer_id: a.attachment.peer_id.clone(), message_id: r.message_id, state: r.state, detail: r.detail };
             queued += self.outbox.push(&a.attachment.server, [receipt]);
         }
@@ -439,6 +439,12 @@ impl Daemon {
         {
             let mut inner = lock(&self.inner);
             inner.state.attachments.retain(|a| !leaving.contains(a));
+            if !inner.state.attachments.iter().any(|a| a.attachment.pane == pane) {
+                inner.held.remove(pane);
+                inner.agents.remove(pane);
+            } else if let Some(held) = inner.held.get_mut(pane) {
+                held.retain(|(group, _)| !groups.contains(group));
+            }
             for a in &leaving {
                 let (server, group) = (&a.attachment.server, &a.attachment.group);
                 let still_used = inner.state.attachments.iter().any(|o| o.attachment.server == *server && o.attachment.group == *group);

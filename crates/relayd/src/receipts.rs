@@ -5,7 +5,7 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use serde::Serialize;
+pub use relay_proto::PeerReceipt;
 use tokio::sync::Notify;
 
 use crate::daemon::Daemon;
@@ -15,16 +15,6 @@ use crate::server_api::ApiError;
 const QUEUE_LIMIT: usize = 10_000;
 /// Receipts per request.
 const BATCH: usize = 500;
-
-/// One report, as the server's `POST /v1/receipts` takes it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct PeerReceipt {
-    pub peer_id: String,
-    pub message_id: String,
-    pub state: relay_proto::DeliveryState,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub detail: Option<String>,
-}
 
 #[derive(Default)]
 pub struct Outbox {
@@ -82,7 +72,12 @@ impl Outbox {
             }
             let mut failed = false;
             for (server, batch) in batches {
-                let Some(token) = daemon.daemon_token(&server) else { continue };
+                let Some(token) = daemon.daemon_token(&server) else {
+                    // not registered with that server (yet): keep them for when it is
+                    failed = true;
+                    outbox.put_back(&server, batch);
+                    continue;
+                };
                 let retry = match daemon.api().report(&server, &token, &batch).await {
                     Ok(outcome) => {
                         if let Some(rejected) = outcome["rejected"].as_array().filter(|r| !r.is_empty()) {

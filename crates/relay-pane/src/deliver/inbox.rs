@@ -143,7 +143,11 @@ pub fn listen(path: PathBuf, target: ReplyTarget, tx: mpsc::Sender<Heard>) -> io
     }
     let task = tokio::spawn(async move {
         loop {
-            let Ok((stream, _)) = listener.accept().await else { continue };
+            let Ok((stream, _)) = listener.accept().await else {
+                // out of descriptors, say: wait instead of spinning
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            };
             tokio::spawn(read_one(stream, target.clone(), tx.clone()));
         }
     });

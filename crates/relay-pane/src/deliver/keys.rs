@@ -122,9 +122,11 @@ pub async fn type_line(
             return Ok(Outcome::Busy("the pane is busy (its screen keeps changing)".into()));
         }
     }
+    // an earlier identical line may still be on screen: wait for one more
+    let shown_before = relay_tmux::capture_joined(tmux, pane)?.matches(line).count();
     relay_tmux::send_literal(tmux, pane, line)?;
     let deadline = tokio::time::Instant::now() + care.shown_within;
-    while !relay_tmux::capture_joined(tmux, pane)?.contains(line) {
+    while relay_tmux::capture_joined(tmux, pane)?.matches(line).count() <= shown_before {
         if tokio::time::Instant::now() >= deadline {
             return Ok(Outcome::Busy("the typed line did not show in the pane".into()));
         }
@@ -322,6 +324,7 @@ mod tests {
             tmux.answer("display-message", Ok(&pane_info(false, (2, 1))));
             tmux.answer("capture-pane", Ok("ok\n> \n"));
         }
+        tmux.answer("capture-pane", Ok("ok\n> \n")); // before typing: no such line yet
         tmux.answer("capture-pane", Ok("ok\n> [RELAY] x\n"));
         assert_eq!(type_line(&tmux, "%3", "[RELAY] x", QUICK, Some("idle"), None).await.unwrap(), Outcome::Typed);
         let calls = tmux.calls();
@@ -345,6 +348,7 @@ mod tests {
         let slow = Care { quiet: Duration::from_secs(3600), shown_within: Duration::from_millis(50) };
         let tmux = FakeTmux::default();
         tmux.answer("display-message", Ok(&pane_info(false, (2, 1))));
+        tmux.answer("capture-pane", Ok("ok\n> \n"));
         tmux.answer("capture-pane", Ok("ok\n> \n"));
         tmux.answer("capture-pane", Ok("ok\n> [RELAY] x\n"));
         let seen = Screen { text: "ok\n> \n".into(), cursor: (2, 1), since: std::time::Instant::now() - Duration::from_secs(7200) };

@@ -43,8 +43,9 @@ pub struct AgentReply {
 
 /// The result of handing a burst to the inbox.
 pub enum Posting {
-    /// Posted; these receipts say so.
-    Posted(Vec<Receipt>),
+    /// Posted; these receipts say so. `left` did not go in (the inbox stopped answering
+    /// halfway): try them again.
+    Posted { receipts: Vec<Receipt>, left: Vec<Event> },
     /// The pane has no Claude Code session with an inbox (now): use keystrokes.
     NoInbox,
 }
@@ -77,6 +78,9 @@ pub struct Inbox {
     room: f64,
     room_at: std::time::Instant,
 }
+
+/// The most of a transcript read at once.
+const TRANSCRIPT_CHUNK: u64 = 16 * 1024 * 1024;
 
 /// Notices relay posts at once into one session, and how fast the room comes back.
 const ROOM: f64 = 20.0;
@@ -157,6 +161,8 @@ impl Inbox {
         self.session = None;
         self.reply_sockets.clear(); // they live in the old session's socket directory
         self.transcript = None;
+        // what that session was told stays notified; reminders take it from there
+        self.posted.clear();
     }
 
     /// Claude Code's own word on whether the pane's session is idle, busy or waiting, read
@@ -178,23 +184,29 @@ impl Inbox {
     /// Posts `events` into the session's inbox, one notice per conversation.
     pub async fn post(&mut self, events: &[Event]) -> Posting {
         let mut receipts = Vec::new();
+        let mut left = Vec::new();
         for n in notice::notices(events, &self.me) {
             let posted = match self.post_notice(&n).await {
                 Ok(posted) => posted,
                 Err(e) => {
-                    // the session went away between lookup and post: look again, once
-                    tracing::info!(pane = %self.pane, error = %e, "the inbox did not take a notice; looking for the session again");
-                    self.forget_session();
+                    tracing::info!(pane = %self.pane, error = %e, "the inbox did not take a notice");
+                    // gone (Claude Code restarted, /exit): look for the session again, once
+                    if gone(&e) || self.session.as_ref().is_some_and(|s| !session::is_alive(s)) {
+                        self.forget_session();
+                    }
                     match self.post_notice(&n).await {
                         Ok(posted) => posted,
-                        Err(_) if receipts.is_empty() => return Posting::NoInbox,
-                        Err(_) => continue, // the rest waits for the next burst's retry
+                        Err(_) if receipts.is_empty() && left.is_empty() && self.session.is_none() => return Posting::NoInbox,
+                        Err(_) => {
+                            left.extend(events.iter().filter(|e| ReplyTarget::of(e) == n.target).cloned());
+                            continue;
+                        }
                     }
                 }
             };
             receipts.extend(posted);
         }
-        Posting::Posted(receipts)
+        Posting::Posted { receipts, left }
     }
 
     /// The reply socket for `target` (bound now if need be), and the session's inbox.
@@ -240,7 +252,12 @@ impl Inbox {
         let Some((path, offset)) = &mut self.transcript else { return Vec::new() };
         let Ok(bytes) = read_from(path, *offset) else { return Vec::new() };
         // only whole lines; a line still being written is read next time
-        let Some(end) = bytes.iter().rposition(|b| *b == b'\n') else { return Vec::new() };
+        let Some(end) = bytes.iter().rposition(|b| *b == b'\n') else {
+            if bytes.len() as u64 >= TRANSCRIPT_CHUNK {
+                *offset += bytes.len() as u64; // one huge line: skip it rather than read it forever
+            }
+            return Vec::new();
+        };
         *offset += end as u64 + 1;
         let text = String::from_utf8_lossy(&bytes[..=end]);
         // the conversation's records (a user turn, or an attachment mid-turn) carry the
@@ -320,6 +337,11 @@ impl Inbox {
     }
 }
 
+/// The socket is not there, or nobody listens on it.
+fn gone(e: &io::Error) -> bool {
+    matches!(e.kind(), io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused)
+}
+
 fn receipt((group, id): &MessageRef, state: DeliveryState, detail: Option<&str>) -> Receipt {
     Receipt { message_id: id.clone(), group: group.clone(), state, detail: detail.map(str::to_owned) }
 }
@@ -329,7 +351,7 @@ fn read_from(path: &std::path::Path, offset: u64) -> io::Result<Vec<u8>> {
     let mut file = std::fs::File::open(path)?;
     file.seek(SeekFrom::Start(offset))?;
     let mut out = Vec::new();
-    file.take(16 * 1024 * 1024).read_to_end(&mut out)?;
+    file.take(TRANSCRIPT_CHUNK).read_to_end(&mut out)?;
     Ok(out)
 }
 
@@ -413,7 +435,8 @@ mod tests {
         inbox.set_me("box:me");
         assert_eq!(inbox.session().map(|s| s.socket.clone()), Some(fake.socket.clone()));
 
-        let Posting::Posted(receipts) = inbox.post(&[dm("m1", "can you review #42?")]).await else { panic!("not posted") };
+        let Posting::Posted { receipts, left } = inbox.post(&[dm("m1", "can you review #42?")]).await else { panic!("not posted") };
+        assert!(left.is_empty());
         assert_eq!(states(&receipts), [("m1", DeliveryState::Notified)]);
         let line: serde_json::Value = serde_json::from_str(&fake.lines.recv().await.unwrap()).unwrap();
         let from = line["from"].as_str().unwrap().to_owned();
@@ -437,7 +460,7 @@ mod tests {
         assert!(!inbox.has_pending());
 
         // a second notice, denied by the human: failed, and offered to the keystroke fallback
-        let Posting::Posted(_) = inbox.post(&[dm("m2", "and this one?")]).await else { panic!("not posted") };
+        let Posting::Posted { .. } = inbox.post(&[dm("m2", "and this one?")]).await else { panic!("not posted") };
         let line: serde_json::Value = serde_json::from_str(&fake.lines.recv().await.unwrap()).unwrap();
         assert_eq!(line["from"], from.as_str(), "one reply socket per conversation");
         let denied = serde_json::json!({"type":"control","action":"peer_message_status","status":"denied","orig_msg_id":line["msg_id"]});
@@ -453,7 +476,7 @@ mod tests {
         let mut fake = fake_session();
         let (tx, _heard) = mpsc::channel(8);
         let mut inbox = Inbox::with_claude_dir("%7", Some(fake.dir.path().to_owned()), tx);
-        let Posting::Posted(_) = inbox.post(&[dm("m1", "hello")]).await else { panic!("not posted") };
+        let Posting::Posted { .. } = inbox.post(&[dm("m1", "hello")]).await else { panic!("not posted") };
         let line: serde_json::Value = serde_json::from_str(&fake.lines.recv().await.unwrap()).unwrap();
         let project = fake.dir.path().join("projects/-w");
         std::fs::create_dir_all(&project).unwrap();
@@ -472,7 +495,7 @@ mod tests {
         let mut fake = fake_session();
         let (tx, mut heard) = mpsc::channel(8);
         let mut inbox = Inbox::with_claude_dir("%7", Some(fake.dir.path().to_owned()), tx);
-        let Posting::Posted(_) = inbox.post(&[dm("m1", "ping")]).await else { panic!("not posted") };
+        let Posting::Posted { .. } = inbox.post(&[dm("m1", "ping")]).await else { panic!("not posted") };
         let line: serde_json::Value = serde_json::from_str(&fake.lines.recv().await.unwrap()).unwrap();
         let from = line["from"].as_str().unwrap();
         let own = format!("uds:{}", fake.socket.display());
@@ -502,7 +525,7 @@ mod tests {
         assert!(inbox.session().is_none());
         let socket = fake.socket.display().to_string();
         inbox.agent_reported(AgentInfo { pid: std::process::id(), messaging_socket: Some(socket), session_id: None });
-        assert!(matches!(inbox.post(&[dm("m1", "hi")]).await, Posting::Posted(_)));
+        assert!(matches!(inbox.post(&[dm("m1", "hi")]).await, Posting::Posted { .. }));
         assert!(fake.lines.recv().await.unwrap().contains("hi"));
         // a dead pid reported is not believed
         inbox.agent_reported(AgentInfo { pid: 999_999_999, messaging_socket: Some("/nope.sock".into()), session_id: None });
