@@ -72,6 +72,14 @@ async fn two_claude_code_sessions_talk_through_relay_with_no_keystrokes() {
     call_tool(&a_client, "send_dm", json!({"to": "bob", "message": "a note for bob while he is busy"})).await.unwrap();
     let (turn, with_tool_result) = w.model.wait_for("a note for bob while he is busy", Duration::from_secs(30));
     assert!(with_tool_result, "the note should ride with the tool's result, in the same turn: {turn}");
+
+    // closing B's sidebar takes its reply sockets out of Claude Code's socket directory
+    let socks = b.home.parent().unwrap().join("run/cc-socks");
+    let reply_sockets = || std::fs::read_dir(&socks).unwrap().flatten().filter(|e| e.file_name().to_string_lossy().starts_with("relay-")).count();
+    assert!(reply_sockets() > 0, "no reply socket beside B's session");
+    let sidebar = relay_tmux::panes_started_with(&b.tmux.tmux, &format!("relay-pane' --pane {pane_b} --socket")).unwrap().remove(0);
+    relay_tmux::kill_pane(&b.tmux.tmux, &sidebar).unwrap();
+    relay_e2e::claude::wait_until("the reply sockets to go", Duration::from_secs(10), || reply_sockets() == 0);
     let _ = a_client.cancel().await;
 }
 

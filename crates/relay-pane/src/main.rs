@@ -219,6 +219,10 @@ async fn run(
     let mut announce_at: Option<Instant> = None;
     let mut last_typed: Option<Instant> = None;
     let mut pane_check = tokio::time::interval(Duration::from_secs(2));
+    // tmux hangs up on a closed pane: leave through the front door, so the reply sockets
+    // in Claude Code's socket directory go with us
+    use tokio::signal::unix::{SignalKind, signal};
+    let (mut hangup, mut terminate) = (signal(SignalKind::hangup())?, signal(SignalKind::terminate())?);
     let mut transcript_check = tokio::time::interval(TRANSCRIPT_CHECK);
     let mut intro = args.intro;
     let care = deliver::keys::Care { quiet: Duration::from_millis(args.quiet_ms), ..Default::default() };
@@ -358,6 +362,8 @@ async fn run(
                     });
                 }
             }
+            _ = hangup.recv() => return Ok(()),
+            _ = terminate.recv() => return Ok(()),
             _ = pane_check.tick() => {
                 if relay_tmux::pane(&tmux, &args.pane).is_err() {
                     return Ok(()); // the agent's pane is gone, and so are we
