@@ -79,7 +79,7 @@ async fn two_claude_code_sessions_talk_through_relay_with_no_keystrokes() {
     assert!(reply_sockets() > 0, "no reply socket beside B's session");
     let sidebar = relay_tmux::panes_started_with(&b.tmux.tmux, &format!("relay-pane' --pane {pane_b} --socket")).unwrap().remove(0);
     relay_tmux::kill_pane(&b.tmux.tmux, &sidebar).unwrap();
-    relay_e2e::claude::wait_until("the reply sockets to go", Duration::from_secs(10), || reply_sockets() == 0);
+    relay_e2e::wait_until("the reply sockets to go", Duration::from_secs(10), || reply_sockets() == 0);
     let _ = a_client.cancel().await;
 }
 

@@ -10,7 +10,7 @@ use relay_tmux::Tmux;
 use serde_json::{Value, json};
 
 use crate::tmux::TmuxServer;
-use crate::{KillOnDrop, ServerProcess, binary, claude_code, claude_command, spawn_relayd};
+use crate::{KillOnDrop, ServerProcess, binary, claude_code, claude_command, spawn_relayd, wait_until};
 
 pub const API_KEY: &str = "sk-ant-api03-relay-test-key-0123456789abcdefXYZ";
 pub const CLAUDE_VERSION: &str = "2.1.332";
@@ -108,14 +108,6 @@ pub fn latest_turn(body: &Value) -> (String, bool) {
     (parts.join("\n"), tool_result)
 }
 
-pub fn wait_until(what: &str, limit: Duration, mut check: impl FnMut() -> bool) {
-    let deadline = Instant::now() + limit;
-    while !check() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 /// One machine: a HOME, a runtime dir, a relayd, a tmux server whose panes inherit them.
 pub struct Machine {
     pub home: PathBuf,
@@ -190,19 +182,24 @@ impl Machine {
         assert!(out.status.success(), "claude mcp add: {}", String::from_utf8_lossy(&out.stderr));
     }
 
+    /// The registry entry (`~/.claude/sessions/<pid>.json`) of the session in `pane`.
+    pub fn session_entry(&self, pane: &str) -> Option<Value> {
+        std::fs::read_dir(self.home.join(".claude/sessions")).ok()?.flatten().find_map(|e| {
+            let v: Value = serde_json::from_str(&std::fs::read_to_string(e.path()).ok()?).ok()?;
+            v["tmux"].as_str()?.ends_with(&format!(".{pane}")).then_some(v)
+        })
+    }
+
+    /// Whether the session in `pane` is idle, by its registry entry.
+    pub fn session_idle(&self, pane: &str) -> bool {
+        self.session_entry(pane).is_some_and(|v| v["status"] == "idle")
+    }
+
     /// Starts Claude Code in a new pane and waits for its session to be idle; the pane id.
     pub fn start_claude(&self, args: &str) -> String {
         let pane = self.tmux.new_pane(&self.work.display().to_string(), &format!("claude {args}"));
-        let sessions = self.home.join(".claude/sessions");
-        let ready = || {
-            let Ok(entries) = std::fs::read_dir(&sessions) else { return false };
-            entries.flatten().any(|e| {
-                let v: Value = std::fs::read_to_string(e.path()).ok().and_then(|t| serde_json::from_str(&t).ok()).unwrap_or_default();
-                v["tmux"].as_str().is_some_and(|t| t.ends_with(&format!(".{pane}"))) && v["status"] == "idle"
-            })
-        };
         let deadline = Instant::now() + Duration::from_secs(30);
-        while !ready() {
+        while !self.session_idle(&pane) {
             assert!(Instant::now() < deadline, "Claude Code in {pane} never became idle; its screen:\n{}", self.screen(&pane));
             std::thread::sleep(Duration::from_millis(50));
         }

@@ -66,6 +66,15 @@ pub fn claude_command(bin: &Path, home: &Path) -> Command {
     cmd
 }
 
+/// Polls `check` every 50 ms until it holds; panics naming `what` after `limit`.
+pub fn wait_until(what: &str, limit: Duration, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !check() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// A child process killed (by its PID) when this goes out of scope, panics included.
 pub struct KillOnDrop(pub Child);
 

@@ -93,9 +93,11 @@ pub fn stand_in_agent(dir: &Path) -> PathBuf {
 /// `relay mcp --pane PANE` as a stdio MCP client session, the way an agent runs it.
 pub async fn relay_mcp(socket: &Path, pane: &str) -> RunningService<RoleClient, ()> {
     let mut cmd = tokio::process::Command::new(binary("relay"));
-    // not the Claude Code session these tests may run in: relay mcp would report it
+    // the server comes from relayd; and not the Claude Code session these tests may run
+    // in: relay mcp would report it
     cmd.args(["mcp", "--pane", pane])
         .env("RELAYD_SOCKET", socket)
+        .env_remove("RELAY_SERVER")
         .env_remove("CLAUDE_CODE_MESSAGING_SOCKET")
         .env_remove("CLAUDE_CODE_SESSION_ID")
         .stderr(Stdio::null());

@@ -14,6 +14,14 @@ use crate::claude;
 use crate::cli::AttachArgs;
 use crate::daemon::{self, connect_or_start, sibling_binary};
 
+/// Types the intro line into `pane`, Enter separately after a pause (sent together, agents
+/// sometimes drop it).
+pub async fn type_intro(tmux: &dyn Tmux, pane: &str, display_name: &str, group: &str) -> Result<(), relay_tmux::TmuxError> {
+    relay_tmux::send_literal(tmux, pane, &intro_line(display_name, group))?;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    relay_tmux::send_enter(tmux, pane)
+}
+
 /// The one line typed into the agent to introduce it.
 pub fn intro_line(display_name: &str, group: &str) -> String {
     format!(
@@ -70,10 +78,7 @@ pub async fn attach(socket: &Path, args: AttachArgs) -> Result<()> {
     if inbox && sidebar.is_some() {
         println!("Claude Code in {} has an inbox: relay delivers messages into it, with no keystrokes.", pane.id);
     } else {
-        // Enter separately, after a pause: sent together, agents sometimes drop it
-        relay_tmux::send_literal(&tmux, &pane.id, &intro_line(&attachment.display_name, &attachment.group))?;
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        relay_tmux::send_enter(&tmux, &pane.id)?;
+        type_intro(&tmux, &pane.id, &attachment.display_name, &attachment.group).await?;
     }
     println!(
         "Attached {} ({}) to group {} on {} as {} (peer {}){}.",

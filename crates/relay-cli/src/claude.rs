@@ -135,7 +135,7 @@ pub fn is_alive(session: &Session) -> bool {
 }
 
 /// Field 22 of `/proc/<pid>/stat`: when the process started, in clock ticks after boot.
-fn proc_start(stat: &str) -> Option<&str> {
+pub fn proc_start(stat: &str) -> Option<&str> {
     // fields after the parenthesised command name (which may hold spaces) start at 3
     stat.rsplit_once(')')?.1.split_whitespace().nth(19)
 }

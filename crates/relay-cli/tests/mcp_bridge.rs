@@ -4,23 +4,13 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use relay_e2e::mcp::{Client as Mcp, Mode};
+use relay_e2e::tmux::relay_mcp;
 use relay_e2e::{ServerProcess, binary, spawn_relayd};
 use relay_proto::local::{AttachRequest, Reply, Request};
 use rmcp::model::CallToolRequestParams;
 use rmcp::transport::TokioChildProcess;
 use rmcp::{RoleClient, ServiceExt, service::RunningService};
 use serde_json::{Value, json};
-
-/// `relay mcp` for `pane`; it learns the server from relayd (no RELAY_SERVER).
-async fn bridge(socket: &std::path::Path, pane: &str) -> RunningService<RoleClient, ()> {
-    let mut cmd = tokio::process::Command::new(binary("relay"));
-    cmd.args(["mcp", "--pane", pane])
-        .env("RELAYD_SOCKET", socket)
-        .env_remove("RELAY_SERVER")
-        .env_remove("CLAUDE_CODE_MESSAGING_SOCKET")
-        .stderr(Stdio::null());
-    ().serve(TokioChildProcess::new(cmd).unwrap()).await.expect("relay mcp speaks MCP on stdio")
-}
 
 /// A control connection to the relayd just started, once it listens.
 async fn connect(socket: &std::path::Path) -> relayd::client::Client {
@@ -50,7 +40,7 @@ async fn the_bridge_speaks_for_the_pane_without_tokens_in_sight() {
 
     // not attached yet: the tools are listed (Claude Code asks only once, at its start), and
     // each says what to do
-    let unattached = bridge(&socket, "%7").await;
+    let unattached = relay_mcp(&socket, "%7").await;
     let tools = unattached.list_all_tools().await.unwrap();
     assert!(tools.iter().any(|t| t.name == "send_message"), "{tools:?}");
     let (failed, text, _) = call(&unattached, "send_message", json!({"message": "hi"})).await;
@@ -64,7 +54,7 @@ async fn the_bridge_speaks_for_the_pane_without_tokens_in_sight() {
         let reg = anon.ok("register", json!({"group_id": "team", "hostname": "far", "working_directory": "/far"})).await;
         (Mcp::connect(&server.url("/mcp"), Some(reg["token"].as_str().unwrap()), Mode::Stateless).await, reg)
     };
-    let agent = bridge(&socket, "%7").await;
+    let agent = relay_mcp(&socket, "%7").await;
     for tool in agent.list_all_tools().await.unwrap() {
         let props = tool.input_schema.get("properties").and_then(|p| p.as_object()).cloned().unwrap_or_default();
         assert!(!props.contains_key("token"), "{} still asks for a token", tool.name);

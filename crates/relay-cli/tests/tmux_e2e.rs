@@ -11,17 +11,9 @@ use std::time::{Duration, Instant};
 
 use relay_e2e::desktop::Desktop;
 use relay_e2e::tmux::{TmuxServer, call_tool, relay_mcp as mcp, stand_in_agent};
-use relay_e2e::{ServerProcess, spawn_relayd};
+use relay_e2e::{ServerProcess, spawn_relayd, wait_until};
 use rmcp::{RoleClient, service::RunningService};
 use serde_json::json;
-
-fn wait_until(what: &str, limit: Duration, mut check: impl FnMut() -> bool) {
-    let deadline = Instant::now() + limit;
-    while !check() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
 
 /// With Claude Code's CLI installed: a PATH where `claude` is it, and a private HOME.
 fn claude_env(dir: &Path, test: &str) -> Option<(Vec<(String, String)>, PathBuf, PathBuf)> {

@@ -352,14 +352,14 @@ async fn run(
                     let mut senders: Vec<String> = due.tell_human.iter().map(|e| e.sender.name.clone()).collect();
                     senders.dedup();
                     app.note = Some(format!("{n} message(s) still unread by the agent"));
-                    relayd::notify::Desktop::default().notify(relayd::notify::Notice {
-                        summary: format!("relay: {n} message(s) unread in {}", args.pane),
-                        body: format!(
+                    tell_human(
+                        format!("relay: {n} message(s) unread in {}", args.pane),
+                        format!(
                             "The agent in {} was told of messages from {} but has not read them, even after a reminder.",
                             args.pane,
                             senders.join(", ")
                         ),
-                    });
+                    );
                 }
             }
             _ = hangup.recv() => return Ok(()),
@@ -391,10 +391,8 @@ async fn introduce(inbox: &mut deliver::Inbox, tmux: &RealTmux, pane: &str, atta
         Ok(()) => return,
         Err(e) => tracing::info!(%pane, error = %e, "cannot introduce through the inbox; typing it"),
     }
-    let line = relay_cli::attach::intro_line(&attachment.display_name, &attachment.group);
-    if relay_tmux::send_literal(tmux, pane, &line).is_ok() {
-        tokio::time::sleep(deliver::keys::ENTER_DELAY).await;
-        let _ = relay_tmux::send_enter(tmux, pane);
+    if let Err(e) = relay_cli::attach::type_intro(tmux, pane, &attachment.display_name, &attachment.group).await {
+        tracing::warn!(%pane, error = %e, "cannot type the introduction either");
     }
 }
 
@@ -423,13 +421,18 @@ async fn type_announcement(
             let n = receipts.len();
             tracker.report(app, receipts);
             app.note = Some(format!("✗ {n} not delivered: {why}"));
-            relayd::notify::Desktop::default().notify(relayd::notify::Notice {
-                summary: format!("relay: {n} message(s) not delivered to {pane}"),
-                body: format!("relay could not type into the agent's pane ({why}). Read them in the sidebar, or tell the agent to call read_new_messages."),
-            });
+            tell_human(
+                format!("relay: {n} message(s) not delivered to {pane}"),
+                format!("relay could not type into the agent's pane ({why}). Read them in the sidebar, or tell the agent to call read_new_messages."),
+            );
             None
         }
     }
+}
+
+/// A desktop notification for the human at this machine.
+fn tell_human(summary: String, body: String) {
+    relayd::notify::Desktop::default().notify(relayd::notify::Notice { summary, body });
 }
 
 /// Sends what the agent answered with `SendMessage` over relay: a DM back to the sender,

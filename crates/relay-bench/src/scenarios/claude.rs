@@ -64,29 +64,19 @@ fn now() -> f64 {
 
 /// The inbox socket of the Claude Code session in `pane`, from its registry.
 fn session_socket(machine: &Machine, pane: &str) -> Option<PathBuf> {
-    std::fs::read_dir(machine.home.join(".claude/sessions")).ok()?.flatten().find_map(|e| {
-        let v: Value = serde_json::from_str(&std::fs::read_to_string(e.path()).ok()?).ok()?;
-        let ours = v["tmux"].as_str()?.ends_with(&format!(".{pane}"));
-        ours.then(|| PathBuf::from(v["messagingSocketPath"].as_str().unwrap_or_default()))
-    })
+    machine.session_entry(pane)?["messagingSocketPath"].as_str().map(PathBuf::from)
 }
 
 /// The session's turn is over (the scripted model answers at once).
 fn wait_idle(machine: &Machine, pane: &str) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let idle = std::fs::read_dir(machine.home.join(".claude/sessions"))?.flatten().any(|e| {
-            let v: Value = std::fs::read_to_string(e.path()).ok().and_then(|t| serde_json::from_str(&t).ok()).unwrap_or_default();
-            v["tmux"].as_str().is_some_and(|t| t.ends_with(&format!(".{pane}"))) && v["status"] == "idle"
-        });
-        if idle {
-            // and a moment more, so one turn's tail does not overlap the next probe
-            std::thread::sleep(Duration::from_millis(200));
-            return Ok(());
-        }
+    while !machine.session_idle(pane) {
         ensure!(Instant::now() < deadline, "the session stayed busy");
         std::thread::sleep(Duration::from_millis(20));
     }
+    // and a moment more, so one turn's tail does not overlap the next probe
+    std::thread::sleep(Duration::from_millis(200));
+    Ok(())
 }
 
 /// Posts `text` into the inbox at `socket` as another session would.

@@ -378,7 +378,7 @@ mod tests {
         std::fs::create_dir_all(&socks).unwrap();
         let socket = socks.join(format!("{pid}.sock"));
         let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-        let start = stat.rsplit_once(')').unwrap().1.split_whitespace().nth(19).unwrap().to_owned();
+        let start = session::proc_start(&stat).unwrap().to_owned();
         let entry = serde_json::json!({
             "pid": pid, "sessionId": "sess-1", "cwd": "/w", "procStart": start, "tmux": "main:@1.%7",
             "messagingSocketPath": socket, "status": "idle"
