@@ -151,3 +151,32 @@ async fn a_bypass_permissions_session_holds_the_message_and_the_sender_sees_held
     wait_for_state(&a_client, sent["message_id"].as_str().unwrap(), "dave", "read").await;
     let _ = a_client.cancel().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_that_refuses_the_inbox_gets_typed_announcements_with_fallback_keys() {
+    let test = "a_session_that_refuses_the_inbox_gets_typed_announcements_with_fallback_keys";
+    let Some(w) = world(test) else { return };
+    let Some(a) = w.machine(test, "alice") else { return };
+    let Some(e) = w.machine(test, "erin") else { return };
+    a.configure_relay_mcp(&w.claude);
+    e.configure_relay_mcp(&w.claude);
+    e.set_setting("crossSessionInbound", json!("refuse"));
+    w.model.script(json!([
+        {"match": "\\[RELAY\\] 1 new DM in cc from alice", "once": true, "reply": {"tool_use": {"name": "mcp__relay__read_new_messages", "input": {}}}},
+    ]));
+    let pane_a = a.start_claude("");
+    let pane_e = e.start_claude("");
+    a.attach(&pane_a, "alice");
+    e.attach_with(&pane_e, "erin", &["--fallback", "keys"]);
+    // the inbox refused relay's introduction, so it was typed
+    w.model.wait_for("[RELAY] You are erin in relay group cc", Duration::from_secs(30));
+
+    // refused by the inbox, announced by keystrokes; erin's model reads it with relay's tool
+    let a_client = relay_mcp(&a.socket, &pane_a).await;
+    let sent = call_tool(&a_client, "send_dm", json!({"to": "erin", "message": "erin, the deploy is yours"})).await.unwrap();
+    w.model.wait_for("[RELAY] 1 new DM in cc from alice", Duration::from_secs(30));
+    w.model.wait_for("erin, the deploy is yours", Duration::from_secs(30));
+    wait_for_state(&a_client, sent["message_id"].as_str().unwrap(), "erin", "read").await;
+    assert!(!w.model.turns().iter().any(|(t, _)| t.contains("direct message to you (erin)")), "the inbox let a notice in");
+    let _ = a_client.cancel().await;
+}

@@ -206,8 +206,23 @@ impl Machine {
         pane
     }
 
+    /// Sets one key of this machine's `~/.claude/settings.json`.
+    pub fn set_setting(&self, key: &str, value: Value) {
+        let path = self.home.join(".claude/settings.json");
+        let mut settings: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        settings[key] = value;
+        std::fs::write(&path, settings.to_string()).unwrap();
+    }
+
     pub fn attach(&self, pane: &str, name: &str) -> String {
-        let out = self.tmux.relay(&self.socket, &["attach", pane, "--group", "cc", "--name", name], &self.env);
+        self.attach_with(pane, name, &[])
+    }
+
+    /// `relay attach` with more options.
+    pub fn attach_with(&self, pane: &str, name: &str, options: &[&str]) -> String {
+        let mut args = vec!["attach", pane, "--group", "cc", "--name", name];
+        args.extend(options);
+        let out = self.tmux.relay(&self.socket, &args, &self.env);
         let said = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
         assert!(out.status.success(), "relay attach {pane}: {said}");
         said

@@ -6,7 +6,7 @@ mod app;
 mod deliver;
 mod report;
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -58,7 +58,14 @@ struct Args {
     /// session in the pane); typed into the pane if the inbox cannot take it
     #[arg(long)]
     intro: bool,
+    /// Where to log (the terminal is the sidebar); default: pane-<id>.log beside relayd's
+    /// state. RUST_LOG sets the level.
+    #[arg(long, env = "RELAY_PANE_LOG")]
+    log: Option<PathBuf>,
 }
+
+/// A log longer than this is started afresh.
+const MAX_LOG: u64 = 1 << 20;
 
 /// Events this close together are announced in one typed line.
 const GATHER: Duration = Duration::from_millis(20);
@@ -78,6 +85,8 @@ enum Incoming {
     Note(String),
     /// `relay mcp` reported the pane's agent process.
     Agent(AgentInfo),
+    /// Reminders due, checked with the server: what is read already is left out.
+    Due { due: deliver::renotify::Due, settled: Vec<String> },
 }
 
 /// Message events kept to retype when the inbox refuses them, and to remind of.
@@ -89,6 +98,8 @@ struct Tracker {
     reporter: report::Reporter,
     renotifier: deliver::renotify::Renotifier,
     recent: VecDeque<Event>,
+    /// Messages announced again because they are still unread.
+    reminders: HashSet<String>,
 }
 
 impl Tracker {
@@ -109,17 +120,31 @@ impl Tracker {
                         self.renotifier.notified(e, now);
                     }
                 }
-                state if state.concerns_recipient() => self.renotifier.settled(&r.message_id),
+                state if state.concerns_recipient() => self.settled(&r.message_id),
                 _ => {}
             }
         }
         self.reporter.send(receipts);
+    }
+
+    fn settled(&mut self, id: &str) {
+        self.renotifier.settled(id);
+        self.reminders.remove(id);
     }
 }
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> Result<()> {
     let args = Args::parse();
+    let log = args.log.clone().unwrap_or_else(|| {
+        let state = relayd::paths::default_state_dir();
+        let id: String = args.pane.chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '_' }).collect();
+        let name = format!("pane-{id}.log");
+        state.parent().unwrap_or(&state).join(name)
+    });
+    if let Err(e) = relay_util::init_tracing_to_file(&log, MAX_LOG) {
+        eprintln!("relay-pane: cannot log to {}: {e}", log.display());
+    }
     let socket = args.socket.clone().unwrap_or_else(relayd::paths::default_socket);
     let (tx, rx) = mpsc::channel(1024);
     tokio::spawn(follow(socket.clone(), args.pane.clone(), tx.clone()));
@@ -206,7 +231,7 @@ async fn run(
     reporter: report::Reporter,
 ) -> Result<()> {
     let renotifier = deliver::renotify::Renotifier::new(Duration::from_secs(args.renotify_secs), args.max_reminders_per_hour);
-    let mut tracker = Tracker { reporter, renotifier, recent: VecDeque::new() };
+    let mut tracker = Tracker { reporter, renotifier, recent: VecDeque::new(), reminders: HashSet::new() };
     let mut renotify_check = tokio::time::interval(Duration::from_secs(args.renotify_secs.div_ceil(4).clamp(1, 15)));
     let tmux = RealTmux::current();
     let mut app = App::new(&args.pane);
@@ -254,7 +279,7 @@ async fn run(
                         let mine = own_peers(&app).contains(&event.sender.peer_id);
                         // our own copy was read (its reminder is off), or the like
                         if mine && event.kind == EventKind::Receipt && event.state.is_some_and(DeliveryState::concerns_recipient) {
-                            tracker.renotifier.settled(&event.id);
+                            tracker.settled(&event.id);
                         }
                         if !args.no_deliver && !mine && event.kind.message_kind().is_some() {
                             tracker.remember(&event);
@@ -271,6 +296,22 @@ async fn run(
                     Some(Incoming::Lost(why)) => app.connection = Connection::Lost(why),
                     Some(Incoming::Note(note)) => app.note = Some(note),
                     Some(Incoming::Agent(agent)) => inbox.agent_reported(agent),
+                    Some(Incoming::Due { due, settled }) => {
+                        for id in settled {
+                            tracker.settled(&id);
+                        }
+                        if !due.remind.is_empty() {
+                            tracker.reminders.extend(due.remind.iter().map(|e| e.id.clone()));
+                            pending.extend(due.remind);
+                            announce_at.get_or_insert(Instant::now());
+                        }
+                        if !due.tell_human.is_empty() {
+                            for e in &due.tell_human {
+                                tracker.reminders.remove(&e.id);
+                            }
+                            tell_human_unread(&args.pane, &due.tell_human, &mut app);
+                        }
+                    }
                     None => return Ok(()),
                 }
             }
@@ -298,7 +339,7 @@ async fn run(
                         announce_at = Some(Instant::now() + wait);
                         continue;
                     }
-                    if let deliver::Posting::Posted { receipts, left } = inbox.post(&pending).await {
+                    if let deliver::Posting::Posted { receipts, left } = inbox.post(&pending, &tracker.reminders).await {
                         pending = left;
                         if !pending.is_empty() {
                             announce_at = Some(Instant::now() + INBOX_RETRY);
@@ -327,6 +368,12 @@ async fn run(
                 if let Some(reply) = outcome.reply {
                     tokio::spawn(send_reply(socket.to_owned(), args.pane.clone(), reply, tx.clone()));
                 }
+                if let Some(group) = outcome.intro_refused.filter(|_| args.fallback == "keys") {
+                    let me = app.attachments.iter().find(|a| a.group == group).map(|a| a.display_name.clone()).unwrap_or_default();
+                    if let Err(e) = relay_cli::attach::type_intro(&tmux, &args.pane, &me, &group).await {
+                        tracing::warn!(pane = %args.pane, error = %e, "cannot type the introduction");
+                    }
+                }
                 if args.fallback == "keys" && !outcome.refused.is_empty() {
                     // typed, never posted again: the session refused them
                     let refused = tracker.recent.iter().filter(|e| outcome.refused.iter().any(|(g, id)| *g == e.group && *id == e.id));
@@ -343,24 +390,10 @@ async fn run(
             }
             _ = renotify_check.tick(), if tracker.renotifier.is_watching() => {
                 let due = tracker.renotifier.due(std::time::Instant::now());
-                if !due.remind.is_empty() {
-                    pending.extend(due.remind);
-                    announce_at.get_or_insert(Instant::now());
+                if !due.remind.is_empty() || !due.tell_human.is_empty() {
+                    tokio::spawn(confirm_unread(socket.to_owned(), args.pane.clone(), due, tx.clone()));
                 }
-                if !due.tell_human.is_empty() {
-                    let n = due.tell_human.len();
-                    let mut senders: Vec<String> = due.tell_human.iter().map(|e| e.sender.name.clone()).collect();
-                    senders.dedup();
-                    app.note = Some(format!("{n} message(s) still unread by the agent"));
-                    tell_human(
-                        format!("relay: {n} message(s) unread in {}", args.pane),
-                        format!(
-                            "The agent in {} was told of messages from {} but has not read them, even after a reminder.",
-                            args.pane,
-                            senders.join(", ")
-                        ),
-                    );
-                }
+                continue;
             }
             _ = hangup.recv() => return Ok(()),
             _ = terminate.recv() => return Ok(()),
@@ -407,7 +440,7 @@ async fn type_announcement(
     tracker: &mut Tracker,
 ) -> Option<Instant> {
     use deliver::keys::Announced;
-    match typist.announce(tmux, pane, pending, agent_status).await {
+    match typist.announce(tmux, pane, pending, &tracker.reminders, agent_status).await {
         Announced::Typed(receipts) => {
             tracker.report(app, receipts);
             app.note = None;
@@ -428,6 +461,43 @@ async fn type_announcement(
             None
         }
     }
+}
+
+/// Leaves out of `due` what the server says the agent has read (or its human holds, or
+/// failed) already: a receipt missed while relayd was reconnecting must not cause a
+/// reminder. When the server cannot be asked, the reminder goes out.
+async fn confirm_unread(socket: PathBuf, pane: String, mut due: deliver::renotify::Due, tx: mpsc::Sender<Incoming>) {
+    let mut settled = Vec::new();
+    for list in [&mut due.remind, &mut due.tell_human] {
+        let mut unread = Vec::new();
+        for e in list.drain(..) {
+            let args = serde_json::json!({"message_id": e.id});
+            let status = relay_cli::bridge::call_in_group(&socket, &pane, Some(&e.group), "message_status", args).await;
+            let states = status.map(|s| s["structured"]["recipients"].as_array().cloned().unwrap_or_default()).unwrap_or_default();
+            let done = states.iter().any(|r| {
+                serde_json::from_value::<DeliveryState>(r["state"].clone()).is_ok_and(DeliveryState::concerns_recipient)
+            });
+            if done {
+                settled.push(e.id);
+            } else {
+                unread.push(e);
+            }
+        }
+        *list = unread;
+    }
+    let _ = tx.send(Incoming::Due { due, settled }).await;
+}
+
+/// Tells the human that the agent has not read these messages, even after a reminder.
+fn tell_human_unread(pane: &str, unread: &[Event], app: &mut App) {
+    let n = unread.len();
+    let mut senders: Vec<String> = unread.iter().map(|e| e.sender.name.clone()).collect();
+    senders.dedup();
+    app.note = Some(format!("{n} message(s) still unread by the agent"));
+    tell_human(
+        format!("relay: {n} message(s) unread in {pane}"),
+        format!("The agent in {pane} was told of messages from {} but has not read them, even after a reminder.", senders.join(", ")),
+    );
 }
 
 /// A desktop notification for the human at this machine.

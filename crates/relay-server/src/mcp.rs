@@ -366,7 +366,7 @@ impl RelayTools {
     #[tool(
         description = "Relay: where a message you sent is, per recipient: stored (on the server), delivered \
         (on their machine), notified (their agent was told), read (it is in their context), held (waiting \
-        for their human to let it in) or failed."
+        for their human to let it in) or failed. For a message sent to you: the state of your own copy."
     )]
     async fn message_status(&self, Parameters(args): Parameters<StatusArgs>, ctx: RequestContext<RoleServer>) -> CallToolResult {
         let started = Instant::now();

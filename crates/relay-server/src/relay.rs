@@ -733,19 +733,29 @@ impl Relay {
         Ok(outcome)
     }
 
-    /// Per recipient, where a message the caller sent is.
+    /// Per recipient, where a message the caller sent is; to a recipient, where its own copy is.
     pub fn message_status(&self, caller: &Caller, message_id: &str) -> Result<MessageStatus> {
         let unknown = || RelayError::UnknownMessage(message_id.to_owned());
         let entry = self.store.entry_by_id(message_id.trim())?.ok_or_else(unknown)?;
-        let sender = self.store.peer(&entry.sender_id)?.filter(|p| p.principal_id == caller.principal);
-        let kind = entry.kind.message_kind().filter(|_| sender.is_some()).ok_or_else(unknown)?;
-        Ok(MessageStatus {
-            message_id: entry.id.clone(),
-            group_id: entry.group_id.clone(),
-            kind,
-            sent_at: entry.created_at,
-            recipients: self.recipient_statuses(&entry)?,
-        })
+        let kind = entry.kind.message_kind().ok_or_else(unknown)?;
+        let callers = |peer_id: &str| -> Result<bool> {
+            Ok(self.store.peer(peer_id)?.is_some_and(|p| p.principal_id == caller.principal))
+        };
+        let mut recipients = self.recipient_statuses(&entry)?;
+        if !callers(&entry.sender_id)? {
+            // a recipient sees its own copy, and nobody else's
+            let mut own = Vec::new();
+            for status in recipients {
+                if callers(&status.peer.peer_id)? {
+                    own.push(status);
+                }
+            }
+            if own.is_empty() {
+                return Err(unknown());
+            }
+            recipients = own;
+        }
+        Ok(MessageStatus { message_id: entry.id.clone(), group_id: entry.group_id.clone(), kind, sent_at: entry.created_at, recipients })
     }
 
     /// The peers a message was for (for a broadcast: the members when it was sent), each

@@ -119,8 +119,10 @@ async fn read_new_messages_marks_read_and_history_shows_states_of_own_messages()
     let history = a.ok("get_history", json!({})).await;
     assert!(history["messages"][1].get("delivery").is_none(), "{history}");
 
-    // only the sender may ask; an unknown id says what to pass
-    let err = b.err("message_status", json!({"message_id": id})).await;
+    // a recipient sees only its own copy; others may not ask; an unknown id says what to pass
+    assert_eq!(states(&b.ok("message_status", json!({"message_id": id})).await), [("box:b".into(), "read".into())]);
+    let dm = a.ok("send_dm", json!({"to": "box:b", "message": "just for b"})).await;
+    let err = c.err("message_status", json!({"message_id": dm["message_id"]})).await;
     assert!(err.contains("no message") && err.contains("message_id"), "{err}");
     let err = a.err("message_status", json!({"message_id": "m_nope"})).await;
     assert!(err.contains("no message \"m_nope\""), "{err}");

@@ -19,13 +19,32 @@ pub fn init_tracing_quiet(verbose: u8) {
 
 fn init_tracing_from(levels: [&str; 3], verbose: u8) {
     use std::io::IsTerminal;
-    let default = levels[usize::from(verbose.min(2))];
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| default.into());
+    let filter = env_filter(levels[usize::from(verbose.min(2))]);
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
         .init();
+}
+
+/// Logs to a file (for programs whose terminal is their user interface): `RUST_LOG` if
+/// set, else info. The file is 0600, appended to, and started afresh past `max_len` bytes.
+pub fn init_tracing_to_file(path: &Path, max_len: u64) -> std::io::Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let long = std::fs::metadata(path).is_ok_and(|m| m.len() > max_len);
+    let file = std::fs::OpenOptions::new().create(true).append(!long).write(true).truncate(long).mode(0o600).open(path)?;
+    let filter = env_filter("info");
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::sync::Mutex::new(file)).with_ansi(false).init();
+    Ok(())
+}
+
+/// `RUST_LOG` if set, else `level`; rmcp only from warnings up unless asked for debug
+/// (it logs each MCP session's start and end at info: lines per tool call on a busy server).
+fn env_filter(level: &str) -> tracing_subscriber::EnvFilter {
+    let rmcp = if matches!(level, "info" | "warn") { ",rmcp=warn" } else { "" };
+    tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| format!("{level}{rmcp}").into())
 }
 
 /// Cancels `shutdown` on Ctrl-C or SIGTERM.

@@ -13,7 +13,7 @@ pub mod keys;
 pub mod notice;
 pub mod renotify;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::io;
 use std::path::PathBuf;
 
@@ -59,6 +59,8 @@ pub struct Outcome {
     pub refused: Vec<MessageRef>,
     /// Words for the human, in the sidebar.
     pub note: Option<String>,
+    /// Claude Code would not let relay's introduction in: the group it was for.
+    pub intro_refused: Option<String>,
 }
 
 pub struct Inbox {
@@ -72,6 +74,8 @@ pub struct Inbox {
     reply_sockets: HashMap<ReplyTarget, ReplySocket>,
     heard: mpsc::Sender<Heard>,
     posted: HashMap<String, Posted>,
+    /// The msg_id of relay's introduction, and its group.
+    intro: Option<(String, String)>,
     transcript: Option<(PathBuf, u64)>,
     /// Claude Code drops a sender's messages past 30 at once and 0.5 a second; relay keeps
     /// under that and coalesces more instead.
@@ -101,6 +105,7 @@ impl Inbox {
             reply_sockets: HashMap::new(),
             heard,
             posted: HashMap::new(),
+            intro: None,
             transcript: None,
             room: ROOM,
             room_at: std::time::Instant::now(),
@@ -120,9 +125,17 @@ impl Inbox {
         self.me = name.to_owned();
     }
 
+    /// `relay mcp` told relayd which process runs in the pane (again each time it starts,
+    /// and relayd repeats it to every new subscriber). A different session replaces the
+    /// one we know; the same one keeps its reply sockets and what it was told.
     pub fn agent_reported(&mut self, agent: AgentInfo) {
+        let same = self.session.as_ref().is_some_and(|s| {
+            s.pid == agent.pid && agent.messaging_socket.as_deref().is_none_or(|m| s.socket == std::path::Path::new(m))
+        });
         self.reported = Some(agent);
-        self.forget_session();
+        if !same {
+            self.forget_session();
+        }
     }
 
     /// The session `relay mcp` reported: its registry entry, else what it said itself.
@@ -181,11 +194,12 @@ impl Inbox {
         !self.posted.is_empty()
     }
 
-    /// Posts `events` into the session's inbox, one notice per conversation.
-    pub async fn post(&mut self, events: &[Event]) -> Posting {
+    /// Posts `events` into the session's inbox, one notice per conversation; those in
+    /// `reminders` as reminders.
+    pub async fn post(&mut self, events: &[Event], reminders: &HashSet<String>) -> Posting {
         let mut receipts = Vec::new();
         let mut left = Vec::new();
-        for n in notice::notices(events, &self.me) {
+        for n in notice::notices(events, &self.me, reminders) {
             let posted = match self.post_notice(&n).await {
                 Ok(posted) => posted,
                 Err(e) => {
@@ -226,7 +240,10 @@ impl Inbox {
         let target = ReplyTarget::Group { group: group.to_owned() };
         let (from, socket) = self.addresses(&target)?;
         let n = notice::introduction(&self.me, group, target);
-        inbox::post(&socket, &inbox::line(&n, &from, &uuid::Uuid::new_v4().to_string())).await
+        let msg_id = uuid::Uuid::new_v4().to_string();
+        inbox::post(&socket, &inbox::line(&n, &from, &msg_id)).await?;
+        self.intro = Some((msg_id, group.to_owned()));
+        Ok(())
     }
 
     async fn post_notice(&mut self, n: &notice::Notice) -> io::Result<Vec<Receipt>> {
@@ -284,6 +301,15 @@ impl Inbox {
         }
         match heard.inbound {
             Inbound::Status { orig_msg_id, status, detail, reason } => {
+                if let Some((intro, group)) = &self.intro
+                    && orig_msg_id.as_deref() == Some(intro)
+                    && !matches!(status.as_str(), "held" | "delivered")
+                {
+                    tracing::info!(pane = %self.pane, %status, "Claude Code did not let relay's introduction in");
+                    out.intro_refused = Some(group.clone());
+                    self.intro = None;
+                    return out;
+                }
                 let Some(posted) = orig_msg_id.as_deref().and_then(|id| self.posted.get(id)) else { return out };
                 let all: Vec<MessageRef> = posted.carried.iter().chain(&posted.mentioned).cloned().collect();
                 let carried = posted.carried.clone();
@@ -435,7 +461,7 @@ mod tests {
         inbox.set_me("box:me");
         assert_eq!(inbox.session().map(|s| s.socket.clone()), Some(fake.socket.clone()));
 
-        let Posting::Posted { receipts, left } = inbox.post(&[dm("m1", "can you review #42?")]).await else { panic!("not posted") };
+        let Posting::Posted { receipts, left } = inbox.post(&[dm("m1", "can you review #42?")], &HashSet::new()).await else { panic!("not posted") };
         assert!(left.is_empty());
         assert_eq!(states(&receipts), [("m1", DeliveryState::Notified)]);
         let line: serde_json::Value = serde_json::from_str(&fake.lines.recv().await.unwrap()).unwrap();
@@ -460,7 +486,7 @@ mod tests {
         assert!(!inbox.has_pending());
 
         // a second notice, denied by the human: failed, and offered to the keystroke fallback
-        let Posting::Posted { .. } = inbox.post(&[dm("m2", "and this one?")]).await else { panic!("not posted") };
+        let Posting::Posted { .. } = inbox.post(&[dm("m2", "and this one?")], &HashSet::new()).await else { panic!("not posted") };
         let line: serde_json::Value = serde_json::from_str(&fake.lines.recv().await.unwrap()).unwrap();
         assert_eq!(line["from"], from.as_str(), "one reply socket per conversation");
         let denied = serde_json::json!({"type":"control","action":"peer_message_status","status":"denied","orig_msg_id":line["msg_id"]});
@@ -476,7 +502,7 @@ mod tests {
         let mut fake = fake_session();
         let (tx, _heard) = mpsc::channel(8);
         let mut inbox = Inbox::with_claude_dir("%7", Some(fake.dir.path().to_owned()), tx);
-        let Posting::Posted { .. } = inbox.post(&[dm("m1", "hello")]).await else { panic!("not posted") };
+        let Posting::Posted { .. } = inbox.post(&[dm("m1", "hello")], &HashSet::new()).await else { panic!("not posted") };
         let line: serde_json::Value = serde_json::from_str(&fake.lines.recv().await.unwrap()).unwrap();
         let project = fake.dir.path().join("projects/-w");
         std::fs::create_dir_all(&project).unwrap();
@@ -495,7 +521,7 @@ mod tests {
         let mut fake = fake_session();
         let (tx, mut heard) = mpsc::channel(8);
         let mut inbox = Inbox::with_claude_dir("%7", Some(fake.dir.path().to_owned()), tx);
-        let Posting::Posted { .. } = inbox.post(&[dm("m1", "ping")]).await else { panic!("not posted") };
+        let Posting::Posted { .. } = inbox.post(&[dm("m1", "ping")], &HashSet::new()).await else { panic!("not posted") };
         let line: serde_json::Value = serde_json::from_str(&fake.lines.recv().await.unwrap()).unwrap();
         let from = line["from"].as_str().unwrap();
         let own = format!("uds:{}", fake.socket.display());
@@ -524,9 +550,14 @@ mod tests {
         let mut inbox = Inbox::with_claude_dir("%7", Some(fake.dir.path().join("elsewhere")), tx);
         assert!(inbox.session().is_none());
         let socket = fake.socket.display().to_string();
-        inbox.agent_reported(AgentInfo { pid: std::process::id(), messaging_socket: Some(socket), session_id: None });
-        assert!(matches!(inbox.post(&[dm("m1", "hi")]).await, Posting::Posted { .. }));
+        let agent = AgentInfo { pid: std::process::id(), messaging_socket: Some(socket), session_id: None };
+        inbox.agent_reported(agent.clone());
+        assert!(matches!(inbox.post(&[dm("m1", "hi")], &HashSet::new()).await, Posting::Posted { .. }));
         assert!(fake.lines.recv().await.unwrap().contains("hi"));
+        // the same agent reported again (relay mcp restarted): its reply sockets stay
+        let reply_socket = inbox.reply_sockets.values().next().unwrap().path.clone();
+        inbox.agent_reported(agent);
+        assert!(inbox.has_pending() && reply_socket.exists(), "the same session was forgotten");
         // a dead pid reported is not believed
         inbox.agent_reported(AgentInfo { pid: 999_999_999, messaging_socket: Some("/nope.sock".into()), session_id: None });
         assert!(inbox.session().is_none());
@@ -537,13 +568,13 @@ mod tests {
         let fake = fake_session();
         let (tx, _heard) = mpsc::channel(8);
         let mut other = Inbox::with_claude_dir("%8", Some(fake.dir.path().to_owned()), tx.clone());
-        assert!(matches!(other.post(&[dm("m1", "hi")]).await, Posting::NoInbox));
+        assert!(matches!(other.post(&[dm("m1", "hi")], &HashSet::new()).await, Posting::NoInbox));
         let mut inbox = Inbox::with_claude_dir("%7", Some(fake.dir.path().to_owned()), tx);
         assert!(inbox.session().is_some());
         // Claude Code exits: registry entry and socket go away
         std::fs::remove_file(&fake.socket).unwrap();
         std::fs::remove_dir_all(fake.dir.path().join("sessions")).unwrap();
-        assert!(matches!(inbox.post(&[dm("m1", "hi")]).await, Posting::NoInbox));
+        assert!(matches!(inbox.post(&[dm("m1", "hi")], &HashSet::new()).await, Posting::NoInbox));
         assert!(inbox.session().is_none());
     }
 }
