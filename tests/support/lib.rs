@@ -128,7 +128,7 @@ impl ServerProcess {
             .arg("--listen")
             .arg(format!("127.0.0.1:{port}"))
             .args(args)
-            .env("RUST_LOG", "info")
+            .env("RUST_LOG", "info,rmcp=warn")
             .env_remove("RELAY_CONFIG")
             .stdin(Stdio::null())
             .stdout(Stdio::null())

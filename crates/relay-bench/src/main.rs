@@ -42,10 +42,16 @@ struct Args {
     /// Streams in the idle scenario [default: 10000; quick: 500]
     #[arg(long)]
     streams: Option<usize>,
+    /// Run only these scenarios (repeatable): tools, fan-out, daemon, end-to-end,
+    /// claude-inbox, idle
+    #[arg(long, value_parser = SCENARIOS)]
+    only: Vec<String>,
     /// Where to write the JSON figures
     #[arg(long, default_value = "target/relay-bench.json")]
     out: PathBuf,
 }
+
+const SCENARIOS: [&str; 6] = ["tools", "fan-out", "daemon", "end-to-end", "claude-inbox", "idle"];
 
 #[tokio::main]
 async fn main() -> Result<()> {
@@ -81,13 +87,7 @@ async fn main() -> Result<()> {
     };
 
     let quick = args.quick;
-    let load = |tool: &str, args: Value, sequential| ToolLoad {
-        tool: tool.to_owned(),
-        args,
-        sequential,
-        concurrency: 32,
-        duration: Duration::from_secs(if quick { 2 } else { 10 }),
-    };
+    let load = |tool: &str, args: Value, sequential| tool_load(tool, args, sequential, quick);
     if let Some(tool) = &args.tool {
         let tool_args: Value = serde_json::from_str(&args.args).context("--args must be JSON")?;
         let outcome = scenarios::tool_calls(&target, None, &load(tool, tool_args, if quick { 200 } else { 2000 }), &mut report, "tools/call", false).await;
@@ -95,37 +95,7 @@ async fn main() -> Result<()> {
     } else if args.target.is_some() {
         report.failures.push("--target needs --tool (and usually --args)".into());
     } else {
-        let outcome = async {
-            let anon = target.mcp(None).await?;
-            let peer = scenarios::register(&anon, "bench-tools", "/bench/caller").await?;
-            scenarios::tool_calls(&target, Some(&peer.token), &load("list_peers", json!({}), if quick { 200 } else { 2000 }), &mut report, "list_peers", true).await?;
-            let message = json!({"message": "a benchmark message of modest size"});
-            scenarios::tool_calls(&target, Some(&peer.token), &load("send_message", message, if quick { 100 } else { 1000 }), &mut report, "send_message", false).await
-        }
-        .await;
-        record(&mut report, "tools/call", outcome);
-
-        let fan = FanOut {
-            peers: args.peers.unwrap_or(if quick { 20 } else { 100 }),
-            messages: if quick { 40 } else { 300 },
-            rate_per_second: 100.0,
-        };
-        let outcome = scenarios::fan_out(&target, &fan, &mut report).await;
-        record(&mut report, "fan-out", outcome);
-
-        let outcome = scenarios::daemon(&target, 20, if quick { 20 } else { 200 }, &mut report).await;
-        record(&mut report, "daemon", outcome);
-
-        let outcome = scenarios::end_to_end(&target, if quick { 3 } else { 20 }, &mut report).await;
-        record(&mut report, "end to end", outcome);
-
-        let outcome = scenarios::claude_inbox(if quick { 3 } else { 20 }, &mut report).await;
-        record(&mut report, "claude inbox", outcome);
-
-        let streams = args.streams.unwrap_or(if quick { 500 } else { 10_000 });
-        let window = Duration::from_secs(if quick { 2 } else { 5 });
-        let outcome = scenarios::idle_streams(&target, streams, window, &mut report).await;
-        record(&mut report, "idle", outcome);
+        run_scenarios(&args, &target, &mut report).await;
     }
 
     report.print_table();
@@ -136,6 +106,56 @@ async fn main() -> Result<()> {
         std::process::exit(1);
     }
     Ok(())
+}
+
+/// Every scenario against the server the bench started, or those `--only` names.
+async fn run_scenarios(args: &Args, target: &Target, report: &mut Report) {
+    let quick = args.quick;
+    let runs = |name: &str| args.only.is_empty() || args.only.iter().any(|o| o == name);
+    let load = |tool: &str, args: Value, sequential| tool_load(tool, args, sequential, quick);
+    if runs("tools") {
+        let outcome = async {
+            let anon = target.mcp(None).await?;
+            let peer = scenarios::register(&anon, "bench-tools", "/bench/caller").await?;
+            scenarios::tool_calls(target, Some(&peer.token), &load("list_peers", json!({}), if quick { 200 } else { 2000 }), report, "list_peers", true).await?;
+            let message = json!({"message": "a benchmark message of modest size"});
+            scenarios::tool_calls(target, Some(&peer.token), &load("send_message", message, if quick { 100 } else { 1000 }), report, "send_message", false).await
+        }
+        .await;
+        record(report, "tools/call", outcome);
+    }
+    if runs("fan-out") {
+        let fan = FanOut {
+            peers: args.peers.unwrap_or(if quick { 20 } else { 100 }),
+            messages: if quick { 40 } else { 300 },
+            rate_per_second: 100.0,
+        };
+        let outcome = scenarios::fan_out(target, &fan, report).await;
+        record(report, "fan-out", outcome);
+    }
+    if runs("daemon") {
+        let outcome = scenarios::daemon(target, 20, if quick { 20 } else { 200 }, report).await;
+        record(report, "daemon", outcome);
+    }
+    if runs("end-to-end") {
+        let outcome = scenarios::end_to_end(target, if quick { 3 } else { 20 }, report).await;
+        record(report, "end to end", outcome);
+    }
+    if runs("claude-inbox") {
+        let outcome = scenarios::claude_inbox(if quick { 3 } else { 20 }, report).await;
+        record(report, "claude inbox", outcome);
+    }
+    if runs("idle") {
+        let streams = args.streams.unwrap_or(if quick { 500 } else { 10_000 });
+        let window = Duration::from_secs(if quick { 2 } else { 5 });
+        let outcome = scenarios::idle_streams(target, streams, window, report).await;
+        record(report, "idle", outcome);
+    }
+}
+
+/// `sequential` calls one after another, then 32 at a time for 10 s (2 s when quick).
+fn tool_load(tool: &str, args: Value, sequential: usize, quick: bool) -> ToolLoad {
+    ToolLoad { tool: tool.to_owned(), args, sequential, concurrency: 32, duration: Duration::from_secs(if quick { 2 } else { 10 }) }
 }
 
 fn record(report: &mut Report, scenario: &str, outcome: Result<()>) {

@@ -8,6 +8,7 @@ pub mod clock;
 pub mod config;
 pub mod daemon_api;
 pub mod error;
+pub mod front;
 pub mod mcp;
 pub mod metrics;
 pub mod relay;
@@ -63,7 +64,7 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) -> Result<(), ServerError> {
     let app = app::router(relay, config, shutdown.clone());
-    axum::serve(listener, app).with_graceful_shutdown(shutdown.cancelled_owned()).await?;
+    front::serve(listener, app, shutdown).await?;
     tracing::info!("relay-server stopped");
     Ok(())
 }

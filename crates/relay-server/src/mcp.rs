@@ -139,12 +139,11 @@ pub struct RelayTools {
     relay: Arc<Relay>,
     /// Who registered in this MCP session.
     session: Arc<Mutex<Option<Caller>>>,
-    tool_router: ToolRouter<Self>,
 }
 
 impl RelayTools {
     pub fn new(relay: Arc<Relay>) -> Self {
-        Self { relay, session: Arc::default(), tool_router: ROUTER.clone() }
+        Self { relay, session: Arc::default() }
     }
 
     fn caller(&self, ctx: &RequestContext<RoleServer>, token: Option<&str>) -> Result<Caller, RelayError> {
@@ -412,7 +411,8 @@ fn render_recipients(out: &mut String, recipients: &[RecipientStatus]) {
     }
 }
 
-#[tool_handler(router = self.tool_router)]
+// one router for every instance: one is made per stateless request
+#[tool_handler(router = ROUTER)]
 impl ServerHandler for RelayTools {
     fn get_info(&self) -> ServerConfig {
         ServerConfig::new(ServerCapabilities::builder().enable_tools().build())

@@ -1,0 +1,229 @@
+//! The front door: accepts connections, serves event streams itself and everything else
+//! through hyper.
+//!
+//! An event stream is a long, mostly idle response, and a server holds thousands. hyper
+//! keeps an 8 KiB read buffer and an 8 KiB write buffer for every connection as long as it
+//! lives: most of what an idle stream would cost. So a connection whose first bytes are a
+//! GET of an event stream (`/notifications/…`, `/v1/groups/…`) is read here, its request
+//! goes through the same router (routes, Host check, auth), and the response is written
+//! chunked on a connection that closes after it. Peeking consumes nothing, so hyper sees
+//! every other connection whole.
+
+use std::io;
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::{Body, HttpBody as _};
+use http_body_util::BodyExt;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::service::TowerToHyperService;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tower::ServiceExt;
+
+/// How requests for event streams begin.
+const STREAM_REQUESTS: [&[u8]; 2] = [b"GET /notifications/", b"GET /v1/groups/"];
+/// The longest request head read here (a bearer token and the usual headers fit many times).
+const MAX_HEAD: usize = 16 * 1024;
+const MAX_HEADERS: usize = 64;
+/// A client gets this long to send its request head, and to take each write.
+const CLIENT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Serves `app` on `listener` until `shutdown`, then waits for open connections to finish
+/// (event streams end on `shutdown` by themselves).
+pub async fn serve(listener: TcpListener, app: Router, shutdown: CancellationToken) -> io::Result<()> {
+    let connections = TaskTracker::new();
+    loop {
+        let accepted = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            accepted = listener.accept() => accepted,
+        };
+        let tcp = match accepted {
+            Ok((tcp, _)) => tcp,
+            Err(e) => {
+                // out of descriptors, say: wait for some to close instead of spinning
+                tracing::warn!(error = %e, "accepting a connection failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        // small SSE frames must not wait for the client's delayed ACK
+        let _ = tcp.set_nodelay(true);
+        connections.spawn(connection(tcp, app.clone(), shutdown.clone()));
+    }
+    drop(listener);
+    connections.close();
+    connections.wait().await;
+    Ok(())
+}
+
+async fn connection(tcp: TcpStream, app: Router, shutdown: CancellationToken) {
+    let mut start = [0u8; 20];
+    let peeked = tokio::select! {
+        _ = shutdown.cancelled() => return,
+        peeked = tokio::time::timeout(CLIENT_TIMEOUT, tcp.peek(&mut start)) => peeked,
+    };
+    let n = match peeked {
+        Ok(Ok(n)) if n > 0 => n,
+        _ => return, // closed, failed, or silent
+    };
+    if STREAM_REQUESTS.iter().any(|r| start[..n].starts_with(r)) {
+        if let Err(e) = serve_stream(tcp, app).await {
+            tracing::debug!(error = %e, "event stream connection ended");
+        }
+    } else {
+        serve_with_hyper(tcp, app, shutdown).await;
+    }
+}
+
+async fn serve_with_hyper(tcp: TcpStream, app: Router, shutdown: CancellationToken) {
+    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    let conn = builder.serve_connection_with_upgrades(TokioIo::new(tcp), TowerToHyperService::new(app));
+    tokio::pin!(conn);
+    let served = tokio::select! {
+        served = conn.as_mut() => served,
+        _ = shutdown.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    if let Err(e) = served {
+        tracing::debug!(error = %e, "connection ended with an error");
+    }
+}
+
+/// One event-stream request and its response, then the connection closes.
+async fn serve_stream(tcp: TcpStream, app: Router) -> io::Result<()> {
+    let (mut reader, mut writer) = tcp.into_split();
+    // boxed: its buffer lives only while the head is read, not for the whole stream
+    let request = match Box::pin(read_request(&mut reader)).await? {
+        Ok(request) => request,
+        Err(status) => {
+            let response = http::Response::builder().status(status).body(Body::from(format!("{status}\n")));
+            write_response(&mut reader, &mut writer, response.expect("a valid response"), false).await?;
+            // closing with unread input would reset the connection, and the answer with it
+            writer.shutdown().await?;
+            let _ = tokio::time::timeout(Duration::from_secs(1), tokio::io::copy(&mut reader, &mut tokio::io::sink())).await;
+            return Ok(());
+        }
+    };
+    let chunked = request.version() != http::Version::HTTP_10;
+    let response = app.oneshot(request).await.unwrap_or_else(|never| match never {});
+    let written = write_response(&mut reader, &mut writer, response, chunked).await;
+    let _ = writer.shutdown().await;
+    written
+}
+
+/// Reads and parses a request head; a status to answer with when it is not one.
+async fn read_request(reader: &mut OwnedReadHalf) -> io::Result<Result<http::Request<Body>, http::StatusCode>> {
+    let mut buf = Vec::with_capacity(1024);
+    let deadline = tokio::time::Instant::now() + CLIENT_TIMEOUT;
+    loop {
+        if buf.len() >= MAX_HEAD {
+            return Ok(Err(http::StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE));
+        }
+        buf.reserve(1024.min(MAX_HEAD - buf.len()));
+        let read = tokio::time::timeout_at(deadline, reader.read_buf(&mut buf)).await;
+        match read {
+            Err(_) => return Ok(Err(http::StatusCode::REQUEST_TIMEOUT)),
+            Ok(Err(e)) => return Err(e),
+            Ok(Ok(0)) => return Err(io::ErrorKind::UnexpectedEof.into()),
+            Ok(Ok(_)) => {}
+        }
+        let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let mut head = httparse::Request::new(&mut headers);
+        match head.parse(&buf) {
+            Ok(httparse::Status::Partial) => continue,
+            Ok(httparse::Status::Complete(_)) => return Ok(to_request(&head).ok_or(http::StatusCode::BAD_REQUEST)),
+            Err(_) => return Ok(Err(http::StatusCode::BAD_REQUEST)),
+        }
+    }
+}
+
+fn to_request(head: &httparse::Request) -> Option<http::Request<Body>> {
+    let version = if head.version? == 0 { http::Version::HTTP_10 } else { http::Version::HTTP_11 };
+    let mut request = http::Request::builder().method(head.method?).uri(head.path?).version(version);
+    for h in head.headers.iter() {
+        request = request.header(h.name, h.value);
+    }
+    request.body(Body::empty()).ok()
+}
+
+/// Writes the head, then the body as it comes; stops as soon as the client hangs up.
+async fn write_response(
+    reader: &mut OwnedReadHalf,
+    writer: &mut OwnedWriteHalf,
+    response: http::Response<Body>,
+    chunked: bool,
+) -> io::Result<()> {
+    let (parts, mut body) = response.into_parts();
+    let length = body.size_hint().exact();
+    let mut head = format!("HTTP/1.1 {} {}\r\n", parts.status.as_str(), parts.status.canonical_reason().unwrap_or("")).into_bytes();
+    for (name, value) in &parts.headers {
+        for part in [name.as_str().as_bytes(), b": ", value.as_bytes(), b"\r\n"] {
+            head.extend_from_slice(part);
+        }
+    }
+    let chunked = chunked && length.is_none();
+    match length {
+        Some(n) => head.extend_from_slice(format!("content-length: {n}\r\n").as_bytes()),
+        None if chunked => head.extend_from_slice(b"transfer-encoding: chunked\r\n"),
+        None => {}
+    }
+    head.extend_from_slice(b"connection: close\r\n\r\n");
+    send(writer, &head).await?;
+    loop {
+        let frame = tokio::select! {
+            frame = body.frame() => frame,
+            () = hung_up(reader) => return Ok(()),
+        };
+        let data = match frame {
+            None => break,
+            Some(Err(e)) => return Err(io::Error::other(e)),
+            Some(Ok(frame)) => match frame.into_data() {
+                Ok(data) if !data.is_empty() => data,
+                _ => continue, // trailers, or nothing
+            },
+        };
+        if chunked {
+            let mut chunk = Vec::with_capacity(data.len() + 12);
+            chunk.extend_from_slice(format!("{:x}\r\n", data.len()).as_bytes());
+            chunk.extend_from_slice(&data);
+            chunk.extend_from_slice(b"\r\n");
+            send(writer, &chunk).await?;
+        } else {
+            send(writer, &data).await?;
+        }
+    }
+    if chunked {
+        send(writer, b"0\r\n\r\n").await?;
+    }
+    writer.flush().await
+}
+
+/// One write, given up on when the client takes no data for [`CLIENT_TIMEOUT`].
+async fn send(writer: &mut OwnedWriteHalf, bytes: &[u8]) -> io::Result<()> {
+    tokio::time::timeout(CLIENT_TIMEOUT, writer.write_all(bytes))
+        .await
+        .unwrap_or_else(|_| Err(io::Error::new(io::ErrorKind::TimedOut, "the client stopped reading")))
+}
+
+/// Resolves when the client closes its side (or the connection breaks). Anything it sends
+/// meanwhile is ignored: the connection closes after this response.
+async fn hung_up(reader: &mut OwnedReadHalf) {
+    let mut sink = [0u8; 64];
+    loop {
+        if reader.readable().await.is_err() {
+            return;
+        }
+        match reader.try_read(&mut sink) {
+            Ok(0) => return,
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(_) => return,
+        }
+    }
+}
