@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Instant;
 
 use chrono::{DateTime, Utc};
@@ -133,8 +133,17 @@ pub struct ReceiptOutcome {
 /// What travels on a group's live channel to its open streams.
 #[derive(Debug, Clone)]
 pub enum Live {
-    Entry(Arc<LogEntry>),
+    Entry(Arc<LiveEntry>),
     Receipt(Arc<ReceiptNote>),
+}
+
+/// A new log entry on its way to a group's streams.
+#[derive(Debug)]
+pub struct LiveEntry {
+    pub entry: Arc<LogEntry>,
+    /// Its event as JSON, made once by the first stream that sends it: for peers (a
+    /// preview) and for daemons (the whole text). A hundred streams, one serialization.
+    pub json: [OnceLock<String>; 2],
 }
 
 /// A receipt on its way to the streams of the message's sender, and (read, held, failed) of
@@ -489,7 +498,8 @@ impl Relay {
         let from = self.peer_in(caller, group)?;
         validate::message(text, self.limits.max_message_bytes)?;
         self.take_rate_token(&from.peer_id)?;
-        let recipients = self.store.peers_in_group(&from.group_id)?.iter().filter(|p| is_other_member(p, &from)).count();
+        // everyone active but the sender
+        let recipients = self.store.active_members(&from.group_id)?.saturating_sub(1);
         let entry = self.publish(self.message_entry(&from, None, text))?;
         Ok(sent(entry, recipients))
     }
@@ -533,7 +543,8 @@ impl Relay {
         let mut live = lock(&self.live);
         let stored = Arc::new(self.store.append(entry)?);
         if let Some(tx) = live.get(&stored.group_id) {
-            if tx.send(Live::Entry(stored.clone())).is_err() {
+            let entry = LiveEntry { entry: stored.clone(), json: Default::default() };
+            if tx.send(Live::Entry(Arc::new(entry))).is_err() {
                 live.remove(&stored.group_id);
             }
         }

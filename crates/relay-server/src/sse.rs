@@ -8,7 +8,7 @@
 
 use std::collections::VecDeque;
 use std::convert::Infallible;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use axum::extract::{Path, Query, State};
@@ -163,7 +163,7 @@ impl GroupStream {
                 return None;
             }
             if let Some(entry) = self.backlog.pop_front() {
-                if let Some(event) = self.deliver(&entry) {
+                if let Some(event) = self.deliver(&entry, None) {
                     return Some(event);
                 }
                 continue;
@@ -181,7 +181,7 @@ impl GroupStream {
             let entry = tokio::select! {
                 _ = self.shutdown.cancelled() => return None,
                 received = self.rx.recv() => match received {
-                    Ok(Live::Entry(entry)) => entry,
+                    Ok(Live::Entry(live)) => live,
                     Ok(Live::Receipt(note)) => {
                         if note.is_for(&self.audience) {
                             // no SSE id: receipts are not in the log, and do not move Last-Event-ID
@@ -198,8 +198,8 @@ impl GroupStream {
                     Err(RecvError::Closed) => return None,
                 },
             };
-            if entry.seq > self.last_sent {
-                if let Some(event) = self.deliver(&entry) {
+            if entry.entry.seq > self.last_sent {
+                if let Some(event) = self.deliver(&entry.entry, Some(&entry.json)) {
                     return Some(event);
                 }
             }
@@ -223,8 +223,9 @@ impl GroupStream {
         Ok(())
     }
 
-    /// The SSE event for `entry` if this stream's audience should see it.
-    fn deliver(&mut self, entry: &LogEntry) -> Option<SseEvent> {
+    /// The SSE event for `entry` if this stream's audience should see it; its JSON from
+    /// `shared` when another stream made it already.
+    fn deliver(&mut self, entry: &LogEntry, shared: Option<&[OnceLock<String>; 2]>) -> Option<SseEvent> {
         self.last_sent = self.last_sent.max(entry.seq);
         let visible = match &self.audience {
             Audience::Peer(peer_id) => {
@@ -247,7 +248,11 @@ impl GroupStream {
                 EventKind::Receipt | EventKind::Unknown => false,
             },
         };
-        visible.then(|| sse_event(entry, self.audience.is_daemon()))
+        let with_text = self.audience.is_daemon();
+        visible.then(|| match shared {
+            Some(json) => sse_event(entry, json[usize::from(with_text)].get_or_init(|| event_json(entry, with_text))),
+            None => sse_event(entry, &event_json(entry, with_text)),
+        })
     }
 
     fn daemon_owns(&self, daemon_id: &str, peer_id: &str) -> bool {
@@ -292,7 +297,10 @@ pub fn event_payload(entry: &LogEntry, with_text: bool) -> Event {
     }
 }
 
-fn sse_event(entry: &LogEntry, with_text: bool) -> SseEvent {
-    let data = serde_json::to_string(&event_payload(entry, with_text)).expect("events serialize");
-    SseEvent::default().event(entry.kind.as_str()).id(entry.seq.to_string()).data(data)
+fn event_json(entry: &LogEntry, with_text: bool) -> String {
+    serde_json::to_string(&event_payload(entry, with_text)).expect("events serialize")
+}
+
+fn sse_event(entry: &LogEntry, json: &str) -> SseEvent {
+    SseEvent::default().event(entry.kind.as_str()).id(entry.seq.to_string()).data(json)
 }

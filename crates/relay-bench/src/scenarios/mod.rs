@@ -108,10 +108,16 @@ pub async fn tool_calls(
         })
         .collect();
     let started = Instant::now();
+    // CPU time per call: steadier than calls/s when the bench and the server share cores
+    let cpu_before = (target.pid.and_then(procstat::cpu_time), procstat::cpu_time(std::process::id()));
     for w in workers {
         w.await??;
     }
-    let rate = calls.load(Ordering::Relaxed) as f64 / started.elapsed().as_secs_f64();
+    let done = calls.load(Ordering::Relaxed);
+    let rate = done as f64 / started.elapsed().as_secs_f64();
+    let per_call = |before: Option<Duration>, after: Option<Duration>| {
+        Some((after? - before?).as_secs_f64() * 1e6 / done.max(1) as f64)
+    };
     let c = load.concurrency;
     if goals {
         report.goal(label, "sequential median", median, "ms", (Goal::AtMost(0.3), "≤ 0.3"), Some("3–10 ms"));
@@ -122,6 +128,12 @@ pub async fn tool_calls(
         report.add(label, "sequential median", median, "ms");
         report.add(label, "sequential p99", p99, "ms");
         report.add(label, "calls/s at concurrency 32", rate, "calls/s");
+    }
+    if let Some(us) = per_call(cpu_before.0, target.pid.and_then(procstat::cpu_time)) {
+        report.add(label, "server CPU per call", us, "µs");
+    }
+    if let Some(us) = per_call(cpu_before.1, procstat::cpu_time(std::process::id())) {
+        report.add(label, "bench client CPU per call", us, "µs");
     }
     report.completed.push(label);
     Ok(())
@@ -191,6 +203,7 @@ pub async fn fan_out(target: &Target, opts: &FanOut, report: &mut Report) -> Res
     let mcp = target.mcp(Some(&sender.token)).await?;
     let interval = Duration::from_secs_f64(1.0 / opts.rate_per_second);
     let first_send = Instant::now();
+    let cpu_before = (target.pid.and_then(procstat::cpu_time), procstat::cpu_time(std::process::id()));
     let mut tick = tokio::time::interval(interval);
     for n in 0..opts.messages {
         tick.tick().await;
@@ -202,10 +215,15 @@ pub async fn fan_out(target: &Target, opts: &FanOut, report: &mut Report) -> Res
     while received.load(Ordering::Relaxed) < expected && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    let got = received.load(Ordering::Relaxed);
+    let per_delivery = |before: Option<Duration>, after: Option<Duration>| {
+        Some((after? - before?).as_secs_f64() * 1e6 / got.max(1) as f64)
+    };
+    let server_cpu = per_delivery(cpu_before.0, target.pid.and_then(procstat::cpu_time));
+    let bench_cpu = per_delivery(cpu_before.1, procstat::cpu_time(std::process::id()));
     for s in streams {
         s.abort();
     }
-    let got = received.load(Ordering::Relaxed);
     let elapsed = last_delivery.lock().unwrap().map_or(Duration::ZERO, |t| t.duration_since(first_send));
     let mut lat = latencies.lock().unwrap().clone();
     let label = "fan-out";
@@ -217,6 +235,12 @@ pub async fn fan_out(target: &Target, opts: &FanOut, report: &mut Report) -> Res
     report.add(label, "send → delivery max", quantile(&mut lat, 1.0), "ms");
     report.add(label, "deliveries/s", got as f64 / elapsed.as_secs_f64().max(1e-9), "events/s");
     report.add(label, "lost", (expected - got.min(expected)) as f64, "events");
+    if let Some(us) = server_cpu {
+        report.add(label, "server CPU per delivery", us, "µs");
+    }
+    if let Some(us) = bench_cpu {
+        report.add(label, "bench client CPU per delivery", us, "µs");
+    }
     if got != expected {
         bail!("fan-out lost events: {got} of {expected} delivered");
     }

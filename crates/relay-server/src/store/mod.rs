@@ -25,6 +25,8 @@ pub enum StoreError {
     SchemaTooNew { path: String, found: i64, known: i64 },
     #[error("{0} already exists")]
     Conflict(String),
+    #[error("the database at {path} is in use by another process (another relay-server on the same data dir?)")]
+    InUse { path: String },
 }
 
 pub type Result<T> = std::result::Result<T, StoreError>;
@@ -145,6 +147,10 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<Option<PeerRecord>>;
     /// Every peer of the group that ever joined, left ones included.
     fn peers_in_group(&self, group_id: &str) -> Result<Vec<PeerRecord>>;
+    /// How many of the group's peers have not left it.
+    fn active_members(&self, group_id: &str) -> Result<usize> {
+        Ok(self.peers_in_group(group_id)?.iter().filter(|p| p.left_at.is_none()).count())
+    }
     fn peers_of_principal(&self, principal: PrincipalId) -> Result<Vec<PeerRecord>>;
     /// Inserts or replaces the peer with this id.
     fn save_peer(&self, peer: &PeerRecord) -> Result<()>;
@@ -249,6 +255,8 @@ pub(crate) mod contract {
         assert_eq!(ids(store.peers_of_principal(a).unwrap()), vec!["p3"]);
         assert_eq!(ids(store.peers_of_principal(b).unwrap()), vec!["p1", "p2"]);
         assert_eq!(ids(store.peers_in_group("g").unwrap()), vec!["p1", "p2", "p3"]);
+        assert_eq!(store.active_members("g").unwrap(), 2, "p1 left");
+        assert_eq!(store.active_members("nope").unwrap(), 0);
 
         store.create_daemon("d1", &[9; 32], "box", t(0)).unwrap();
         assert_eq!(store.daemon_by_token(&[9; 32]).unwrap().as_deref(), Some("d1"));

@@ -83,6 +83,12 @@ const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (message_id, peer_id)
     ) WITHOUT ROWID;
     "#,
+    // 4: a group's or a token holder's peers read in order from an index, never sorted
+    r#"
+    DROP INDEX peers_by_principal;
+    CREATE INDEX peers_by_principal ON peers(principal_id, peer_id);
+    CREATE INDEX peers_by_group ON peers(group_id, peer_id);
+    "#,
 ];
 
 pub struct SqliteStore {
@@ -119,9 +125,23 @@ impl SqliteStore {
             Synchronous::Normal => "NORMAL",
             Synchronous::Full => "FULL",
         };
-        conn.execute_batch(&format!(
-            "PRAGMA journal_mode=WAL; PRAGMA synchronous={sync}; PRAGMA foreign_keys=ON; PRAGMA busy_timeout=5000;"
-        ))?;
+        // Exclusive: this process alone uses the database, so SQLite takes its file lock
+        // once instead of around every statement (and needs no shared-memory WAL index); a
+        // second server on the same data dir is refused instead of racing this one.
+        let opened = conn
+            .execute_batch(&format!(
+                "PRAGMA busy_timeout=5000; PRAGMA locking_mode=EXCLUSIVE; PRAGMA journal_mode=WAL; \
+                 PRAGMA synchronous={sync}; PRAGMA foreign_keys=ON;"
+            ))
+            .and_then(|()| conn.execute_batch("BEGIN EXCLUSIVE; COMMIT;"));
+        if let Err(e) = opened {
+            return Err(match e.sqlite_error_code() {
+                Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked) => {
+                    StoreError::InUse { path: path.display().to_string() }
+                }
+                _ => e.into(),
+            });
+        }
         migrate(&mut conn, path)?;
         Ok(Self { conn: Mutex::new(conn) })
     }
@@ -297,6 +317,12 @@ impl Store for SqliteStore {
             conn.prepare_cached(&format!("SELECT {PEER_COLUMNS} FROM peers WHERE group_id = ?1 ORDER BY peer_id"))?;
         let rows = stmt.query_map([group_id], peer_row)?.collect::<rusqlite::Result<_>>()?;
         Ok(rows)
+    }
+
+    fn active_members(&self, group_id: &str) -> Result<usize> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached("SELECT count(*) FROM peers WHERE group_id = ?1 AND left_at IS NULL")?;
+        Ok(stmt.query_row([group_id], |r| r.get::<_, i64>(0))? as usize)
     }
 
     fn peers_of_principal(&self, principal: PrincipalId) -> Result<Vec<PeerRecord>> {
@@ -505,6 +531,17 @@ mod tests {
         }
         let journal: String = store.conn().query_row("PRAGMA journal_mode", [], |r| r.get(0)).unwrap();
         assert_eq!(journal, "wal");
+    }
+
+    #[test]
+    fn a_second_server_on_the_same_data_dir_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let _first = SqliteStore::open_dir(dir.path(), Synchronous::Normal).unwrap();
+        match SqliteStore::open_dir(dir.path(), Synchronous::Normal) {
+            Err(e @ StoreError::InUse { .. }) => assert!(e.to_string().contains("in use by another process"), "{e}"),
+            Err(other) => panic!("unexpected error: {other}"),
+            Ok(_) => panic!("two stores share one database"),
+        }
     }
 
     #[test]
