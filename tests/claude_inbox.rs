@@ -73,6 +73,19 @@ async fn two_claude_code_sessions_talk_through_relay_with_no_keystrokes() {
     let (turn, with_tool_result) = w.model.wait_for("a note for bob while he is busy", Duration::from_secs(30));
     assert!(with_tool_result, "the note should ride with the tool's result, in the same turn: {turn}");
 
+    // after /clear (a new conversation, a new transcript, the same process) relay still
+    // sees B read what it is told
+    let before = b.session_entry(&pane_b).unwrap()["sessionId"].clone();
+    b.prompt(&pane_b, "/clear");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while b.session_entry(&pane_b).unwrap()["sessionId"] == before {
+        assert!(Instant::now() < deadline, "/clear kept the session id");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let sent = call_tool(&a_client, "send_dm", json!({"to": "bob", "message": "bob, after the clear"})).await.unwrap();
+    w.model.wait_for("bob, after the clear", Duration::from_secs(30));
+    wait_for_state(&a_client, sent["message_id"].as_str().unwrap(), "bob", "read").await;
+
     // closing B's sidebar takes its reply sockets out of Claude Code's socket directory
     let socks = b.home.parent().unwrap().join("run/cc-socks");
     let reply_sockets = || std::fs::read_dir(&socks).unwrap().flatten().filter(|e| e.file_name().to_string_lossy().starts_with("relay-")).count();

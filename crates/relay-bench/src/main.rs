@@ -65,7 +65,7 @@ async fn main() -> Result<()> {
     let target = match &args.target {
         Some(url) => {
             let base = url.trim_end_matches('/').trim_end_matches("/mcp").to_owned();
-            Target { http, base, pid: None, headers: parse_headers(&args.headers)? }
+            Target::new(http, base, None, parse_headers(&args.headers)?)
         }
         None => {
             let data = tempfile::tempdir()?;
@@ -82,7 +82,7 @@ async fn main() -> Result<()> {
             tokio::time::sleep(Duration::from_millis(500)).await;
             let rss = procstat::rss_bytes(pid).context("server RSS")? as f64 / 1_048_576.0;
             report.goal("server", "idle RSS", rss, "MB", (Goal::AtMost(15.0), "≤ 15"), Some("100 MB"));
-            Target { http, base: format!("http://{}", server.1.addr), pid: Some(pid), headers: Vec::new() }
+            Target::new(http, format!("http://{}", server.1.addr), Some(pid), Vec::new())
         }
     };
 

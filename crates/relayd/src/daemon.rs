@@ -100,17 +100,12 @@ impl Daemon {
         notifier: Arc<dyn Notifier>,
         shutdown: CancellationToken,
     ) -> Arc<Self> {
-        let http = reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(10))
-            .user_agent(concat!("relayd/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .expect("an HTTP client with default settings builds");
         Arc::new(Self {
             hostname: config.hostname(),
             config,
             socket_path,
             state_dir,
-            api: ServerApi::new(http),
+            api: ServerApi::new(),
             notifier,
             inner: Mutex::new(Inner { state, ..Inner::default() }),
             changing: tokio::sync::Mutex::new(()),

@@ -33,6 +33,9 @@ pub struct Registration {
 #[derive(Clone)]
 pub struct ServerApi {
     http: reqwest::Client,
+    /// For live event streams: each on a connection of its own, never one pooled from a
+    /// request (the server serves a fresh stream connection leaner), and not pooled after.
+    streams: reqwest::Client,
 }
 
 /// What a registration asks for.
@@ -45,9 +48,23 @@ pub struct PeerRequest<'a> {
     pub join_key: Option<&'a str>,
 }
 
+impl Default for ServerApi {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl ServerApi {
-    pub fn new(http: reqwest::Client) -> Self {
-        Self { http }
+    pub fn new() -> Self {
+        let client = |pool: usize| {
+            reqwest::Client::builder()
+                .connect_timeout(std::time::Duration::from_secs(10))
+                .user_agent(concat!("relayd/", env!("CARGO_PKG_VERSION")))
+                .pool_max_idle_per_host(pool)
+                .build()
+                .expect("an HTTP client with default settings builds")
+        };
+        Self { http: client(usize::MAX), streams: client(0) }
     }
 
     pub fn http(&self) -> &reqwest::Client {
@@ -117,7 +134,8 @@ impl ServerApi {
         if once {
             url.push_str("?once=true");
         }
-        let mut request = self.http.get(url).bearer_auth(daemon_token).header("accept", "text/event-stream");
+        let client = if once { &self.http } else { &self.streams };
+        let mut request = client.get(url).bearer_auth(daemon_token).header("accept", "text/event-stream");
         if last_event_id > 0 {
             request = request.header("last-event-id", last_event_id.to_string());
         }

@@ -22,6 +22,8 @@ pub use end_to_end::end_to_end;
 /// What the scenarios run against.
 pub struct Target {
     pub http: reqwest::Client,
+    /// Event streams each get a connection of their own, as relayd's do.
+    pub streams: reqwest::Client,
     /// `http://host:port`
     pub base: String,
     /// The server's process, when the bench started it (for RSS and CPU).
@@ -30,6 +32,11 @@ pub struct Target {
 }
 
 impl Target {
+    pub fn new(http: reqwest::Client, base: String, pid: Option<u32>, headers: Vec<(String, String)>) -> Self {
+        let streams = reqwest::Client::builder().pool_max_idle_per_host(0).build().expect("a default HTTP client builds");
+        Self { http, streams, base, pid, headers }
+    }
+
     pub fn mcp_url(&self) -> String {
         format!("{}/mcp", self.base)
     }
@@ -146,7 +153,7 @@ pub async fn open_stream(
     on_event: impl Fn(Value) + Send + 'static,
 ) -> Result<tokio::task::JoinHandle<()>> {
     let url = format!("{}/notifications/{}/{}", target.base, peer.group, peer.peer_id);
-    let resp = target.http.get(&url).bearer_auth(&peer.token).header("accept", "text/event-stream").send().await?;
+    let resp = target.streams.get(&url).bearer_auth(&peer.token).header("accept", "text/event-stream").send().await?;
     ensure!(resp.status().is_success(), "stream {url}: HTTP {}", resp.status());
     Ok(tokio::spawn(async move {
         let mut body = resp.bytes_stream();

@@ -262,6 +262,16 @@ impl Inbox {
         if self.posted.is_empty() {
             return Vec::new();
         }
+        // /clear and the like start a new conversation, with its own transcript, in the
+        // same process: follow the registry's session id
+        if let (Some(dir), Some(s)) = (self.claude_dir.as_deref(), self.session.as_mut()) {
+            let now = session::by_pid(dir, s.pid).and_then(|e| e.session_id);
+            if now.is_some() && now != s.session_id {
+                tracing::info!(pane = %self.pane, session = ?now, "the Claude Code session moved to a new conversation");
+                s.session_id = now;
+                self.transcript = None;
+            }
+        }
         if self.transcript.is_none() {
             let found = self.claude_dir.clone().zip(self.session.clone()).and_then(|(dir, s)| session::transcript(&dir, &s));
             self.transcript = found.map(|path| (path, 0));
@@ -514,6 +524,16 @@ mod tests {
         std::io::Write::write_all(&mut file, format!("{record}\n").as_bytes()).unwrap();
         assert_eq!(states(&inbox.check_transcript()), [("m1", DeliveryState::Read)]);
         assert!(!inbox.has_pending() && inbox.check_transcript().is_empty(), "read once");
+
+        // /clear: the same process goes on in a new conversation, with a new transcript
+        let entry_path = fake.dir.path().join(format!("sessions/{}.json", std::process::id()));
+        let entry = std::fs::read_to_string(&entry_path).unwrap().replace("sess-1", "sess-2");
+        std::fs::write(&entry_path, entry).unwrap();
+        let Posting::Posted { .. } = inbox.post(&[dm("m2", "after the clear")], &HashSet::new()).await else { panic!("not posted") };
+        let line: serde_json::Value = serde_json::from_str(&fake.lines.recv().await.unwrap()).unwrap();
+        let record = serde_json::json!({"type":"user","origin":{"kind":"peer","msg_id":line["msg_id"]}});
+        std::fs::write(project.join("sess-2.jsonl"), format!("{record}\n")).unwrap();
+        assert_eq!(states(&inbox.check_transcript()), [("m2", DeliveryState::Read)]);
     }
 
     #[tokio::test]
