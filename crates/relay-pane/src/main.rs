@@ -284,12 +284,15 @@ async fn run(
                         if !args.no_deliver && !mine && event.kind.message_kind().is_some() {
                             tracker.remember(&event);
                             pending.push(*event);
-                            // the first of a burst goes out at once (typed lines wait a moment for
-                            // what comes with it); the rest wait for the cooldown
-                            let gather = if inbox.knows_session() { Duration::ZERO } else { GATHER };
-                            let earliest = Instant::now() + gather;
-                            let after_cooldown = last_typed.map_or(earliest, |t| t + COOLDOWN);
-                            announce_at.get_or_insert(earliest.max(after_cooldown));
+                            // the inbox takes each at once (its rate room spaces bursts); a typed
+                            // line waits a moment for what comes with it, and a cooldown after the last
+                            let at = if inbox.knows_session() {
+                                Instant::now()
+                            } else {
+                                let earliest = Instant::now() + GATHER;
+                                earliest.max(last_typed.map_or(earliest, |t| t + COOLDOWN))
+                            };
+                            announce_at.get_or_insert(at);
                         }
                     }
                     Some(Incoming::Peers(peers)) => app.peers = peers,

@@ -37,6 +37,7 @@ pub async fn end_to_end(target: &Target, messages: usize, report: &mut Report) -
     tokio::time::sleep(Duration::from_millis(700)).await;
     let sidebars = sidebar_pids(&socket);
     let sidebar_rss = sidebars.iter().filter_map(|&pid| procstat::rss_bytes(pid)).max().unwrap_or(0) as f64 / 1_048_576.0;
+    let (anon, file) = sidebars.iter().filter_map(|&pid| procstat::rss_anon_and_file(pid)).max().unwrap_or_default();
 
     let shown = || -> Result<usize> {
         let screen = tmux.tmux.run(&["capture-pane", "-p", "-S", "-", "-t", &pane_b])?;
@@ -64,6 +65,8 @@ pub async fn end_to_end(target: &Target, messages: usize, report: &mut Report) -
     report.add(label, "messages announced", latencies.len() as f64, "messages");
     ensure!(sidebars.len() == 2, "expected 2 sidebars, found {}", sidebars.len());
     report.goal(label, "relay-pane RSS idle", sidebar_rss, "MB", (Goal::AtMost(10.0), "≤ 10"), None);
+    report.add(label, "of which its own (heap, stacks)", anon as f64 / 1_048_576.0, "MB");
+    report.add(label, "of which mapped files (code, libraries)", file as f64 / 1_048_576.0, "MB");
     report.completed.push(label);
     Ok(())
 }
