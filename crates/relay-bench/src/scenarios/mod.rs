@@ -146,11 +146,12 @@ pub async fn tool_calls(
     Ok(())
 }
 
-/// An open SSE stream whose `data:` payloads go to `on_event`.
+/// An open SSE stream whose `data:` payloads go to `on_event`, with when their bytes
+/// arrived (before any parsing).
 pub async fn open_stream(
     target: &Target,
     peer: &Peer,
-    on_event: impl Fn(Value) + Send + 'static,
+    on_event: impl Fn(Value, Instant) + Send + 'static,
 ) -> Result<tokio::task::JoinHandle<()>> {
     let url = format!("{}/notifications/{}/{}", target.base, peer.group, peer.peer_id);
     let resp = target.streams.get(&url).bearer_auth(&peer.token).header("accept", "text/event-stream").send().await?;
@@ -159,12 +160,13 @@ pub async fn open_stream(
         let mut body = resp.bytes_stream();
         let mut buf = Vec::new();
         while let Some(Ok(chunk)) = body.next().await {
+            let arrived = Instant::now();
             buf.extend_from_slice(&chunk);
             while let Some(end) = buf.iter().position(|&b| b == b'\n') {
                 let line: Vec<u8> = buf.drain(..=end).collect();
                 if let Some(data) = line.strip_prefix(b"data:") {
                     if let Ok(v) = serde_json::from_slice(data) {
-                        on_event(v);
+                        on_event(v, arrived);
                     }
                 }
             }
@@ -193,8 +195,7 @@ pub async fn fan_out(target: &Target, opts: &FanOut, report: &mut Report) -> Res
         let (sent_at, latencies, received, last) =
             (sent_at.clone(), latencies.clone(), received.clone(), last_delivery.clone());
         streams.push(
-            open_stream(target, &peer, move |event| {
-                let now = Instant::now();
+            open_stream(target, &peer, move |event, now| {
                 let Some(n) = event["preview"].as_str().and_then(|p| p.strip_prefix("fan ")).and_then(|n| n.parse().ok()) else {
                     return;
                 };
@@ -212,6 +213,8 @@ pub async fn fan_out(target: &Target, opts: &FanOut, report: &mut Report) -> Res
     let first_send = Instant::now();
     let cpu_before = (target.pid.and_then(procstat::cpu_time), procstat::cpu_time(std::process::id()));
     let mut tick = tokio::time::interval(interval);
+    // after a stall, keep the spacing rather than sending the missed ones back to back
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     for n in 0..opts.messages {
         tick.tick().await;
         sent_at.lock().unwrap().insert(n, Instant::now());
@@ -270,7 +273,7 @@ pub async fn idle_streams(target: &Target, streams: usize, cpu_window: Duration,
     let before = procstat::rss_bytes(pid).context("server RSS")?;
     let mut handles = Vec::with_capacity(streams);
     for chunk in (0..streams).collect::<Vec<_>>().chunks(256) {
-        let opened = futures::future::join_all(chunk.iter().map(|i| open_stream(target, &peers[i % peers.len()], |_| {}))).await;
+        let opened = futures::future::join_all(chunk.iter().map(|i| open_stream(target, &peers[i % peers.len()], |_, _| {}))).await;
         for h in opened {
             handles.push(h?);
         }
