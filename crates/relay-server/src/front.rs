@@ -24,6 +24,15 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tower::ServiceExt;
 
+/// Headers about the connection and the body's length, which this module writes itself.
+const FRAMING_HEADERS: [http::HeaderName; 5] = [
+    http::header::CONTENT_LENGTH,
+    http::header::TRANSFER_ENCODING,
+    http::header::CONNECTION,
+    http::HeaderName::from_static("keep-alive"),
+    http::header::UPGRADE,
+];
+
 /// How requests for event streams begin.
 const STREAM_REQUESTS: [&[u8]; 2] = [b"GET /notifications/", b"GET /v1/groups/"];
 /// The longest request head read here (a bearer token and the usual headers fit many times).
@@ -71,7 +80,7 @@ async fn connection(tcp: TcpStream, app: Router, shutdown: CancellationToken) {
         _ => return, // closed, failed, or silent
     };
     if STREAM_REQUESTS.iter().any(|r| start[..n].starts_with(r)) {
-        if let Err(e) = serve_stream(tcp, app).await {
+        if let Err(e) = serve_stream(tcp, app, &shutdown).await {
             tracing::debug!(error = %e, "event stream connection ended");
         }
     } else {
@@ -96,24 +105,34 @@ async fn serve_with_hyper(tcp: TcpStream, app: Router, shutdown: CancellationTok
 }
 
 /// One event-stream request and its response, then the connection closes.
-async fn serve_stream(tcp: TcpStream, app: Router) -> io::Result<()> {
+async fn serve_stream(tcp: TcpStream, app: Router, shutdown: &CancellationToken) -> io::Result<()> {
     let (mut reader, mut writer) = tcp.into_split();
-    // boxed: its buffer lives only while the head is read, not for the whole stream
-    let request = match Box::pin(read_request(&mut reader)).await? {
-        Ok(request) => request,
+    // boxed, so the head's parsing state is not part of the long-lived stream future
+    let head = tokio::select! {
+        _ = shutdown.cancelled() => return Ok(()),
+        head = Box::pin(read_request(&mut reader)) => head?,
+    };
+    let (response, chunked) = match head {
+        Ok(request) => {
+            let chunked = request.version() != http::Version::HTTP_10;
+            (app.oneshot(request).await.unwrap_or_else(|never| match never {}), chunked)
+        }
         Err(status) => {
             let response = http::Response::builder().status(status).body(Body::from(format!("{status}\n")));
-            write_response(&mut reader, &mut writer, response.expect("a valid response"), false).await?;
-            // closing with unread input would reset the connection, and the answer with it
-            writer.shutdown().await?;
-            let _ = tokio::time::timeout(Duration::from_secs(1), tokio::io::copy(&mut reader, &mut tokio::io::sink())).await;
-            return Ok(());
+            (response.expect("a valid response"), false)
         }
     };
-    let chunked = request.version() != http::Version::HTTP_10;
-    let response = app.oneshot(request).await.unwrap_or_else(|never| match never {});
     let written = write_response(&mut reader, &mut writer, response, chunked).await;
-    let _ = writer.shutdown().await;
+    match written {
+        Ok(()) => {
+            // closing with unread input would reset the connection, and the answer with it
+            let _ = writer.shutdown().await;
+            let mut sink = tokio::io::sink();
+            let _ = tokio::time::timeout(Duration::from_secs(1), tokio::io::copy(&mut reader, &mut sink)).await;
+        }
+        // no clean end (FIN) after a failure: the close resets
+        Err(_) => writer.forget(),
+    }
     written
 }
 
@@ -163,6 +182,10 @@ async fn write_response(
     let length = body.size_hint().exact();
     let mut head = format!("HTTP/1.1 {} {}\r\n", parts.status.as_str(), parts.status.canonical_reason().unwrap_or("")).into_bytes();
     for (name, value) in &parts.headers {
+        // framing is ours to say, once
+        if FRAMING_HEADERS.contains(name) {
+            continue;
+        }
         for part in [name.as_str().as_bytes(), b": ", value.as_bytes(), b"\r\n"] {
             head.extend_from_slice(part);
         }
@@ -182,7 +205,12 @@ async fn write_response(
         };
         let data = match frame {
             None => break,
-            Some(Err(e)) => return Err(io::Error::other(e)),
+            Some(Err(e)) => {
+                tracing::warn!(error = %e, "an event stream's body failed; resetting the connection");
+                // a reset, not a clean end: an HTTP/1.0 client would take a cut body as whole
+                let _ = writer.as_ref().set_zero_linger();
+                return Err(io::Error::other(e));
+            }
             Some(Ok(frame)) => match frame.into_data() {
                 Ok(data) if !data.is_empty() => data,
                 _ => continue, // trailers, or nothing
@@ -211,19 +239,17 @@ async fn send(writer: &mut OwnedWriteHalf, bytes: &[u8]) -> io::Result<()> {
         .unwrap_or_else(|_| Err(io::Error::new(io::ErrorKind::TimedOut, "the client stopped reading")))
 }
 
-/// Resolves when the client closes its side (or the connection breaks). Anything it sends
-/// meanwhile is ignored: the connection closes after this response.
+/// Resolves when the client closes its side, breaks the connection, or sends anything: a
+/// stream's client has nothing more to say, and the connection ends with the response.
 async fn hung_up(reader: &mut OwnedReadHalf) {
-    let mut sink = [0u8; 64];
+    let mut byte = [0u8; 1];
     loop {
         if reader.readable().await.is_err() {
             return;
         }
-        match reader.try_read(&mut sink) {
-            Ok(0) => return,
-            Ok(_) => {}
+        match reader.try_read(&mut byte) {
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-            Err(_) => return,
+            _ => return,
         }
     }
 }
