@@ -73,6 +73,11 @@ const GATHER: Duration = Duration::from_millis(20);
 const COOLDOWN: Duration = Duration::from_millis(500);
 /// How soon notices the inbox did not take are tried again.
 const INBOX_RETRY: Duration = Duration::from_secs(2);
+/// A refused introduction is typed when the pane lets it, tried this often at most.
+const INTRO_ATTEMPTS: u32 = 60;
+const INTRO_RETRY: Duration = Duration::from_secs(2);
+/// How long the server gets to say whether a message due for a reminder was read.
+const STATUS_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often Claude Code's transcript is read for notices that reached the conversation.
 const TRANSCRIPT_CHECK: Duration = Duration::from_millis(250);
 
@@ -100,6 +105,8 @@ struct Tracker {
     recent: VecDeque<Event>,
     /// Messages announced again because they are still unread.
     reminders: HashSet<String>,
+    /// Messages read (or held, or failed) lately: a reminder checked meanwhile is dropped.
+    settled_lately: VecDeque<String>,
 }
 
 impl Tracker {
@@ -130,6 +137,10 @@ impl Tracker {
     fn settled(&mut self, id: &str) {
         self.renotifier.settled(id);
         self.reminders.remove(id);
+        self.settled_lately.push_back(id.to_owned());
+        if self.settled_lately.len() > RECENT {
+            self.settled_lately.pop_front();
+        }
     }
 }
 
@@ -231,7 +242,8 @@ async fn run(
     reporter: report::Reporter,
 ) -> Result<()> {
     let renotifier = deliver::renotify::Renotifier::new(Duration::from_secs(args.renotify_secs), args.max_reminders_per_hour);
-    let mut tracker = Tracker { reporter, renotifier, recent: VecDeque::new(), reminders: HashSet::new() };
+    let mut tracker =
+        Tracker { reporter, renotifier, recent: VecDeque::new(), reminders: HashSet::new(), settled_lately: VecDeque::new() };
     let mut renotify_check = tokio::time::interval(Duration::from_secs(args.renotify_secs.div_ceil(4).clamp(1, 15)));
     let tmux = RealTmux::current();
     let mut app = App::new(&args.pane);
@@ -243,6 +255,8 @@ async fn run(
     let mut keys_only: Vec<Event> = Vec::new();
     let mut announce_at: Option<Instant> = None;
     let mut last_typed: Option<Instant> = None;
+    // the introduction, to be typed (the inbox refused it), and the attempts so far
+    let mut intro_line: Option<(String, u32)> = None;
     let mut pane_check = tokio::time::interval(Duration::from_secs(2));
     // tmux hangs up on a closed pane: leave through the front door, so the reply sockets
     // in Claude Code's socket directory go with us
@@ -299,10 +313,13 @@ async fn run(
                     Some(Incoming::Lost(why)) => app.connection = Connection::Lost(why),
                     Some(Incoming::Note(note)) => app.note = Some(note),
                     Some(Incoming::Agent(agent)) => inbox.agent_reported(agent),
-                    Some(Incoming::Due { due, settled }) => {
+                    Some(Incoming::Due { mut due, settled }) => {
                         for id in settled {
                             tracker.settled(&id);
                         }
+                        // read while the server was asked
+                        due.remind.retain(|e| !tracker.settled_lately.contains(&e.id) && tracker.renotifier.watches(&e.id));
+                        due.tell_human.retain(|e| !tracker.settled_lately.contains(&e.id));
                         if !due.remind.is_empty() {
                             tracker.reminders.extend(due.remind.iter().map(|e| e.id.clone()));
                             pending.extend(due.remind);
@@ -328,6 +345,20 @@ async fn run(
             },
             _ = announce => {
                 announce_at = None;
+                if let Some((line, attempts)) = intro_line.as_mut() {
+                    let status = inbox.agent_status();
+                    match typist.type_once(&tmux, &args.pane, line, status.as_deref()).await {
+                        Ok(deliver::keys::Outcome::Typed) => intro_line = None,
+                        _ if *attempts >= INTRO_ATTEMPTS => {
+                            tracing::warn!(pane = %args.pane, "gave up typing the introduction: the pane never took it");
+                            intro_line = None;
+                        }
+                        _ => {
+                            *attempts += 1;
+                            announce_at = Some(Instant::now() + INTRO_RETRY);
+                        }
+                    }
+                }
                 if !keys_only.is_empty() {
                     let status = inbox.agent_status();
                     if let Some(at) = type_announcement(&mut typist, &tmux, &args.pane, &mut keys_only, &mut app, status.as_deref(), &mut tracker).await {
@@ -372,9 +403,10 @@ async fn run(
                     tokio::spawn(send_reply(socket.to_owned(), args.pane.clone(), reply, tx.clone()));
                 }
                 if let Some(group) = outcome.intro_refused.filter(|_| args.fallback == "keys") {
-                    let me = app.attachments.iter().find(|a| a.group == group).map(|a| a.display_name.clone()).unwrap_or_default();
-                    if let Err(e) = relay_cli::attach::type_intro(&tmux, &args.pane, &me, &group).await {
-                        tracing::warn!(pane = %args.pane, error = %e, "cannot type the introduction");
+                    // typed with the same care as announcements
+                    if let Some(me) = app.attachments.iter().find(|a| a.group == group) {
+                        intro_line = Some((relay_cli::attach::intro_line(&me.display_name, &group), 0));
+                        announce_at.get_or_insert(Instant::now());
                     }
                 }
                 if args.fallback == "keys" && !outcome.refused.is_empty() {
@@ -475,7 +507,8 @@ async fn confirm_unread(socket: PathBuf, pane: String, mut due: deliver::renotif
         let mut unread = Vec::new();
         for e in list.drain(..) {
             let args = serde_json::json!({"message_id": e.id});
-            let status = relay_cli::bridge::call_in_group(&socket, &pane, Some(&e.group), "message_status", args).await;
+            let ask = relay_cli::bridge::call_in_group(&socket, &pane, Some(&e.group), "message_status", args);
+            let status = tokio::time::timeout(STATUS_TIMEOUT, ask).await.unwrap_or_else(|_| Err(anyhow::anyhow!("no answer")));
             let states = status.map(|s| s["structured"]["recipients"].as_array().cloned().unwrap_or_default()).unwrap_or_default();
             let done = states.iter().any(|r| {
                 serde_json::from_value::<DeliveryState>(r["state"].clone()).is_ok_and(DeliveryState::concerns_recipient)
@@ -489,6 +522,7 @@ async fn confirm_unread(socket: PathBuf, pane: String, mut due: deliver::renotif
         *list = unread;
     }
     let _ = tx.send(Incoming::Due { due, settled }).await;
+    release_freed_memory();
 }
 
 /// Tells the human that the agent has not read these messages, even after a reminder.

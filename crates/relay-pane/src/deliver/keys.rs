@@ -179,6 +179,11 @@ impl Typist {
         self.seen = Some(Screen { text, cursor: info.cursor, since: std::time::Instant::now() });
     }
 
+    /// One careful attempt at typing `line` (not an announcement: no backoff, no giving up).
+    pub async fn type_once(&self, tmux: &dyn Tmux, pane: &str, line: &str, agent_status: Option<&str>) -> Result<Outcome, relay_tmux::TmuxError> {
+        type_line(tmux, pane, line, self.care, agent_status, self.seen.as_ref()).await
+    }
+
     /// One attempt at announcing `pending` (left empty unless it must wait).
     pub async fn announce(
         &mut self,

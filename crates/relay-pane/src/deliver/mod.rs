@@ -262,20 +262,31 @@ impl Inbox {
         if self.posted.is_empty() {
             return Vec::new();
         }
+        let mut receipts = Vec::new();
         // /clear and the like start a new conversation, with its own transcript, in the
-        // same process: follow the registry's session id
-        if let (Some(dir), Some(s)) = (self.claude_dir.as_deref(), self.session.as_mut()) {
-            let now = session::by_pid(dir, s.pid).and_then(|e| e.session_id);
-            if now.is_some() && now != s.session_id {
-                tracing::info!(pane = %self.pane, session = ?now, "the Claude Code session moved to a new conversation");
-                s.session_id = now;
-                self.transcript = None;
+        // same process: finish the old transcript, then follow the registry's session id
+        let moved = match (self.claude_dir.as_deref(), self.session.as_ref()) {
+            (Some(dir), Some(s)) => session::by_pid(dir, s.pid).and_then(|e| e.session_id).filter(|now| s.session_id.as_ref() != Some(now)),
+            _ => None,
+        };
+        if let Some(now) = moved {
+            tracing::info!(pane = %self.pane, session = %now, "the Claude Code session moved to a new conversation");
+            receipts.extend(self.read_transcript());
+            if let Some(s) = self.session.as_mut() {
+                s.session_id = Some(now);
             }
+            self.transcript = None;
         }
         if self.transcript.is_none() {
             let found = self.claude_dir.clone().zip(self.session.clone()).and_then(|(dir, s)| session::transcript(&dir, &s));
             self.transcript = found.map(|path| (path, 0));
         }
+        receipts.extend(self.read_transcript());
+        receipts
+    }
+
+    /// Reads the transcript's new lines: the notices they show reached the conversation.
+    fn read_transcript(&mut self) -> Vec<Receipt> {
         let Some((path, offset)) = &mut self.transcript else { return Vec::new() };
         let Ok(bytes) = read_from(path, *offset) else { return Vec::new() };
         // only whole lines; a line still being written is read next time
@@ -316,7 +327,10 @@ impl Inbox {
                     && !matches!(status.as_str(), "held" | "delivered")
                 {
                     tracing::info!(pane = %self.pane, %status, "Claude Code did not let relay's introduction in");
-                    out.intro_refused = Some(group.clone());
+                    // a human who declined it does not get it typed either
+                    if status != "denied" {
+                        out.intro_refused = Some(group.clone());
+                    }
                     self.intro = None;
                     return out;
                 }
@@ -525,15 +539,20 @@ mod tests {
         assert_eq!(states(&inbox.check_transcript()), [("m1", DeliveryState::Read)]);
         assert!(!inbox.has_pending() && inbox.check_transcript().is_empty(), "read once");
 
-        // /clear: the same process goes on in a new conversation, with a new transcript
+        // /clear: the same process goes on in a new conversation, with a new transcript;
+        // what the old one showed last still counts
+        let Posting::Posted { .. } = inbox.post(&[dm("m2", "just before the clear")], &HashSet::new()).await else { panic!("not posted") };
+        let line: serde_json::Value = serde_json::from_str(&fake.lines.recv().await.unwrap()).unwrap();
+        let record = serde_json::json!({"type":"user","origin":{"kind":"peer","msg_id":line["msg_id"]}});
+        std::io::Write::write_all(&mut file, format!("{record}\n").as_bytes()).unwrap();
         let entry_path = fake.dir.path().join(format!("sessions/{}.json", std::process::id()));
         let entry = std::fs::read_to_string(&entry_path).unwrap().replace("sess-1", "sess-2");
         std::fs::write(&entry_path, entry).unwrap();
-        let Posting::Posted { .. } = inbox.post(&[dm("m2", "after the clear")], &HashSet::new()).await else { panic!("not posted") };
+        let Posting::Posted { .. } = inbox.post(&[dm("m3", "after the clear")], &HashSet::new()).await else { panic!("not posted") };
         let line: serde_json::Value = serde_json::from_str(&fake.lines.recv().await.unwrap()).unwrap();
         let record = serde_json::json!({"type":"user","origin":{"kind":"peer","msg_id":line["msg_id"]}});
         std::fs::write(project.join("sess-2.jsonl"), format!("{record}\n")).unwrap();
-        assert_eq!(states(&inbox.check_transcript()), [("m2", DeliveryState::Read)]);
+        assert_eq!(states(&inbox.check_transcript()), [("m2", DeliveryState::Read), ("m3", DeliveryState::Read)]);
     }
 
     #[tokio::test]

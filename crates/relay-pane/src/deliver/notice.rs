@@ -184,14 +184,14 @@ const RESERVED_TAGS: [&str; 6] =
 pub fn escape(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     let lower = text.to_ascii_lowercase();
-    // Claude Code's own wrapper in any case; the other tags as Claude Code writes them
-    // (lower case), so code such as `Option<System>` is left alone
+    // in any case, but for a bare `system`, taken only as Claude Code writes it (lower case)
+    // so that code such as `Option<System>` is left alone
     let opens_reserved_tag = |i: usize| {
-        let name = tag_name(&text[i + 1..]);
-        tag_name(&lower[i + 1..]) == "cross-session-message"
-            || RESERVED_TAGS.contains(&name.as_str())
-            || name.starts_with("command-")
-            || name.starts_with("local-command-")
+        let name = tag_name(&lower[i + 1..]);
+        match name.as_str() {
+            "system" => tag_name(&text[i + 1..]) == "system",
+            name => RESERVED_TAGS.contains(&name) || name.starts_with("command-") || name.starts_with("local-command-"),
+        }
     };
     for (i, c) in text.char_indices() {
         match c {
@@ -281,6 +281,7 @@ mod tests {
         assert_eq!(escape("<command-name>/login</command-name>"), "&lt;command-name>/login&lt;/command-name>");
         assert_eq!(escape("fn f(v: Vec<String>) -> Option<System>"), "fn f(v: Vec<String>) -> Option<System>");
         assert_eq!(escape("<systems> <system>"), "<systems> &lt;system>");
+        assert_eq!(escape("<SYSTEM-REMINDER> <Command-Name>"), "&lt;SYSTEM-REMINDER> &lt;Command-Name>");
     }
 
     #[test]

@@ -48,6 +48,11 @@ impl Renotifier {
         self.watching.remove(id);
     }
 
+    /// Whether `id` is still waiting to be read.
+    pub fn watches(&self, id: &str) -> bool {
+        self.watching.contains_key(id)
+    }
+
     pub fn is_watching(&self) -> bool {
         !self.watching.is_empty()
     }
