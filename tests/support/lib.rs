@@ -151,11 +151,10 @@ impl ServerProcess {
         let addr = loop {
             let line = rx.recv_timeout(deadline.saturating_duration_since(Instant::now()));
             let line = line.unwrap_or_else(|_| panic!("relay-server did not report its address"));
-            if let Some(addr) = line.split("addr=").nth(1).and_then(|rest| rest.split_whitespace().next()) {
-                if let Ok(addr) = addr.parse() {
+            if let Some(addr) = line.split("addr=").nth(1).and_then(|rest| rest.split_whitespace().next())
+                && let Ok(addr) = addr.parse() {
                     break addr;
                 }
-            }
         };
         let server = Self { child, addr, stderr: rx };
         server.wait_healthy();

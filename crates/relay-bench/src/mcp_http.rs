@@ -101,13 +101,11 @@ async fn parse_response(resp: reqwest::Response) -> Result<Value> {
         return Ok(v);
     }
     for line in text.lines() {
-        if let Some(data) = line.strip_prefix("data:") {
-            if let Ok(v) = serde_json::from_str::<Value>(data.trim()) {
-                if v.get("id").is_some() {
+        if let Some(data) = line.strip_prefix("data:")
+            && let Ok(v) = serde_json::from_str::<Value>(data.trim())
+                && v.get("id").is_some() {
                     return Ok(v);
                 }
-            }
-        }
     }
     bail!("HTTP {status}: {}", text.chars().take(200).collect::<String>())
 }

@@ -69,7 +69,7 @@ impl Report {
     }
 
     pub fn print_table(&self) {
-        println!("{:<12} {:<34} {:>14} {:<9} {:<12} {:<6} {}", "scenario", "figure", "value", "unit", "target", "met", "original");
+        println!("{:<12} {:<34} {:>14} {:<9} {:<12} {:<6} original", "scenario", "figure", "value", "unit", "target", "met");
         for f in &self.figures {
             let met = match f.meets_target {
                 Some(true) => "yes",

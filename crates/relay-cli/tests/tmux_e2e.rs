@@ -15,8 +15,11 @@ use relay_e2e::{ServerProcess, spawn_relayd, wait_until};
 use rmcp::{RoleClient, service::RunningService};
 use serde_json::json;
 
+/// Environment variables for a pane.
+type Env = Vec<(String, String)>;
+
 /// With Claude Code's CLI installed: a PATH where `claude` is it, and a private HOME.
-fn claude_env(dir: &Path, test: &str) -> Option<(Vec<(String, String)>, PathBuf, PathBuf)> {
+fn claude_env(dir: &Path, test: &str) -> Option<(Env, PathBuf, PathBuf)> {
     let bin = relay_e2e::claude_code(test)?;
     let bin_dir = dir.join("bin");
     let home = dir.join("home");

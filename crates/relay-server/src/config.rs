@@ -102,7 +102,7 @@ impl Config {
             ("heartbeat_secs", self.heartbeat_secs as f64),
             ("stream_buffer", self.stream_buffer as f64),
         ];
-        if let Some((name, _)) = positive.iter().find(|(_, v)| !(*v > 0.0)) {
+        if let Some((name, _)) = positive.iter().find(|(_, v)| v.partial_cmp(&0.0) != Some(std::cmp::Ordering::Greater)) {
             return Err(ConfigError::Invalid(format!("{name} must be greater than 0")));
         }
         if self.max_request_bytes < self.max_message_bytes {

@@ -733,7 +733,7 @@ impl Relay {
                 outcome.rejected.push(reject("no such message in the peer's group"));
                 continue;
             };
-            let detail = r.detail.as_deref().map(|d| validate::preview(d));
+            let detail = r.detail.as_deref().map(validate::preview);
             match self.record_delivery(&peer, &entry, r.state, detail) {
                 Ok(true) => outcome.moved += 1,
                 Ok(false) => outcome.unchanged += 1,

@@ -6,6 +6,9 @@
 //! and no repeat. A client that falls `stream_buffer` events behind is disconnected (and
 //! can resume); the buffer is shared per group, so a stalled client costs no memory.
 
+// Handlers answer early with a ready HTTP response as their `Err`, as axum handlers do.
+#![allow(clippy::result_large_err)]
+
 use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::sync::{Arc, OnceLock};
@@ -198,11 +201,10 @@ impl GroupStream {
                     Err(RecvError::Closed) => return None,
                 },
             };
-            if entry.entry.seq > self.last_sent {
-                if let Some(event) = self.deliver(&entry.entry, Some(&entry.json)) {
+            if entry.entry.seq > self.last_sent
+                && let Some(event) = self.deliver(&entry.entry, Some(&entry.json)) {
                     return Some(event);
                 }
-            }
         }
     }
 

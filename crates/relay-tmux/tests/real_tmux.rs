@@ -64,7 +64,7 @@ fn panes_splits_keys_and_captures_on_a_real_server() {
     assert_eq!(pane(t, &side).unwrap().width, 40);
     let active = t.run(&["display-message", "-p", "-t", "t:0", "#{pane_id}"]).unwrap();
     assert_eq!(active.trim(), first.id);
-    assert_eq!(panes_started_with(t, "sleep 600").unwrap(), [side.clone()]);
+    assert_eq!(panes_started_with(t, "sleep 600").unwrap(), std::slice::from_ref(&side));
 
     // copy mode is visible, so nobody types into it
     t.run(&["copy-mode", "-t", &first.id]).unwrap();

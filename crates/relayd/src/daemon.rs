@@ -532,11 +532,10 @@ impl Daemon {
         let mut out = Vec::new();
         let mut events = sse_stream::SseStream::from_bytes_stream(response.bytes_stream());
         while let Some(Ok(sse)) = events.next().await {
-            if let Some(event) = sse.data.and_then(|d| serde_json::from_str::<Event>(&d).ok()) {
-                if visible_to(&event, &a.peer_id) {
+            if let Some(event) = sse.data.and_then(|d| serde_json::from_str::<Event>(&d).ok())
+                && visible_to(&event, &a.peer_id) {
                     out.push(event);
                 }
-            }
         }
         Ok(out)
     }

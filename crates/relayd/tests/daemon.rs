@@ -170,7 +170,8 @@ async fn twenty_panes_share_one_upstream_and_get_what_is_theirs() {
     let all = futures::future::join_all(subs.iter_mut().map(|sub| events(sub, WAIT))).await;
     for (i, got) in all.into_iter().enumerate() {
         // (the panes' own joins may still be arriving; only the far peer's matters here)
-        let (receipts, got): (Vec<(String, String)>, Vec<(String, String)>) =
+        type KindAndPreview = Vec<(String, String)>;
+        let (receipts, got): (KindAndPreview, KindAndPreview) =
             got.into_iter().map(|(k, p, _)| (k, p)).filter(|(k, p)| k != "peer_joined" || p.starts_with("far:")).partition(|(k, _)| k == "receipt");
         let mut want = vec![("peer_joined".to_owned(), "far:far joined team".to_owned()), ("message".into(), "hello everyone".into())];
         if i == 5 {

@@ -164,11 +164,10 @@ pub async fn open_stream(
             buf.extend_from_slice(&chunk);
             while let Some(end) = buf.iter().position(|&b| b == b'\n') {
                 let line: Vec<u8> = buf.drain(..=end).collect();
-                if let Some(data) = line.strip_prefix(b"data:") {
-                    if let Ok(v) = serde_json::from_slice(data) {
+                if let Some(data) = line.strip_prefix(b"data:")
+                    && let Ok(v) = serde_json::from_slice(data) {
                         on_event(v, arrived);
                     }
-                }
             }
         }
     }))
