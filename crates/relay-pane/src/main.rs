@@ -6,7 +6,7 @@ mod app;
 mod deliver;
 mod report;
 
-use std::collections::{BTreeMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -103,8 +103,6 @@ struct Tracker {
     reporter: report::Reporter,
     renotifier: deliver::renotify::Renotifier,
     recent: VecDeque<Event>,
-    /// Messages announced again because they are still unread.
-    reminders: HashSet<String>,
     /// Messages read (or held, or failed) lately: a reminder checked meanwhile is dropped.
     settled_lately: VecDeque<String>,
 }
@@ -136,7 +134,6 @@ impl Tracker {
 
     fn settled(&mut self, id: &str) {
         self.renotifier.settled(id);
-        self.reminders.remove(id);
         self.settled_lately.push_back(id.to_owned());
         if self.settled_lately.len() > RECENT {
             self.settled_lately.pop_front();
@@ -243,7 +240,7 @@ async fn run(
 ) -> Result<()> {
     let renotifier = deliver::renotify::Renotifier::new(Duration::from_secs(args.renotify_secs), args.max_reminders_per_hour);
     let mut tracker =
-        Tracker { reporter, renotifier, recent: VecDeque::new(), reminders: HashSet::new(), settled_lately: VecDeque::new() };
+        Tracker { reporter, renotifier, recent: VecDeque::new(), settled_lately: VecDeque::new() };
     let mut renotify_check = tokio::time::interval(Duration::from_secs(args.renotify_secs.div_ceil(4).clamp(1, 15)));
     let tmux = RealTmux::current();
     let mut app = App::new(&args.pane);
@@ -321,14 +318,10 @@ async fn run(
                         due.remind.retain(|e| !tracker.settled_lately.contains(&e.id) && tracker.renotifier.watches(&e.id));
                         due.tell_human.retain(|e| !tracker.settled_lately.contains(&e.id));
                         if !due.remind.is_empty() {
-                            tracker.reminders.extend(due.remind.iter().map(|e| e.id.clone()));
                             pending.extend(due.remind);
                             announce_at.get_or_insert(Instant::now());
                         }
                         if !due.tell_human.is_empty() {
-                            for e in &due.tell_human {
-                                tracker.reminders.remove(&e.id);
-                            }
                             tell_human_unread(&args.pane, &due.tell_human, &mut app);
                         }
                     }
@@ -373,7 +366,8 @@ async fn run(
                         announce_at = Some(Instant::now() + wait);
                         continue;
                     }
-                    if let deliver::Posting::Posted { receipts, left } = inbox.post(&pending, &tracker.reminders).await {
+                    let posting = inbox.post(&pending, &|id| tracker.renotifier.is_reminder(id)).await;
+                    if let deliver::Posting::Posted { receipts, left } = posting {
                         pending = left;
                         if !pending.is_empty() {
                             announce_at = Some(Instant::now() + INBOX_RETRY);
@@ -475,7 +469,8 @@ async fn type_announcement(
     tracker: &mut Tracker,
 ) -> Option<Instant> {
     use deliver::keys::Announced;
-    match typist.announce(tmux, pane, pending, &tracker.reminders, agent_status).await {
+    let announced = typist.announce(tmux, pane, pending, &|id| tracker.renotifier.is_reminder(id), agent_status).await;
+    match announced {
         Announced::Typed(receipts) => {
             tracker.report(app, receipts);
             app.note = None;

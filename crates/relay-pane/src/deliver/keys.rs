@@ -2,7 +2,6 @@
 //! typed only when the pane can take it. Message content never reaches the terminal; only
 //! sanitized sender and group names do.
 
-use std::collections::HashSet;
 use std::time::Duration;
 
 use relay_proto::{DeliveryState, Event, EventKind, Receipt};
@@ -30,8 +29,8 @@ pub fn sanitize(name: &str) -> String {
 }
 
 /// The line that announces a burst of events, or None when none of them is a message.
-/// When all of them are in `reminders` (announced before, still unread), it says so.
-pub fn announcement(events: &[Event], reminders: &HashSet<String>) -> Option<String> {
+/// When all of them are reminders (announced before, still unread), it says so.
+pub fn announcement(events: &[Event], is_reminder: &dyn Fn(&str) -> bool) -> Option<String> {
     let messages: Vec<&Event> = events.iter().filter(|e| matches!(e.kind, EventKind::Message | EventKind::Dm)).collect();
     if messages.is_empty() {
         return None;
@@ -59,7 +58,7 @@ pub fn announcement(events: &[Event], reminders: &HashSet<String>) -> Option<Str
         (n, 0) => format!("{n} new messages"),
         (n, d) => format!("{n} new messages ({d} DM)"),
     };
-    if messages.iter().all(|e| reminders.contains(&e.id)) {
+    if messages.iter().all(|e| is_reminder(&e.id)) {
         let what = what.replacen(" new ", " unread ", 1);
         return Some(format!("[RELAY] Reminder: {what} in {} from {from}. Use read_new_messages.", groups.join(", ")));
     }
@@ -190,7 +189,7 @@ impl Typist {
         tmux: &dyn Tmux,
         pane: &str,
         pending: &mut Vec<Event>,
-        reminders: &HashSet<String>,
+        is_reminder: &dyn Fn(&str) -> bool,
         agent_status: Option<&str>,
     ) -> Announced {
         let receipts = |pending: &mut Vec<Event>, state, detail: Option<&str>| -> Vec<Receipt> {
@@ -200,7 +199,7 @@ impl Typist {
                 .map(|e| Receipt { message_id: e.id, group: e.group, state, detail: detail.map(str::to_owned) })
                 .collect()
         };
-        let Some(line) = announcement(pending, reminders) else {
+        let Some(line) = announcement(pending, is_reminder) else {
             pending.clear();
             return Announced::Typed(Vec::new());
         };
@@ -283,21 +282,21 @@ mod tests {
             event(EventKind::Message, "bob:web", "mygroup"),
             event(EventKind::Message, "alice:api", "mygroup"),
         ];
-        assert_eq!(announcement(&burst, &HashSet::new()).unwrap(), "[RELAY] 3 new messages in mygroup from alice:api, bob:web. Use read_new_messages.");
-        assert_eq!(announcement(&[event(EventKind::Dm, "bob:web", "g")], &HashSet::new()).unwrap(), "[RELAY] 1 new DM in g from bob:web. Use read_new_messages.");
+        assert_eq!(announcement(&burst, &|_: &str| false).unwrap(), "[RELAY] 3 new messages in mygroup from alice:api, bob:web. Use read_new_messages.");
+        assert_eq!(announcement(&[event(EventKind::Dm, "bob:web", "g")], &|_: &str| false).unwrap(), "[RELAY] 1 new DM in g from bob:web. Use read_new_messages.");
         let mixed = [event(EventKind::Dm, "a", "g"), event(EventKind::Message, "b", "g")];
-        assert_eq!(announcement(&mixed, &HashSet::new()).unwrap(), "[RELAY] 2 new messages (1 DM) in g from a, b. Use read_new_messages.");
+        assert_eq!(announcement(&mixed, &|_: &str| false).unwrap(), "[RELAY] 2 new messages (1 DM) in g from a, b. Use read_new_messages.");
         let many: Vec<Event> = (0..6).map(|i| event(EventKind::Message, &format!("p{i}"), "g")).collect();
-        assert!(announcement(&many, &HashSet::new()).unwrap().contains("from p0, p1, p2 and 3 more."));
-        assert_eq!(announcement(&[event(EventKind::PeerLeft, "x", "g")], &HashSet::new()), None);
-        let reminded: HashSet<String> = mixed.iter().map(|e| e.id.clone()).collect();
+        assert!(announcement(&many, &|_: &str| false).unwrap().contains("from p0, p1, p2 and 3 more."));
+        assert_eq!(announcement(&[event(EventKind::PeerLeft, "x", "g")], &|_: &str| false), None);
+        let reminded = |id: &str| mixed.iter().any(|e| e.id == id);
         assert_eq!(announcement(&mixed, &reminded).unwrap(), "[RELAY] Reminder: 2 unread messages (1 DM) in g from a, b. Use read_new_messages.");
         for e in [&burst[..], &mixed[..]] {
-            assert!(!announcement(e, &HashSet::new()).unwrap().contains("rm -rf"), "content must never be typed");
+            assert!(!announcement(e, &|_: &str| false).unwrap().contains("rm -rf"), "content must never be typed");
         }
         // hostile names: the line stays one printable ASCII line
         let hostile = [event(EventKind::Message, "\u{1b}]0;pwned\u{7}C-c\rEnter", "g"), event(EventKind::Dm, &"🤖".repeat(200), "g")];
-        let line = announcement(&hostile, &HashSet::new()).unwrap();
+        let line = announcement(&hostile, &|_: &str| false).unwrap();
         assert!(line.chars().all(|c| c == ' ' || c.is_ascii_graphic()), "{line:?}");
         assert!(line.len() < 200, "{line}");
     }
@@ -395,11 +394,11 @@ mod tests {
         for _ in 0..3 {
             tmux.answer("display-message", Ok(&pane_info(true, (0, 0))));
         }
-        let Announced::Later(_, why) = typist.announce(&tmux, "%3", &mut pending, &HashSet::new(), None).await else { panic!("should wait") };
+        let Announced::Later(_, why) = typist.announce(&tmux, "%3", &mut pending, &|_: &str| false, None).await else { panic!("should wait") };
         assert_eq!(why, "the pane is in copy mode");
         assert_eq!(pending.len(), 1, "kept for the next attempt");
         tokio::time::sleep(Duration::from_millis(40)).await;
-        match typist.announce(&tmux, "%3", &mut pending, &HashSet::new(), None).await {
+        match typist.announce(&tmux, "%3", &mut pending, &|_: &str| false, None).await {
             Announced::GaveUp(receipts, why) => {
                 assert_eq!(why, "the pane is in copy mode");
                 assert_eq!(receipts.len(), 1);

@@ -13,7 +13,7 @@ pub mod keys;
 pub mod notice;
 pub mod renotify;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::io;
 use std::path::PathBuf;
 
@@ -194,12 +194,12 @@ impl Inbox {
         !self.posted.is_empty()
     }
 
-    /// Posts `events` into the session's inbox, one notice per conversation; those in
-    /// `reminders` as reminders.
-    pub async fn post(&mut self, events: &[Event], reminders: &HashSet<String>) -> Posting {
+    /// Posts `events` into the session's inbox, one notice per conversation; those for
+    /// which `is_reminder` holds as reminders.
+    pub async fn post(&mut self, events: &[Event], is_reminder: &dyn Fn(&str) -> bool) -> Posting {
         let mut receipts = Vec::new();
         let mut left = Vec::new();
-        for n in notice::notices(events, &self.me, reminders) {
+        for n in notice::notices(events, &self.me, is_reminder) {
             let posted = match self.post_notice(&n).await {
                 Ok(posted) => posted,
                 Err(e) => {
@@ -485,7 +485,7 @@ mod tests {
         inbox.set_me("box:me");
         assert_eq!(inbox.session().map(|s| s.socket.clone()), Some(fake.socket.clone()));
 
-        let Posting::Posted { receipts, left } = inbox.post(&[dm("m1", "can you review #42?")], &HashSet::new()).await else { panic!("not posted") };
+        let Posting::Posted { receipts, left } = inbox.post(&[dm("m1", "can you review #42?")], &|_: &str| false).await else { panic!("not posted") };
         assert!(left.is_empty());
         assert_eq!(states(&receipts), [("m1", DeliveryState::Notified)]);
         let line: serde_json::Value = serde_json::from_str(&fake.lines.recv().await.unwrap()).unwrap();
@@ -510,7 +510,7 @@ mod tests {
         assert!(!inbox.has_pending());
 
         // a second notice, denied by the human: failed, and offered to the keystroke fallback
-        let Posting::Posted { .. } = inbox.post(&[dm("m2", "and this one?")], &HashSet::new()).await else { panic!("not posted") };
+        let Posting::Posted { .. } = inbox.post(&[dm("m2", "and this one?")], &|_: &str| false).await else { panic!("not posted") };
         let line: serde_json::Value = serde_json::from_str(&fake.lines.recv().await.unwrap()).unwrap();
         assert_eq!(line["from"], from.as_str(), "one reply socket per conversation");
         let denied = serde_json::json!({"type":"control","action":"peer_message_status","status":"denied","orig_msg_id":line["msg_id"]});
@@ -526,7 +526,7 @@ mod tests {
         let mut fake = fake_session();
         let (tx, _heard) = mpsc::channel(8);
         let mut inbox = Inbox::with_claude_dir("%7", Some(fake.dir.path().to_owned()), tx);
-        let Posting::Posted { .. } = inbox.post(&[dm("m1", "hello")], &HashSet::new()).await else { panic!("not posted") };
+        let Posting::Posted { .. } = inbox.post(&[dm("m1", "hello")], &|_: &str| false).await else { panic!("not posted") };
         let line: serde_json::Value = serde_json::from_str(&fake.lines.recv().await.unwrap()).unwrap();
         let project = fake.dir.path().join("projects/-w");
         std::fs::create_dir_all(&project).unwrap();
@@ -541,14 +541,14 @@ mod tests {
 
         // /clear: the same process goes on in a new conversation, with a new transcript;
         // what the old one showed last still counts
-        let Posting::Posted { .. } = inbox.post(&[dm("m2", "just before the clear")], &HashSet::new()).await else { panic!("not posted") };
+        let Posting::Posted { .. } = inbox.post(&[dm("m2", "just before the clear")], &|_: &str| false).await else { panic!("not posted") };
         let line: serde_json::Value = serde_json::from_str(&fake.lines.recv().await.unwrap()).unwrap();
         let record = serde_json::json!({"type":"user","origin":{"kind":"peer","msg_id":line["msg_id"]}});
         std::io::Write::write_all(&mut file, format!("{record}\n").as_bytes()).unwrap();
         let entry_path = fake.dir.path().join(format!("sessions/{}.json", std::process::id()));
         let entry = std::fs::read_to_string(&entry_path).unwrap().replace("sess-1", "sess-2");
         std::fs::write(&entry_path, entry).unwrap();
-        let Posting::Posted { .. } = inbox.post(&[dm("m3", "after the clear")], &HashSet::new()).await else { panic!("not posted") };
+        let Posting::Posted { .. } = inbox.post(&[dm("m3", "after the clear")], &|_: &str| false).await else { panic!("not posted") };
         let line: serde_json::Value = serde_json::from_str(&fake.lines.recv().await.unwrap()).unwrap();
         let record = serde_json::json!({"type":"user","origin":{"kind":"peer","msg_id":line["msg_id"]}});
         std::fs::write(project.join("sess-2.jsonl"), format!("{record}\n")).unwrap();
@@ -560,7 +560,7 @@ mod tests {
         let mut fake = fake_session();
         let (tx, mut heard) = mpsc::channel(8);
         let mut inbox = Inbox::with_claude_dir("%7", Some(fake.dir.path().to_owned()), tx);
-        let Posting::Posted { .. } = inbox.post(&[dm("m1", "ping")], &HashSet::new()).await else { panic!("not posted") };
+        let Posting::Posted { .. } = inbox.post(&[dm("m1", "ping")], &|_: &str| false).await else { panic!("not posted") };
         let line: serde_json::Value = serde_json::from_str(&fake.lines.recv().await.unwrap()).unwrap();
         let from = line["from"].as_str().unwrap();
         let own = format!("uds:{}", fake.socket.display());
@@ -591,7 +591,7 @@ mod tests {
         let socket = fake.socket.display().to_string();
         let agent = AgentInfo { pid: std::process::id(), messaging_socket: Some(socket), session_id: None };
         inbox.agent_reported(agent.clone());
-        assert!(matches!(inbox.post(&[dm("m1", "hi")], &HashSet::new()).await, Posting::Posted { .. }));
+        assert!(matches!(inbox.post(&[dm("m1", "hi")], &|_: &str| false).await, Posting::Posted { .. }));
         assert!(fake.lines.recv().await.unwrap().contains("hi"));
         // the same agent reported again (relay mcp restarted): its reply sockets stay
         let reply_socket = inbox.reply_sockets.values().next().unwrap().path.clone();
@@ -607,13 +607,13 @@ mod tests {
         let fake = fake_session();
         let (tx, _heard) = mpsc::channel(8);
         let mut other = Inbox::with_claude_dir("%8", Some(fake.dir.path().to_owned()), tx.clone());
-        assert!(matches!(other.post(&[dm("m1", "hi")], &HashSet::new()).await, Posting::NoInbox));
+        assert!(matches!(other.post(&[dm("m1", "hi")], &|_: &str| false).await, Posting::NoInbox));
         let mut inbox = Inbox::with_claude_dir("%7", Some(fake.dir.path().to_owned()), tx);
         assert!(inbox.session().is_some());
         // Claude Code exits: registry entry and socket go away
         std::fs::remove_file(&fake.socket).unwrap();
         std::fs::remove_dir_all(fake.dir.path().join("sessions")).unwrap();
-        assert!(matches!(inbox.post(&[dm("m1", "hi")], &HashSet::new()).await, Posting::NoInbox));
+        assert!(matches!(inbox.post(&[dm("m1", "hi")], &|_: &str| false).await, Posting::NoInbox));
         assert!(inbox.session().is_none());
     }
 }

@@ -48,6 +48,11 @@ impl Renotifier {
         self.watching.remove(id);
     }
 
+    /// Whether `id` was announced once more and is still unread.
+    pub fn is_reminder(&self, id: &str) -> bool {
+        self.watching.get(id).is_some_and(|w| w.reminded)
+    }
+
     /// Whether `id` is still waiting to be read.
     pub fn watches(&self, id: &str) -> bool {
         self.watching.contains_key(id)
@@ -127,12 +132,14 @@ mod tests {
         r.notified(&message("m1", "alice"), t0 + min); // told again: still counts from t0
         assert_eq!(r.due(t0 + 9 * min), Due::default());
         r.settled("m2");
+        assert!(!r.is_reminder("m1"));
         let due = r.due(t0 + 10 * min);
         assert_eq!((ids(&due.remind), ids(&due.tell_human)), (vec!["m1"], vec![]));
+        assert!(r.is_reminder("m1") && r.watches("m1"));
         assert_eq!(r.due(t0 + 19 * min), Due::default(), "the reminder restarts the clock");
         let due = r.due(t0 + 20 * min);
         assert_eq!((ids(&due.remind), ids(&due.tell_human)), (vec![], vec!["m1"]));
-        assert!(!r.is_watching(), "told the human: done");
+        assert!(!r.is_watching() && !r.is_reminder("m1"), "told the human: done");
         assert_eq!(r.due(t0 + 60 * min), Due::default());
     }
 
