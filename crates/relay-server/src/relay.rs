@@ -749,22 +749,14 @@ impl Relay {
         let unknown = || RelayError::UnknownMessage(message_id.to_owned());
         let entry = self.store.entry_by_id(message_id.trim())?.ok_or_else(unknown)?;
         let kind = entry.kind.message_kind().ok_or_else(unknown)?;
-        let callers = |peer_id: &str| -> Result<bool> {
-            Ok(self.store.peer(peer_id)?.is_some_and(|p| p.principal_id == caller.principal))
-        };
+        let callers: Vec<String> = self.store.peers_of_principal(caller.principal)?.into_iter().map(|p| p.peer_id).collect();
         let mut recipients = self.recipient_statuses(&entry)?;
-        if !callers(&entry.sender_id)? {
+        if !callers.contains(&entry.sender_id) {
             // a recipient sees its own copy, and nobody else's
-            let mut own = Vec::new();
-            for status in recipients {
-                if callers(&status.peer.peer_id)? {
-                    own.push(status);
-                }
-            }
-            if own.is_empty() {
+            recipients.retain(|r| callers.contains(&r.peer.peer_id));
+            if recipients.is_empty() {
                 return Err(unknown());
             }
-            recipients = own;
         }
         Ok(MessageStatus { message_id: entry.id.clone(), group_id: entry.group_id.clone(), kind, sent_at: entry.created_at, recipients })
     }
