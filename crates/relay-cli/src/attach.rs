@@ -16,7 +16,7 @@ use crate::daemon::{self, connect_or_start, sibling_binary};
 
 /// Types the intro line into `pane`, Enter separately after a pause (sent together, agents
 /// sometimes drop it).
-pub async fn type_intro(tmux: &dyn Tmux, pane: &str, display_name: &str, group: &str) -> Result<(), relay_tmux::TmuxError> {
+async fn type_intro(tmux: &dyn Tmux, pane: &str, display_name: &str, group: &str) -> Result<(), relay_tmux::TmuxError> {
     relay_tmux::send_literal(tmux, pane, &intro_line(display_name, group))?;
     tokio::time::sleep(Duration::from_millis(300)).await;
     relay_tmux::send_enter(tmux, pane)

@@ -252,7 +252,8 @@ async fn run(
     let mut keys_only: Vec<Event> = Vec::new();
     let mut announce_at: Option<Instant> = None;
     let mut last_typed: Option<Instant> = None;
-    // the introduction, to be typed (the inbox refused it), and the attempts so far
+    // the introduction, to be typed (the inbox could not take it, or refused it), and the
+    // attempts so far
     let mut intro_line: Option<(String, u32)> = None;
     let mut pane_check = tokio::time::interval(Duration::from_secs(2));
     // tmux hangs up on a closed pane: leave through the front door, so the reply sockets
@@ -278,8 +279,10 @@ async fn run(
                     Some(Incoming::Subscribed(attachments)) => {
                         if let Some(first) = attachments.first() {
                             inbox.set_me(&first.display_name);
-                            if std::mem::take(&mut intro) {
-                                introduce(&mut inbox, &tmux, &args.pane, first).await;
+                            if std::mem::take(&mut intro) && !introduce(&mut inbox, &args.pane, first).await {
+                                // typed instead, as relay attach would have
+                                intro_line = Some((relay_cli::attach::intro_line(&first.display_name, &first.group), 0));
+                                announce_at.get_or_insert(Instant::now());
                             }
                         }
                         app.attachments = attachments;
@@ -440,8 +443,8 @@ async fn run(
     }
 }
 
-/// Tells the agent who it is, through its inbox, else typed (as relay attach would have).
-async fn introduce(inbox: &mut deliver::Inbox, tmux: &RealTmux, pane: &str, attachment: &Attachment) {
+/// Tells the agent who it is through its inbox; false when the inbox cannot take it.
+async fn introduce(inbox: &mut deliver::Inbox, pane: &str, attachment: &Attachment) -> bool {
     // Claude Code may still be starting: give its session a moment to appear
     for _ in 0..20 {
         if inbox.session().is_some() {
@@ -450,11 +453,11 @@ async fn introduce(inbox: &mut deliver::Inbox, tmux: &RealTmux, pane: &str, atta
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
     match inbox.introduce(&attachment.group).await {
-        Ok(()) => return,
-        Err(e) => tracing::info!(%pane, error = %e, "cannot introduce through the inbox; typing it"),
-    }
-    if let Err(e) = relay_cli::attach::type_intro(tmux, pane, &attachment.display_name, &attachment.group).await {
-        tracing::warn!(%pane, error = %e, "cannot type the introduction either");
+        Ok(()) => true,
+        Err(e) => {
+            tracing::info!(%pane, error = %e, "cannot introduce through the inbox; typing it");
+            false
+        }
     }
 }
 
