@@ -35,6 +35,26 @@ fn clock_ticks_per_second() -> f64 {
     100.0
 }
 
+/// CPU time that the server (when the bench started it) and the bench itself use from
+/// `start` on: steadier than rates when the two share cores.
+pub struct CpuMeter {
+    server: Option<(u32, Duration)>,
+    bench: Option<Duration>,
+}
+
+impl CpuMeter {
+    pub fn start(server_pid: Option<u32>) -> Self {
+        Self { server: server_pid.and_then(|pid| Some((pid, cpu_time(pid)?))), bench: cpu_time(std::process::id()) }
+    }
+
+    /// Microseconds of CPU since `start` per unit of work: the server's, the bench's.
+    pub fn per(&self, units: usize) -> (Option<f64>, Option<f64>) {
+        let us = |before: Duration, now: Option<Duration>| Some((now? - before).as_secs_f64() * 1e6 / units.max(1) as f64);
+        let server = self.server.and_then(|(pid, before)| us(before, cpu_time(pid)));
+        (server, self.bench.and_then(|before| us(before, cpu_time(std::process::id()))))
+    }
+}
+
 /// Percent of one core used over `window`.
 pub async fn cpu_percent(pid: u32, window: Duration) -> Option<f64> {
     let before = cpu_time(pid)?;

@@ -115,16 +115,13 @@ pub async fn tool_calls(
         })
         .collect();
     let started = Instant::now();
-    // CPU time per call: steadier than calls/s when the bench and the server share cores
-    let cpu_before = (target.pid.and_then(procstat::cpu_time), procstat::cpu_time(std::process::id()));
+    let cpu = procstat::CpuMeter::start(target.pid);
     for w in workers {
         w.await??;
     }
     let done = calls.load(Ordering::Relaxed);
     let rate = done as f64 / started.elapsed().as_secs_f64();
-    let per_call = |before: Option<Duration>, after: Option<Duration>| {
-        Some((after? - before?).as_secs_f64() * 1e6 / done.max(1) as f64)
-    };
+    let cpu_per_call = cpu.per(done as usize);
     let c = load.concurrency;
     if goals {
         report.goal(label, "sequential median", median, "ms", (Goal::AtMost(0.3), "≤ 0.3"), Some("3–10 ms"));
@@ -136,14 +133,18 @@ pub async fn tool_calls(
         report.add(label, "sequential p99", p99, "ms");
         report.add(label, "calls/s at concurrency 32", rate, "calls/s");
     }
-    if let Some(us) = per_call(cpu_before.0, target.pid.and_then(procstat::cpu_time)) {
-        report.add(label, "server CPU per call", us, "µs");
-    }
-    if let Some(us) = per_call(cpu_before.1, procstat::cpu_time(std::process::id())) {
-        report.add(label, "bench client CPU per call", us, "µs");
-    }
+    add_cpu(report, label, cpu_per_call, ["server CPU per call", "bench client CPU per call"]);
     report.completed.push(label);
     Ok(())
+}
+
+/// The CPU that the server and the bench spent per unit of work, as two figures in µs.
+fn add_cpu(report: &mut Report, label: &'static str, (server, bench): (Option<f64>, Option<f64>), names: [&'static str; 2]) {
+    for (us, name) in [(server, names[0]), (bench, names[1])] {
+        if let Some(us) = us {
+            report.add(label, name, us, "µs");
+        }
+    }
 }
 
 /// An open SSE stream whose `data:` payloads go to `on_event`, with when their bytes
@@ -210,7 +211,7 @@ pub async fn fan_out(target: &Target, opts: &FanOut, report: &mut Report) -> Res
     let mcp = target.mcp(Some(&sender.token)).await?;
     let interval = Duration::from_secs_f64(1.0 / opts.rate_per_second);
     let first_send = Instant::now();
-    let cpu_before = (target.pid.and_then(procstat::cpu_time), procstat::cpu_time(std::process::id()));
+    let cpu = procstat::CpuMeter::start(target.pid);
     let mut tick = tokio::time::interval(interval);
     // after a stall, keep the spacing rather than sending the missed ones back to back
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -225,11 +226,7 @@ pub async fn fan_out(target: &Target, opts: &FanOut, report: &mut Report) -> Res
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let got = received.load(Ordering::Relaxed);
-    let per_delivery = |before: Option<Duration>, after: Option<Duration>| {
-        Some((after? - before?).as_secs_f64() * 1e6 / got.max(1) as f64)
-    };
-    let server_cpu = per_delivery(cpu_before.0, target.pid.and_then(procstat::cpu_time));
-    let bench_cpu = per_delivery(cpu_before.1, procstat::cpu_time(std::process::id()));
+    let cpu_per_delivery = cpu.per(got);
     for s in streams {
         s.abort();
     }
@@ -244,12 +241,7 @@ pub async fn fan_out(target: &Target, opts: &FanOut, report: &mut Report) -> Res
     report.add(label, "send → delivery max", quantile(&mut lat, 1.0), "ms");
     report.add(label, "deliveries/s", got as f64 / elapsed.as_secs_f64().max(1e-9), "events/s");
     report.add(label, "lost", (expected - got.min(expected)) as f64, "events");
-    if let Some(us) = server_cpu {
-        report.add(label, "server CPU per delivery", us, "µs");
-    }
-    if let Some(us) = bench_cpu {
-        report.add(label, "bench client CPU per delivery", us, "µs");
-    }
+    add_cpu(report, label, cpu_per_delivery, ["server CPU per delivery", "bench client CPU per delivery"]);
     if got != expected {
         bail!("fan-out lost events: {got} of {expected} delivered");
     }
