@@ -5,6 +5,7 @@ mod mcp_http;
 mod procstat;
 mod report;
 mod scenarios;
+mod sse_reader;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -39,6 +40,9 @@ struct Args {
     /// Streams in the fan-out scenario [default: 100; quick: 20]
     #[arg(long)]
     peers: Option<usize>,
+    /// Messages sent in the fan-out scenario, 100 a second [default: 300; quick: 40]
+    #[arg(long)]
+    messages: Option<usize>,
     /// Streams in the idle scenario [default: 10000; quick: 500]
     #[arg(long)]
     streams: Option<usize>,
@@ -127,7 +131,7 @@ async fn run_scenarios(args: &Args, target: &Target, report: &mut Report) {
     if runs("fan-out") {
         let fan = FanOut {
             peers: args.peers.unwrap_or(if quick { 20 } else { 100 }),
-            messages: if quick { 40 } else { 300 },
+            messages: args.messages.unwrap_or(if quick { 40 } else { 300 }),
             rate_per_second: 100.0,
         };
         let outcome = scenarios::fan_out(target, &fan, report).await;
