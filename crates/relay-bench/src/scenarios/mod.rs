@@ -3,7 +3,7 @@
 mod claude;
 mod end_to_end;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -165,8 +165,8 @@ pub struct FanOut {
     pub rate_per_second: f64,
 }
 
-/// When an event's bytes arrived, and its data.
-type Arrival = (Instant, Vec<u8>);
+/// Which stream an event came on, when its bytes arrived, and its data.
+type Arrival = (usize, Instant, Vec<u8>);
 
 /// One sender, `peers` open streams: latency from send to every delivery.
 pub async fn fan_out(target: &Target, opts: &FanOut, report: &mut Report) -> Result<()> {
@@ -182,11 +182,11 @@ pub async fn fan_out(target: &Target, opts: &FanOut, report: &mut Report) -> Res
     let arrivals: Arc<Mutex<Vec<Arrival>>> = Arc::default();
     let received = Arc::new(AtomicUsize::new(0));
     let mut streams = Vec::new();
-    for peer in &peers {
+    for (stream, peer) in peers.iter().enumerate() {
         let (arrivals, received) = (arrivals.clone(), received.clone());
         streams.push(
             open_stream(target, peer, move |data, at| {
-                arrivals.lock().unwrap().push((at, data.to_vec()));
+                arrivals.lock().unwrap().push((stream, at, data.to_vec()));
                 received.fetch_add(1, Ordering::Relaxed);
             })
             .await?,
@@ -223,10 +223,15 @@ pub async fn fan_out(target: &Target, opts: &FanOut, report: &mut Report) -> Res
     // per send: its first and its last delivery
     let mut per_send = vec![(f64::MAX, 0.0_f64); opts.messages];
     let mut last_delivery = first_send;
-    for (at, data) in arrivals.lock().unwrap().iter() {
+    let (mut seen, mut duplicates) = (HashSet::with_capacity(expected), 0);
+    for (stream, at, data) in arrivals.lock().unwrap().iter() {
         let event: Value = serde_json::from_slice(data).context("an event's data is not JSON")?;
         let fan = event["preview"].as_str().and_then(|p| p.strip_prefix("fan ")).and_then(|n| n.parse::<usize>().ok());
         if let Some((n, sent)) = fan.and_then(|n| Some((n, sent_at.get(n)?))) {
+            if !seen.insert((*stream, n)) {
+                duplicates += 1;
+                continue;
+            }
             let ms = at.duration_since(*sent).as_secs_f64() * 1000.0;
             lat.push(ms);
             per_send[n] = (per_send[n].0.min(ms), per_send[n].1.max(ms));
@@ -248,9 +253,10 @@ pub async fn fan_out(target: &Target, opts: &FanOut, report: &mut Report) -> Res
     report.add(label, "first → last delivery p50", quantile(&mut spreads, 0.5), "ms");
     report.add(label, "deliveries/s", got as f64 / last_delivery.duration_since(first_send).as_secs_f64().max(1e-9), "events/s");
     report.add(label, "lost", (expected - got.min(expected)) as f64, "events");
+    report.add(label, "duplicates", duplicates as f64, "events");
     add_cpu(report, label, cpu_per_delivery, ["server CPU per delivery", "bench client CPU per delivery"]);
-    if got != expected {
-        bail!("fan-out lost events: {got} of {expected} delivered");
+    if got != expected || duplicates > 0 {
+        bail!("fan-out delivered {got} of {expected} events, and {duplicates} more than once");
     }
     report.completed.push(label);
     Ok(())
