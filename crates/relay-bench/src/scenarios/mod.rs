@@ -323,16 +323,21 @@ pub async fn daemon(target: &Target, panes: usize, messages: usize, report: &mut
     }
     let sent_at: Arc<Mutex<HashMap<usize, Instant>>> = Arc::default();
     let latencies: Arc<Mutex<Vec<f64>>> = Arc::default();
-    let received = Arc::new(AtomicUsize::new(0));
+    let (received, duplicates) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
     let mut readers = Vec::new();
     for i in 0..panes {
         let mut sub = Client::connect(&socket, "relay-bench").await?;
         sub.request(&Request::Subscribe { pane: format!("%{i}"), since: Default::default() }).await?;
-        let (sent_at, latencies, received) = (sent_at.clone(), latencies.clone(), received.clone());
+        let (sent_at, latencies, received, duplicates) = (sent_at.clone(), latencies.clone(), received.clone(), duplicates.clone());
         readers.push(tokio::spawn(async move {
+            let mut seen = HashSet::new();
             while let Ok(reply) = sub.next().await {
                 let Reply::Event { event, .. } = reply else { continue };
                 let Some(n) = event.preview.strip_prefix("fan ").and_then(|n| n.parse::<usize>().ok()) else { continue };
+                if !seen.insert(n) {
+                    duplicates.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                }
                 if let Some(at) = sent_at.lock().unwrap().get(&n) {
                     latencies.lock().unwrap().push(at.elapsed().as_secs_f64() * 1000.0);
                 }
@@ -380,9 +385,11 @@ pub async fn daemon(target: &Target, panes: usize, messages: usize, report: &mut
     report.add(label, "relayd RSS under load", peak_rss, "MB");
     report.add(label, "send → pane event p50", quantile(&mut lat, 0.5), "ms");
     report.add(label, "send → pane event p99", quantile(&mut lat, 0.99), "ms");
+    let duplicates = duplicates.load(Ordering::Relaxed);
     report.add(label, "lost", (expected - got.min(expected)) as f64, "events");
+    report.add(label, "duplicates", duplicates as f64, "events");
     ensure!(upstreams == 1.0, "{upstreams} upstream connections for one group");
-    ensure!(got == expected, "daemon fan-out lost events: {got} of {expected} delivered");
+    ensure!(got == expected && duplicates == 0, "daemon fan-out delivered {got} of {expected} events, and {duplicates} more than once");
     report.completed.push(label);
     Ok(())
 }
