@@ -180,15 +180,12 @@ pub async fn fan_out(target: &Target, opts: &FanOut, report: &mut Report) -> Res
     // Each event is kept as it came and read after the run, so that all a stream does
     // while the server works is note the time.
     let arrivals: Arc<Mutex<Vec<Arrival>>> = Arc::default();
-    let received = Arc::new(AtomicUsize::new(0));
+    let received = || arrivals.lock().unwrap().len();
     let mut streams = Vec::new();
     for (stream, peer) in peers.iter().enumerate() {
-        let (arrivals, received) = (arrivals.clone(), received.clone());
+        let arrivals = arrivals.clone();
         streams.push(
-            open_stream(target, peer, move |data, at| {
-                arrivals.lock().unwrap().push((stream, at, data.to_vec()));
-                received.fetch_add(1, Ordering::Relaxed);
-            })
+            open_stream(target, peer, move |data, at| arrivals.lock().unwrap().push((stream, at, data.to_vec())))
             .await?,
         );
     }
@@ -212,16 +209,16 @@ pub async fn fan_out(target: &Target, opts: &FanOut, report: &mut Report) -> Res
     .await??;
     let expected = opts.peers * opts.messages;
     let deadline = Instant::now() + Duration::from_secs(15);
-    while received.load(Ordering::Relaxed) < expected && Instant::now() < deadline {
+    while received() < expected && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let cpu_per_delivery = cpu.per(received.load(Ordering::Relaxed));
+    let cpu_per_delivery = cpu.per(received());
     for s in streams {
         s.abort();
     }
     let mut lat = Vec::with_capacity(expected);
     // per send: its first and its last delivery
-    let mut per_send = vec![(f64::MAX, 0.0_f64); opts.messages];
+    let mut per_send: Vec<Option<(f64, f64)>> = vec![None; opts.messages];
     let mut last_delivery = first_send;
     let (mut seen, mut duplicates) = (HashSet::with_capacity(expected), 0);
     for (stream, at, data) in arrivals.lock().unwrap().iter() {
@@ -234,12 +231,11 @@ pub async fn fan_out(target: &Target, opts: &FanOut, report: &mut Report) -> Res
             }
             let ms = at.duration_since(*sent).as_secs_f64() * 1000.0;
             lat.push(ms);
-            per_send[n] = (per_send[n].0.min(ms), per_send[n].1.max(ms));
+            per_send[n] = Some(per_send[n].map_or((ms, ms), |(first, last)| (first.min(ms), last.max(ms))));
             last_delivery = last_delivery.max(*at);
         }
     }
-    let delivered = per_send.iter().filter(|(first, _)| *first != f64::MAX);
-    let (mut firsts, mut spreads): (Vec<f64>, Vec<f64>) = delivered.map(|(first, last)| (*first, last - first)).unzip();
+    let (mut firsts, mut spreads): (Vec<f64>, Vec<f64>) = per_send.iter().flatten().map(|(first, last)| (*first, last - first)).unzip();
     let got = lat.len();
     let label = "fan-out";
     let p99 = quantile(&mut lat, 0.99);
