@@ -1,6 +1,7 @@
 //! relay-bench: starts relay-server (unless given --target), runs each scenario, prints a
 //! table and writes every figure to a JSON file.
 
+mod http1;
 mod mcp_http;
 mod procstat;
 mod report;

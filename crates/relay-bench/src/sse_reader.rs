@@ -9,12 +9,11 @@
 
 use std::time::Instant;
 
-use anyhow::{Context, Result, bail, ensure};
+use anyhow::{Result, bail, ensure};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-/// The longest response head the reader accepts.
-const MAX_HEAD: usize = 16 * 1024;
+use crate::http1::{self, Chunked};
 
 /// An open event stream whose response head has been read and accepted.
 pub struct SseReader {
@@ -23,60 +22,34 @@ pub struct SseReader {
     raw: Vec<u8>,
     /// Decoded body, not yet split into lines.
     body: Vec<u8>,
-    framing: Framing,
+    /// `None`: the body lasts until the connection closes.
+    chunked: Option<Chunked>,
     /// The `data:` lines of the event being read, joined by newlines.
     data: Vec<u8>,
-}
-
-enum Framing {
-    /// Until the connection closes.
-    Close,
-    /// Chunked: bytes left in the current chunk, or `None` before a chunk's size line.
-    Chunked { left: Option<usize>, after_chunk: bool },
 }
 
 impl SseReader {
     /// `GET {path}` on `base` (`http://host:port`) with a bearer token; fails unless the
     /// server answers 200 with an event stream.
     pub async fn open(base: &str, path: &str, token: &str) -> Result<Self> {
-        let authority = base.strip_prefix("http://").context("the stream reader speaks plain http:// only")?;
-        let authority = authority.trim_end_matches('/');
-        let tcp = TcpStream::connect(authority).await.with_context(|| format!("connect to {authority}"))?;
-        tcp.set_nodelay(true)?;
+        let authority = http1::authority(base)?;
+        let mut tcp = http1::connect(authority).await?;
         let request = format!(
             "GET {path} HTTP/1.1\r\nhost: {authority}\r\nauthorization: Bearer {token}\r\naccept: text/event-stream\r\n\r\n"
         );
-        let mut reader = Self { tcp, raw: Vec::with_capacity(4096), body: Vec::new(), framing: Framing::Close, data: Vec::new() };
-        reader.tcp.write_all(request.as_bytes()).await?;
-        reader.read_head(path).await?;
-        Ok(reader)
-    }
-
-    async fn read_head(&mut self, path: &str) -> Result<()> {
-        loop {
-            let mut headers = [httparse::EMPTY_HEADER; 32];
-            let mut response = httparse::Response::new(&mut headers);
-            if let httparse::Status::Complete(len) = response.parse(&self.raw)? {
-                let status = response.code.unwrap_or(0);
-                ensure!(status == 200, "stream {path}: HTTP {status}");
-                let header = |name: &str| {
-                    response.headers.iter().find(|h| h.name.eq_ignore_ascii_case(name)).map(|h| h.value.to_ascii_lowercase())
-                };
-                ensure!(
-                    header("content-type").is_some_and(|v| v.starts_with(b"text/event-stream")),
-                    "stream {path}: not an event stream"
-                );
-                if header("transfer-encoding").is_some_and(|v| v.ends_with(b"chunked")) {
-                    self.framing = Framing::Chunked { left: None, after_chunk: false };
-                }
-                self.raw.drain(..len);
-                return Ok(());
-            }
-            ensure!(self.raw.len() < MAX_HEAD, "stream {path}: response head too long");
-            if self.tcp.read_buf(&mut self.raw).await? == 0 {
-                bail!("stream {path}: closed before the response head");
-            }
-        }
+        tcp.write_all(request.as_bytes()).await?;
+        let mut raw = Vec::with_capacity(4096);
+        let Some(head) = http1::read_head(&mut tcp, &mut raw).await? else {
+            bail!("stream {path}: closed before the response head");
+        };
+        ensure!(head.status == 200, "stream {path}: HTTP {}", head.status);
+        ensure!(
+            head.header("content-type").is_some_and(|v| v.to_ascii_lowercase().starts_with(b"text/event-stream")),
+            "stream {path}: not an event stream"
+        );
+        let chunked = head.chunked().then(Chunked::default);
+        raw.drain(..head.len);
+        Ok(Self { tcp, raw, body: Vec::new(), chunked, data: Vec::new() })
     }
 
     /// Reads until the stream ends, calling `on_event` with each event's data and when its
@@ -84,63 +57,25 @@ impl SseReader {
     pub async fn run(mut self, mut on_event: impl FnMut(&[u8], Instant)) -> Result<()> {
         let mut arrived = Instant::now();
         loop {
-            let ended = !self.decode()?;
+            let ended = match &mut self.chunked {
+                Some(chunked) => !chunked.decode(&mut self.raw, &mut self.body)?,
+                None => {
+                    self.body.append(&mut self.raw);
+                    false
+                }
+            };
             self.dispatch_lines(&mut on_event, arrived);
             if ended {
                 return Ok(());
             }
             self.raw.reserve(4096);
             if self.tcp.read_buf(&mut self.raw).await? == 0 {
-                return match self.framing {
-                    Framing::Close => Ok(()),
-                    Framing::Chunked { .. } => bail!("the stream closed inside its chunked body"),
+                return match self.chunked {
+                    None => Ok(()),
+                    Some(_) => bail!("the stream closed inside its chunked body"),
                 };
             }
             arrived = Instant::now();
-        }
-    }
-
-    /// Moves what `raw` holds of the body into `body`; false once the body has ended.
-    fn decode(&mut self) -> Result<bool> {
-        let Framing::Chunked { left, after_chunk } = &mut self.framing else {
-            self.body.append(&mut self.raw);
-            return Ok(true);
-        };
-        loop {
-            if *after_chunk {
-                if self.raw.len() < 2 {
-                    return Ok(true);
-                }
-                ensure!(self.raw.starts_with(b"\r\n"), "a chunk does not end with CRLF");
-                self.raw.drain(..2);
-                *after_chunk = false;
-            }
-            match left {
-                Some(n) => {
-                    let take = (*n).min(self.raw.len());
-                    self.body.extend(self.raw.drain(..take));
-                    *n -= take;
-                    if *n > 0 {
-                        return Ok(true);
-                    }
-                    *left = None;
-                    *after_chunk = true;
-                }
-                None => {
-                    let Some(end) = self.raw.windows(2).position(|w| w == b"\r\n") else {
-                        ensure!(self.raw.len() < 1024, "a chunk size line is too long");
-                        return Ok(true);
-                    };
-                    let line = std::str::from_utf8(&self.raw[..end])?;
-                    let size = line.split(';').next().unwrap_or_default().trim();
-                    let size = usize::from_str_radix(size, 16).with_context(|| format!("bad chunk size {size:?}"))?;
-                    self.raw.drain(..end + 2);
-                    if size == 0 {
-                        return Ok(false);
-                    }
-                    *left = Some(size);
-                }
-            }
         }
     }
 

@@ -43,7 +43,7 @@ impl Target {
         if let Some(t) = token {
             headers.push(("authorization".into(), format!("Bearer {t}")));
         }
-        McpHttp::connect(self.http.clone(), &self.mcp_url(), &headers).await
+        McpHttp::connect(&self.mcp_url(), &headers).await
     }
 }
 
