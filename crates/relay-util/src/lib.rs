@@ -2,7 +2,7 @@
 
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use tokio_util::sync::CancellationToken;
 
@@ -28,16 +28,65 @@ fn init_tracing_from(levels: [&str; 3], verbose: u8) {
 }
 
 /// Logs to a file (for programs whose terminal is their user interface): `RUST_LOG` if
-/// set, else info. The file is 0600, appended to, and started afresh past `max_len` bytes.
+/// set, else info. The file is 0600 and appended to; see [`CappedLog`] for its size.
 pub fn init_tracing_to_file(path: &Path, max_len: u64) -> std::io::Result<()> {
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    let long = std::fs::metadata(path).is_ok_and(|m| m.len() > max_len);
-    let file = std::fs::OpenOptions::new().create(true).append(!long).write(true).truncate(long).mode(0o600).open(path)?;
+    let log = CappedLog::open(path, max_len)?;
     let filter = env_filter("info");
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::sync::Mutex::new(file)).with_ansi(false).init();
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::sync::Mutex::new(log)).with_ansi(false).init();
     Ok(())
+}
+
+/// A log file that never grows far past `max_len` bytes: when a write would take it past,
+/// the file becomes `<name>.old` (replacing the one before) and a new one starts. A sidebar
+/// lives as long as its tmux pane, for weeks if need be, and logs every delivery.
+pub struct CappedLog {
+    path: PathBuf,
+    file: std::fs::File,
+    len: u64,
+    max_len: u64,
+}
+
+impl CappedLog {
+    pub fn open(path: &Path, max_len: u64) -> std::io::Result<Self> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        let file = Self::append_to(path)?;
+        let len = file.metadata()?.len();
+        let mut log = Self { path: path.to_owned(), file, len, max_len };
+        if log.len > max_len {
+            log.start_afresh()?;
+        }
+        Ok(log)
+    }
+
+    fn append_to(path: &Path) -> std::io::Result<std::fs::File> {
+        std::fs::OpenOptions::new().create(true).append(true).mode(0o600).open(path)
+    }
+
+    fn start_afresh(&mut self) -> std::io::Result<()> {
+        let mut old = self.path.clone().into_os_string();
+        old.push(".old");
+        std::fs::rename(&self.path, old)?;
+        self.file = Self::append_to(&self.path)?;
+        self.len = 0;
+        Ok(())
+    }
+}
+
+impl Write for CappedLog {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.len > 0 && self.len + buf.len() as u64 > self.max_len {
+            self.start_afresh()?;
+        }
+        let n = self.file.write(buf)?;
+        self.len += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.file.flush()
+    }
 }
 
 /// `RUST_LOG` if set, else `level`; rmcp only from warnings up unless asked for debug
@@ -95,5 +144,34 @@ mod tests {
         assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1, "a temp file was left behind");
         assert!(write_atomically(&dir.path().join("missing/f"), b"x", 0o600).is_err());
+    }
+
+    #[test]
+    fn a_capped_log_starts_afresh_and_keeps_the_one_before() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("logs/pane.log");
+        let old = dir.path().join("logs/pane.log.old");
+        let mut log = CappedLog::open(&path, 10).unwrap();
+        log.write_all(b"one\n").unwrap();
+        log.write_all(b"two\n").unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"one\ntwo\n");
+        log.write_all(b"three\n").unwrap(); // 14 bytes > 10
+        assert_eq!(std::fs::read(&path).unwrap(), b"three\n");
+        assert_eq!(std::fs::read(&old).unwrap(), b"one\ntwo\n");
+        log.write_all(b"iv\n").unwrap();
+        log.write_all(b"a line longer than the cap\n").unwrap();
+        assert_eq!(std::fs::read(&old).unwrap(), b"three\niv\n", "the older one is replaced");
+        assert_eq!(std::fs::read(&path).unwrap(), b"a line longer than the cap\n", "a long line is written whole");
+        assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+        drop(log);
+
+        // reopened: appends below the cap, starts afresh above it
+        let mut log = CappedLog::open(&path, 1000).unwrap();
+        log.write_all(b"five\n").unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"a line longer than the cap\nfive\n");
+        drop(log);
+        CappedLog::open(&path, 8).unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"");
+        assert_eq!(std::fs::read(&old).unwrap(), b"a line longer than the cap\nfive\n");
     }
 }
