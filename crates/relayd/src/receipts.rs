@@ -3,7 +3,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 pub use relay_proto::PeerReceipt;
 use tokio::sync::Notify;
@@ -15,6 +15,8 @@ use crate::server_api::ApiError;
 const QUEUE_LIMIT: usize = 10_000;
 /// Receipts per request.
 const BATCH: usize = 500;
+/// The wait after a server's first failure; it doubles up to the reconnect maximum.
+const FIRST_RETRY: Duration = Duration::from_millis(250);
 
 #[derive(Default)]
 pub struct Outbox {
@@ -41,11 +43,12 @@ impl Outbox {
         added
     }
 
-    fn take(&self) -> Vec<(String, Vec<PeerReceipt>)> {
+    /// Up to a batch from each server's queue that `ready` allows.
+    fn take(&self, ready: impl Fn(&str) -> bool) -> Vec<(String, Vec<PeerReceipt>)> {
         let mut queues = self.queues.lock().unwrap_or_else(|p| p.into_inner());
         queues
             .iter_mut()
-            .filter(|(_, q)| !q.is_empty())
+            .filter(|(server, q)| !q.is_empty() && ready(server))
             .map(|(server, q)| (server.clone(), q.drain(..q.len().min(BATCH)).collect()))
             .collect()
     }
@@ -58,58 +61,71 @@ impl Outbox {
         }
     }
 
-    /// Sends what is queued until shutdown, backing off while a server fails.
+    /// Sends what is queued until shutdown, to every server at once, backing off from each
+    /// server while it fails (one server away must not hold up receipts for the others).
     pub async fn run(daemon: Arc<Daemon>) {
         let outbox = daemon.outbox();
-        let mut backoff = Duration::from_millis(250);
+        // servers that failed: the wait after their next failure, and when to try again
+        let mut backoff: HashMap<String, (Duration, Instant)> = HashMap::new();
         loop {
-            let batches = outbox.take();
+            let now = Instant::now();
+            let batches = outbox.take(|server| backoff.get(server).is_none_or(|(_, at)| *at <= now));
             if batches.is_empty() {
+                let next_try = backoff.values().map(|(_, at)| *at).filter(|at| *at > now).min();
                 tokio::select! {
                     _ = daemon.shutdown.cancelled() => return,
-                    _ = outbox.wake.notified() => continue,
+                    _ = outbox.wake.notified() => {}
+                    _ = tokio::time::sleep_until(next_try.unwrap_or(now).into()), if next_try.is_some() => {}
                 }
+                continue;
             }
-            let mut failed = false;
-            for (server, batch) in batches {
-                let Some(token) = daemon.daemon_token(&server) else {
-                    // not registered with that server (yet): keep them for when it is
-                    failed = true;
-                    outbox.put_back(&server, batch);
-                    continue;
-                };
-                let retry = match daemon.api().report(&server, &token, &batch).await {
-                    Ok(outcome) => {
-                        if let Some(rejected) = outcome["rejected"].as_array().filter(|r| !r.is_empty()) {
-                            tracing::debug!(%server, ?rejected, "the server refused some receipts");
-                        }
-                        false
-                    }
-                    // the upstream re-registers the daemon; the receipts wait for it
-                    Err(e) if e.is_unauthorized() => true,
-                    Err(ApiError::Refused { status, message, .. }) if (400..500).contains(&status) => {
-                        tracing::warn!(%server, status, %message, "receipts refused; dropping them");
-                        false
-                    }
-                    Err(e) => {
-                        tracing::debug!(%server, error = %e, "cannot send receipts yet");
-                        true
-                    }
-                };
-                if retry {
-                    failed = true;
-                    outbox.put_back(&server, batch);
+            let sends = batches.into_iter().map(|(server, batch)| {
+                let daemon = &daemon;
+                async move {
+                    let sent = send(daemon, &server, batch).await;
+                    (server, sent)
                 }
-            }
-            if failed {
-                tokio::select! {
-                    _ = daemon.shutdown.cancelled() => return,
-                    _ = tokio::time::sleep(backoff) => {}
+            });
+            for (server, sent) in futures::future::join_all(sends).await {
+                if sent {
+                    backoff.remove(&server);
+                } else {
+                    let wait = backoff.get(&server).map_or(FIRST_RETRY, |(wait, _)| (*wait * 2).min(daemon.reconnect_max()));
+                    backoff.insert(server, (wait, Instant::now() + wait));
                 }
-                backoff = (backoff * 2).min(daemon.reconnect_max());
-            } else {
-                backoff = Duration::from_millis(250);
             }
         }
     }
+}
+
+/// Sends one batch; false if it went back in the queue to be tried again.
+async fn send(daemon: &Daemon, server: &str, batch: Vec<PeerReceipt>) -> bool {
+    let outbox = daemon.outbox();
+    let Some(token) = daemon.daemon_token(server) else {
+        // not registered with that server (yet): keep them for when it is
+        outbox.put_back(server, batch);
+        return false;
+    };
+    let retry = match daemon.api().report(server, &token, &batch).await {
+        Ok(outcome) => {
+            if let Some(rejected) = outcome["rejected"].as_array().filter(|r| !r.is_empty()) {
+                tracing::debug!(%server, ?rejected, "the server refused some receipts");
+            }
+            false
+        }
+        // the upstream re-registers the daemon; the receipts wait for it
+        Err(e) if e.is_unauthorized() => true,
+        Err(ApiError::Refused { status, message, .. }) if (400..500).contains(&status) => {
+            tracing::warn!(%server, status, %message, "receipts refused; dropping them");
+            false
+        }
+        Err(e) => {
+            tracing::debug!(%server, error = %e, "cannot send receipts yet");
+            true
+        }
+    };
+    if retry {
+        outbox.put_back(server, batch);
+    }
+    !retry
 }

@@ -60,7 +60,10 @@ fn daemon_config(dir: &std::path::Path, server: &str) -> Config {
 }
 
 async fn start_daemon(dir: &std::path::Path, server: &str) -> Daemon {
-    let config = daemon_config(dir, server);
+    start_daemon_with(daemon_config(dir, server)).await
+}
+
+async fn start_daemon_with(config: Config) -> Daemon {
     let socket = config.socket_path();
     let shutdown = CancellationToken::new();
     let notices = Arc::new(Recorder::default());
@@ -485,4 +488,58 @@ async fn a_panes_reports_reach_the_sender_as_message_states() {
     assert!(matches!(err, Reply::Error { code: ErrorCode::NotAttached, .. }), "{err:?}");
     daemon.stop().await;
     server.shutdown.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn receipts_for_a_server_that_is_away_hold_up_no_other_server() {
+    let (here, away) = (server().await, server().await);
+    let dir = tempfile::tempdir().unwrap();
+    // a long reconnect maximum: a backoff shared by all servers would grow to seconds
+    let daemon = start_daemon_with(Config { reconnect_max_secs: 60, ..daemon_config(dir.path(), &here.url) }).await;
+    let mut attached = Vec::new();
+    for (pane, server) in [("%1", &here), ("%2", &away)] {
+        let req = AttachRequest {
+            pane: pane.into(),
+            group: "team".into(),
+            server: Some(server.url.clone()),
+            working_directory: format!("/{pane}"),
+            ..Default::default()
+        };
+        let Reply::Attached { attachment, .. } = daemon.client().await.request(&Request::Attach(req)).await.unwrap() else { panic!() };
+        let (far, _) = mcp_peer(server, "team", "/far").await;
+        let sent = far.ok("send_dm", json!({"to": attachment.peer_id, "message": "hi"})).await;
+        attached.push((pane, far, sent["message_id"].as_str().unwrap().to_owned()));
+    }
+    async fn state(far: &Mcp, id: &str) -> serde_json::Value {
+        far.ok("message_status", json!({"message_id": id})).await["recipients"][0]["state"].clone()
+    }
+    for (_, far, id) in &attached {
+        for _ in 0..100 {
+            if state(far, id).await == "delivered" {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    let report = |pane: &str, id: &str| Request::Report {
+        pane: pane.into(),
+        receipts: vec![Receipt { message_id: id.into(), group: "team".into(), state: DeliveryState::Read, detail: None }],
+    };
+    let mut control = daemon.client().await;
+
+    away.shutdown.cancel();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    control.request(&report("%2", &attached[1].2)).await.unwrap();
+    // the server away fails again and again: 0.25 + 0.5 + 1 + 2 + 4 s of waiting, shared,
+    // would keep everything back until 7.75 s
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    control.request(&report("%1", &attached[0].2)).await.unwrap();
+    let (_, far, id) = &attached[0];
+    let deadline = std::time::Instant::now() + Duration::from_millis(1500);
+    while state(far, id).await != "read" {
+        assert!(std::time::Instant::now() < deadline, "the read receipt waited for the other server's backoff");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    daemon.stop().await;
+    here.shutdown.cancel();
 }
