@@ -64,24 +64,30 @@ impl CappedLog {
         std::fs::OpenOptions::new().create(true).append(true).mode(0o600).open(path)
     }
 
+    /// Moves the file aside and opens a new one; if it cannot be moved (someone deleted it,
+    /// say), a new one replaces it. Either way the count starts again, so a failure here is
+    /// not retried on every line.
     fn start_afresh(&mut self) -> std::io::Result<()> {
+        self.len = 0;
         let mut old = self.path.clone().into_os_string();
         old.push(".old");
-        std::fs::rename(&self.path, old)?;
-        self.file = Self::append_to(&self.path)?;
-        self.len = 0;
+        self.file = match std::fs::rename(&self.path, old) {
+            Ok(()) => Self::append_to(&self.path)?,
+            Err(_) => std::fs::OpenOptions::new().create(true).write(true).truncate(true).mode(0o600).open(&self.path)?,
+        };
         Ok(())
     }
 }
 
 impl Write for CappedLog {
+    /// Writes `buf` whole, to one file: a line is never split between the two.
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         if self.len > 0 && self.len + buf.len() as u64 > self.max_len {
             self.start_afresh()?;
         }
-        let n = self.file.write(buf)?;
-        self.len += n as u64;
-        Ok(n)
+        self.file.write_all(buf)?;
+        self.len += buf.len() as u64;
+        Ok(buf.len())
     }
 
     fn flush(&mut self) -> std::io::Result<()> {
@@ -170,8 +176,15 @@ mod tests {
         log.write_all(b"five\n").unwrap();
         assert_eq!(std::fs::read(&path).unwrap(), b"a line longer than the cap\nfive\n");
         drop(log);
-        CappedLog::open(&path, 8).unwrap();
+        let mut log = CappedLog::open(&path, 8).unwrap();
         assert_eq!(std::fs::read(&path).unwrap(), b"");
         assert_eq!(std::fs::read(&old).unwrap(), b"a line longer than the cap\nfive\n");
+
+        // deleted under it: the next start afresh makes a new file rather than failing
+        log.write_all(b"six\n").unwrap();
+        std::fs::remove_file(&path).unwrap();
+        log.write_all(b"seven\n").unwrap();
+        log.write_all(b"8\n").unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"seven\n8\n");
     }
 }

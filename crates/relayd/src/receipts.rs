@@ -1,10 +1,12 @@
 //! Receipts on their way to the servers: where this machine's panes got with the messages
 //! sent to them. Queued per server, sent in batches in order, kept while a server is away.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use futures::StreamExt;
+use futures::stream::FuturesUnordered;
 pub use relay_proto::PeerReceipt;
 use tokio::sync::Notify;
 
@@ -62,37 +64,39 @@ impl Outbox {
     }
 
     /// Sends what is queued until shutdown, to every server at once, backing off from each
-    /// server while it fails (one server away must not hold up receipts for the others).
+    /// server while it fails: a server that is away or slow holds up no other server.
     pub async fn run(daemon: Arc<Daemon>) {
         let outbox = daemon.outbox();
         // servers that failed: the wait after their next failure, and when to try again
         let mut backoff: HashMap<String, (Duration, Instant)> = HashMap::new();
+        let mut sending = FuturesUnordered::new();
+        // servers with a batch in flight: one at a time each, so receipts stay in order
+        let mut busy: HashSet<String> = HashSet::new();
         loop {
             let now = Instant::now();
-            let batches = outbox.take(|server| backoff.get(server).is_none_or(|(_, at)| *at <= now));
-            if batches.is_empty() {
-                let next_try = backoff.values().map(|(_, at)| *at).filter(|at| *at > now).min();
-                tokio::select! {
-                    _ = daemon.shutdown.cancelled() => return,
-                    _ = outbox.wake.notified() => {}
-                    _ = tokio::time::sleep_until(next_try.unwrap_or(now).into()), if next_try.is_some() => {}
-                }
-                continue;
-            }
-            let sends = batches.into_iter().map(|(server, batch)| {
-                let daemon = &daemon;
-                async move {
-                    let sent = send(daemon, &server, batch).await;
+            let ready = |server: &str| !busy.contains(server) && backoff.get(server).is_none_or(|(_, at)| *at <= now);
+            for (server, batch) in outbox.take(ready) {
+                busy.insert(server.clone());
+                let daemon = daemon.clone();
+                sending.push(async move {
+                    let sent = send(&daemon, &server, batch).await;
                     (server, sent)
+                });
+            }
+            let next_try = backoff.values().map(|(_, at)| *at).filter(|at| *at > now).min();
+            tokio::select! {
+                _ = daemon.shutdown.cancelled() => return,
+                Some((server, sent)) = sending.next(), if !sending.is_empty() => {
+                    busy.remove(&server);
+                    if sent {
+                        backoff.remove(&server);
+                    } else {
+                        let wait = backoff.get(&server).map_or(FIRST_RETRY, |(wait, _)| (*wait * 2).min(daemon.reconnect_max()));
+                        backoff.insert(server, (wait, Instant::now() + wait));
+                    }
                 }
-            });
-            for (server, sent) in futures::future::join_all(sends).await {
-                if sent {
-                    backoff.remove(&server);
-                } else {
-                    let wait = backoff.get(&server).map_or(FIRST_RETRY, |(wait, _)| (*wait * 2).min(daemon.reconnect_max()));
-                    backoff.insert(server, (wait, Instant::now() + wait));
-                }
+                _ = outbox.wake.notified() => {}
+                _ = tokio::time::sleep_until(next_try.unwrap_or(now).into()), if next_try.is_some() => {}
             }
         }
     }

@@ -1,10 +1,15 @@
 //! relay-server's daemon API, as relayd calls it.
 
+use std::time::Duration;
+
 use serde::Deserialize;
 use serde_json::{Value, json};
 use thiserror::Error;
 
 use crate::receipts::PeerReceipt;
+
+/// The longest a request/response call (not an event stream) may take.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
 #[derive(Debug, Error)]
 pub enum ApiError {
@@ -56,19 +61,19 @@ impl Default for ServerApi {
 
 impl ServerApi {
     pub fn new() -> Self {
-        let client = |pool: usize| {
-            reqwest::Client::builder()
-                .connect_timeout(std::time::Duration::from_secs(10))
+        let client = |pool: usize, timeout: Option<Duration>| {
+            let builder = reqwest::Client::builder()
+                .connect_timeout(Duration::from_secs(10))
                 .user_agent(concat!("relayd/", env!("CARGO_PKG_VERSION")))
-                .pool_max_idle_per_host(pool)
-                .build()
-                .expect("an HTTP client with default settings builds")
+                .pool_max_idle_per_host(pool);
+            let builder = match timeout {
+                Some(t) => builder.timeout(t),
+                None => builder,
+            };
+            builder.build().expect("an HTTP client with default settings builds")
         };
-        Self { http: client(usize::MAX), streams: client(0) }
-    }
-
-    pub fn http(&self) -> &reqwest::Client {
-        &self.http
+        // a server that stops answering must not hold an attach or a batch of receipts forever
+        Self { http: client(usize::MAX, Some(REQUEST_TIMEOUT)), streams: client(0, None) }
     }
 
     async fn send(&self, server: &str, request: reqwest::RequestBuilder) -> Result<Value, ApiError> {

@@ -491,12 +491,13 @@ async fn a_panes_reports_reach_the_sender_as_message_states() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn receipts_for_a_server_that_is_away_hold_up_no_other_server() {
+async fn receipts_for_a_server_that_hangs_or_is_away_hold_up_no_other_server() {
     let (here, away) = (server().await, server().await);
     let dir = tempfile::tempdir().unwrap();
     // a long reconnect maximum: a backoff shared by all servers would grow to seconds
     let daemon = start_daemon_with(Config { reconnect_max_secs: 60, ..daemon_config(dir.path(), &here.url) }).await;
-    let mut attached = Vec::new();
+    // per pane: the far sender, and two DMs to the pane
+    let mut panes = Vec::new();
     for (pane, server) in [("%1", &here), ("%2", &away)] {
         let req = AttachRequest {
             pane: pane.into(),
@@ -507,39 +508,73 @@ async fn receipts_for_a_server_that_is_away_hold_up_no_other_server() {
         };
         let Reply::Attached { attachment, .. } = daemon.client().await.request(&Request::Attach(req)).await.unwrap() else { panic!() };
         let (far, _) = mcp_peer(server, "team", "/far").await;
-        let sent = far.ok("send_dm", json!({"to": attachment.peer_id, "message": "hi"})).await;
-        attached.push((pane, far, sent["message_id"].as_str().unwrap().to_owned()));
+        let mut ids = Vec::new();
+        for text in ["one", "two"] {
+            let sent = far.ok("send_dm", json!({"to": attachment.peer_id, "message": text})).await;
+            ids.push(sent["message_id"].as_str().unwrap().to_owned());
+        }
+        panes.push((pane, far, ids));
     }
     async fn state(far: &Mcp, id: &str) -> serde_json::Value {
         far.ok("message_status", json!({"message_id": id})).await["recipients"][0]["state"].clone()
     }
-    for (_, far, id) in &attached {
-        for _ in 0..100 {
-            if state(far, id).await == "delivered" {
-                break;
+    async fn reaches(far: &Mcp, id: &str, wanted: &str, within: Duration) {
+        let deadline = std::time::Instant::now() + within;
+        loop {
+            let now = state(far, id).await;
+            if now == wanted {
+                return;
             }
+            assert!(std::time::Instant::now() < deadline, "{id} is {now}, not {wanted}");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
-    let report = |pane: &str, id: &str| Request::Report {
-        pane: pane.into(),
-        receipts: vec![Receipt { message_id: id.into(), group: "team".into(), state: DeliveryState::Read, detail: None }],
-    };
-    let mut control = daemon.client().await;
-
-    away.shutdown.cancel();
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    control.request(&report("%2", &attached[1].2)).await.unwrap();
-    // the server away fails again and again: 0.25 + 0.5 + 1 + 2 + 4 s of waiting, shared,
-    // would keep everything back until 7.75 s
-    tokio::time::sleep(Duration::from_secs(5)).await;
-    control.request(&report("%1", &attached[0].2)).await.unwrap();
-    let (_, far, id) = &attached[0];
-    let deadline = std::time::Instant::now() + Duration::from_millis(1500);
-    while state(far, id).await != "read" {
-        assert!(std::time::Instant::now() < deadline, "the read receipt waited for the other server's backoff");
-        tokio::time::sleep(Duration::from_millis(20)).await;
+    for (_, far, ids) in &panes {
+        for id in ids {
+            reaches(far, id, "delivered", Duration::from_secs(10)).await;
+        }
     }
+    let mut control = daemon.client().await;
+    let mut read = async |pane: &str, id: &str| {
+        let receipts = vec![Receipt { message_id: id.into(), group: "team".into(), state: DeliveryState::Read, detail: None }];
+        control.request(&Request::Report { pane: pane.into(), receipts }).await.unwrap();
+    };
+    let (here_far, here_ids) = (&panes[0].1, &panes[0].2);
+    let away_ids = &panes[1].2;
+
+    // 1. The server hangs: it takes connections and requests and never answers.
+    away.shutdown.cancel();
+    let addr: std::net::SocketAddr = away.url.trim_start_matches("http://").parse().unwrap();
+    let mut hanging = None;
+    for _ in 0..200 {
+        match tokio::net::TcpListener::bind(addr).await {
+            Ok(listener) => {
+                hanging = Some(listener);
+                break;
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+        }
+    }
+    let hanging = hanging.expect("the stopped server's port is free again");
+    let held = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((tcp, _)) = hanging.accept().await {
+            held.push(tcp);
+        }
+    });
+    read("%2", &away_ids[0]).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    read("%1", &here_ids[0]).await;
+    reaches(here_far, &here_ids[0], "read", Duration::from_millis(2500)).await;
+
+    // 2. The server is away: connections are refused, again and again. A backoff shared by
+    // all servers (0.25 + 0.5 + 1 + 2 + 4 s) would keep everything back until 7.75 s.
+    held.abort();
+    let _ = held.await; // the listener and the held connections close
+    read("%2", &away_ids[1]).await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    read("%1", &here_ids[1]).await;
+    reaches(here_far, &here_ids[1], "read", Duration::from_millis(2500)).await;
     daemon.stop().await;
     here.shutdown.cancel();
 }
