@@ -202,17 +202,19 @@ async fn exchange(tcp: &mut TcpStream, request: &[u8]) -> Result<Option<Reply>> 
         }
         interim = true;
     };
-    let mut body = Vec::with_capacity(raw.len());
-    if matches!(head.status, 204 | 304) {
+    // the body: decoded into a buffer of its own when chunked, else what follows the head
+    let body = if matches!(head.status, 204 | 304) {
         head.keep_alive &= raw.is_empty();
+        Vec::new()
     } else if head.chunked() {
-        let mut chunked = Chunked::default();
+        let (mut chunked, mut body) = (Chunked::default(), Vec::with_capacity(raw.len()));
         while chunked.decode(&mut raw, &mut body)? {
             raw.reserve(4096);
             ensure!(tcp.read_buf(&mut raw).await? > 0, "the connection closed inside a chunked body");
         }
         // anything after the last chunk (trailers) would confuse the next reply
         head.keep_alive &= raw == b"\r\n";
+        body
     } else if let Some(n) = head.content_length()? {
         while raw.len() < n {
             raw.reserve(n - raw.len());
@@ -220,12 +222,12 @@ async fn exchange(tcp: &mut TcpStream, request: &[u8]) -> Result<Option<Reply>> 
         }
         head.keep_alive &= raw.len() == n;
         raw.truncate(n);
-        body = raw;
+        raw
     } else {
         while tcp.read_buf(&mut raw).await? > 0 {}
         head.keep_alive = false;
-        body = raw;
-    }
+        raw
+    };
     Ok(Some(Reply { head, body }))
 }
 
