@@ -128,6 +128,19 @@ async fn mcp_peer(server: &Server, group: &str, dir: &str) -> (Mcp, serde_json::
 
 const WAIT: Duration = Duration::from_millis(400);
 
+/// Polls `message_status` until the (only) recipient of `id` is in `state`; its entry.
+async fn recipient_reaches(far: &Mcp, id: &str, state: &str, within: Duration) -> serde_json::Value {
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        let status = far.ok("message_status", json!({"message_id": id})).await;
+        if status["recipients"][0]["state"] == state {
+            return status["recipients"][0].clone();
+        }
+        assert!(std::time::Instant::now() < deadline, "never {state}: {status}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn twenty_panes_share_one_upstream_and_get_what_is_theirs() {
     let server = server().await;
@@ -444,20 +457,7 @@ async fn a_panes_reports_reach_the_sender_as_message_states() {
     let (far, _) = mcp_peer(&server, "team", "/far").await;
     let sent = far.ok("send_dm", json!({"to": pane.peer_id, "message": "are you there?"})).await;
     let id = sent["message_id"].as_str().unwrap().to_owned();
-    let reaches = |state: &'static str| {
-        let (far, id) = (&far, &id);
-        async move {
-            let deadline = std::time::Instant::now() + WAIT;
-            loop {
-                let status = far.ok("message_status", json!({"message_id": id})).await;
-                if status["recipients"][0]["state"] == state {
-                    return status["recipients"][0].clone();
-                }
-                assert!(std::time::Instant::now() < deadline, "never {state}: {status}");
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        }
-    };
+    let reaches = |state: &'static str| recipient_reaches(&far, &id, state, WAIT);
 
     // relayd says delivered by itself; the pane gets the whole text to deliver
     let got = events(&mut sub, WAIT).await;
@@ -515,23 +515,9 @@ async fn receipts_for_a_server_that_hangs_or_is_away_hold_up_no_other_server() {
         }
         panes.push((pane, far, ids));
     }
-    async fn state(far: &Mcp, id: &str) -> serde_json::Value {
-        far.ok("message_status", json!({"message_id": id})).await["recipients"][0]["state"].clone()
-    }
-    async fn reaches(far: &Mcp, id: &str, wanted: &str, within: Duration) {
-        let deadline = std::time::Instant::now() + within;
-        loop {
-            let now = state(far, id).await;
-            if now == wanted {
-                return;
-            }
-            assert!(std::time::Instant::now() < deadline, "{id} is {now}, not {wanted}");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
     for (_, far, ids) in &panes {
         for id in ids {
-            reaches(far, id, "delivered", Duration::from_secs(10)).await;
+            recipient_reaches(far, id, "delivered", Duration::from_secs(10)).await;
         }
     }
     let mut control = daemon.client().await;
@@ -565,7 +551,7 @@ async fn receipts_for_a_server_that_hangs_or_is_away_hold_up_no_other_server() {
     read("%2", &away_ids[0]).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     read("%1", &here_ids[0]).await;
-    reaches(here_far, &here_ids[0], "read", Duration::from_millis(2500)).await;
+    recipient_reaches(here_far, &here_ids[0], "read", Duration::from_millis(2500)).await;
 
     // 2. The server is away: connections are refused, again and again. A backoff shared by
     // all servers (0.25 + 0.5 + 1 + 2 + 4 s) would keep everything back until 7.75 s.
@@ -574,7 +560,7 @@ async fn receipts_for_a_server_that_hangs_or_is_away_hold_up_no_other_server() {
     read("%2", &away_ids[1]).await;
     tokio::time::sleep(Duration::from_secs(5)).await;
     read("%1", &here_ids[1]).await;
-    reaches(here_far, &here_ids[1], "read", Duration::from_millis(2500)).await;
+    recipient_reaches(here_far, &here_ids[1], "read", Duration::from_millis(2500)).await;
     daemon.stop().await;
     here.shutdown.cancel();
 }
