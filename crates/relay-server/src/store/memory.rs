@@ -215,6 +215,11 @@ mod tests {
     }
 
     #[test]
+    fn peer_lists_follow_writes() {
+        contract::peer_lists_follow_writes(&MemoryStore::new());
+    }
+
+    #[test]
     fn log() {
         contract::log(&MemoryStore::new());
     }

@@ -274,6 +274,56 @@ pub(crate) mod contract {
         assert_eq!((p2.read_seq, p2.last_seen), (7, t(9)));
     }
 
+    /// The peer lists answer every write made after they were read (a store that keeps
+    /// them in memory must forget them on each kind of write).
+    pub fn peer_lists_follow_writes(store: &dyn Store) {
+        for g in ["g", "h"] {
+            store.create_group(&GroupRecord { group_id: g.into(), join_key_hash: None, created_at: t(0) }).unwrap();
+        }
+        let a = store.create_principal(&[1; 32], t(0)).unwrap();
+        let b = store.create_principal(&[2; 32], t(0)).unwrap();
+        let p1 = peer("p1", "g", a, "api");
+        store.save_peer(&p1).unwrap();
+        let read = |store: &dyn Store| {
+            (store.peers_of_principal(a).unwrap(), store.peers_in_group("g").unwrap(), store.active_members("g").unwrap())
+        };
+        assert_eq!(read(store), (vec![p1.clone()], vec![p1.clone()], 1));
+
+        store.set_read_seq("p1", 7).unwrap();
+        store.touch_peer("p1", t(9)).unwrap();
+        let (mine, group, active) = read(store);
+        assert_eq!((mine[0].read_seq, mine[0].last_seen, active), (7, t(9), 1));
+        assert_eq!(group, mine);
+        // a time finer than the store keeps reads back as the store keeps it
+        store.touch_peer("p1", t(9) + chrono::Duration::nanoseconds(1500)).unwrap();
+        assert_eq!(read(store).0, vec![store.peer("p1").unwrap().unwrap()]);
+        assert_eq!(read(store).1, read(store).0);
+
+        // joining, leaving, moving to another token holder and group
+        let p2 = peer("p2", "g", b, "web");
+        store.save_peer(&p2).unwrap();
+        assert_eq!(read(store).1.len(), 2);
+        assert_eq!(read(store).2, 2);
+        let mut left = store.peer("p1").unwrap().unwrap();
+        left.left_at = Some(t(10));
+        store.save_peer(&left).unwrap();
+        assert_eq!(read(store).0[0].left_at, Some(t(10)));
+        assert_eq!(read(store).2, 1);
+        let mut moved = left.clone();
+        (moved.principal_id, moved.group_id, moved.left_at) = (b, "h".into(), None);
+        store.save_peer(&moved).unwrap();
+        assert_eq!(read(store).0, vec![]);
+        assert_eq!(read(store).1, vec![p2.clone()]);
+        let ids = |v: Vec<PeerRecord>| v.into_iter().map(|p| p.peer_id).collect::<Vec<_>>();
+        assert_eq!(ids(store.peers_of_principal(b).unwrap()), vec!["p1", "p2"]);
+        assert_eq!(ids(store.peers_in_group("h").unwrap()), vec!["p1"]);
+
+        // unknown peers change nothing and are no error
+        store.touch_peer("nobody", t(11)).unwrap();
+        store.set_read_seq("nobody", 1).unwrap();
+        assert_eq!(store.peers_in_group("h").unwrap()[0].last_seen, moved.last_seen);
+    }
+
     pub fn log(store: &dyn Store) {
         assert_eq!(store.head_seq("g").unwrap(), 0);
         let e1 = store.append(entry("g", "m1", EventKind::Message, "a", None, 1)).unwrap();

@@ -5,8 +5,9 @@
 //! take the last commits, which `synchronous = "full"` in the config closes at the price of
 //! an fsync per message.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Mutex, MutexGuard};
 
 use chrono::{DateTime, TimeZone, Utc};
 use relay_proto::{DeliveryState, EventKind};
@@ -100,6 +101,44 @@ const COUNT_ACTIVE_MEMBERS: &str = "SELECT count(*) FROM peers WHERE group_id = 
 
 pub struct SqliteStore {
     conn: Mutex<Connection>,
+    /// Filled and emptied only while `conn` is held, so it never lags behind the file.
+    peer_lists: Mutex<PeerLists>,
+}
+
+/// The two peer lists nearly every tool call reads (the caller's peers, a group's peers),
+/// kept in memory: reading them from SQLite was most of what a cheap call cost. This
+/// process alone uses the database (EXCLUSIVE locking), so every change to a peer comes
+/// through `save_peer` (which forgets every list) or `set_read_seq` and `touch_peer` (which
+/// make the same change to the lists that hold the peer).
+#[derive(Default)]
+struct PeerLists {
+    by_principal: HashMap<PrincipalId, Vec<PeerRecord>>,
+    by_group: HashMap<String, Vec<PeerRecord>>,
+}
+
+/// Lists kept per kind before the kind is emptied and filled again as used.
+const PEER_LISTS_KEPT: usize = 4096;
+
+impl PeerLists {
+    fn keep<K: std::hash::Hash + Eq>(map: &mut HashMap<K, Vec<PeerRecord>>, key: K, peers: &[PeerRecord]) {
+        if map.len() >= PEER_LISTS_KEPT {
+            map.clear();
+        }
+        map.insert(key, peers.to_vec());
+    }
+
+    /// Applies `change` to the peer's copies in the lists that hold it.
+    fn amend(&mut self, principal: PrincipalId, group_id: &str, peer_id: &str, change: impl Fn(&mut PeerRecord)) {
+        let lists = self.by_principal.get_mut(&principal).into_iter().chain(self.by_group.get_mut(group_id));
+        for peer in lists.flatten().filter(|p| p.peer_id == peer_id) {
+            change(peer);
+        }
+    }
+
+    fn forget_all(&mut self) {
+        self.by_principal.clear();
+        self.by_group.clear();
+    }
 }
 
 /// How hard a commit waits for the disk.
@@ -150,19 +189,46 @@ impl SqliteStore {
             });
         }
         migrate(&mut conn, path)?;
-        Ok(Self { conn: Mutex::new(conn) })
+        Ok(Self::with(conn))
     }
 
     /// A private in-memory database; for tests of the SQL itself.
     pub fn open_in_memory() -> Result<Self> {
         let mut conn = Connection::open_in_memory()?;
         migrate(&mut conn, Path::new(":memory:"))?;
-        Ok(Self { conn: Mutex::new(conn) })
+        Ok(Self::with(conn))
     }
 
-    fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
+    fn with(conn: Connection) -> Self {
+        Self { conn: Mutex::new(conn), peer_lists: Mutex::default() }
+    }
+
+    fn conn(&self) -> MutexGuard<'_, Connection> {
         // SQLite rolls back an unfinished transaction itself; the connection stays usable.
         self.conn.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Take only while holding `conn` to change what it holds; a lookup needs no `conn`.
+    fn peer_lists(&self) -> MutexGuard<'_, PeerLists> {
+        self.peer_lists.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Runs `update`, a statement on peer `peer_id` returning its principal and group, then
+    /// makes the same `change` to the lists in memory.
+    fn update_peer(
+        &self,
+        update: &str,
+        params: impl rusqlite::Params,
+        peer_id: &str,
+        change: impl Fn(&mut PeerRecord),
+    ) -> Result<()> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached(update)?;
+        let touched: Option<(PrincipalId, String)> = stmt.query_row(params, |r| Ok((r.get(0)?, r.get(1)?))).optional()?;
+        if let Some((principal, group_id)) = touched {
+            self.peer_lists().amend(principal, &group_id, peer_id, change);
+        }
+        Ok(())
     }
 }
 
@@ -319,24 +385,36 @@ impl Store for SqliteStore {
     }
 
     fn peers_in_group(&self, group_id: &str) -> Result<Vec<PeerRecord>> {
+        if let Some(peers) = self.peer_lists().by_group.get(group_id) {
+            return Ok(peers.clone());
+        }
         let conn = self.conn();
         let mut stmt =
             conn.prepare_cached(&format!("SELECT {PEER_COLUMNS} FROM peers WHERE group_id = ?1 ORDER BY peer_id"))?;
-        let rows = stmt.query_map([group_id], peer_row)?.collect::<rusqlite::Result<_>>()?;
+        let rows: Vec<PeerRecord> = stmt.query_map([group_id], peer_row)?.collect::<rusqlite::Result<_>>()?;
+        // still holding `conn`: no write can land between the query and this
+        PeerLists::keep(&mut self.peer_lists().by_group, group_id.to_owned(), &rows);
         Ok(rows)
     }
 
     fn active_members(&self, group_id: &str) -> Result<usize> {
+        if let Some(peers) = self.peer_lists().by_group.get(group_id) {
+            return Ok(peers.iter().filter(|p| p.left_at.is_none()).count());
+        }
         let conn = self.conn();
         let mut stmt = conn.prepare_cached(COUNT_ACTIVE_MEMBERS)?;
         Ok(stmt.query_row([group_id], |r| r.get::<_, i64>(0))? as usize)
     }
 
     fn peers_of_principal(&self, principal: PrincipalId) -> Result<Vec<PeerRecord>> {
+        if let Some(peers) = self.peer_lists().by_principal.get(&principal) {
+            return Ok(peers.clone());
+        }
         let conn = self.conn();
         let mut stmt = conn
             .prepare_cached(&format!("SELECT {PEER_COLUMNS} FROM peers WHERE principal_id = ?1 ORDER BY peer_id"))?;
-        let rows = stmt.query_map([principal], peer_row)?.collect::<rusqlite::Result<_>>()?;
+        let rows: Vec<PeerRecord> = stmt.query_map([principal], peer_row)?.collect::<rusqlite::Result<_>>()?;
+        PeerLists::keep(&mut self.peer_lists().by_principal, principal, &rows);
         Ok(rows)
     }
 
@@ -360,21 +438,30 @@ impl Store for SqliteStore {
             p.read_seq as i64,
             p.daemon_id,
         ])?;
+        // a replaced row may have moved between principals and groups, or (same origin,
+        // another peer_id) been deleted: forget every list
+        self.peer_lists().forget_all();
         Ok(())
     }
 
     fn set_read_seq(&self, peer_id: &str, seq: u64) -> Result<()> {
-        let conn = self.conn();
-        let mut stmt = conn.prepare_cached("UPDATE peers SET read_seq = ?2 WHERE peer_id = ?1")?;
-        stmt.execute(params![peer_id, seq as i64])?;
-        Ok(())
+        self.update_peer(
+            "UPDATE peers SET read_seq = ?2 WHERE peer_id = ?1 RETURNING principal_id, group_id",
+            params![peer_id, seq as i64],
+            peer_id,
+            |p| p.read_seq = seq,
+        )
     }
 
     fn touch_peer(&self, peer_id: &str, at: DateTime<Utc>) -> Result<()> {
-        let conn = self.conn();
-        let mut stmt = conn.prepare_cached("UPDATE peers SET last_seen = ?2 WHERE peer_id = ?1")?;
-        stmt.execute(params![peer_id, micros(at)])?;
-        Ok(())
+        // as the column keeps it
+        let at = time(micros(at));
+        self.update_peer(
+            "UPDATE peers SET last_seen = ?2 WHERE peer_id = ?1 RETURNING principal_id, group_id",
+            params![peer_id, micros(at)],
+            peer_id,
+            |p| p.last_seen = at,
+        )
     }
 
     fn append(&self, e: NewEntry) -> Result<LogEntry> {
@@ -508,6 +595,11 @@ mod tests {
     #[test]
     fn principals_and_peers() {
         contract::principals_and_peers(&SqliteStore::open_in_memory().unwrap());
+    }
+
+    #[test]
+    fn peer_lists_follow_writes() {
+        contract::peer_lists_follow_writes(&SqliteStore::open_in_memory().unwrap());
     }
 
     #[test]
