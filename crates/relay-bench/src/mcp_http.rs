@@ -71,15 +71,36 @@ impl McpHttp {
 
     /// A `tools/call`; the result object, or an error for protocol and tool errors alike.
     pub async fn call_tool(&self, name: &str, args: &Value) -> Result<Value> {
-        let result = self.request("tools/call", json!({"name": name, "arguments": args}), Some(name)).await?;
-        if result["isError"] == true {
-            bail!("{name} failed: {}", result["content"][0]["text"]);
-        }
-        Ok(result)
+        let call = self.prepare(name, args)?;
+        tool_result(name, self.send(&call).await?)
     }
 
-    async fn request(&self, method: &str, mut params: Value, tool: Option<&str>) -> Result<Value> {
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+    /// A `tools/call` to send again and again with [`McpHttp::call_prepared`].
+    pub fn prepare(&self, name: &str, args: &Value) -> Result<PreparedCall> {
+        self.envelope("tools/call", json!({"name": name, "arguments": args}), Some(name))
+    }
+
+    /// Sends a prepared call; an error for protocol and tool errors alike. Under load:
+    /// a reply is only looked at as far as saying whether it is an error.
+    pub async fn call_prepared(&self, call: &PreparedCall) -> Result<()> {
+        let reply = self.post(call).await?;
+        if let Ok(Outcome { result: Some(ToolOutcome { is_error: false }) }) = serde_json::from_slice(&reply.body) {
+            return Ok(());
+        }
+        // an error, or a reply framed as SSE: the whole reply says which
+        tool_result(&call.tool, into_result(&call.method, parse_reply(&reply)?)?).map(drop)
+    }
+
+    async fn request(&self, method: &str, params: Value, tool: Option<&str>) -> Result<Value> {
+        self.send(&self.envelope(method, params, tool)?).await
+    }
+
+    async fn send(&self, call: &PreparedCall) -> Result<Value> {
+        into_result(&call.method, parse_reply(&self.post(call).await?)?)
+    }
+
+    /// The headers and the body of a request but for its id.
+    fn envelope(&self, method: &str, mut params: Value, tool: Option<&str>) -> Result<PreparedCall> {
         let mut headers = self.headers.clone();
         if !self.legacy {
             params["_meta"] = json!({
@@ -92,14 +113,62 @@ impl McpHttp {
                 write!(headers, "mcp-name: {t}\r\n")?;
             }
         }
-        let body = json!({"jsonrpc": "2.0", "id": id, "method": method, "params": params});
-        let reply = self.pool.post(&self.path, &headers, body.to_string().as_bytes()).await?;
-        let reply = parse_reply(&reply)?;
-        match reply.get("result") {
-            Some(result) => Ok(result.clone()),
-            None => bail!("{method}: {}", reply.get("error").unwrap_or(&reply)),
-        }
+        let mut body_before_id = json!({"jsonrpc": "2.0", "method": method, "params": params}).to_string().into_bytes();
+        body_before_id.pop(); // the closing brace, which the id goes before
+        body_before_id.extend_from_slice(b",\"id\":");
+        Ok(PreparedCall {
+            method: method.to_owned(),
+            tool: tool.unwrap_or(method).to_owned(),
+            headers,
+            body_before_id,
+        })
     }
+
+    async fn post(&self, call: &PreparedCall) -> Result<http1::Reply> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let mut body = Vec::with_capacity(call.body_before_id.len() + 24);
+        body.extend_from_slice(&call.body_before_id);
+        std::io::Write::write_fmt(&mut body, format_args!("{id}}}"))?;
+        self.pool.post(&self.path, &call.headers, &body).await
+    }
+}
+
+/// A request built once: all of it but the JSON-RPC id, which each send numbers afresh.
+pub struct PreparedCall {
+    method: String,
+    /// The tool's name, or the method for other requests (for error messages).
+    tool: String,
+    headers: String,
+    /// The JSON body up to the value of its last member, `"id"`.
+    body_before_id: Vec<u8>,
+}
+
+/// As much of a `tools/call` reply as says whether it succeeded (the rest is skipped).
+#[derive(serde::Deserialize)]
+struct Outcome {
+    result: Option<ToolOutcome>,
+}
+
+#[derive(serde::Deserialize)]
+struct ToolOutcome {
+    #[serde(rename = "isError", default)]
+    is_error: bool,
+}
+
+/// The `result` of a JSON-RPC reply, or its error.
+fn into_result(method: &str, mut reply: Value) -> Result<Value> {
+    match reply.get_mut("result").map(Value::take) {
+        Some(result) => Ok(result),
+        None => bail!("{method}: {}", reply.get("error").unwrap_or(&reply)),
+    }
+}
+
+/// A tool's result, or an error when the tool says it failed.
+fn tool_result(name: &str, result: Value) -> Result<Value> {
+    if result["isError"] == true {
+        bail!("{name} failed: {}", result["content"][0]["text"]);
+    }
+    Ok(result)
 }
 
 /// The JSON-RPC reply, from a JSON body or the first `data:` of an SSE body.
@@ -117,4 +186,64 @@ fn parse_reply(reply: &http1::Reply) -> Result<Value> {
         }
     }
     bail!("HTTP {}: {}", reply.head.status, text.chars().take(200).collect::<String>())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    use super::*;
+
+    /// Answers each request (on one connection) with the next of `replies`, as JSON, and
+    /// keeps the request bodies.
+    async fn server(replies: Vec<&'static str>) -> (String, Arc<Mutex<Vec<Value>>>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/mcp", listener.local_addr().unwrap());
+        let bodies = Arc::new(Mutex::new(Vec::new()));
+        let seen = bodies.clone();
+        tokio::spawn(async move {
+            let (mut tcp, _) = listener.accept().await.unwrap();
+            for reply in replies {
+                let mut request = vec![0u8; 8192];
+                let n = tcp.read(&mut request).await.unwrap();
+                let text = String::from_utf8_lossy(&request[..n]).into_owned();
+                let (_, body) = text.split_once("\r\n\r\n").unwrap();
+                seen.lock().unwrap().push(serde_json::from_str::<Value>(body).unwrap());
+                let kind = if reply.starts_with("data:") { "text/event-stream" } else { "application/json" };
+                let head = format!("HTTP/1.1 200 OK\r\ncontent-type: {kind}\r\ncontent-length: {}\r\n\r\n", reply.len());
+                tcp.write_all(format!("{head}{reply}").as_bytes()).await.unwrap();
+            }
+        });
+        (url, bodies)
+    }
+
+    #[tokio::test]
+    async fn a_prepared_call_is_numbered_afresh_and_its_failures_are_errors() {
+        let (url, bodies) = server(vec![
+            r#"{"jsonrpc":"2.0","id":1,"result":{"content":[{"type":"text","text":"ok"}],"isError":false}}"#,
+            "data: {\"jsonrpc\":\"2.0\",\"id\":2,\"result\":{\"content\":[]}}\n\n",
+            r#"{"jsonrpc":"2.0","id":3,"result":{"content":[{"type":"text","text":"boom"}],"isError":true}}"#,
+            r#"{"jsonrpc":"2.0","id":4,"error":{"code":-32602,"message":"no such tool"}}"#,
+        ])
+        .await;
+        let mcp = McpHttp { pool: Pool::new(&url).unwrap(), path: "/mcp".into(), headers: String::new(), legacy: false, next_id: AtomicU64::new(1) };
+        let call = mcp.prepare("list_peers", &json!({"group_id": "g"})).unwrap();
+        mcp.call_prepared(&call).await.unwrap();
+        mcp.call_prepared(&call).await.expect("a success framed as SSE");
+        let tool_error = mcp.call_prepared(&call).await.unwrap_err().to_string();
+        assert!(tool_error.contains("list_peers failed") && tool_error.contains("boom"), "{tool_error}");
+        let rpc_error = mcp.call_prepared(&call).await.unwrap_err().to_string();
+        assert!(rpc_error.contains("no such tool"), "{rpc_error}");
+
+        let bodies = bodies.lock().unwrap();
+        let ids: Vec<_> = bodies.iter().map(|b| b["id"].as_u64().unwrap()).collect();
+        assert_eq!(ids, [1, 2, 3, 4]);
+        for b in bodies.iter() {
+            assert_eq!((&b["method"], &b["params"]["name"], &b["params"]["arguments"]), (&json!("tools/call"), &json!("list_peers"), &json!({"group_id": "g"})));
+            assert_eq!(b["params"]["_meta"]["io.modelcontextprotocol/protocolVersion"], MODERN);
+        }
+    }
 }

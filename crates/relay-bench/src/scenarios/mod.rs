@@ -85,13 +85,14 @@ pub async fn tool_calls(
     goals: bool,
 ) -> Result<()> {
     let mcp = Arc::new(target.mcp(token).await?);
+    let call = Arc::new(mcp.prepare(&load.tool, &load.args)?);
     for _ in 0..20 {
-        mcp.call_tool(&load.tool, &load.args).await?; // warm up
+        mcp.call_prepared(&call).await?; // warm up
     }
     let mut samples = Vec::with_capacity(load.sequential);
     for _ in 0..load.sequential {
         let started = Instant::now();
-        mcp.call_tool(&load.tool, &load.args).await?;
+        mcp.call_prepared(&call).await?;
         samples.push(started.elapsed().as_secs_f64() * 1000.0);
     }
     let median = quantile(&mut samples, 0.5);
@@ -101,10 +102,10 @@ pub async fn tool_calls(
     let deadline = Instant::now() + load.duration;
     let workers: Vec<_> = (0..load.concurrency)
         .map(|_| {
-            let (mcp, calls, tool, args) = (mcp.clone(), calls.clone(), load.tool.clone(), load.args.clone());
+            let (mcp, calls, call) = (mcp.clone(), calls.clone(), call.clone());
             tokio::spawn(async move {
                 while Instant::now() < deadline {
-                    mcp.call_tool(&tool, &args).await?;
+                    mcp.call_prepared(&call).await?;
                     calls.fetch_add(1, Ordering::Relaxed);
                 }
                 anyhow::Ok(())
