@@ -95,9 +95,12 @@ const MIGRATIONS: &[&str] = &[
     r#"
     CREATE INDEX peers_active_by_group ON peers(group_id, left_at) WHERE left_at IS NULL;
     "#,
+    // 6: a group's active peers are counted from its peer list in memory (see PeerLists)
+    r#"
+    DROP INDEX peers_active_by_group;
+    "#,
 ];
 
-const COUNT_ACTIVE_MEMBERS: &str = "SELECT count(*) FROM peers WHERE group_id = ?1 AND left_at IS NULL";
 
 pub struct SqliteStore {
     conn: Mutex<Connection>,
@@ -114,17 +117,29 @@ pub struct SqliteStore {
 struct PeerLists {
     by_principal: HashMap<PrincipalId, Vec<PeerRecord>>,
     by_group: HashMap<String, Vec<PeerRecord>>,
+    /// Records held in both (a list filled twice by a race counts twice: harmless).
+    records: usize,
 }
 
-/// Lists kept per kind before the kind is emptied and filled again as used.
-const PEER_LISTS_KEPT: usize = 4096;
+/// Records kept (some tens of MB at most) before every list is dropped and filled again as used.
+const PEER_RECORDS_KEPT: usize = 50_000;
 
 impl PeerLists {
-    fn keep<K: std::hash::Hash + Eq>(map: &mut HashMap<K, Vec<PeerRecord>>, key: K, peers: &[PeerRecord]) {
-        if map.len() >= PEER_LISTS_KEPT {
-            map.clear();
+    fn keep_for_principal(&mut self, principal: PrincipalId, peers: &[PeerRecord]) {
+        self.make_room(peers.len());
+        self.by_principal.insert(principal, peers.to_vec());
+    }
+
+    fn keep_for_group(&mut self, group_id: &str, peers: &[PeerRecord]) {
+        self.make_room(peers.len());
+        self.by_group.insert(group_id.to_owned(), peers.to_vec());
+    }
+
+    fn make_room(&mut self, records: usize) {
+        if self.records + records > PEER_RECORDS_KEPT {
+            self.forget_all();
         }
-        map.insert(key, peers.to_vec());
+        self.records += records;
     }
 
     /// Applies `change` to the peer's copies in the lists that hold it.
@@ -138,7 +153,12 @@ impl PeerLists {
     fn forget_all(&mut self) {
         self.by_principal.clear();
         self.by_group.clear();
+        self.records = 0;
     }
+}
+
+fn count_active(peers: &[PeerRecord]) -> usize {
+    peers.iter().filter(|p| p.left_at.is_none()).count()
 }
 
 /// How hard a commit waits for the disk.
@@ -393,17 +413,16 @@ impl Store for SqliteStore {
             conn.prepare_cached(&format!("SELECT {PEER_COLUMNS} FROM peers WHERE group_id = ?1 ORDER BY peer_id"))?;
         let rows: Vec<PeerRecord> = stmt.query_map([group_id], peer_row)?.collect::<rusqlite::Result<_>>()?;
         // still holding `conn`: no write can land between the query and this
-        PeerLists::keep(&mut self.peer_lists().by_group, group_id.to_owned(), &rows);
+        self.peer_lists().keep_for_group(group_id, &rows);
         Ok(rows)
     }
 
     fn active_members(&self, group_id: &str) -> Result<usize> {
+        // counted where the list is, without copying it; a miss fills it for the next send
         if let Some(peers) = self.peer_lists().by_group.get(group_id) {
-            return Ok(peers.iter().filter(|p| p.left_at.is_none()).count());
+            return Ok(count_active(peers));
         }
-        let conn = self.conn();
-        let mut stmt = conn.prepare_cached(COUNT_ACTIVE_MEMBERS)?;
-        Ok(stmt.query_row([group_id], |r| r.get::<_, i64>(0))? as usize)
+        Ok(count_active(&self.peers_in_group(group_id)?))
     }
 
     fn peers_of_principal(&self, principal: PrincipalId) -> Result<Vec<PeerRecord>> {
@@ -414,7 +433,7 @@ impl Store for SqliteStore {
         let mut stmt = conn
             .prepare_cached(&format!("SELECT {PEER_COLUMNS} FROM peers WHERE principal_id = ?1 ORDER BY peer_id"))?;
         let rows: Vec<PeerRecord> = stmt.query_map([principal], peer_row)?.collect::<rusqlite::Result<_>>()?;
-        PeerLists::keep(&mut self.peer_lists().by_principal, principal, &rows);
+        self.peer_lists().keep_for_principal(principal, &rows);
         Ok(rows)
     }
 
@@ -644,11 +663,36 @@ mod tests {
     }
 
     #[test]
-    fn counts_active_members_from_their_own_index() {
+    fn peer_lists_stay_under_their_cap() {
         let store = SqliteStore::open_in_memory().unwrap();
-        let plan: String =
-            store.conn().query_row(&format!("EXPLAIN QUERY PLAN {COUNT_ACTIVE_MEMBERS}"), ["g"], |r| r.get(3)).unwrap();
-        assert!(plan.contains("COVERING INDEX peers_active_by_group"), "{plan}");
+        store.create_group(&GroupRecord { group_id: "g".into(), join_key_hash: None, created_at: Utc::now() }).unwrap();
+        let principal = store.create_principal(&[1; 32], Utc::now()).unwrap();
+        let peer = |id: &str| PeerRecord {
+            peer_id: id.into(),
+            group_id: "g".into(),
+            principal_id: principal,
+            display_name: id.into(),
+            requested_name: None,
+            hostname: "h".into(),
+            working_directory: format!("/{id}"),
+            git_branch: None,
+            joined_at: time(0),
+            last_seen: time(0),
+            left_at: None,
+            read_seq: 0,
+            daemon_id: None,
+        };
+        store.save_peer(&peer("a")).unwrap();
+        store.save_peer(&peer("b")).unwrap();
+        assert_eq!(store.active_members("g").unwrap(), 2);
+        assert_eq!(store.peers_of_principal(principal).unwrap().len(), 2);
+        assert_eq!(store.peer_lists().records, 4);
+        // one more list than fits: every list is dropped first
+        store.peer_lists().records = PEER_RECORDS_KEPT - 1;
+        store.peer_lists().by_group.clear();
+        assert_eq!(store.peers_in_group("g").unwrap().len(), 2);
+        let lists = store.peer_lists();
+        assert_eq!((lists.records, lists.by_group.len(), lists.by_principal.len()), (2, 1, 0));
     }
 
     #[test]
