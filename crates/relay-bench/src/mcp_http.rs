@@ -72,7 +72,7 @@ impl McpHttp {
     /// A `tools/call`; the result object, or an error for protocol and tool errors alike.
     pub async fn call_tool(&self, name: &str, args: &Value) -> Result<Value> {
         let call = self.prepare(name, args)?;
-        tool_result(name, self.send(&call).await?)
+        tool_result(&call, &self.post(&call).await?)
     }
 
     /// A `tools/call` to send again and again with [`McpHttp::call_prepared`].
@@ -88,15 +88,12 @@ impl McpHttp {
             return Ok(());
         }
         // an error, or a reply framed as SSE: the whole reply says which
-        tool_result(&call.tool, into_result(&call.method, parse_reply(&reply)?)?).map(drop)
+        tool_result(call, &reply).map(drop)
     }
 
     async fn request(&self, method: &str, params: Value, tool: Option<&str>) -> Result<Value> {
-        self.send(&self.envelope(method, params, tool)?).await
-    }
-
-    async fn send(&self, call: &PreparedCall) -> Result<Value> {
-        into_result(&call.method, parse_reply(&self.post(call).await?)?)
+        let call = self.envelope(method, params, tool)?;
+        into_result(&call.method, parse_reply(&self.post(&call).await?)?)
     }
 
     /// The headers and the body of a request but for its id.
@@ -163,10 +160,11 @@ fn into_result(method: &str, mut reply: Value) -> Result<Value> {
     }
 }
 
-/// A tool's result, or an error when the tool says it failed.
-fn tool_result(name: &str, result: Value) -> Result<Value> {
+/// A tool call's result, or an error when the call or the tool failed.
+fn tool_result(call: &PreparedCall, reply: &http1::Reply) -> Result<Value> {
+    let result = into_result(&call.method, parse_reply(reply)?)?;
     if result["isError"] == true {
-        bail!("{name} failed: {}", result["content"][0]["text"]);
+        bail!("{} failed: {}", call.tool, result["content"][0]["text"]);
     }
     Ok(result)
 }

@@ -281,6 +281,7 @@ impl Relay {
 
     /// Whether the daemon registered an active peer in the group: the right to its stream.
     pub fn daemon_in_group(&self, daemon_id: &str, group_id: &str) -> Result<bool> {
+        validate::group_id(group_id)?;
         Ok(self
             .store
             .peers_in_group(group_id)?

@@ -101,7 +101,6 @@ const MIGRATIONS: &[&str] = &[
     "#,
 ];
 
-
 pub struct SqliteStore {
     conn: Mutex<Connection>,
     /// Filled and emptied only while `conn` is held, so it never lags behind the file.
@@ -117,29 +116,33 @@ pub struct SqliteStore {
 struct PeerLists {
     by_principal: HashMap<PrincipalId, Vec<PeerRecord>>,
     by_group: HashMap<String, Vec<PeerRecord>>,
-    /// Records held in both (a list filled twice by a race counts twice: harmless).
-    records: usize,
+    /// About the bytes both hold (a list filled twice by a race counts twice: harmless).
+    bytes: usize,
 }
 
-/// Records kept (some tens of MB at most) before every list is dropped and filled again as used.
-const PEER_RECORDS_KEPT: usize = 50_000;
+/// Bytes kept before every list is dropped and filled again as used: a few thousand peers
+/// with long paths, and a small share of the server's memory.
+const PEER_LISTS_BYTES: usize = 4 << 20;
 
 impl PeerLists {
     fn keep_for_principal(&mut self, principal: PrincipalId, peers: &[PeerRecord]) {
-        self.make_room(peers.len());
+        self.make_room(size_of::<PrincipalId>(), peers);
         self.by_principal.insert(principal, peers.to_vec());
     }
 
     fn keep_for_group(&mut self, group_id: &str, peers: &[PeerRecord]) {
-        self.make_room(peers.len());
+        self.make_room(group_id.len(), peers);
         self.by_group.insert(group_id.to_owned(), peers.to_vec());
     }
 
-    fn make_room(&mut self, records: usize) {
-        if self.records + records > PEER_RECORDS_KEPT {
+    /// Counts a list in, key included (so empty lists count too), dropping all first when
+    /// it would not fit.
+    fn make_room(&mut self, key_bytes: usize, peers: &[PeerRecord]) {
+        let bytes = 64 + key_bytes + peers.iter().map(record_bytes).sum::<usize>();
+        if self.bytes + bytes > PEER_LISTS_BYTES {
             self.forget_all();
         }
-        self.records += records;
+        self.bytes += bytes;
     }
 
     /// Applies `change` to the peer's copies in the lists that hold it.
@@ -153,8 +156,15 @@ impl PeerLists {
     fn forget_all(&mut self) {
         self.by_principal.clear();
         self.by_group.clear();
-        self.records = 0;
+        self.bytes = 0;
     }
+}
+
+fn record_bytes(p: &PeerRecord) -> usize {
+    let optional = |s: &Option<String>| s.as_ref().map_or(0, String::len);
+    size_of::<PeerRecord>()
+        + [&p.peer_id, &p.group_id, &p.display_name, &p.hostname, &p.working_directory].iter().map(|s| s.len()).sum::<usize>()
+        + [&p.requested_name, &p.git_branch, &p.daemon_id].into_iter().map(optional).sum::<usize>()
 }
 
 fn count_active(peers: &[PeerRecord]) -> usize {
@@ -233,6 +243,22 @@ impl SqliteStore {
         self.peer_lists.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
+    /// The peers whose `column` is `value`, read from the file and handed to `keep`.
+    fn load_peers(
+        &self,
+        column: &str,
+        value: impl rusqlite::ToSql,
+        keep: impl FnOnce(&mut PeerLists, &[PeerRecord]),
+    ) -> Result<Vec<PeerRecord>> {
+        let conn = self.conn();
+        let mut stmt =
+            conn.prepare_cached(&format!("SELECT {PEER_COLUMNS} FROM peers WHERE {column} = ?1 ORDER BY peer_id"))?;
+        let rows: Vec<PeerRecord> = stmt.query_map([value], peer_row)?.collect::<rusqlite::Result<_>>()?;
+        // still holding `conn`: no write can land between the query and this
+        keep(&mut self.peer_lists(), &rows);
+        Ok(rows)
+    }
+
     /// Runs `update`, a statement on peer `peer_id` returning its principal and group, then
     /// makes the same `change` to the lists in memory.
     fn update_peer(
@@ -244,9 +270,11 @@ impl SqliteStore {
     ) -> Result<()> {
         let conn = self.conn();
         let mut stmt = conn.prepare_cached(update)?;
-        let touched: Option<(PrincipalId, String)> = stmt.query_row(params, |r| Ok((r.get(0)?, r.get(1)?))).optional()?;
-        if let Some((principal, group_id)) = touched {
-            self.peer_lists().amend(principal, &group_id, peer_id, change);
+        // stepped to the end: the commit happens there, and its failure must not be lost
+        let touched: Vec<(PrincipalId, String)> =
+            stmt.query_map(params, |r| Ok((r.get(0)?, r.get(1)?)))?.collect::<rusqlite::Result<_>>()?;
+        if let Some((principal, group_id)) = touched.first() {
+            self.peer_lists().amend(*principal, group_id, peer_id, change);
         }
         Ok(())
     }
@@ -408,13 +436,7 @@ impl Store for SqliteStore {
         if let Some(peers) = self.peer_lists().by_group.get(group_id) {
             return Ok(peers.clone());
         }
-        let conn = self.conn();
-        let mut stmt =
-            conn.prepare_cached(&format!("SELECT {PEER_COLUMNS} FROM peers WHERE group_id = ?1 ORDER BY peer_id"))?;
-        let rows: Vec<PeerRecord> = stmt.query_map([group_id], peer_row)?.collect::<rusqlite::Result<_>>()?;
-        // still holding `conn`: no write can land between the query and this
-        self.peer_lists().keep_for_group(group_id, &rows);
-        Ok(rows)
+        self.load_peers("group_id", group_id, |lists, rows| lists.keep_for_group(group_id, rows))
     }
 
     fn active_members(&self, group_id: &str) -> Result<usize> {
@@ -429,16 +451,14 @@ impl Store for SqliteStore {
         if let Some(peers) = self.peer_lists().by_principal.get(&principal) {
             return Ok(peers.clone());
         }
-        let conn = self.conn();
-        let mut stmt = conn
-            .prepare_cached(&format!("SELECT {PEER_COLUMNS} FROM peers WHERE principal_id = ?1 ORDER BY peer_id"))?;
-        let rows: Vec<PeerRecord> = stmt.query_map([principal], peer_row)?.collect::<rusqlite::Result<_>>()?;
-        self.peer_lists().keep_for_principal(principal, &rows);
-        Ok(rows)
+        self.load_peers("principal_id", principal, |lists, rows| lists.keep_for_principal(principal, rows))
     }
 
     fn save_peer(&self, p: &PeerRecord) -> Result<()> {
         let conn = self.conn();
+        // a replaced row may have moved between principals and groups, or (same origin,
+        // another peer_id) been deleted: every list is forgotten, whatever the outcome
+        self.peer_lists().forget_all();
         let mut stmt = conn.prepare_cached(&format!(
             "INSERT OR REPLACE INTO peers ({PEER_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)"
         ))?;
@@ -457,9 +477,6 @@ impl Store for SqliteStore {
             p.read_seq as i64,
             p.daemon_id,
         ])?;
-        // a replaced row may have moved between principals and groups, or (same origin,
-        // another peer_id) been deleted: forget every list
-        self.peer_lists().forget_all();
         Ok(())
     }
 
@@ -491,7 +508,9 @@ impl Store for SqliteStore {
              VALUES (?1, (SELECT ifnull(max(seq), 0) + 1 FROM log WHERE group_id = ?1), ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
              RETURNING seq",
         )?;
-        let seq: i64 = stmt.query_row(
+        // stepped to the end, where the commit happens (query_row would drop its error)
+        let seqs: Vec<i64> = stmt
+            .query_map(
             params![
                 e.group_id,
                 e.id,
@@ -504,7 +523,9 @@ impl Store for SqliteStore {
                 micros(e.created_at)
             ],
             |r| r.get(0),
-        )?;
+        )?
+            .collect::<rusqlite::Result<_>>()?;
+        let seq = *seqs.first().ok_or(rusqlite::Error::QueryReturnedNoRows)?;
         Ok(LogEntry {
             group_id: e.group_id,
             seq: seq as u64,
@@ -686,13 +707,20 @@ mod tests {
         store.save_peer(&peer("b")).unwrap();
         assert_eq!(store.active_members("g").unwrap(), 2);
         assert_eq!(store.peers_of_principal(principal).unwrap().len(), 2);
-        assert_eq!(store.peer_lists().records, 4);
+        let held = store.peer_lists().bytes;
+        assert!(held > 4 * size_of::<PeerRecord>(), "{held}");
         // one more list than fits: every list is dropped first
-        store.peer_lists().records = PEER_RECORDS_KEPT - 1;
+        store.peer_lists().bytes = PEER_LISTS_BYTES - 1;
         store.peer_lists().by_group.clear();
         assert_eq!(store.peers_in_group("g").unwrap().len(), 2);
         let lists = store.peer_lists();
-        assert_eq!((lists.records, lists.by_group.len(), lists.by_principal.len()), (2, 1, 0));
+        assert_eq!((lists.by_group.len(), lists.by_principal.len()), (1, 0));
+        assert!(lists.bytes < held, "only the group's list is counted: {}", lists.bytes);
+        drop(lists);
+        // a list of nobody still counts
+        let before = store.peer_lists().bytes;
+        assert!(store.peers_in_group("nobody-here").unwrap().is_empty());
+        assert!(store.peer_lists().bytes > before);
     }
 
     #[test]
