@@ -1,6 +1,7 @@
 //! relay-bench: starts relay-server (unless given --target), runs each scenario, prints a
 //! table and writes every figure to a JSON file.
 
+mod cores;
 mod http1;
 mod mcp_http;
 mod procstat;
@@ -16,7 +17,8 @@ use clap::Parser;
 use serde_json::{Value, json};
 
 use report::{Goal, Report};
-use scenarios::{FanOut, Target, ToolLoad};
+use cores::CoreSplit;
+use scenarios::{Cores, FanOut, Target, ToolLoad};
 
 /// Measures relay side by side on this machine: tools/call latency and throughput, fan-out
 /// to open streams, memory per idle stream, relayd with 20 panes, and end to end through tmux.
@@ -70,24 +72,14 @@ async fn main() -> Result<()> {
     let target = match &args.target {
         Some(url) => {
             let base = url.trim_end_matches('/').trim_end_matches("/mcp").to_owned();
-            Target::new(http, base, None, parse_headers(&args.headers)?)
+            Target::new(http.clone(), base, None, parse_headers(&args.headers)?)
         }
         None => {
-            let data = tempfile::tempdir()?;
-            let data_dir = data.path().to_str().context("temp dir path")?.to_owned();
-            server = (data, relay_e2e::ServerProcess::start(0, &[
-                "--data-dir",
-                &data_dir,
-                "--rate-per-second",
-                "1000000000",
-                "--rate-burst",
-                "4000000000",
-            ]));
-            let pid = server.1.pid();
+            server = BenchServer::start()?;
             tokio::time::sleep(Duration::from_millis(500)).await;
-            let rss = procstat::rss_bytes(pid).context("server RSS")? as f64 / 1_048_576.0;
+            let rss = procstat::rss_bytes(server.process.pid()).context("server RSS")? as f64 / 1_048_576.0;
             report.goal("server", "idle RSS", rss, "MB", (Goal::AtMost(15.0), "≤ 15"), Some("100 MB"));
-            Target::new(http, format!("http://{}", server.1.addr), Some(pid), Vec::new())
+            server.target(&http)
         }
     };
 
@@ -100,7 +92,7 @@ async fn main() -> Result<()> {
     } else if args.target.is_some() {
         report.failures.push("--target needs --tool (and usually --args)".into());
     } else {
-        run_scenarios(&args, &target, &mut report).await;
+        run_scenarios(&args, &target, &http, &mut report).await;
     }
 
     report.print_table();
@@ -113,8 +105,27 @@ async fn main() -> Result<()> {
     Ok(())
 }
 
+/// A relay-server the bench started, on a fresh temp dir, its rate limits out of the way.
+struct BenchServer {
+    process: relay_e2e::ServerProcess,
+    _data: tempfile::TempDir,
+}
+
+impl BenchServer {
+    fn start() -> Result<Self> {
+        let data = tempfile::tempdir()?;
+        let data_dir = data.path().to_str().context("temp dir path")?;
+        let args = ["--data-dir", data_dir, "--rate-per-second", "1000000000", "--rate-burst", "4000000000"];
+        Ok(Self { process: relay_e2e::ServerProcess::start(0, &args), _data: data })
+    }
+
+    fn target(&self, http: &reqwest::Client) -> Target {
+        Target::new(http.clone(), format!("http://{}", self.process.addr), Some(self.process.pid()), Vec::new())
+    }
+}
+
 /// Every scenario against the server the bench started, or those `--only` names.
-async fn run_scenarios(args: &Args, target: &Target, report: &mut Report) {
+async fn run_scenarios(args: &Args, target: &Target, http: &reqwest::Client, report: &mut Report) {
     let quick = args.quick;
     let runs = |name: &str| args.only.is_empty() || args.only.iter().any(|o| o == name);
     let load = |tool: &str, args: Value, sequential| tool_load(tool, args, sequential, quick);
@@ -135,8 +146,20 @@ async fn run_scenarios(args: &Args, target: &Target, report: &mut Report) {
             messages: args.messages.unwrap_or(if quick { 40 } else { 300 }),
             rate_per_second: 100.0,
         };
-        let outcome = scenarios::fan_out(target, &fan, report).await;
-        record(report, "fan-out", outcome);
+        match CoreSplit::plan() {
+            Ok(Some(split)) => {
+                let outcome = fan_out_on_own_cores(&split, &fan, http, report).await;
+                record(report, "fan-out", outcome);
+                // the same with every core shared, for comparison
+                let outcome = scenarios::fan_out(target, &fan, Cores::Shared, report).await;
+                record(report, "fan-out, cores shared", outcome);
+            }
+            Ok(None) => {
+                let outcome = scenarios::fan_out(target, &fan, Cores::Single, report).await;
+                record(report, "fan-out", outcome);
+            }
+            Err(e) => report.failures.push(format!("fan-out: the cores this process may use: {e}")),
+        }
     }
     if runs("daemon") {
         let outcome = scenarios::daemon(target, 20, if quick { 20 } else { 200 }, report).await;
@@ -156,6 +179,15 @@ async fn run_scenarios(args: &Args, target: &Target, report: &mut Report) {
         let outcome = scenarios::idle_streams(target, streams, window, report).await;
         record(report, "idle", outcome);
     }
+}
+
+/// The fan-out against a server of its own, started on its share of the cores, while the
+/// bench keeps to the rest (see `cores`).
+async fn fan_out_on_own_cores(split: &CoreSplit, fan: &FanOut, http: &reqwest::Client, report: &mut Report) -> Result<()> {
+    let server = split.on_server_cores(BenchServer::start)??;
+    let _pinned = split.pin_bench()?;
+    let cores = Cores::Own { server: split.server.len(), bench: split.bench.len() };
+    scenarios::fan_out(&server.target(http), fan, cores, report).await
 }
 
 /// `sequential` calls one after another, then 32 at a time for 10 s (2 s when quick).

@@ -69,7 +69,8 @@ impl Report {
     }
 
     pub fn print_table(&self) {
-        println!("{:<12} {:<34} {:>14} {:<9} {:<12} {:<6} original", "scenario", "figure", "value", "unit", "target", "met");
+        let width = self.figures.iter().map(|f| f.scenario.chars().count()).max().unwrap_or(0).max(12);
+        println!("{:<width$} {:<34} {:>14} {:<9} {:<12} {:<6} original", "scenario", "figure", "value", "unit", "target", "met");
         for f in &self.figures {
             let met = match f.meets_target {
                 Some(true) => "yes",
@@ -77,7 +78,7 @@ impl Report {
                 None => "",
             };
             println!(
-                "{:<12} {:<34} {:>14} {:<9} {:<12} {:<6} {}",
+                "{:<width$} {:<34} {:>14} {:<9} {:<12} {:<6} {}",
                 f.scenario,
                 f.name,
                 format_value(f.value),

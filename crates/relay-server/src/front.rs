@@ -10,11 +10,13 @@
 //! every other connection whole.
 
 use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::Router;
 use axum::body::{Body, HttpBody as _};
-use http_body_util::BodyExt;
+use bytes::Buf;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::service::TowerToHyperService;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -197,12 +199,14 @@ async fn write_response(
         None => {}
     }
     head.extend_from_slice(b"connection: close\r\n\r\n");
-    send(writer, &head).await?;
+    send(writer, &head[..]).await?;
     loop {
-        let frame = tokio::select! {
-            frame = body.frame() => frame,
-            () = hung_up(reader) => return Ok(()),
-        };
+        // the next frame, unless the client hangs up first
+        let frame = std::future::poll_fn(|cx| match Pin::new(&mut body).poll_frame(cx) {
+            Poll::Ready(frame) => Poll::Ready(Some(frame)),
+            Poll::Pending => poll_hung_up(reader, cx).map(|()| None),
+        });
+        let Some(frame) = frame.await else { return Ok(()) };
         let data = match frame {
             None => break,
             Some(Err(e)) => {
@@ -217,39 +221,77 @@ async fn write_response(
             },
         };
         if chunked {
-            let mut chunk = Vec::with_capacity(data.len() + 12);
-            chunk.extend_from_slice(format!("{:x}\r\n", data.len()).as_bytes());
-            chunk.extend_from_slice(&data);
-            chunk.extend_from_slice(b"\r\n");
-            send(writer, &chunk).await?;
+            // size, data and end in one write, the data not copied
+            let mut size = [0u8; 18];
+            let size = chunk_size_line(data.len(), &mut size);
+            send(writer, Buf::chain(size, &data[..]).chain(&b"\r\n"[..])).await?;
         } else {
-            send(writer, &data).await?;
+            send(writer, &data[..]).await?;
         }
     }
     if chunked {
-        send(writer, b"0\r\n\r\n").await?;
+        send(writer, &b"0\r\n\r\n"[..]).await?;
     }
     writer.flush().await
 }
 
+/// A chunk's size line: the length in hex, then CRLF.
+fn chunk_size_line(len: usize, buf: &mut [u8; 18]) -> &[u8] {
+    let digits = (usize::BITS - len.leading_zeros()).div_ceil(4).max(1) as usize;
+    for (i, digit) in buf[..digits].iter_mut().rev().enumerate() {
+        *digit = b"0123456789abcdef"[(len >> (4 * i)) & 0xf];
+    }
+    buf[digits..digits + 2].copy_from_slice(b"\r\n");
+    &buf[..digits + 2]
+}
+
 /// One write, given up on when the client takes no data for [`CLIENT_TIMEOUT`].
-async fn send(writer: &mut OwnedWriteHalf, bytes: &[u8]) -> io::Result<()> {
-    tokio::time::timeout(CLIENT_TIMEOUT, writer.write_all(bytes))
+async fn send(writer: &mut OwnedWriteHalf, mut bytes: impl Buf) -> io::Result<()> {
+    // Nearly every write fits the socket's buffer at once: no timer for those.
+    while bytes.has_remaining() {
+        let mut slices = [io::IoSlice::new(&[]); 4];
+        let filled = bytes.chunks_vectored(&mut slices);
+        match writer.try_write_vectored(&slices[..filled]) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(written) => bytes.advance(written),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+            Err(e) => return Err(e),
+        }
+    }
+    if !bytes.has_remaining() {
+        return Ok(());
+    }
+    tokio::time::timeout(CLIENT_TIMEOUT, writer.write_all_buf(&mut bytes))
         .await
         .unwrap_or_else(|_| Err(io::Error::new(io::ErrorKind::TimedOut, "the client stopped reading")))
 }
 
-/// Resolves when the client closes its side, breaks the connection, or sends anything: a
+/// Ready when the client closes its side, breaks the connection, or sends anything: a
 /// stream's client has nothing more to say, and the connection ends with the response.
-async fn hung_up(reader: &mut OwnedReadHalf) {
+/// (Polled in place: no waiter registered anew for each frame.)
+fn poll_hung_up(reader: &OwnedReadHalf, cx: &mut Context<'_>) -> Poll<()> {
     let mut byte = [0u8; 1];
     loop {
-        if reader.readable().await.is_err() {
-            return;
+        match reader.as_ref().poll_read_ready(cx) {
+            Poll::Pending => return Poll::Pending,
+            Poll::Ready(Err(_)) => return Poll::Ready(()),
+            Poll::Ready(Ok(())) => match reader.try_read(&mut byte) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                _ => return Poll::Ready(()),
+            },
         }
-        match reader.try_read(&mut byte) {
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-            _ => return,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunk_size_lines_are_lowercase_hex() {
+        let mut buf = [0u8; 18];
+        for (len, line) in [(0, "0"), (10, "a"), (500, "1f4"), (usize::MAX, "ffffffffffffffff")] {
+            assert_eq!(chunk_size_line(len, &mut buf), format!("{line}\r\n").as_bytes());
         }
     }
 }

@@ -7,6 +7,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Instant;
 
+use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use relay_proto::{
     DeliveryState, Event, EventKind, MessageKind, PeerInfo, PeerReceipt, PeerRef, RecipientStatus, StoredMessage, validate,
@@ -141,9 +142,9 @@ pub enum Live {
 #[derive(Debug)]
 pub struct LiveEntry {
     pub entry: Arc<LogEntry>,
-    /// Its event as JSON, made once by the first stream that sends it: for peers (a
-    /// preview) and for daemons (the whole text). A hundred streams, one serialization.
-    pub json: [OnceLock<String>; 2],
+    /// Its SSE frame, made once by the first stream that sends it: for peers (a preview)
+    /// and for daemons (the whole text). A hundred streams, one serialization, no copies.
+    pub frames: [OnceLock<Bytes>; 2],
 }
 
 /// A receipt on its way to the streams of the message's sender, and (read, held, failed) of
@@ -544,7 +545,7 @@ impl Relay {
         let mut live = lock(&self.live);
         let stored = Arc::new(self.store.append(entry)?);
         if let Some(tx) = live.get(&stored.group_id) {
-            let entry = LiveEntry { entry: stored.clone(), json: Default::default() };
+            let entry = LiveEntry { entry: stored.clone(), frames: Default::default() };
             if tx.send(Live::Entry(Arc::new(entry))).is_err() {
                 live.remove(&stored.group_id);
             }

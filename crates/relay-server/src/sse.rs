@@ -5,22 +5,30 @@
 //! `Last-Event-ID` first gets what it missed from the store, then live events, with no gap
 //! and no repeat. A client that falls `stream_buffer` events behind is disconnected (and
 //! can resume); the buffer is shared per group, so a stalled client costs no memory.
+//!
+//! Each live entry's frame is built once and shared by every stream that sends it, and a
+//! stream's heartbeat timer is re-armed only when it fires, never per event: a send to a
+//! hundred streams costs each of them little more than its write.
 
 // Handlers answer early with a ready HTTP response as their `Err`, as axum handlers do.
 #![allow(clippy::result_large_err)]
 
 use std::collections::VecDeque;
 use std::convert::Infallible;
+use std::fmt::Write as _;
+use std::pin::Pin;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
+use axum::body::Body;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
-use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
 use relay_proto::{Event, EventKind, PeerRef, validate};
 use tokio::sync::broadcast::{self, error::RecvError};
-use tokio_util::sync::CancellationToken;
+use tokio::time::{Instant, Sleep};
+use tokio_util::sync::WaitForCancellationFutureOwned;
 
 use crate::app::AppState;
 use crate::error::RelayError;
@@ -30,8 +38,10 @@ use crate::store::{LogEntry, LogQuery};
 
 /// Entries read from the store per replay query.
 const REPLAY_PAGE: usize = 256;
-/// Told to clients in the `retry:` field.
-const RETRY: Duration = Duration::from_secs(2);
+/// Told to clients in the `retry:` field (2 s), the stream's first frame.
+const RETRY: &[u8] = b"retry: 2000\n\n";
+/// A comment, sent when a stream has been silent for the heartbeat interval.
+const HEARTBEAT: &[u8] = b":heartbeat\n\n";
 
 pub async fn notifications(
     State(state): State<AppState>,
@@ -106,6 +116,7 @@ pub fn open(
     let (rx, head) = relay.subscribe(group_id).map_err(internal)?;
     let after = last_event_id.unwrap_or(head).min(head);
     relay.stream_opened(&audience, group_id);
+    let now = Instant::now();
     let stream = GroupStream {
         relay: relay.clone(),
         audience,
@@ -115,19 +126,25 @@ pub fn open(
         replayed_to: after,
         replay_until: head,
         last_sent: after,
-        shutdown: state.shutdown.clone(),
+        shutdown: Box::pin(state.shutdown.clone().cancelled_owned()),
         retry_sent: params.once, // a one-off catch-up has no reconnects to pace
         done: false,
         once: params.once,
+        heartbeat: state.heartbeat,
+        last_write: now,
+        alarm: Box::pin(tokio::time::sleep_until(now + state.heartbeat)),
     };
-    let events = futures::stream::unfold(stream, |mut s| async move {
-        let event = s.next().await?;
-        Some((Ok::<_, Infallible>(event), s))
+    let frames = futures::stream::unfold(stream, |mut s| async move {
+        let frame = s.next_frame().await?;
+        Some((Ok::<_, Infallible>(frame), s))
     });
-    let mut response =
-        Sse::new(events).keep_alive(KeepAlive::new().interval(state.heartbeat).text("heartbeat")).into_response();
-    // Reverse proxies must pass events through as they come.
-    response.headers_mut().insert("x-accel-buffering", "no".parse().expect("valid header"));
+    let response = Response::builder()
+        .header(header::CONTENT_TYPE, "text/event-stream")
+        .header(header::CACHE_CONTROL, "no-cache")
+        // Reverse proxies must pass events through as they come.
+        .header("x-accel-buffering", "no")
+        .body(Body::from_stream(frames))
+        .expect("valid response");
     Ok(response)
 }
 
@@ -148,18 +165,30 @@ struct GroupStream {
     /// Replay stops here; later entries come live.
     replay_until: u64,
     last_sent: u64,
-    shutdown: CancellationToken,
+    /// Kept from one wait to the next rather than registered anew for every event.
+    shutdown: Pin<Box<WaitForCancellationFutureOwned>>,
     retry_sent: bool,
     done: bool,
     /// End after the replay.
     once: bool,
+    heartbeat: Duration,
+    /// When the last frame was handed out: the heartbeat counts silence from here.
+    last_write: Instant,
+    /// Fires at `last_write + heartbeat`, or earlier; checked and re-armed only then.
+    alarm: Pin<Box<Sleep>>,
 }
 
 impl GroupStream {
-    async fn next(&mut self) -> Option<SseEvent> {
+    async fn next_frame(&mut self) -> Option<Bytes> {
+        let frame = self.next().await?;
+        self.last_write = Instant::now();
+        Some(frame)
+    }
+
+    async fn next(&mut self) -> Option<Bytes> {
         if !self.retry_sent {
             self.retry_sent = true;
-            return Some(SseEvent::default().retry(RETRY));
+            return Some(Bytes::from_static(RETRY));
         }
         loop {
             if self.done {
@@ -182,14 +211,23 @@ impl GroupStream {
                 return None;
             }
             let entry = tokio::select! {
-                _ = self.shutdown.cancelled() => return None,
+                () = self.shutdown.as_mut() => return None,
+                () = self.alarm.as_mut() => {
+                    let (now, due) = (Instant::now(), self.last_write + self.heartbeat);
+                    if now >= due {
+                        self.alarm.as_mut().reset(now + self.heartbeat);
+                        return Some(Bytes::from_static(HEARTBEAT));
+                    }
+                    self.alarm.as_mut().reset(due);
+                    continue;
+                }
                 received = self.rx.recv() => match received {
                     Ok(Live::Entry(live)) => live,
                     Ok(Live::Receipt(note)) => {
                         if note.is_for(&self.audience) {
                             // no SSE id: receipts are not in the log, and do not move Last-Event-ID
                             let data = serde_json::to_string(&note.event).expect("events serialize");
-                            return Some(SseEvent::default().event(EventKind::Receipt.as_str()).data(data));
+                            return Some(sse_frame(EventKind::Receipt, None, &data));
                         }
                         continue;
                     }
@@ -202,8 +240,8 @@ impl GroupStream {
                 },
             };
             if entry.entry.seq > self.last_sent
-                && let Some(event) = self.deliver(&entry.entry, Some(&entry.json)) {
-                    return Some(event);
+                && let Some(frame) = self.deliver(&entry.entry, Some(&entry.frames)) {
+                    return Some(frame);
                 }
         }
     }
@@ -225,9 +263,9 @@ impl GroupStream {
         Ok(())
     }
 
-    /// The SSE event for `entry` if this stream's audience should see it; its JSON from
-    /// `shared` when another stream made it already.
-    fn deliver(&mut self, entry: &LogEntry, shared: Option<&[OnceLock<String>; 2]>) -> Option<SseEvent> {
+    /// The SSE frame for `entry` if this stream's audience should see it; from `shared`
+    /// when another stream made it already.
+    fn deliver(&mut self, entry: &LogEntry, shared: Option<&[OnceLock<Bytes>; 2]>) -> Option<Bytes> {
         self.last_sent = self.last_sent.max(entry.seq);
         let visible = match &self.audience {
             Audience::Peer(peer_id) => {
@@ -252,8 +290,8 @@ impl GroupStream {
         };
         let with_text = self.audience.is_daemon();
         visible.then(|| match shared {
-            Some(json) => sse_event(entry, json[usize::from(with_text)].get_or_init(|| event_json(entry, with_text))),
-            None => sse_event(entry, &event_json(entry, with_text)),
+            Some(frames) => frames[usize::from(with_text)].get_or_init(|| entry_frame(entry, with_text)).clone(),
+            None => entry_frame(entry, with_text),
         })
     }
 
@@ -299,10 +337,32 @@ pub fn event_payload(entry: &LogEntry, with_text: bool) -> Event {
     }
 }
 
-fn event_json(entry: &LogEntry, with_text: bool) -> String {
-    serde_json::to_string(&event_payload(entry, with_text)).expect("events serialize")
+fn entry_frame(entry: &LogEntry, with_text: bool) -> Bytes {
+    let json = serde_json::to_string(&event_payload(entry, with_text)).expect("events serialize");
+    sse_frame(entry.kind, Some(entry.seq), &json)
 }
 
-fn sse_event(entry: &LogEntry, json: &str) -> SseEvent {
-    SseEvent::default().event(entry.kind.as_str()).id(entry.seq.to_string()).data(json)
+/// One SSE event: its name, its id when it has one, and its data, a `data:` line per line.
+fn sse_frame(kind: EventKind, id: Option<u64>, data: &str) -> Bytes {
+    let mut frame = String::with_capacity(data.len() + 48);
+    let _ = writeln!(frame, "event: {}", kind.as_str());
+    if let Some(id) = id {
+        let _ = writeln!(frame, "id: {id}");
+    }
+    for line in data.split('\n') {
+        let _ = writeln!(frame, "data: {line}");
+    }
+    frame.push('\n');
+    Bytes::from(frame)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_frame_names_its_event_carries_its_id_and_splits_data_lines() {
+        assert_eq!(&sse_frame(EventKind::Message, Some(7), r#"{"a":1}"#)[..], b"event: message\nid: 7\ndata: {\"a\":1}\n\n");
+        assert_eq!(&sse_frame(EventKind::Receipt, None, "one\ntwo")[..], b"event: receipt\ndata: one\ndata: two\n\n");
+    }
 }
