@@ -62,7 +62,15 @@ const SCENARIOS: [&str; 6] = ["tools", "fan-out", "daemon", "end-to-end", "claud
 
 #[tokio::main]
 async fn main() -> Result<()> {
-    let args = Args::parse();
+    // run's servers and temp dirs are gone by the time a failure ends the process
+    if !run(Args::parse()).await? {
+        std::process::exit(1);
+    }
+    Ok(())
+}
+
+/// Every scenario asked for; whether all of them completed.
+async fn run(args: Args) -> Result<bool> {
     // thousands of streams need thousands of descriptors, here and in the server
     let _ = rlimit::increase_nofile_limit(u64::MAX);
     let http = reqwest::Client::builder().pool_max_idle_per_host(256).build()?;
@@ -99,10 +107,7 @@ async fn main() -> Result<()> {
     let command: Vec<String> = std::env::args().collect();
     report.write_json(&args.out, &command, quick)?;
     println!("figures written to {}", args.out.display());
-    if !report.failures.is_empty() {
-        std::process::exit(1);
-    }
-    Ok(())
+    Ok(report.failures.is_empty())
 }
 
 /// A relay-server the bench started, on a fresh temp dir, its rate limits out of the way.
