@@ -27,6 +27,8 @@ pub enum StoreError {
     Conflict(String),
     #[error("the database at {path} is in use by another process (another relay-server on the same data dir?)")]
     InUse { path: String },
+    #[error("cannot start the WAL checkpoint thread: {0}")]
+    Checkpointer(std::io::Error),
 }
 
 pub type Result<T> = std::result::Result<T, StoreError>;

@@ -7,7 +7,8 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 use chrono::{DateTime, TimeZone, Utc};
 use relay_proto::{DeliveryState, EventKind};
@@ -102,9 +103,97 @@ const MIGRATIONS: &[&str] = &[
 ];
 
 pub struct SqliteStore {
-    conn: Mutex<Connection>,
+    conn: Arc<Mutex<Connection>>,
     /// Filled and emptied only while `conn` is held, so it never lags behind the file.
     peer_lists: Mutex<PeerLists>,
+    /// Kept for its Drop, which stops the thread; `None` for an in-memory database (no WAL).
+    _checkpointer: Option<Checkpointer>,
+}
+
+/// Commits between two checkpoints (a few pages each: about SQLite's own 1,000-page default).
+const CHECKPOINT_EVERY: u32 = 256;
+/// WAL pages at which SQLite checkpoints inside a commit after all: a backstop that a
+/// working checkpointer never lets the WAL reach.
+const WAL_BACKSTOP_PAGES: u32 = 16_384;
+
+/// Copies the WAL back into the database file on a thread of its own. Left to SQLite, the
+/// checkpoint runs inside whichever commit crosses its threshold, fsync included (4–5 ms on
+/// a small VM's disk), and a message's fan-out waits for it; here the committing call
+/// returns first, and the checkpoint takes the connection after it.
+struct Checkpointer {
+    signal: Arc<CheckpointSignal>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+#[derive(Default)]
+struct CheckpointSignal {
+    /// Commits since the last checkpoint was asked for.
+    commits: AtomicU32,
+    /// (a checkpoint is due, the store is closing)
+    state: Mutex<(bool, bool)>,
+    wake: Condvar,
+}
+
+impl CheckpointSignal {
+    fn set(&self, due: bool, closing: bool) {
+        let mut state = self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        state.0 |= due;
+        state.1 |= closing;
+        self.wake.notify_one();
+    }
+}
+
+impl Checkpointer {
+    fn start(conn: &Arc<Mutex<Connection>>) -> Result<Self> {
+        let signal = Arc::new(CheckpointSignal::default());
+        let counted = signal.clone();
+        conn.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).commit_hook(Some(move || {
+            if counted.commits.fetch_add(1, Ordering::Relaxed) + 1 >= CHECKPOINT_EVERY {
+                counted.commits.store(0, Ordering::Relaxed);
+                counted.set(true, false);
+            }
+            false // never turn the commit into a rollback
+        }))?;
+        let (conn, waiting) = (conn.clone(), signal.clone());
+        let thread = std::thread::Builder::new().name("relay-checkpoint".into()).spawn(move || loop {
+            let mut state = waiting.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            while !state.0 && !state.1 {
+                state = waiting.wake.wait(state).unwrap_or_else(|poisoned| poisoned.into_inner());
+            }
+            if state.1 {
+                return;
+            }
+            state.0 = false;
+            drop(state);
+            let conn = conn.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            if let Err(e) = checkpoint(&conn) {
+                tracing::warn!(error = %e, "WAL checkpoint failed; the next one retries");
+            }
+        });
+        Ok(Self { signal, thread: Some(thread.map_err(StoreError::Checkpointer)?) })
+    }
+}
+
+/// Copies the WAL into the database; when all of it was copied, also starts the WAL over
+/// with a write of its own (the schema version, unchanged): the first write to a new WAL
+/// syncs its header, and that is then paid here instead of by the next message's commit.
+fn checkpoint(conn: &Connection) -> rusqlite::Result<()> {
+    let (busy, frames, copied): (i64, i64, i64) =
+        conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+    if busy == 0 && frames > 0 && frames == copied {
+        let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+        conn.pragma_update(None, "user_version", version)?;
+    }
+    Ok(())
+}
+
+impl Drop for Checkpointer {
+    fn drop(&mut self) {
+        self.signal.set(false, true);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
 }
 
 /// The two peer lists nearly every tool call reads (the caller's peers, a group's peers),
@@ -207,7 +296,7 @@ impl SqliteStore {
         let opened = conn
             .execute_batch(&format!(
                 "PRAGMA busy_timeout=5000; PRAGMA locking_mode=EXCLUSIVE; PRAGMA journal_mode=WAL; \
-                 PRAGMA synchronous={sync}; PRAGMA foreign_keys=ON;"
+                 PRAGMA synchronous={sync}; PRAGMA foreign_keys=ON; PRAGMA wal_autocheckpoint={WAL_BACKSTOP_PAGES};"
             ))
             .and_then(|()| conn.execute_batch("BEGIN EXCLUSIVE; COMMIT;"));
         if let Err(e) = opened {
@@ -219,18 +308,16 @@ impl SqliteStore {
             });
         }
         migrate(&mut conn, path)?;
-        Ok(Self::with(conn))
+        let conn = Arc::new(Mutex::new(conn));
+        let checkpointer = Checkpointer::start(&conn)?;
+        Ok(Self { conn, peer_lists: Mutex::default(), _checkpointer: Some(checkpointer) })
     }
 
     /// A private in-memory database; for tests of the SQL itself.
     pub fn open_in_memory() -> Result<Self> {
         let mut conn = Connection::open_in_memory()?;
         migrate(&mut conn, Path::new(":memory:"))?;
-        Ok(Self::with(conn))
-    }
-
-    fn with(conn: Connection) -> Self {
-        Self { conn: Mutex::new(conn), peer_lists: Mutex::default() }
+        Ok(Self { conn: Arc::new(Mutex::new(conn)), peer_lists: Mutex::default(), _checkpointer: None })
     }
 
     fn conn(&self) -> MutexGuard<'_, Connection> {
@@ -670,6 +757,41 @@ mod tests {
         }
         let journal: String = store.conn().query_row("PRAGMA journal_mode", [], |r| r.get(0)).unwrap();
         assert_eq!(journal, "wal");
+    }
+
+    #[test]
+    fn the_wal_is_checkpointed_by_the_store_s_own_thread() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open_dir(dir.path(), Synchronous::Normal).unwrap();
+        let db_bytes = || std::fs::metadata(dir.path().join(DB_FILE)).unwrap().len();
+        let before = db_bytes();
+        // far below the backstop: SQLite itself would checkpoint none of this
+        for i in 0..CHECKPOINT_EVERY + 8 {
+            store
+                .append(NewEntry {
+                    group_id: "g".into(),
+                    id: format!("m{i}"),
+                    kind: EventKind::Message,
+                    sender_id: "a".into(),
+                    sender_name: "a".into(),
+                    recipient_id: None,
+                    recipient_name: None,
+                    body: "x".repeat(2000),
+                    created_at: Utc::now(),
+                })
+                .unwrap();
+        }
+        // the pages reach the database file only through a checkpoint
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while db_bytes() <= before {
+            assert!(std::time::Instant::now() < deadline, "no checkpoint after {CHECKPOINT_EVERY} commits");
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        let backstop: u32 = store.conn().query_row("PRAGMA wal_autocheckpoint", [], |r| r.get(0)).unwrap();
+        assert_eq!(backstop, WAL_BACKSTOP_PAGES);
+        drop(store); // stops the checkpointer thread
+        let reopened = SqliteStore::open_dir(dir.path(), Synchronous::Normal).unwrap();
+        assert_eq!(reopened.head_seq("g").unwrap(), u64::from(CHECKPOINT_EVERY + 8));
     }
 
     #[test]
