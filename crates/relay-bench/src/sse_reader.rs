@@ -148,21 +148,36 @@ pub fn poll_streams(
         -1 => return Err(std::io::Error::last_os_error().into()),
         fd => unsafe { OwnedFd::from_raw_fd(fd) },
     };
+    // One stream's broken framing ends that stream, not the others; the first such error
+    // is the outcome.
+    let mut failure: Option<anyhow::Error> = None;
+    let mut fail = |index: usize, e: anyhow::Error| {
+        failure.get_or_insert(e.context(format!("stream {index}")));
+    };
     let mut streams = Vec::with_capacity(readers.len());
+    let mut open = 0;
     for (index, reader) in readers.into_iter().enumerate() {
         // still non-blocking, as tokio left it
         let tcp = reader.tcp.into_std()?;
-        let mut interest = libc::epoll_event { events: (libc::EPOLLIN | libc::EPOLLRDHUP) as u32, u64: index as u64 };
-        // SAFETY: both descriptors are open; the kernel copies `interest`.
-        if unsafe { libc::epoll_ctl(epoll.as_raw_fd(), libc::EPOLL_CTL_ADD, tcp.as_raw_fd(), &mut interest) } != 0 {
-            return Err(std::io::Error::last_os_error().into());
-        }
         let mut events = reader.events;
         // what came with the response head
-        let ended = events.decode(&mut |data, at| on_event(index, data, at), Instant::now())?;
+        let ended = match events.decode(&mut |data, at| on_event(index, data, at), Instant::now()) {
+            Ok(ended) => ended,
+            Err(e) => {
+                fail(index, e);
+                true
+            }
+        };
+        if !ended {
+            let mut interest = libc::epoll_event { events: (libc::EPOLLIN | libc::EPOLLRDHUP) as u32, u64: index as u64 };
+            // SAFETY: both descriptors are open; the kernel copies `interest`.
+            if unsafe { libc::epoll_ctl(epoll.as_raw_fd(), libc::EPOLL_CTL_ADD, tcp.as_raw_fd(), &mut interest) } != 0 {
+                return Err(std::io::Error::last_os_error().into());
+            }
+            open += 1;
+        }
         streams.push((tcp, events, ended));
     }
-    let mut open = streams.iter().filter(|(_, _, ended)| !ended).count();
     let mut ready = vec![libc::epoll_event { events: 0, u64: 0 }; streams.len().clamp(1, 1024)];
     let mut buf = vec![0u8; 64 * 1024];
     let mut last_arrival = Instant::now();
@@ -184,32 +199,36 @@ pub fn poll_streams(
             if *ended {
                 continue;
             }
-            loop {
+            // read until the socket is drained; whether the stream has ended
+            let drained = loop {
                 match tcp.read(&mut buf) {
-                    Ok(0) => {
-                        events.closed()?;
-                        *ended = true;
-                    }
+                    Ok(0) => break events.closed().map(|()| true),
                     Ok(got) => {
                         let arrived = Instant::now();
                         last_arrival = arrived;
                         events.raw.extend_from_slice(&buf[..got]);
-                        *ended = events.decode(&mut |data, at| on_event(index, data, at), arrived)?;
+                        match events.decode(&mut |data, at| on_event(index, data, at), arrived) {
+                            Ok(false) => {}
+                            done => break done,
+                        }
                     }
-                    Err(e) if e.kind() == ErrorKind::WouldBlock => break,
-                    Err(e) if e.kind() == ErrorKind::Interrupted => continue,
-                    Err(e) => return Err(e.into()),
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => break Ok(false),
+                    Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                    Err(e) => break Err(e.into()),
                 }
-                if *ended {
-                    // SAFETY: both descriptors are open; a null event is allowed for DEL.
-                    unsafe { libc::epoll_ctl(epoll.as_raw_fd(), libc::EPOLL_CTL_DEL, tcp.as_raw_fd(), std::ptr::null_mut()) };
-                    open -= 1;
-                    break;
-                }
+            };
+            *ended = drained.unwrap_or_else(|e| {
+                fail(index, e);
+                true
+            });
+            if *ended {
+                // SAFETY: both descriptors are open; a null event is allowed for DEL.
+                unsafe { libc::epoll_ctl(epoll.as_raw_fd(), libc::EPOLL_CTL_DEL, tcp.as_raw_fd(), std::ptr::null_mut()) };
+                open -= 1;
             }
         }
     }
-    Ok(())
+    failure.map_or(Ok(()), Err)
 }
 
 #[cfg(test)]
@@ -270,15 +289,14 @@ mod tests {
         for &(response, piece) in responses {
             readers.push(SseReader::open(&serve(response, piece).await, "/s", "t").await?);
         }
-        tokio::task::spawn_blocking(move || {
+        let reading = tokio::task::spawn_blocking(move || {
             let stop = std::sync::atomic::AtomicBool::new(false);
             let mut got = Vec::new();
             let spin = std::time::Duration::from_micros(200);
             poll_streams(readers, spin, &stop, |i, data, _| got.push((i, String::from_utf8(data.to_vec()).unwrap())))?;
             Ok(got)
-        })
-        .await
-        .unwrap()
+        });
+        tokio::time::timeout(std::time::Duration::from_secs(10), reading).await.expect("the streams were read to their ends").unwrap()
     }
 
     #[cfg(target_os = "linux")]
@@ -292,9 +310,10 @@ mod tests {
             .map(|(i, d)| (i, d.to_owned()))
             .collect();
         assert_eq!(got, expected);
+        // a broken stream is the outcome, once the others are read to their ends
         let cut = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n5\r\ndata:";
         let e = polled(&[(CHUNKED, 7), (cut, 64)]).await.unwrap_err();
-        assert!(e.to_string().contains("inside its chunked body"), "{e}");
+        assert!(format!("{e:#}").contains("stream 1: the stream closed inside its chunked body"), "{e:#}");
     }
 
     #[tokio::test]

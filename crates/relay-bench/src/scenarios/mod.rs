@@ -171,14 +171,15 @@ pub async fn open_stream(
 
 /// How long the polling reader stays awake after an arrival: a fan-out's deliveries come
 /// some 10 µs apart.
+#[cfg(target_os = "linux")]
 const SPIN: Duration = Duration::from_micros(200);
 
 /// The fan-out's stream readers: a task each, or on cores of their own one thread that
-/// polls them all (see `poll_streams`).
+/// polls them all (see `poll_streams`). Dropping them stops them, on any path.
 enum Readers {
     Tasks(Vec<tokio::task::JoinHandle<()>>),
     #[cfg(target_os = "linux")]
-    Polling { stop: Arc<std::sync::atomic::AtomicBool>, thread: std::thread::JoinHandle<Result<()>> },
+    Polling { stop: Arc<std::sync::atomic::AtomicBool>, thread: Option<std::thread::JoinHandle<Result<()>>> },
 }
 
 impl Readers {
@@ -192,7 +193,7 @@ impl Readers {
                     arrivals.lock().unwrap().push(stream, at, data);
                 })
             });
-            return Readers::Polling { stop, thread };
+            return Readers::Polling { stop, thread: Some(thread) };
         }
         #[cfg(not(target_os = "linux"))]
         let _ = cores;
@@ -203,12 +204,16 @@ impl Readers {
         Readers::Tasks(readers.into_iter().enumerate().map(spawn).collect())
     }
 
-    fn stop(self) {
+}
+
+impl Drop for Readers {
+    fn drop(&mut self) {
         match self {
             Readers::Tasks(tasks) => tasks.iter().for_each(|t| t.abort()),
             #[cfg(target_os = "linux")]
             Readers::Polling { stop, thread } => {
                 stop.store(true, std::sync::atomic::Ordering::Relaxed);
+                let Some(thread) = thread.take() else { return };
                 match thread.join() {
                     Ok(Ok(())) => {}
                     Ok(Err(e)) => eprintln!("relay-bench: an event stream broke: {e:#}"),
@@ -230,15 +235,15 @@ pub struct FanOut {
 pub enum Cores {
     /// Cores of their own, this many each: the run held to the target.
     Own { server: usize, bench: usize },
-    /// A single core, nothing to split: held to the target too.
+    /// No split (a single core, or the cores could not be read): held to the target too.
     Single,
     /// All cores shared, for comparison with `Own`.
     Shared,
 }
 
 /// Every event as it came: which stream, when its bytes arrived, and where its data lies
-/// in `data`. Room is made and touched up front (up to 64 MiB of data), so that a reader
-/// noting an event does not wait for memory.
+/// in `data`. Room is made and touched up front (for events of up to 512 bytes, 64 MiB in
+/// all), so that a reader noting an event seldom waits for memory.
 struct Arrivals {
     events: Vec<(usize, Instant, std::ops::Range<usize>)>,
     data: Vec<u8>,
@@ -248,7 +253,9 @@ impl Arrivals {
     fn with_room_for(events: usize) -> Self {
         let mut data = vec![1u8; (events * 512).min(64 << 20)];
         data.clear();
-        Self { events: Vec::with_capacity(events), data }
+        let mut noted = vec![(0, Instant::now(), 0..0); events];
+        noted.clear();
+        Self { events: noted, data }
     }
 
     fn push(&mut self, stream: usize, at: Instant, data: &[u8]) {
@@ -304,7 +311,7 @@ pub async fn fan_out(target: &Target, opts: &FanOut, cores: Cores, report: &mut 
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let cpu_per_delivery = cpu.per(received());
-    streams.stop();
+    drop(streams);
     let mut lat = Vec::with_capacity(expected);
     // per send: its first and its last delivery
     let mut per_send: Vec<Option<(f64, f64)>> = vec![None; opts.messages];

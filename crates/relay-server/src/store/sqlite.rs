@@ -112,14 +112,17 @@ pub struct SqliteStore {
 
 /// Commits between two checkpoints (a few pages each: about SQLite's own 1,000-page default).
 const CHECKPOINT_EVERY: u32 = 256;
-/// WAL pages at which SQLite checkpoints inside a commit after all: a backstop that a
-/// working checkpointer never lets the WAL reach.
+/// WAL pages at which SQLite checkpoints inside a commit after all: a backstop, reached only
+/// if the checkpointer falls behind or 256 commits carry very large messages.
 const WAL_BACKSTOP_PAGES: u32 = 16_384;
+/// A WAL file that grew past this is cut back to it when the log starts over.
+const WAL_KEEP_BYTES: u32 = 64 << 20;
 
 /// Copies the WAL back into the database file on a thread of its own. Left to SQLite, the
 /// checkpoint runs inside whichever commit crosses its threshold, fsync included (4–5 ms on
 /// a small VM's disk), and a message's fan-out waits for it; here the committing call
-/// returns first, and the checkpoint takes the connection after it.
+/// returns first, and the checkpoint takes the connection after it (so a store call made
+/// during the checkpoint still waits for it).
 struct Checkpointer {
     signal: Arc<CheckpointSignal>,
     thread: Option<std::thread::JoinHandle<()>>,
@@ -136,7 +139,7 @@ struct CheckpointSignal {
 
 impl CheckpointSignal {
     fn set(&self, due: bool, closing: bool) {
-        let mut state = self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut state = lock(&self.state);
         state.0 |= due;
         state.1 |= closing;
         self.wake.notify_one();
@@ -147,7 +150,7 @@ impl Checkpointer {
     fn start(conn: &Arc<Mutex<Connection>>) -> Result<Self> {
         let signal = Arc::new(CheckpointSignal::default());
         let counted = signal.clone();
-        conn.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).commit_hook(Some(move || {
+        lock(conn).commit_hook(Some(move || {
             if counted.commits.fetch_add(1, Ordering::Relaxed) + 1 >= CHECKPOINT_EVERY {
                 counted.commits.store(0, Ordering::Relaxed);
                 counted.set(true, false);
@@ -156,7 +159,7 @@ impl Checkpointer {
         }))?;
         let (conn, waiting) = (conn.clone(), signal.clone());
         let thread = std::thread::Builder::new().name("relay-checkpoint".into()).spawn(move || loop {
-            let mut state = waiting.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            let mut state = lock(&waiting.state);
             while !state.0 && !state.1 {
                 state = waiting.wake.wait(state).unwrap_or_else(|poisoned| poisoned.into_inner());
             }
@@ -165,13 +168,17 @@ impl Checkpointer {
             }
             state.0 = false;
             drop(state);
-            let conn = conn.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-            if let Err(e) = checkpoint(&conn) {
+            if let Err(e) = checkpoint(&lock(&conn)) {
                 tracing::warn!(error = %e, "WAL checkpoint failed; the next one retries");
             }
         });
         Ok(Self { signal, thread: Some(thread.map_err(StoreError::Checkpointer)?) })
     }
+}
+
+/// A lock whose holder panicked is still good here: every guarded value is left whole.
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// Copies the WAL into the database; when all of it was copied, also starts the WAL over
@@ -190,8 +197,10 @@ fn checkpoint(conn: &Connection) -> rusqlite::Result<()> {
 impl Drop for Checkpointer {
     fn drop(&mut self) {
         self.signal.set(false, true);
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
+        if let Some(thread) = self.thread.take()
+            && thread.join().is_err()
+        {
+            tracing::error!("the WAL checkpoint thread had panicked; SQLite's backstop checkpoints were all there was");
         }
     }
 }
@@ -296,7 +305,8 @@ impl SqliteStore {
         let opened = conn
             .execute_batch(&format!(
                 "PRAGMA busy_timeout=5000; PRAGMA locking_mode=EXCLUSIVE; PRAGMA journal_mode=WAL; \
-                 PRAGMA synchronous={sync}; PRAGMA foreign_keys=ON; PRAGMA wal_autocheckpoint={WAL_BACKSTOP_PAGES};"
+                 PRAGMA synchronous={sync}; PRAGMA foreign_keys=ON; PRAGMA wal_autocheckpoint={WAL_BACKSTOP_PAGES}; \
+                 PRAGMA journal_size_limit={WAL_KEEP_BYTES};"
             ))
             .and_then(|()| conn.execute_batch("BEGIN EXCLUSIVE; COMMIT;"));
         if let Err(e) = opened {
@@ -322,12 +332,12 @@ impl SqliteStore {
 
     fn conn(&self) -> MutexGuard<'_, Connection> {
         // SQLite rolls back an unfinished transaction itself; the connection stays usable.
-        self.conn.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        lock(&self.conn)
     }
 
     /// Take only while holding `conn` to change what it holds; a lookup needs no `conn`.
     fn peer_lists(&self) -> MutexGuard<'_, PeerLists> {
-        self.peer_lists.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        lock(&self.peer_lists)
     }
 
     /// The peers whose `column` is `value`, read from the file and handed to `keep`.
