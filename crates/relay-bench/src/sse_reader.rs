@@ -161,13 +161,10 @@ pub fn poll_streams(
         let tcp = reader.tcp.into_std()?;
         let mut events = reader.events;
         // what came with the response head
-        let ended = match events.decode(&mut |data, at| on_event(index, data, at), Instant::now()) {
-            Ok(ended) => ended,
-            Err(e) => {
-                fail(index, e);
-                true
-            }
-        };
+        let ended = events.decode(&mut |data, at| on_event(index, data, at), Instant::now()).unwrap_or_else(|e| {
+            fail(index, e);
+            true
+        });
         if !ended {
             let mut interest = libc::epoll_event { events: (libc::EPOLLIN | libc::EPOLLRDHUP) as u32, u64: index as u64 };
             // SAFETY: both descriptors are open; the kernel copies `interest`.

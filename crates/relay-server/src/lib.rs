@@ -16,7 +16,7 @@ pub mod secrets;
 pub mod sse;
 pub mod store;
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use thiserror::Error;
 use tokio::net::TcpListener;
@@ -24,6 +24,13 @@ use tokio_util::sync::CancellationToken;
 
 pub use config::{Config, ConfigError};
 pub use relay::Relay;
+
+/// Locks `mutex`, also after a holder panicked: every critical section in this crate leaves
+/// what it guards whole at each step (an insert, a counter, a whole list), so a panic
+/// elsewhere loses nothing here, and the server should not stop over it.
+pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
 
 #[derive(Debug, Error)]
 pub enum ServerError {

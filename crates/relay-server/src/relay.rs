@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Instant;
 
 use bytes::Bytes;
@@ -17,6 +17,7 @@ use tokio::sync::broadcast;
 
 use crate::clock::Clock;
 use crate::error::RelayError;
+use crate::lock;
 use crate::metrics::Metrics;
 use crate::secrets;
 use crate::store::{DeliveryRecord, GroupRecord, LogEntry, LogQuery, NewEntry, PeerRecord, PrincipalId, Store};
@@ -236,11 +237,6 @@ pub struct Relay {
 
 /// Tokens remembered before the cache starts over.
 const TOKEN_CACHE: usize = 100_000;
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    // Every critical section here leaves the data consistent at each step.
-    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
-}
 
 impl Relay {
     pub fn new(store: Arc<dyn Store>, clock: Arc<dyn Clock>, limits: Limits) -> Self {

@@ -14,6 +14,8 @@ use chrono::{DateTime, TimeZone, Utc};
 use relay_proto::{DeliveryState, EventKind};
 use rusqlite::{Connection, OptionalExtension, Row, params};
 
+use crate::lock;
+
 use super::{DeliveryRecord, GroupRecord, LogEntry, LogQuery, NewEntry, PeerRecord, PrincipalId, Result, Store, StoreError};
 
 /// The file inside the data directory.
@@ -174,11 +176,6 @@ impl Checkpointer {
         });
         Ok(Self { signal, thread: Some(thread.map_err(StoreError::Checkpointer)?) })
     }
-}
-
-/// A lock whose holder panicked is still good here: every guarded value is left whole.
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// Copies the WAL into the database; when all of it was copied, also starts the WAL over
@@ -605,23 +602,19 @@ impl Store for SqliteStore {
              VALUES (?1, (SELECT ifnull(max(seq), 0) + 1 FROM log WHERE group_id = ?1), ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
              RETURNING seq",
         )?;
+        let row = params![
+            e.group_id,
+            e.id,
+            kind_name(e.kind),
+            e.sender_id,
+            e.sender_name,
+            e.recipient_id,
+            e.recipient_name,
+            e.body,
+            micros(e.created_at)
+        ];
         // stepped to the end, where the commit happens (query_row would drop its error)
-        let seqs: Vec<i64> = stmt
-            .query_map(
-            params![
-                e.group_id,
-                e.id,
-                kind_name(e.kind),
-                e.sender_id,
-                e.sender_name,
-                e.recipient_id,
-                e.recipient_name,
-                e.body,
-                micros(e.created_at)
-            ],
-            |r| r.get(0),
-        )?
-            .collect::<rusqlite::Result<_>>()?;
+        let seqs: Vec<i64> = stmt.query_map(row, |r| r.get(0))?.collect::<rusqlite::Result<_>>()?;
         let seq = *seqs.first().ok_or(rusqlite::Error::QueryReturnedNoRows)?;
         Ok(LogEntry {
             group_id: e.group_id,
