@@ -1,5 +1,6 @@
 //! The HTTP surface: `/mcp`, the event streams, `/healthz`, `/metrics`.
 
+use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -14,6 +15,7 @@ use rmcp::transport::streamable_http_server::{StreamableHttpServerConfig, Stream
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
+use crate::direct_calls::{self, DirectCalls};
 use crate::mcp::RelayTools;
 use crate::relay::Relay;
 use crate::{daemon_api, sse};
@@ -37,7 +39,12 @@ pub fn router(relay: Arc<Relay>, config: &Config, shutdown: CancellationToken) -
         // one Host check for every route, below
         .disable_allowed_hosts();
     let tools_relay = relay.clone();
-    let mcp = StreamableHttpService::new(move || Ok(RelayTools::new(tools_relay.clone())), Arc::new(sessions), mcp_config);
+    let mcp = Arc::new(StreamableHttpService::new(move || Ok(RelayTools::new(tools_relay.clone())), Arc::new(sessions), mcp_config));
+    let direct = config.direct_tool_calls.then(|| Arc::new(DirectCalls::new(relay.clone(), config.max_request_bytes)));
+    let mcp = tower::service_fn(move |request: Request| {
+        let (mcp, direct) = (mcp.clone(), direct.clone());
+        async move { Ok::<_, Infallible>(direct_calls::serve(direct.as_deref(), &mcp, request).await) }
+    });
 
     let state = AppState { relay, shutdown, heartbeat: Duration::from_secs(config.heartbeat_secs) };
     let hosts = Arc::new(AllowedHosts::new(&config.allowed_hosts));

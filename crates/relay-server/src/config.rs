@@ -34,6 +34,9 @@ pub struct Config {
     /// An MCP session (older protocol versions) idle this long is closed.
     pub session_idle_secs: u64,
     pub synchronous: Synchronous,
+    /// Answer plainly well-formed stateless `tools/call` requests without rmcp's
+    /// per-request service (see `direct_calls`); off sends every request through rmcp.
+    pub direct_tool_calls: bool,
 }
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8765";
@@ -56,6 +59,7 @@ impl Default for Config {
             stream_buffer: limits.stream_buffer,
             session_idle_secs: 24 * 3600,
             synchronous: Synchronous::Normal,
+            direct_tool_calls: true,
         }
     }
 }

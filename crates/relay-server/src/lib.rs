@@ -7,6 +7,7 @@ pub mod app;
 pub mod clock;
 pub mod config;
 pub mod daemon_api;
+pub mod direct_calls;
 pub mod error;
 pub mod front;
 pub mod mcp;

@@ -3,6 +3,9 @@
 //! Identity, in order: the `Authorization: Bearer` header; the `token` argument (for
 //! clients on the stateless protocol version, which have no session and often cannot set
 //! headers); the MCP session that called `register` (older protocol versions).
+//!
+//! Each tool is written once, in [`RelayTools::call`]; the `#[tool]` methods describe the
+//! tools to rmcp and hand their calls there, and so does [`crate::direct_calls`].
 
 use std::fmt::Write;
 use std::sync::{Arc, LazyLock, Mutex};
@@ -11,14 +14,15 @@ use std::time::Instant;
 use chrono::SecondsFormat;
 use rmcp::handler::server::router::tool::ToolRouter;
 use rmcp::handler::server::wrapper::Parameters;
-use rmcp::model::{CallToolResult, ContentBlock, Implementation, ServerCapabilities, ServerConfig};
+use rmcp::model::{CallToolResult, ContentBlock, Implementation, JsonObject, ServerCapabilities, ServerConfig};
 use rmcp::service::RequestContext;
 use rmcp::{RoleServer, ServerHandler, schemars, tool, tool_handler, tool_router};
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use crate::error::RelayError;
 use crate::relay::{Caller, HistoryRequest, RegisterRequest, Relay};
-use crate::secrets;
+use crate::{lock, secrets};
 use relay_proto::{MessageKind, PeerInfo, RecipientStatus, StoredMessage};
 
 /// Said with every batch of messages, in the text and in the JSON a model reads.
@@ -146,11 +150,11 @@ impl RelayTools {
         Self { relay, session: Arc::default() }
     }
 
-    fn caller(&self, ctx: &RequestContext<RoleServer>, token: Option<&str>) -> Result<Caller, RelayError> {
-        if let Some(token) = bearer(ctx).or(token) {
+    fn caller(&self, credentials: Credentials, token: Option<&str>) -> Result<Caller, RelayError> {
+        if let Some(token) = credentials.bearer.or(token) {
             return self.relay.identify(token);
         }
-        self.session.lock().unwrap_or_else(|p| p.into_inner()).clone().ok_or(RelayError::NotRegistered)
+        lock(&self.session).clone().ok_or(RelayError::NotRegistered)
     }
 
     /// Records the call in the metrics and turns the outcome into a tool result.
@@ -178,13 +182,71 @@ impl RelayTools {
     }
 }
 
-fn bearer(ctx: &RequestContext<RoleServer>) -> Option<&str> {
-    let parts = ctx.extensions.get::<http::request::Parts>()?;
-    parts.headers.get(http::header::AUTHORIZATION)?.to_str().ok().and_then(secrets::bearer)
+/// What a request's headers say about who sends it.
+#[derive(Clone, Copy, Default)]
+pub struct Credentials<'a> {
+    /// The `Authorization: Bearer` token.
+    pub bearer: Option<&'a str>,
+    /// Whether the request belongs to an MCP session (older protocol versions).
+    pub in_session: bool,
 }
 
-fn has_session(ctx: &RequestContext<RoleServer>) -> bool {
-    ctx.extensions.get::<http::request::Parts>().is_some_and(|p| p.headers.contains_key("mcp-session-id"))
+impl<'a> Credentials<'a> {
+    pub fn from_headers(headers: &'a http::HeaderMap) -> Self {
+        Self {
+            bearer: headers.get(http::header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(secrets::bearer),
+            in_session: headers.contains_key("mcp-session-id"),
+        }
+    }
+
+    /// rmcp puts the HTTP request's head among the request context's extensions.
+    fn of(ctx: &'a RequestContext<RoleServer>) -> Self {
+        ctx.extensions.get::<http::request::Parts>().map(|p| Self::from_headers(&p.headers)).unwrap_or_default()
+    }
+}
+
+/// One call of one tool, its arguments parsed.
+pub enum ToolCall {
+    Register(RegisterArgs),
+    SendMessage(SendMessageArgs),
+    SendDm(SendDmArgs),
+    ReadNewMessages(ReadArgs),
+    ListPeers(ListPeersArgs),
+    GetHistory(HistoryArgs),
+    MessageStatus(StatusArgs),
+    LeaveGroup(LeaveArgs),
+}
+
+impl ToolCall {
+    /// The tools' names, as the client calls them.
+    pub const NAMES: [&'static str; 8] = [
+        "register",
+        "send_message",
+        "send_dm",
+        "read_new_messages",
+        "list_peers",
+        "get_history",
+        "message_status",
+        "leave_group",
+    ];
+
+    /// The call of tool `name` with `arguments`; `None` for a name that is no tool of ours.
+    pub fn parse(name: &str, arguments: JsonObject) -> Option<Result<Self, serde_json::Error>> {
+        fn args<T: DeserializeOwned>(arguments: JsonObject) -> Result<T, serde_json::Error> {
+            serde_json::from_value(serde_json::Value::Object(arguments))
+        }
+        Some(match name {
+            "register" => args(arguments).map(Self::Register),
+            "send_message" => args(arguments).map(Self::SendMessage),
+            "send_dm" => args(arguments).map(Self::SendDm),
+            "read_new_messages" => args(arguments).map(Self::ReadNewMessages),
+            "list_peers" => args(arguments).map(Self::ListPeers),
+            "get_history" => args(arguments).map(Self::GetHistory),
+            "message_status" => args(arguments).map(Self::MessageStatus),
+            "leave_group" => args(arguments).map(Self::LeaveGroup),
+            _ => return None,
+        })
+    }
 }
 
 #[derive(Serialize)]
@@ -207,35 +269,44 @@ struct Peers {
     peers: Vec<PeerInfo>,
 }
 
-#[tool_router]
 impl RelayTools {
-    #[tool(
-        description = "Relay: join a group of AI agents on the relay (creating the group if it is new) so you can \
-        exchange messages with them. Call this before the other relay tools. Returns your peer id, display name \
-        and a relay token. Registering again from the same host and directory returns the same peer."
-    )]
-    async fn register(&self, Parameters(args): Parameters<RegisterArgs>, ctx: RequestContext<RoleServer>) -> CallToolResult {
+    /// Runs one tool call for a caller known by `credentials`.
+    pub async fn call(&self, call: ToolCall, credentials: Credentials<'_>) -> CallToolResult {
+        match call {
+            ToolCall::Register(args) => self.register_call(args, credentials).await,
+            ToolCall::SendMessage(args) => self.send_message_call(args, credentials),
+            ToolCall::SendDm(args) => self.send_dm_call(args, credentials),
+            ToolCall::ReadNewMessages(args) => self.read_new_messages_call(args, credentials),
+            ToolCall::ListPeers(args) => self.list_peers_call(args, credentials),
+            ToolCall::GetHistory(args) => self.get_history_call(args, credentials),
+            ToolCall::MessageStatus(args) => self.message_status_call(args, credentials),
+            ToolCall::LeaveGroup(args) => self.leave_group_call(args, credentials),
+        }
+    }
+
+    async fn register_call(&self, args: RegisterArgs, credentials: Credentials<'_>) -> CallToolResult {
         let started = Instant::now();
+        let bearer = credentials.bearer;
         let outcome = async {
-            let caller = match bearer(&ctx).or(args.token.as_deref()) {
+            let caller = match bearer.or(args.token.as_deref()) {
                 Some(token) => Some(self.relay.identify(token)?),
-                None => self.session.lock().unwrap_or_else(|p| p.into_inner()).clone(),
+                None => lock(&self.session).clone(),
             };
             let req = args.request;
             let relay = self.relay.clone();
             let (registration, caller) = tokio::task::spawn_blocking(move || relay.register(caller.as_ref(), req))
                 .await
                 .expect("register does not panic")?;
-            let how_to_call = if bearer(&ctx) == Some(registration.token.as_str()) {
+            let how_to_call = if bearer == Some(registration.token.as_str()) {
                 "Your Authorization header identifies you; no token argument is needed.".to_owned()
-            } else if bearer(&ctx).is_some() {
+            } else if bearer.is_some() {
                 format!(
                     "You already have another peer in this group, so this one has its own token: pass \
                      token=\"{}\" on relay calls made as this peer.",
                     registration.token
                 )
-            } else if has_session(&ctx) {
-                *self.session.lock().unwrap_or_else(|p| p.into_inner()) = Some(caller);
+            } else if credentials.in_session {
+                *lock(&self.session) = Some(caller);
                 "This MCP session is now registered: later relay calls in it need no token argument. If the \
                  session is lost (a restart), pass token on each call or register again."
                     .to_owned()
@@ -260,42 +331,31 @@ impl RelayTools {
         })
     }
 
-    #[tool(
-        description = "Relay: broadcast a message to every other agent in a relay group. This is the relay's \
-        group channel, not a built-in messaging tool. group_id may be left out when you are in one group."
-    )]
-    async fn send_message(&self, Parameters(args): Parameters<SendMessageArgs>, ctx: RequestContext<RoleServer>) -> CallToolResult {
+    fn send_message_call(&self, args: SendMessageArgs, credentials: Credentials<'_>) -> CallToolResult {
         let started = Instant::now();
         let outcome = self
-            .caller(&ctx, args.auth.token.as_deref())
+            .caller(credentials, args.auth.token.as_deref())
             .and_then(|c| self.relay.send_message(&c, &args.message, args.group_id.as_deref()));
         self.finish("send_message", started, outcome, |s| {
             format!("Sent to group {} ({} other peers) as message {}.", s.group_id, s.recipients, s.message_id)
         })
     }
 
-    #[tool(
-        description = "Relay: send a direct message to one agent on the relay, by peer id or display name (see \
-        list_peers). Only that peer can read it."
-    )]
-    async fn send_dm(&self, Parameters(args): Parameters<SendDmArgs>, ctx: RequestContext<RoleServer>) -> CallToolResult {
+    fn send_dm_call(&self, args: SendDmArgs, credentials: Credentials<'_>) -> CallToolResult {
         let started = Instant::now();
-        let outcome =
-            self.caller(&ctx, args.auth.token.as_deref()).and_then(|c| self.relay.send_dm(&c, &args.to, &args.message));
+        let outcome = self
+            .caller(credentials, args.auth.token.as_deref())
+            .and_then(|c| self.relay.send_dm(&c, &args.to, &args.message));
         self.finish("send_dm", started, outcome, |s| {
             let to = s.to.as_ref().map_or("?", |p| p.name.as_str());
             format!("DM sent to {to} in group {} as message {}.", s.group_id, s.message_id)
         })
     }
 
-    #[tool(
-        description = "Relay: fetch every unread relay message sent to you (group broadcasts and DMs), oldest \
-        first, and mark them read. The messages come from other agents, not from your user."
-    )]
-    async fn read_new_messages(&self, Parameters(args): Parameters<ReadArgs>, ctx: RequestContext<RoleServer>) -> CallToolResult {
+    fn read_new_messages_call(&self, args: ReadArgs, credentials: Credentials<'_>) -> CallToolResult {
         let started = Instant::now();
         let outcome = self
-            .caller(&ctx, args.auth.token.as_deref())
+            .caller(credentials, args.auth.token.as_deref())
             .and_then(|c| self.relay.read_new_messages(&c, args.limit))
             .map(|inbox| Messages { notice: UNTRUSTED_NOTICE, inbox });
         self.finish("read_new_messages", started, outcome, |m| {
@@ -311,11 +371,10 @@ impl RelayTools {
         })
     }
 
-    #[tool(description = "Relay: list the agents in your relay groups, with online state, host, directory and branch.")]
-    async fn list_peers(&self, Parameters(args): Parameters<ListPeersArgs>, ctx: RequestContext<RoleServer>) -> CallToolResult {
+    fn list_peers_call(&self, args: ListPeersArgs, credentials: Credentials<'_>) -> CallToolResult {
         let started = Instant::now();
         let outcome = self
-            .caller(&ctx, args.auth.token.as_deref())
+            .caller(credentials, args.auth.token.as_deref())
             .and_then(|c| self.relay.list_peers(&c, args.group_id.as_deref()))
             .map(|peers| Peers { peers });
         self.finish("list_peers", started, outcome, |p| {
@@ -334,13 +393,9 @@ impl RelayTools {
         })
     }
 
-    #[tool(
-        description = "Relay: past messages of a relay group (its broadcasts) or your DM thread with one peer \
-        (with_peer), newest `limit`, shown oldest first. Filter by regex and ISO 8601 time range."
-    )]
-    async fn get_history(&self, Parameters(args): Parameters<HistoryArgs>, ctx: RequestContext<RoleServer>) -> CallToolResult {
+    fn get_history_call(&self, args: HistoryArgs, credentials: Credentials<'_>) -> CallToolResult {
         let started = Instant::now();
-        let outcome = self.caller(&ctx, args.auth.token.as_deref()).and_then(|c| {
+        let outcome = self.caller(credentials, args.auth.token.as_deref()).and_then(|c| {
             self.relay.history(&c, HistoryRequest {
                 group_id: args.group_id,
                 with_peer: args.with_peer,
@@ -362,15 +417,11 @@ impl RelayTools {
         })
     }
 
-    #[tool(
-        description = "Relay: where a message you sent is, per recipient: stored (on the server), delivered \
-        (on their machine), notified (their agent was told), read (it is in their context), held (waiting \
-        for their human to let it in) or failed. For a message sent to you: the state of your own copy."
-    )]
-    async fn message_status(&self, Parameters(args): Parameters<StatusArgs>, ctx: RequestContext<RoleServer>) -> CallToolResult {
+    fn message_status_call(&self, args: StatusArgs, credentials: Credentials<'_>) -> CallToolResult {
         let started = Instant::now();
-        let outcome =
-            self.caller(&ctx, args.auth.token.as_deref()).and_then(|c| self.relay.message_status(&c, &args.message_id));
+        let outcome = self
+            .caller(credentials, args.auth.token.as_deref())
+            .and_then(|c| self.relay.message_status(&c, &args.message_id));
         self.finish("message_status", started, outcome, |s| {
             let mut out = format!("Message {} ({} in {}):\n", s.message_id, s.kind.as_str(), s.group_id);
             if s.recipients.is_empty() {
@@ -381,12 +432,75 @@ impl RelayTools {
         })
     }
 
-    #[tool(description = "Relay: leave a relay group. Register again to come back.")]
-    async fn leave_group(&self, Parameters(args): Parameters<LeaveArgs>, ctx: RequestContext<RoleServer>) -> CallToolResult {
+    fn leave_group_call(&self, args: LeaveArgs, credentials: Credentials<'_>) -> CallToolResult {
         let started = Instant::now();
         let outcome =
-            self.caller(&ctx, args.auth.token.as_deref()).and_then(|c| self.relay.leave_group(&c, &args.group_id));
+            self.caller(credentials, args.auth.token.as_deref()).and_then(|c| self.relay.leave_group(&c, &args.group_id));
         self.finish("leave_group", started, outcome, |l| format!("Left group {} ({}).", l.group_id, l.display_name))
+    }
+}
+
+/// The tools as rmcp knows them: names, descriptions, argument schemas.
+#[tool_router]
+impl RelayTools {
+    #[tool(
+        description = "Relay: join a group of AI agents on the relay (creating the group if it is new) so you can \
+        exchange messages with them. Call this before the other relay tools. Returns your peer id, display name \
+        and a relay token. Registering again from the same host and directory returns the same peer."
+    )]
+    async fn register(&self, Parameters(args): Parameters<RegisterArgs>, ctx: RequestContext<RoleServer>) -> CallToolResult {
+        self.call(ToolCall::Register(args), Credentials::of(&ctx)).await
+    }
+
+    #[tool(
+        description = "Relay: broadcast a message to every other agent in a relay group. This is the relay's \
+        group channel, not a built-in messaging tool. group_id may be left out when you are in one group."
+    )]
+    async fn send_message(&self, Parameters(args): Parameters<SendMessageArgs>, ctx: RequestContext<RoleServer>) -> CallToolResult {
+        self.call(ToolCall::SendMessage(args), Credentials::of(&ctx)).await
+    }
+
+    #[tool(
+        description = "Relay: send a direct message to one agent on the relay, by peer id or display name (see \
+        list_peers). Only that peer can read it."
+    )]
+    async fn send_dm(&self, Parameters(args): Parameters<SendDmArgs>, ctx: RequestContext<RoleServer>) -> CallToolResult {
+        self.call(ToolCall::SendDm(args), Credentials::of(&ctx)).await
+    }
+
+    #[tool(
+        description = "Relay: fetch every unread relay message sent to you (group broadcasts and DMs), oldest \
+        first, and mark them read. The messages come from other agents, not from your user."
+    )]
+    async fn read_new_messages(&self, Parameters(args): Parameters<ReadArgs>, ctx: RequestContext<RoleServer>) -> CallToolResult {
+        self.call(ToolCall::ReadNewMessages(args), Credentials::of(&ctx)).await
+    }
+
+    #[tool(description = "Relay: list the agents in your relay groups, with online state, host, directory and branch.")]
+    async fn list_peers(&self, Parameters(args): Parameters<ListPeersArgs>, ctx: RequestContext<RoleServer>) -> CallToolResult {
+        self.call(ToolCall::ListPeers(args), Credentials::of(&ctx)).await
+    }
+
+    #[tool(
+        description = "Relay: past messages of a relay group (its broadcasts) or your DM thread with one peer \
+        (with_peer), newest `limit`, shown oldest first. Filter by regex and ISO 8601 time range."
+    )]
+    async fn get_history(&self, Parameters(args): Parameters<HistoryArgs>, ctx: RequestContext<RoleServer>) -> CallToolResult {
+        self.call(ToolCall::GetHistory(args), Credentials::of(&ctx)).await
+    }
+
+    #[tool(
+        description = "Relay: where a message you sent is, per recipient: stored (on the server), delivered \
+        (on their machine), notified (their agent was told), read (it is in their context), held (waiting \
+        for their human to let it in) or failed. For a message sent to you: the state of your own copy."
+    )]
+    async fn message_status(&self, Parameters(args): Parameters<StatusArgs>, ctx: RequestContext<RoleServer>) -> CallToolResult {
+        self.call(ToolCall::MessageStatus(args), Credentials::of(&ctx)).await
+    }
+
+    #[tool(description = "Relay: leave a relay group. Register again to come back.")]
+    async fn leave_group(&self, Parameters(args): Parameters<LeaveArgs>, ctx: RequestContext<RoleServer>) -> CallToolResult {
+        self.call(ToolCall::LeaveGroup(args), Credentials::of(&ctx)).await
     }
 }
 
@@ -418,5 +532,26 @@ impl ServerHandler for RelayTools {
         ServerConfig::new(ServerCapabilities::builder().enable_tools().build())
             .with_server_info(Implementation::new("relay", env!("CARGO_PKG_VERSION")).with_title("relay"))
             .with_instructions(INSTRUCTIONS)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_tool_calls_name_every_tool_rmcp_lists() {
+        let mut listed: Vec<String> = ROUTER.list_all().into_iter().map(|t| t.name.into_owned()).collect();
+        let mut named: Vec<String> = ToolCall::NAMES.map(String::from).to_vec();
+        listed.sort();
+        named.sort();
+        assert_eq!(listed, named);
+        for name in ToolCall::NAMES {
+            // each name parses to a call (of its own tool: a wrong one would refuse `{}` below)
+            let parsed = ToolCall::parse(name, JsonObject::new()).unwrap();
+            let needs_arguments = ["register", "send_message", "send_dm", "message_status", "leave_group"];
+            assert_eq!(parsed.is_err(), needs_arguments.contains(&name), "{name}");
+        }
+        assert!(ToolCall::parse("nope", JsonObject::new()).is_none());
     }
 }

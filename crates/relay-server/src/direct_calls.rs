@@ -1,0 +1,271 @@
+//! Stateless `tools/call` requests answered without rmcp's per-request service.
+//!
+//! On the 2026-07-28 protocol every request stands alone, and rmcp serves each one by
+//! building a whole MCP service for it (a task, channels, cancellation tokens, a peer) and
+//! re-serializing the request to check its headers: three quarters of the server's CPU in a
+//! `list_peers` call. A request that is plainly well-formed, by checks each at least as strict
+//! as rmcp's, is parsed once here and answered by the same tool code ([`RelayTools::call`]),
+//! in the reply rmcp would give. Everything else — other methods, sessions, older protocol
+//! versions, and every request that rmcp would refuse or answer with an error of its own
+//! wording — goes to rmcp untouched. `direct_tool_calls = false` in the config sends all of
+//! it there.
+
+use std::sync::Arc;
+
+use axum::body::{Body, Bytes};
+use axum::extract::Request;
+use axum::response::{IntoResponse, Response};
+use http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+use rmcp::model::{
+    JsonObject, ProtocolVersion, RequestId, RequestMetaObject, ServerJsonRpcMessage, ServerResult,
+};
+use rmcp::transport::streamable_http_server::StreamableHttpService;
+use rmcp::transport::streamable_http_server::session::local::LocalSessionManager;
+use serde::Deserialize;
+
+use crate::Relay;
+use crate::mcp::{Credentials, RelayTools, ToolCall};
+
+pub type McpService = StreamableHttpService<RelayTools, LocalSessionManager>;
+
+const JSON: &str = "application/json";
+const EVENT_STREAM: &str = "text/event-stream";
+
+/// Serves `/mcp`: directly when `direct` is set and the request qualifies, else through rmcp.
+pub async fn serve(direct: Option<&DirectCalls>, mcp: &McpService, request: Request) -> Response {
+    match direct {
+        Some(direct) if direct.qualifies(request.method(), request.headers()) => direct.serve(mcp, request).await,
+        _ => mcp.handle(request).await.into_response(),
+    }
+}
+
+pub struct DirectCalls {
+    relay: Arc<Relay>,
+    max_body: usize,
+}
+
+/// A `tools/call` request, exactly: no field rmcp would read that this does not.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Envelope {
+    jsonrpc: String,
+    id: RequestId,
+    method: String,
+    params: Params,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Params {
+    name: String,
+    arguments: JsonObject,
+    #[serde(rename = "_meta")]
+    meta: JsonObject,
+}
+
+impl DirectCalls {
+    pub fn new(relay: Arc<Relay>, max_body: usize) -> Self {
+        Self { relay, max_body }
+    }
+
+    /// What the request's head must say; the body is checked in [`Self::answer`].
+    fn qualifies(&self, method: &Method, headers: &HeaderMap) -> bool {
+        let stateless = modern_version(headers) && !headers.contains_key("mcp-session-id");
+        // rmcp checks Origin only when configured to; a browser's request goes the long way
+        // all the same, so that turning it on cannot be bypassed here.
+        let plain = !headers.contains_key(header::ORIGIN)
+            && !headers.contains_key(header::TRANSFER_ENCODING)
+            && !headers.keys().any(|name| name.as_str().starts_with("mcp-param-"));
+        *method == Method::POST
+            && stateless
+            && plain
+            && only(headers, "mcp-method").is_some_and(|m| m == "tools/call")
+            && only(headers, "mcp-name").is_some_and(|n| ToolCall::NAMES.iter().any(|t| n == *t))
+            && only(headers, header::CONTENT_TYPE.as_str()).is_some_and(is_json)
+            && accepts_json_and_events(headers)
+            && only(headers, header::CONTENT_LENGTH.as_str())
+                .and_then(|v| v.to_str().ok()?.parse::<usize>().ok())
+                .is_some_and(|length| length <= self.max_body)
+    }
+
+    async fn serve(&self, mcp: &McpService, request: Request) -> Response {
+        let (parts, body) = request.into_parts();
+        let body = match axum::body::to_bytes(body, self.max_body).await {
+            Ok(body) => body,
+            Err(e) => {
+                tracing::debug!(error = %e, "reading a tools/call body failed");
+                return (StatusCode::BAD_REQUEST, "Bad Request: the request body could not be read\n").into_response();
+            }
+        };
+        match self.answer(&parts.headers, &body).await {
+            Some(response) => response,
+            None => mcp.handle(Request::from_parts(parts, Body::from(body))).await.into_response(),
+        }
+    }
+
+    /// The reply to a qualifying request; `None` when its body leaves the narrow shape
+    /// answered here.
+    async fn answer(&self, headers: &HeaderMap, body: &Bytes) -> Option<Response> {
+        let envelope: Envelope = serde_json::from_slice(body).ok()?;
+        let Params { name, arguments, meta } = envelope.params;
+        let meta = RequestMetaObject::from(rmcp::model::MetaObject(meta));
+        let well_formed = envelope.jsonrpc == "2.0"
+            && envelope.method == "tools/call"
+            && only(headers, "mcp-name").is_some_and(|n| n == name.as_str())
+            && meta.protocol_version().as_ref() == Some(&ProtocolVersion::V_2026_07_28)
+            && meta.missing_required_keys(&ProtocolVersion::V_2026_07_28).is_empty();
+        if !well_formed {
+            return None;
+        }
+        // arguments rmcp would refuse are refused in rmcp's words
+        let call = ToolCall::parse(&name, arguments)?.ok()?;
+        let tools = RelayTools::new(self.relay.clone());
+        let mut result = ServerResult::CallToolResult(tools.call(call, Credentials::from_headers(headers)).await);
+        result.fill_missing_cache_hints();
+        let reply = serde_json::to_vec(&ServerJsonRpcMessage::response(result, envelope.id)).ok()?;
+        Some(([(header::CONTENT_TYPE, HeaderValue::from_static(JSON))], reply).into_response())
+    }
+}
+
+/// The header's one value; `None` when it is missing or given more than once.
+fn only<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a HeaderValue> {
+    let mut values = headers.get_all(name).iter();
+    let first = values.next()?;
+    values.next().is_none().then_some(first)
+}
+
+fn modern_version(headers: &HeaderMap) -> bool {
+    only(headers, "mcp-protocol-version").is_some_and(|v| v == ProtocolVersion::V_2026_07_28.as_str())
+}
+
+fn is_json(content_type: &HeaderValue) -> bool {
+    let Ok(value) = content_type.to_str() else { return false };
+    value.split(';').next().is_some_and(|essence| essence.trim().eq_ignore_ascii_case(JSON))
+}
+
+/// Both types named plainly; anything with parameters (weights, quotes) goes to rmcp,
+/// whose parser decides what they mean.
+fn accepts_json_and_events(headers: &HeaderMap) -> bool {
+    let (mut json, mut events) = (false, false);
+    for value in headers.get_all(header::ACCEPT) {
+        let Ok(value) = value.to_str() else { return false };
+        for item in value.split(',').map(str::trim) {
+            if item.contains([';', '"']) {
+                return false;
+            }
+            json |= item.eq_ignore_ascii_case(JSON);
+            events |= item.eq_ignore_ascii_case(EVENT_STREAM);
+        }
+    }
+    json && events
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::SystemClock;
+    use crate::relay::Limits;
+    use crate::store::MemoryStore;
+    use serde_json::{Value, json};
+
+    fn direct() -> DirectCalls {
+        DirectCalls::new(Arc::new(Relay::new(Arc::new(MemoryStore::new()), Arc::new(SystemClock), Limits::default())), 4096)
+    }
+
+    fn request(name: &'static str, arguments: Value) -> (HeaderMap, Value) {
+        let mut map = headers(&[
+            ("accept", "application/json, text/event-stream"),
+            ("content-type", "application/json"),
+            ("mcp-protocol-version", "2026-07-28"),
+            ("mcp-method", "tools/call"),
+            ("mcp-name", name),
+        ]);
+        let meta = json!({"io.modelcontextprotocol/protocolVersion": "2026-07-28",
+            "io.modelcontextprotocol/clientCapabilities": {}});
+        let body = json!({"jsonrpc": "2.0", "id": 3, "method": "tools/call",
+            "params": {"name": name, "arguments": arguments, "_meta": meta}});
+        map.insert(header::CONTENT_LENGTH, body.to_string().len().into());
+        (map, body)
+    }
+
+    async fn answer(direct: &DirectCalls, headers: &HeaderMap, body: &Value) -> Option<Value> {
+        let response = direct.answer(headers, &Bytes::from(body.to_string())).await?;
+        assert_eq!(response.status(), StatusCode::OK);
+        let bytes = axum::body::to_bytes(response.into_body(), usize::MAX).await.unwrap();
+        Some(serde_json::from_slice(&bytes).unwrap())
+    }
+
+    #[tokio::test]
+    async fn a_plain_tool_call_is_answered_here_and_the_rest_is_not() {
+        let direct = direct();
+        let (head, body) = request("register", json!({"group_id": "g", "hostname": "h", "working_directory": "/w"}));
+        assert!(direct.qualifies(&Method::POST, &head));
+        let reply = answer(&direct, &head, &body).await.expect("answered directly");
+        assert_eq!(reply["id"], 3);
+        assert_eq!(reply["result"]["resultType"], "complete");
+        assert_eq!(reply["result"]["structuredContent"]["group_id"], "g");
+        let token = reply["result"]["structuredContent"]["token"].as_str().unwrap().to_owned();
+
+        let (mut head, body) = request("list_peers", json!({}));
+        head.insert(header::AUTHORIZATION, format!("Bearer {token}").parse().unwrap());
+        let reply = answer(&direct, &head, &body).await.expect("answered directly");
+        assert_eq!(reply["result"]["structuredContent"]["peers"][0]["working_directory"], "/w");
+
+        // heads that go to rmcp
+        assert!(!direct.qualifies(&Method::GET, &head));
+        let mut bent = head.clone();
+        bent.insert("mcp-session-id", HeaderValue::from_static("s"));
+        assert!(!direct.qualifies(&Method::POST, &bent));
+        let mut bent = head.clone();
+        bent.insert(header::CONTENT_LENGTH, 4097.into());
+        assert!(!direct.qualifies(&Method::POST, &bent));
+        let mut bent = head.clone();
+        bent.insert("mcp-name", HeaderValue::from_static("nope"));
+        assert!(!direct.qualifies(&Method::POST, &bent));
+        // bodies that go to rmcp
+        let mut bent = body.clone();
+        bent["params"]["name"] = json!("send_dm");
+        assert!(answer(&direct, &head, &bent).await.is_none(), "the name header and the body differ");
+        let mut bent = body.clone();
+        bent["params"]["arguments"] = json!({"group_id": 7});
+        assert!(answer(&direct, &head, &bent).await.is_none(), "arguments rmcp refuses in its words");
+        let mut bent = body.clone();
+        bent["params"]["_meta"]["io.modelcontextprotocol/protocolVersion"] = json!("2025-11-25");
+        assert!(answer(&direct, &head, &bent).await.is_none(), "another version in _meta");
+    }
+
+    fn headers(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
+        let mut map = HeaderMap::new();
+        for (name, value) in pairs {
+            map.append(*name, HeaderValue::from_static(value));
+        }
+        map
+    }
+
+    #[test]
+    fn only_plainly_named_accept_types_qualify() {
+        for ok in [&["application/json, text/event-stream"][..], &["text/event-stream", "Application/JSON"]] {
+            let map = headers(&ok.iter().map(|v| ("accept", *v)).collect::<Vec<_>>());
+            assert!(accepts_json_and_events(&map), "{ok:?}");
+        }
+        for bad in ["application/json", "application/json;q=0, text/event-stream", "*/*", "application/json, text/event-stream;q=0.5"] {
+            assert!(!accepts_json_and_events(&headers(&[("accept", bad)])), "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_header_given_twice_has_no_one_value() {
+        assert!(only(&headers(&[("mcp-method", "tools/call"), ("mcp-method", "tools/call")]), "mcp-method").is_none());
+        assert_eq!(only(&headers(&[("mcp-method", "tools/call")]), "mcp-method").unwrap(), "tools/call");
+    }
+
+    #[test]
+    fn json_content_types() {
+        for ok in ["application/json", "application/json; charset=utf-8", " APPLICATION/JSON "] {
+            assert!(is_json(&HeaderValue::from_static(ok)), "{ok}");
+        }
+        for bad in ["text/json", "application/jsonx", "application/x-json"] {
+            assert!(!is_json(&HeaderValue::from_static(bad)), "{bad}");
+        }
+    }
+}
