@@ -38,12 +38,12 @@ pub fn router(relay: Arc<Relay>, config: &Config, shutdown: CancellationToken) -
         .with_json_response(true)
         // one Host check for every route, below
         .disable_allowed_hosts();
+    let direct = config.direct_tool_calls.then(|| DirectCalls::new(relay.clone(), &mcp_config)).flatten().map(Arc::new);
     let tools_relay = relay.clone();
     let mcp = Arc::new(StreamableHttpService::new(move || Ok(RelayTools::new(tools_relay.clone())), Arc::new(sessions), mcp_config));
-    let direct = config.direct_tool_calls.then(|| Arc::new(DirectCalls::new(relay.clone(), config.max_request_bytes)));
     let mcp = tower::service_fn(move |request: Request| {
         let (mcp, direct) = (mcp.clone(), direct.clone());
-        async move { Ok::<_, Infallible>(direct_calls::serve(direct.as_deref(), &mcp, request).await) }
+        async move { Ok::<_, Infallible>(direct_calls::serve_mcp(direct.as_deref(), &mcp, request).await) }
     });
 
     let state = AppState { relay, shutdown, heartbeat: Duration::from_secs(config.heartbeat_secs) };

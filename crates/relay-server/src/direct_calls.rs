@@ -15,11 +15,12 @@ use std::sync::Arc;
 use axum::body::{Body, Bytes};
 use axum::extract::Request;
 use axum::response::{IntoResponse, Response};
+use http::uri::Authority;
 use http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use rmcp::model::{
     JsonObject, ProtocolVersion, RequestId, RequestMetaObject, ServerJsonRpcMessage, ServerResult,
 };
-use rmcp::transport::streamable_http_server::StreamableHttpService;
+use rmcp::transport::streamable_http_server::{StreamableHttpServerConfig, StreamableHttpService};
 use rmcp::transport::streamable_http_server::session::local::LocalSessionManager;
 use serde::Deserialize;
 
@@ -32,9 +33,9 @@ const JSON: &str = "application/json";
 const EVENT_STREAM: &str = "text/event-stream";
 
 /// Serves `/mcp`: directly when `direct` is set and the request qualifies, else through rmcp.
-pub async fn serve(direct: Option<&DirectCalls>, mcp: &McpService, request: Request) -> Response {
+pub async fn serve_mcp(direct: Option<&DirectCalls>, mcp: &McpService, request: Request) -> Response {
     match direct {
-        Some(direct) if direct.qualifies(request.method(), request.headers()) => direct.serve(mcp, request).await,
+        Some(direct) if direct.qualifies(request.method(), request.headers()) => direct.read_and_answer(mcp, request).await,
         _ => mcp.handle(request).await.into_response(),
     }
 }
@@ -64,16 +65,25 @@ struct Params {
 }
 
 impl DirectCalls {
-    pub fn new(relay: Arc<Relay>, max_body: usize) -> Self {
-        Self { relay, max_body }
+    /// `None` when rmcp is set up to check what is not checked here (its own Host or Origin
+    /// lists, required protocol metadata) or to answer in event streams.
+    pub fn new(relay: Arc<Relay>, mcp: &StreamableHttpServerConfig) -> Option<Self> {
+        let mirrored = mcp.json_response
+            && !mcp.stateless_protocol_metadata_required
+            && mcp.allowed_hosts.is_empty()
+            && mcp.allowed_origins.is_empty();
+        mirrored.then_some(Self { relay, max_body: mcp.max_request_body_bytes })
     }
 
     /// What the request's head must say; the body is checked in [`Self::answer`].
     fn qualifies(&self, method: &Method, headers: &HeaderMap) -> bool {
         let stateless = modern_version(headers) && !headers.contains_key("mcp-session-id");
-        // rmcp checks Origin only when configured to; a browser's request goes the long way
-        // all the same, so that turning it on cannot be bypassed here.
-        let plain = !headers.contains_key(header::ORIGIN)
+        // rmcp parses Host even when it checks no list (a malformed one is a 400 there), and
+        // checks Origin only when configured to: a browser's request goes the long way.
+        let plain = only(headers, header::HOST)
+            .and_then(|host| host.to_str().ok())
+            .is_some_and(|host| Authority::try_from(host).is_ok())
+            && !headers.contains_key(header::ORIGIN)
             && !headers.contains_key(header::TRANSFER_ENCODING)
             && !headers.keys().any(|name| name.as_str().starts_with("mcp-param-"));
         *method == Method::POST
@@ -81,21 +91,19 @@ impl DirectCalls {
             && plain
             && only(headers, "mcp-method").is_some_and(|m| m == "tools/call")
             && only(headers, "mcp-name").is_some_and(|n| ToolCall::NAMES.iter().any(|t| n == *t))
-            && only(headers, header::CONTENT_TYPE.as_str()).is_some_and(is_json)
+            && only(headers, header::CONTENT_TYPE).is_some_and(is_json)
             && accepts_json_and_events(headers)
-            && only(headers, header::CONTENT_LENGTH.as_str())
+            && only(headers, header::CONTENT_LENGTH)
                 .and_then(|v| v.to_str().ok()?.parse::<usize>().ok())
                 .is_some_and(|length| length <= self.max_body)
     }
 
-    async fn serve(&self, mcp: &McpService, request: Request) -> Response {
+    async fn read_and_answer(&self, mcp: &McpService, request: Request) -> Response {
         let (parts, body) = request.into_parts();
         let body = match axum::body::to_bytes(body, self.max_body).await {
             Ok(body) => body,
-            Err(e) => {
-                tracing::debug!(error = %e, "reading a tools/call body failed");
-                return (StatusCode::BAD_REQUEST, "Bad Request: the request body could not be read\n").into_response();
-            }
+            // as rmcp words it
+            Err(e) => return internal_error(format!("Failed to read request body: {e}")),
         };
         match self.answer(&parts.headers, &body).await {
             Some(response) => response,
@@ -119,16 +127,34 @@ impl DirectCalls {
         }
         // arguments rmcp would refuse are refused in rmcp's words
         let call = ToolCall::parse(&name, arguments)?.ok()?;
+        // From here the call is made whatever happens, and never handed to rmcp to be made
+        // again. Its own task, as in rmcp: a client that hangs up does not cut it short.
         let tools = RelayTools::new(self.relay.clone());
-        let mut result = ServerResult::CallToolResult(tools.call(call, Credentials::from_headers(headers)).await);
+        let bearer = Credentials::from_headers(headers).bearer.map(str::to_owned);
+        let ran = tokio::spawn(async move {
+            let credentials = Credentials { bearer: bearer.as_deref(), in_session: false };
+            tools.call(call, credentials).await
+        });
+        let Ok(result) = ran.await else {
+            return Some(internal_error("the tool call failed".into()));
+        };
+        let mut result = ServerResult::CallToolResult(result);
+        // what rmcp does to every 2026-07-28 result (nothing, for a tool's, today)
         result.fill_missing_cache_hints();
-        let reply = serde_json::to_vec(&ServerJsonRpcMessage::response(result, envelope.id)).ok()?;
-        Some(([(header::CONTENT_TYPE, HeaderValue::from_static(JSON))], reply).into_response())
+        Some(match serde_json::to_vec(&ServerJsonRpcMessage::response(result, envelope.id)) {
+            Ok(reply) => ([(header::CONTENT_TYPE, HeaderValue::from_static(JSON))], reply).into_response(),
+            Err(e) => internal_error(format!("the reply could not be serialized: {e}")),
+        })
     }
 }
 
+fn internal_error(message: String) -> Response {
+    tracing::warn!(%message, "a direct tool call failed");
+    (StatusCode::INTERNAL_SERVER_ERROR, message).into_response()
+}
+
 /// The header's one value; `None` when it is missing or given more than once.
-fn only<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a HeaderValue> {
+fn only(headers: &HeaderMap, name: impl header::AsHeaderName) -> Option<&HeaderValue> {
     let mut values = headers.get_all(name).iter();
     let first = values.next()?;
     values.next().is_none().then_some(first)
@@ -169,11 +195,14 @@ mod tests {
     use serde_json::{Value, json};
 
     fn direct() -> DirectCalls {
-        DirectCalls::new(Arc::new(Relay::new(Arc::new(MemoryStore::new()), Arc::new(SystemClock), Limits::default())), 4096)
+        let relay = Arc::new(Relay::new(Arc::new(MemoryStore::new()), Arc::new(SystemClock), Limits::default()));
+        let config = StreamableHttpServerConfig::default().with_json_response(true).disable_allowed_hosts();
+        DirectCalls::new(relay, &config.with_max_request_body_bytes(4096)).expect("a config mirrored here")
     }
 
     fn request(name: &'static str, arguments: Value) -> (HeaderMap, Value) {
         let mut map = headers(&[
+            ("host", "127.0.0.1:8765"),
             ("accept", "application/json, text/event-stream"),
             ("content-type", "application/json"),
             ("mcp-protocol-version", "2026-07-28"),
@@ -193,6 +222,21 @@ mod tests {
         assert_eq!(response.status(), StatusCode::OK);
         let bytes = axum::body::to_bytes(response.into_body(), usize::MAX).await.unwrap();
         Some(serde_json::from_slice(&bytes).unwrap())
+    }
+
+    #[test]
+    fn rmcp_settings_not_mirrored_here_turn_it_off() {
+        let relay = || Arc::new(Relay::new(Arc::new(MemoryStore::new()), Arc::new(SystemClock), Limits::default()));
+        let mirrored = StreamableHttpServerConfig::default().with_json_response(true).disable_allowed_hosts();
+        assert!(DirectCalls::new(relay(), &mirrored).is_some());
+        for other in [
+            mirrored.clone().with_json_response(false),
+            mirrored.clone().with_stateless_protocol_metadata_required(true),
+            mirrored.clone().with_allowed_hosts(["localhost"]),
+            mirrored.clone().with_allowed_origins(["http://localhost"]),
+        ] {
+            assert!(DirectCalls::new(relay(), &other).is_none(), "{other:?}");
+        }
     }
 
     #[tokio::test]
@@ -222,6 +266,9 @@ mod tests {
         let mut bent = head.clone();
         bent.insert("mcp-name", HeaderValue::from_static("nope"));
         assert!(!direct.qualifies(&Method::POST, &bent));
+        let mut bent = head.clone();
+        bent.insert("host", HeaderValue::from_static("::1"));
+        assert!(!direct.qualifies(&Method::POST, &bent), "a Host rmcp refuses to parse");
         // bodies that go to rmcp
         let mut bent = body.clone();
         bent["params"]["name"] = json!("send_dm");

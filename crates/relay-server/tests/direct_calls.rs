@@ -133,6 +133,7 @@ async fn run(server: &TestServer) -> Vec<(&'static str, (u16, String, String))> 
         ("jsonrpc 1.0", call("list_peers", json!({})).bearer(&alice).body(|b| b["jsonrpc"] = json!("1.0")), None),
         ("fractional id", call("list_peers", json!({})).bearer(&alice).body(|b| b["id"] = json!(1.5)), None),
         ("older protocol header", call("list_peers", json!({})).bearer(&alice).header("mcp-protocol-version", "2025-11-25"), None),
+        ("a Host rmcp cannot parse", call("list_peers", json!({})).bearer(&alice).header("host", "::1"), None),
         ("unknown session", call("list_peers", json!({})).bearer(&alice).header("mcp-session-id", "nope"), None),
         ("accepts json only", call("list_peers", json!({})).bearer(&alice).header("accept", "application/json"), None),
         ("accept with weights", call("list_peers", json!({})).bearer(&alice).header("accept", "application/json;q=0.9, text/event-stream"), None),
