@@ -77,9 +77,49 @@ impl TmuxServer {
 
 impl Drop for TmuxServer {
     fn drop(&mut self) {
+        // What runs in the panes (Claude Code writing its cache, say) outlives kill-server by
+        // a moment: wait for it, so that a test's temp dir is removed after its last writer.
+        let pane_pids = self.tmux.run(&["list-panes", "-a", "-F", "#{pane_pid}"]).unwrap_or_default();
+        let processes = with_descendants(pane_pids.lines().filter_map(|p| p.trim().parse().ok()).collect());
         let _ = self.tmux.run(&["kill-server"]);
         let _ = std::fs::remove_file(&self.socket);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while processes.iter().any(|&pid| alive(pid)) && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
     }
+}
+
+/// `pids` and every process below them, from /proc (just `pids` where there is none).
+fn with_descendants(mut pids: Vec<u32>) -> Vec<u32> {
+    let parents: Vec<(u32, u32)> = std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let pid = e.file_name().to_str()?.parse().ok()?;
+            Some((pid, stat_field(pid, 1)?.parse().ok()?))
+        })
+        .collect();
+    let mut i = 0;
+    while i < pids.len() {
+        let parent = pids[i];
+        pids.extend(parents.iter().filter(|(_, ppid)| *ppid == parent).map(|(pid, _)| *pid));
+        i += 1;
+    }
+    pids
+}
+
+/// Field `n` after the command name in `/proc/PID/stat` (0: state, 1: parent).
+fn stat_field(pid: u32, n: usize) -> Option<String> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // the command name is in parentheses and may hold spaces
+    stat.rsplit_once(')')?.1.split_whitespace().nth(n).map(str::to_owned)
+}
+
+/// Running, and not a zombie waiting for its parent.
+fn alive(pid: u32) -> bool {
+    stat_field(pid, 0).is_some_and(|state| state != "Z")
 }
 
 /// A stand-in agent named `claude` (so relay recognises it) that logs each line it reads;
