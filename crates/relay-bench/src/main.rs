@@ -151,20 +151,19 @@ async fn run_scenarios(args: &Args, target: &Target, http: &reqwest::Client, rep
             messages: args.messages.unwrap_or(if quick { 40 } else { 300 }),
             rate_per_second: 100.0,
         };
-        match CoreSplit::plan() {
-            Ok(Some(split)) => {
+        let split = CoreSplit::plan().unwrap_or_else(|e| {
+            eprintln!("relay-bench: the cores this process may use are unknown ({e}); the fan-out shares them");
+            None
+        });
+        match split {
+            Some(split) => {
                 let outcome = fan_out_on_own_cores(&split, &fan, http, report).await;
                 record(report, "fan-out", outcome);
                 // the same with every core shared, for comparison
                 let outcome = scenarios::fan_out(target, &fan, Cores::Shared, report).await;
                 record(report, "fan-out, cores shared", outcome);
             }
-            Ok(None) => {
-                let outcome = scenarios::fan_out(target, &fan, Cores::Single, report).await;
-                record(report, "fan-out", outcome);
-            }
-            Err(e) => {
-                eprintln!("relay-bench: the cores this process may use are unknown ({e}); the fan-out shares them");
+            None => {
                 let outcome = scenarios::fan_out(target, &fan, Cores::Single, report).await;
                 record(report, "fan-out", outcome);
             }

@@ -41,7 +41,8 @@ pub async fn serve_mcp(direct: Option<&DirectCalls>, mcp: &McpService, request: 
 }
 
 pub struct DirectCalls {
-    relay: Arc<Relay>,
+    /// With no session ever: requests naming one go to rmcp.
+    tools: RelayTools,
     max_body: usize,
 }
 
@@ -72,7 +73,7 @@ impl DirectCalls {
             && !mcp.stateless_protocol_metadata_required
             && mcp.allowed_hosts.is_empty()
             && mcp.allowed_origins.is_empty();
-        mirrored.then_some(Self { relay, max_body: mcp.max_request_body_bytes })
+        mirrored.then(|| Self { tools: RelayTools::new(relay), max_body: mcp.max_request_body_bytes })
     }
 
     /// What the request's head must say; the body is checked in [`Self::answer`].
@@ -129,7 +130,7 @@ impl DirectCalls {
         let call = ToolCall::parse(&name, arguments)?.ok()?;
         // From here the call is made whatever happens, and never handed to rmcp to be made
         // again. Its own task, as in rmcp: a client that hangs up does not cut it short.
-        let tools = RelayTools::new(self.relay.clone());
+        let tools = self.tools.clone();
         let bearer = Credentials::from_headers(headers).bearer.map(str::to_owned);
         let ran = tokio::spawn(async move {
             let credentials = Credentials { bearer: bearer.as_deref(), in_session: false };
