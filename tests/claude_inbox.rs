@@ -88,7 +88,8 @@ async fn two_claude_code_sessions_talk_through_relay_with_no_keystrokes() {
 
     // closing B's sidebar takes its reply sockets out of Claude Code's socket directory
     let socks = b.home.parent().unwrap().join("run/cc-socks");
-    let reply_sockets = || std::fs::read_dir(&socks).unwrap().flatten().filter(|e| e.file_name().to_string_lossy().starts_with("relay-")).count();
+    let reply_sockets =
+        || std::fs::read_dir(&socks).unwrap().flatten().filter(|e| e.file_name().to_string_lossy().starts_with("relay-")).count();
     assert!(reply_sockets() > 0, "no reply socket beside B's session");
     let sidebar = relay_tmux::panes_started_with(&b.tmux.tmux, &format!("relay-pane' --pane {pane_b} --socket")).unwrap().remove(0);
     relay_tmux::kill_pane(&b.tmux.tmux, &sidebar).unwrap();

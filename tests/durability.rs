@@ -66,8 +66,7 @@ async fn acknowledged_messages_survive_kill_9_and_streams_resume_exactly_once() 
     // everything acknowledged is stored, in order (one more may have committed unacknowledged)
     let bob_client = Client::connect(&server.url("/mcp"), Some(bob_token), Mode::Stateless).await;
     let inbox = bob_client.ok("read_new_messages", json!({"limit": 1000})).await;
-    let stored: Vec<String> =
-        inbox["messages"].as_array().unwrap().iter().map(|m| m["text"].as_str().unwrap().to_owned()).collect();
+    let stored: Vec<String> = inbox["messages"].as_array().unwrap().iter().map(|m| m["text"].as_str().unwrap().to_owned()).collect();
     assert_eq!(&stored[..acked.len()], &acked[..], "an acknowledged message is missing after kill -9");
     assert!(stored.len() <= acked.len() + 1);
 
@@ -76,12 +75,8 @@ async fn acknowledged_messages_survive_kill_9_and_streams_resume_exactly_once() 
     let mut resumed = EventStream::open(&stream_url(&server, &bob), Some(bob_token), Some(last_seen)).await;
     let alice_again = Client::connect(&server.url("/mcp"), Some(alice_token), Mode::Stateless).await;
     alice_again.ok("send_message", json!({"message": "after the restart"})).await;
-    let after: Vec<String> = resumed
-        .drain(Duration::from_millis(800))
-        .await
-        .into_iter()
-        .map(|e| e.data["preview"].as_str().unwrap().to_owned())
-        .collect();
+    let after: Vec<String> =
+        resumed.drain(Duration::from_millis(800)).await.into_iter().map(|e| e.data["preview"].as_str().unwrap().to_owned()).collect();
     let mut all: Vec<String> = before.into_iter().map(|(_, p)| p).collect();
     all.extend(after);
     let mut want = stored.clone();
@@ -111,10 +106,8 @@ async fn sigterm_stops_the_server_cleanly_and_closes_streams() {
 
 #[test]
 fn refuses_to_listen_publicly_without_join_keys() {
-    let out = std::process::Command::new(relay_e2e::binary("relay-server"))
-        .args(["--listen", "0.0.0.0:0", "--ephemeral"])
-        .output()
-        .unwrap();
+    let out =
+        std::process::Command::new(relay_e2e::binary("relay-server")).args(["--listen", "0.0.0.0:0", "--ephemeral"]).output().unwrap();
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("--require-join-keys") && stderr.contains("--insecure"), "{stderr}");

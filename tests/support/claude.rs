@@ -273,4 +273,3 @@ impl World {
         Machine::start(test, name, &self.root, &self.server, &self.model, &self.claude)
     }
 }
-

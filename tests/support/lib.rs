@@ -20,9 +20,11 @@ pub fn binary(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("executable path");
     let dirs = exe.ancestors().skip(1).take(2);
     let candidates: Vec<PathBuf> = dirs.map(|d| d.join(name)).collect();
-    candidates.iter().find(|p| p.is_file()).cloned().unwrap_or_else(|| {
-        panic!("{} is missing: build the workspace's binaries first (tests/run does)", candidates[0].display())
-    })
+    candidates
+        .iter()
+        .find(|p| p.is_file())
+        .cloned()
+        .unwrap_or_else(|| panic!("{} is missing: build the workspace's binaries first (tests/run does)", candidates[0].display()))
 }
 
 /// Whether a test that needs an external tool should run. Outside CI a missing tool skips
@@ -152,9 +154,10 @@ impl ServerProcess {
             let line = rx.recv_timeout(deadline.saturating_duration_since(Instant::now()));
             let line = line.unwrap_or_else(|_| panic!("relay-server did not report its address"));
             if let Some(addr) = line.split("addr=").nth(1).and_then(|rest| rest.split_whitespace().next())
-                && let Ok(addr) = addr.parse() {
-                    break addr;
-                }
+                && let Ok(addr) = addr.parse()
+            {
+                break addr;
+            }
         };
         let server = Self { child, addr, stderr: rx };
         server.wait_healthy();
@@ -195,4 +198,3 @@ impl ServerProcess {
         }
     }
 }
-

@@ -126,7 +126,8 @@ fn alive(pid: u32) -> bool {
 /// run it as `python3 <path> <log file>`.
 pub fn stand_in_agent(dir: &Path) -> PathBuf {
     let path = dir.join("claude");
-    std::fs::write(&path, "import sys\nlog = open(sys.argv[1], 'a', buffering=1)\nfor line in sys.stdin:\n    log.write(line)\n").expect("write the stand-in agent");
+    std::fs::write(&path, "import sys\nlog = open(sys.argv[1], 'a', buffering=1)\nfor line in sys.stdin:\n    log.write(line)\n")
+        .expect("write the stand-in agent");
     path
 }
 

@@ -62,9 +62,7 @@ pub async fn read_head(tcp: &mut TcpStream, raw: &mut Vec<u8>) -> Result<Option<
         let mut response = httparse::Response::new(&mut headers);
         if let httparse::Status::Complete(len) = response.parse(raw)? {
             let headers: Vec<_> = response.headers.iter().map(|h| (h.name.to_owned(), h.value.to_vec())).collect();
-            let close = headers
-                .iter()
-                .any(|(n, v)| n.eq_ignore_ascii_case("connection") && v.eq_ignore_ascii_case(b"close"));
+            let close = headers.iter().any(|(n, v)| n.eq_ignore_ascii_case("connection") && v.eq_ignore_ascii_case(b"close"));
             let keep_alive = response.version == Some(1) && !close;
             return Ok(Some(Head { status: response.code.unwrap_or(0), len, headers, keep_alive }));
         }

@@ -16,8 +16,8 @@ use anyhow::{Context, Result};
 use clap::Parser;
 use serde_json::{Value, json};
 
-use report::{Goal, Report};
 use cores::CoreSplit;
+use report::{Goal, Report};
 use scenarios::{Cores, FanOut, Target, ToolLoad};
 
 /// Measures relay side by side on this machine: tools/call latency and throughput, fan-out
@@ -95,7 +95,9 @@ async fn run(args: Args) -> Result<bool> {
     let load = |tool: &str, args: Value, sequential| tool_load(tool, args, sequential, quick);
     if let Some(tool) = &args.tool {
         let tool_args: Value = serde_json::from_str(&args.args).context("--args must be JSON")?;
-        let outcome = scenarios::tool_calls(&target, None, &load(tool, tool_args, if quick { 200 } else { 2000 }), &mut report, "tools/call", false).await;
+        let outcome =
+            scenarios::tool_calls(&target, None, &load(tool, tool_args, if quick { 200 } else { 2000 }), &mut report, "tools/call", false)
+                .await;
         record(&mut report, "tools/call", outcome);
     } else if args.target.is_some() {
         report.failures.push("--target needs --tool (and usually --args)".into());
@@ -138,9 +140,25 @@ async fn run_scenarios(args: &Args, target: &Target, http: &reqwest::Client, rep
         let outcome = async {
             let anon = target.mcp(None).await?;
             let peer = scenarios::register(&anon, "bench-tools", "/bench/caller").await?;
-            scenarios::tool_calls(target, Some(&peer.token), &load("list_peers", json!({}), if quick { 200 } else { 2000 }), report, "list_peers", true).await?;
+            scenarios::tool_calls(
+                target,
+                Some(&peer.token),
+                &load("list_peers", json!({}), if quick { 200 } else { 2000 }),
+                report,
+                "list_peers",
+                true,
+            )
+            .await?;
             let message = json!({"message": "a benchmark message of modest size"});
-            scenarios::tool_calls(target, Some(&peer.token), &load("send_message", message, if quick { 100 } else { 1000 }), report, "send_message", false).await
+            scenarios::tool_calls(
+                target,
+                Some(&peer.token),
+                &load("send_message", message, if quick { 100 } else { 1000 }),
+                report,
+                "send_message",
+                false,
+            )
+            .await
         }
         .await;
         record(report, "tools/call", outcome);

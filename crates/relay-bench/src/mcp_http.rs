@@ -37,12 +37,9 @@ impl McpHttp {
             ensure!(!format!("{k}{v}").contains(['\r', '\n']), "header {k:?} spans lines");
             write!(headers, "{k}: {v}\r\n")?;
         }
-        let mut client =
-            Self { pool: Pool::new(url)?, path: path.to_owned(), headers, legacy: false, next_id: AtomicU64::new(1) };
+        let mut client = Self { pool: Pool::new(url)?, path: path.to_owned(), headers, legacy: false, next_id: AtomicU64::new(1) };
         let discover = client.request("server/discover", json!({}), None).await;
-        let modern = discover.ok().is_some_and(|r| {
-            r["supportedVersions"].as_array().is_some_and(|v| v.iter().any(|x| x == MODERN))
-        });
+        let modern = discover.ok().is_some_and(|r| r["supportedVersions"].as_array().is_some_and(|v| v.iter().any(|x| x == MODERN)));
         if !modern {
             client.initialize().await.context("neither server/discover nor initialize worked")?;
         }
@@ -113,12 +110,7 @@ impl McpHttp {
         let mut body_before_id = json!({"jsonrpc": "2.0", "method": method, "params": params}).to_string().into_bytes();
         body_before_id.pop(); // the closing brace, which the id goes before
         body_before_id.extend_from_slice(b",\"id\":");
-        Ok(PreparedCall {
-            method: method.to_owned(),
-            tool: tool.unwrap_or(method).to_owned(),
-            headers,
-            body_before_id,
-        })
+        Ok(PreparedCall { method: method.to_owned(), tool: tool.unwrap_or(method).to_owned(), headers, body_before_id })
     }
 
     async fn post(&self, call: &PreparedCall) -> Result<http1::Reply> {
@@ -227,7 +219,13 @@ mod tests {
             r#"{"jsonrpc":"2.0","id":4,"error":{"code":-32602,"message":"no such tool"}}"#,
         ])
         .await;
-        let mcp = McpHttp { pool: Pool::new(&url).unwrap(), path: "/mcp".into(), headers: String::new(), legacy: false, next_id: AtomicU64::new(1) };
+        let mcp = McpHttp {
+            pool: Pool::new(&url).unwrap(),
+            path: "/mcp".into(),
+            headers: String::new(),
+            legacy: false,
+            next_id: AtomicU64::new(1),
+        };
         let call = mcp.prepare("list_peers", &json!({"group_id": "g"})).unwrap();
         mcp.call_prepared(&call).await.unwrap();
         mcp.call_prepared(&call).await.expect("a success framed as SSE");
@@ -240,7 +238,10 @@ mod tests {
         let ids: Vec<_> = bodies.iter().map(|b| b["id"].as_u64().unwrap()).collect();
         assert_eq!(ids, [1, 2, 3, 4]);
         for b in bodies.iter() {
-            assert_eq!((&b["method"], &b["params"]["name"], &b["params"]["arguments"]), (&json!("tools/call"), &json!("list_peers"), &json!({"group_id": "g"})));
+            assert_eq!(
+                (&b["method"], &b["params"]["name"], &b["params"]["arguments"]),
+                (&json!("tools/call"), &json!("list_peers"), &json!({"group_id": "g"}))
+            );
             assert_eq!(b["params"]["_meta"]["io.modelcontextprotocol/protocolVersion"], MODERN);
         }
     }

@@ -42,9 +42,8 @@ impl SseReader {
     pub async fn open(base: &str, path: &str, token: &str) -> Result<Self> {
         let authority = http1::authority(base)?;
         let mut tcp = http1::connect(authority).await?;
-        let request = format!(
-            "GET {path} HTTP/1.1\r\nhost: {authority}\r\nauthorization: Bearer {token}\r\naccept: text/event-stream\r\n\r\n"
-        );
+        let request =
+            format!("GET {path} HTTP/1.1\r\nhost: {authority}\r\nauthorization: Bearer {token}\r\naccept: text/event-stream\r\n\r\n");
         tcp.write_all(request.as_bytes()).await?;
         let mut raw = Vec::with_capacity(4096);
         let Some(head) = http1::read_head(&mut tcp, &mut raw).await? else {
@@ -253,10 +252,7 @@ mod tests {
     async fn events(response: &'static [u8], piece: usize) -> Result<Vec<String>> {
         let base = serve(response, piece).await;
         let mut got = Vec::new();
-        SseReader::open(&base, "/s", "t")
-            .await?
-            .run(|data, _| got.push(String::from_utf8(data.to_vec()).unwrap()))
-            .await?;
+        SseReader::open(&base, "/s", "t").await?.run(|data, _| got.push(String::from_utf8(data.to_vec()).unwrap())).await?;
         Ok(got)
     }
 

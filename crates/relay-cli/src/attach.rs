@@ -172,23 +172,21 @@ fn configure_mcp(agent: Option<&str>) {
             if present {
                 return;
             }
-            let added = Command::new("claude")
-                .args(["mcp", "add", "-s", "user", "relay", "--"])
-                .arg(&relay)
-                .arg("mcp")
-                .output();
+            let added = Command::new("claude").args(["mcp", "add", "-s", "user", "relay", "--"]).arg(&relay).arg("mcp").output();
             match added {
                 Ok(o) if o.status.success() => eprintln!(
                     "relay: added `relay mcp` to Claude Code's MCP servers (user scope); a session started before \
                      this loads it after a restart (`claude --continue`)"
                 ),
-                _ => eprintln!("relay: could not run `claude mcp add`; add it yourself: claude mcp add -s user relay -- {} mcp", relay.display()),
+                _ => eprintln!(
+                    "relay: could not run `claude mcp add`; add it yourself: claude mcp add -s user relay -- {} mcp",
+                    relay.display()
+                ),
             }
         }
-        _ => eprintln!(
-            "relay: give the agent the relay's tools with this MCP server (stdio): command `{}`, args [\"mcp\"]",
-            relay.display()
-        ),
+        _ => {
+            eprintln!("relay: give the agent the relay's tools with this MCP server (stdio): command `{}`, args [\"mcp\"]", relay.display())
+        }
     }
 }
 
@@ -229,10 +227,7 @@ pub async fn detach(socket: &Path, pane: Option<String>, group: Option<String>) 
         Reply::Detached { groups, .. } => groups,
         other => bail!("relayd answered {other:?}"),
     };
-    let still_attached = matches!(
-        client.request(&Request::Credentials { pane: id.clone() }).await,
-        Ok(Reply::Credentials { .. })
-    );
+    let still_attached = matches!(client.request(&Request::Credentials { pane: id.clone() }).await, Ok(Reply::Credentials { .. }));
     if !still_attached {
         // the command open_sidebar starts: "'…/relay-pane' --pane %3 --socket '…'"
         for sidebar in relay_tmux::panes_started_with(&tmux, &format!("relay-pane' --pane {id} --socket")).unwrap_or_default() {

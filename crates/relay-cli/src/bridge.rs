@@ -8,8 +8,8 @@ use std::sync::Arc;
 use anyhow::{Context, Result};
 use relay_proto::local::{AgentInfo, Credential, Reply, Request};
 use rmcp::model::{
-    CallToolRequestParams, CallToolResponse, CallToolResult, ClientConfig, ContentBlock, Implementation,
-    ListToolsResult, PaginatedRequestParams, ProtocolVersion, ServerCapabilities, ServerConfig, Tool,
+    CallToolRequestParams, CallToolResponse, CallToolResult, ClientConfig, ContentBlock, Implementation, ListToolsResult,
+    PaginatedRequestParams, ProtocolVersion, ServerCapabilities, ServerConfig, Tool,
 };
 use rmcp::service::{RequestContext, RunningService};
 use rmcp::transport::StreamableHttpClientTransport;
@@ -54,11 +54,12 @@ pub async fn upstream(socket: &std::path::Path, pane: &str) -> Result<Upstream> 
 
 /// A connection to the server as the pane's peer in `group` (its first group's if None).
 pub async fn upstream_in(socket: &std::path::Path, pane: &str, group: Option<&str>) -> Result<Upstream> {
-    let credential = credentials(socket, pane)
-        .await?
-        .into_iter()
-        .find(|c| group.is_none_or(|g| c.group == g))
-        .with_context(|| format!("pane {pane} is not attached to relay{}; run `relay attach {pane} --group GROUP`", group.map(|g| format!(" in group {g}")).unwrap_or_default()))?;
+    let credential = credentials(socket, pane).await?.into_iter().find(|c| group.is_none_or(|g| c.group == g)).with_context(|| {
+        format!(
+            "pane {pane} is not attached to relay{}; run `relay attach {pane} --group GROUP`",
+            group.map(|g| format!(" in group {g}")).unwrap_or_default()
+        )
+    })?;
     let service = connect(&credential.server, Some(&credential.token)).await?;
     Ok(Upstream { service })
 }
@@ -115,8 +116,13 @@ impl Bridge {
 
     fn not_attached(&self) -> String {
         match &self.pane {
-            Some(p) => format!("This pane ({p}) is not attached to relay. Ask your user to run `relay attach {p} --group GROUP` in a terminal."),
-            None => "relay mcp runs outside tmux (no $TMUX_PANE), so it has no peer. Start the agent in a tmux pane and run `relay attach`.".to_owned(),
+            Some(p) => {
+                format!("This pane ({p}) is not attached to relay. Ask your user to run `relay attach {p} --group GROUP` in a terminal.")
+            }
+            None => {
+                "relay mcp runs outside tmux (no $TMUX_PANE), so it has no peer. Start the agent in a tmux pane and run `relay attach`."
+                    .to_owned()
+            }
         }
     }
 

@@ -57,7 +57,8 @@ pub fn allow_relay_tools(settings: &Path) -> std::io::Result<bool> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => serde_json::json!({}),
         Err(e) => return Err(e),
     };
-    let bad_shape = || std::io::Error::new(std::io::ErrorKind::InvalidData, format!("{}: permissions.allow is not a list", settings.display()));
+    let bad_shape =
+        || std::io::Error::new(std::io::ErrorKind::InvalidData, format!("{}: permissions.allow is not a list", settings.display()));
     let root = value.as_object_mut().ok_or_else(bad_shape)?;
     let permissions = root.entry("permissions").or_insert_with(|| serde_json::json!({})).as_object_mut().ok_or_else(bad_shape)?;
     let allow = permissions.entry("allow").or_insert_with(|| serde_json::json!([])).as_array_mut().ok_or_else(bad_shape)?;
@@ -101,14 +102,8 @@ fn read_entry(path: &Path) -> Option<(String, Session)> {
     let text = std::fs::read_to_string(path).ok()?;
     let e: RegistryEntry = serde_json::from_str(&text).ok()?;
     let pid = e.pid.or_else(|| path.file_stem()?.to_str()?.parse().ok())?;
-    let session = Session {
-        pid,
-        socket: e.messaging_socket_path?,
-        session_id: e.session_id,
-        proc_start: e.proc_start,
-        status: e.status,
-        cwd: e.cwd,
-    };
+    let session =
+        Session { pid, socket: e.messaging_socket_path?, session_id: e.session_id, proc_start: e.proc_start, status: e.status, cwd: e.cwd };
     Some((e.tmux.unwrap_or_default(), session))
 }
 

@@ -28,10 +28,7 @@ pub fn render_status(s: &Status) -> String {
     for u in &s.upstreams {
         let state = format!("{:?}", u.state).to_lowercase();
         let error = u.error.as_deref().map(|e| format!(" ({e})")).unwrap_or_default();
-        out.push_str(&format!(
-            "  {} group {}: {state}{error}, last event {}, {} pane(s)\n",
-            u.server, u.group, u.last_event_id, u.panes
-        ));
+        out.push_str(&format!("  {} group {}: {state}{error}, last event {}, {} pane(s)\n", u.server, u.group, u.last_event_id, u.panes));
     }
     for a in &s.attachments {
         out.push_str(&format!("  {} in {} as {} ({}) at {}\n", a.pane, a.group, a.display_name, a.peer_id, a.working_directory));

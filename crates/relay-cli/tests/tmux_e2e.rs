@@ -28,7 +28,13 @@ fn claude_env(dir: &Path, test: &str) -> Option<(Env, PathBuf, PathBuf)> {
     std::os::unix::fs::symlink(&bin, bin_dir.join("claude")).unwrap();
     let path = format!("{}:{}", bin_dir.display(), std::env::var("PATH").unwrap_or_default());
     let mut env = vec![("PATH".to_owned(), path), ("HOME".to_owned(), home.display().to_string())];
-    for quiet in ["DISABLE_TELEMETRY", "DISABLE_AUTOUPDATER", "DISABLE_ERROR_REPORTING", "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC", "CLAUDE_CODE_DISABLE_OFFICIAL_MARKETPLACE_AUTOINSTALL"] {
+    for quiet in [
+        "DISABLE_TELEMETRY",
+        "DISABLE_AUTOUPDATER",
+        "DISABLE_ERROR_REPORTING",
+        "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC",
+        "CLAUDE_CODE_DISABLE_OFFICIAL_MARKETPLACE_AUTOINSTALL",
+    ] {
         env.push((quiet.to_owned(), "1".to_owned()));
     }
     Some((env, bin, home))
@@ -167,10 +173,8 @@ struct TwoAgents {
 
 impl TwoAgents {
     fn start(test: &str, group: &str, desktop: &Desktop, settings: &[(&str, &str)]) -> Option<TwoAgents> {
-        let mut env: Vec<(String, String)> = vec![
-            ("DBUS_SESSION_BUS_ADDRESS".into(), desktop.bus.clone()),
-            ("PATH".into(), std::env::var("PATH").unwrap_or_default()),
-        ];
+        let mut env: Vec<(String, String)> =
+            vec![("DBUS_SESSION_BUS_ADDRESS".into(), desktop.bus.clone()), ("PATH".into(), std::env::var("PATH").unwrap_or_default())];
         env.extend(settings.iter().map(|(k, v)| (k.to_string(), v.to_string())));
         let t = TmuxServer::start_with_env(test, group, &env)?;
         let dir = tempfile::tempdir().unwrap();
@@ -222,7 +226,10 @@ async fn keystrokes_wait_for_a_half_typed_line_and_give_up_loudly() {
     wait_until("the announcement after the human's line", Duration::from_secs(10), || b_log().contains("new message"));
     let lines: Vec<String> = b_log().lines().map(str::to_owned).collect();
     let human = lines.iter().position(|l| l == "deploy to staging").unwrap_or_else(|| panic!("the human's line was garbled: {lines:?}"));
-    let announced = lines.iter().position(|l| l == "[RELAY] 1 new message in keys from alice. Use read_new_messages.").unwrap_or_else(|| panic!("{lines:?}"));
+    let announced = lines
+        .iter()
+        .position(|l| l == "[RELAY] 1 new message in keys from alice. Use read_new_messages.")
+        .unwrap_or_else(|| panic!("{lines:?}"));
     assert!(human < announced, "{lines:?}");
     assert_eq!(lines.iter().filter(|l| l.contains("new message")).count(), 1, "{lines:?}");
 
@@ -258,7 +265,9 @@ async fn keystrokes_wait_for_a_half_typed_line_and_give_up_loudly() {
 async fn an_unread_message_is_announced_once_more_then_the_human_is_told() {
     let test = "an_unread_message_is_announced_once_more_then_the_human_is_told";
     let Some(desktop) = Desktop::start(test) else { return };
-    let Some(mut w) = TwoAgents::start(test, "remind", &desktop, &[("RELAY_QUIET_MS", "100"), ("RELAY_RENOTIFY_SECS", "2")]) else { return };
+    let Some(mut w) = TwoAgents::start(test, "remind", &desktop, &[("RELAY_QUIET_MS", "100"), ("RELAY_RENOTIFY_SECS", "2")]) else {
+        return;
+    };
     let announced = || w.b_log().matches("[RELAY] 1 new DM in remind from alice").count();
     let reminded = || w.b_log().matches("[RELAY] Reminder: 1 unread DM in remind from alice. Use read_new_messages.").count();
     let a = mcp(&w.socket, &w.pane_a).await;

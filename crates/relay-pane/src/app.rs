@@ -86,7 +86,10 @@ impl App {
         let (text, system) = match e.kind {
             EventKind::Message | EventKind::Dm => (e.preview.clone(), false),
             EventKind::PeerJoined => {
-                self.peers.entry(e.group.clone()).or_default().insert(e.sender.peer_id.clone(), PeerRow { name: e.sender.name.clone(), online: true });
+                self.peers
+                    .entry(e.group.clone())
+                    .or_default()
+                    .insert(e.sender.peer_id.clone(), PeerRow { name: e.sender.name.clone(), online: true });
                 ("joined".to_owned(), true)
             }
             EventKind::PeerLeft => {

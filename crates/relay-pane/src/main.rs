@@ -16,8 +16,8 @@ use crossterm::event::{Event as TermEvent, EventStream};
 use futures::StreamExt;
 use relay_proto::local::{AgentInfo, Attachment, Reply, Request};
 use relay_proto::{DeliveryState, Event, EventKind, Receipt};
-use relayd::notify::Notifier as _;
 use relay_tmux::RealTmux;
+use relayd::notify::Notifier as _;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
@@ -91,7 +91,10 @@ enum Incoming {
     /// `relay mcp` reported the pane's agent process.
     Agent(AgentInfo),
     /// Reminders due, checked with the server: what is read already is left out.
-    Due { due: deliver::renotify::Due, settled: Vec<String> },
+    Due {
+        due: deliver::renotify::Due,
+        settled: Vec<String>,
+    },
 }
 
 /// Message events kept to retype when the inbox refuses them, and to remind of.
@@ -239,8 +242,7 @@ async fn run(
     reporter: report::Reporter,
 ) -> Result<()> {
     let renotifier = deliver::renotify::Renotifier::new(Duration::from_secs(args.renotify_secs), args.max_reminders_per_hour);
-    let mut tracker =
-        Tracker { reporter, renotifier, recent: VecDeque::new(), settled_lately: VecDeque::new() };
+    let mut tracker = Tracker { reporter, renotifier, recent: VecDeque::new(), settled_lately: VecDeque::new() };
     let mut renotify_check = tokio::time::interval(Duration::from_secs(args.renotify_secs.div_ceil(4).clamp(1, 15)));
     let tmux = RealTmux::current();
     let mut app = App::new(&args.pane);
@@ -489,7 +491,9 @@ async fn type_announcement(
             app.note = Some(format!("✗ {n} not delivered: {why}"));
             tell_human(
                 format!("relay: {n} message(s) not delivered to {pane}"),
-                format!("relay could not type into the agent's pane ({why}). Read them in the sidebar, or tell the agent to call read_new_messages."),
+                format!(
+                    "relay could not type into the agent's pane ({why}). Read them in the sidebar, or tell the agent to call read_new_messages."
+                ),
             );
             None
         }
@@ -508,9 +512,9 @@ async fn confirm_unread(socket: PathBuf, pane: String, mut due: deliver::renotif
             let ask = relay_cli::bridge::call_in_group(&socket, &pane, Some(&e.group), "message_status", args);
             let status = tokio::time::timeout(STATUS_TIMEOUT, ask).await.unwrap_or_else(|_| Err(anyhow::anyhow!("no answer")));
             let states = status.map(|s| s["structured"]["recipients"].as_array().cloned().unwrap_or_default()).unwrap_or_default();
-            let done = states.iter().any(|r| {
-                serde_json::from_value::<DeliveryState>(r["state"].clone()).is_ok_and(DeliveryState::concerns_recipient)
-            });
+            let done = states
+                .iter()
+                .any(|r| serde_json::from_value::<DeliveryState>(r["state"].clone()).is_ok_and(DeliveryState::concerns_recipient));
             if done {
                 settled.push(e.id);
             } else {

@@ -133,11 +133,23 @@ mod tests {
     #[test]
     fn every_transition_is_decided() {
         let allowed: &[(DeliveryState, DeliveryState)] = &[
-            (Stored, Delivered), (Stored, Notified), (Stored, Held), (Stored, Failed), (Stored, Read),
-            (Delivered, Notified), (Delivered, Held), (Delivered, Failed), (Delivered, Read),
-            (Notified, Held), (Notified, Failed), (Notified, Read),
-            (Held, Notified), (Held, Failed), (Held, Read),
-            (Failed, Notified), (Failed, Read),
+            (Stored, Delivered),
+            (Stored, Notified),
+            (Stored, Held),
+            (Stored, Failed),
+            (Stored, Read),
+            (Delivered, Notified),
+            (Delivered, Held),
+            (Delivered, Failed),
+            (Delivered, Read),
+            (Notified, Held),
+            (Notified, Failed),
+            (Notified, Read),
+            (Held, Notified),
+            (Held, Failed),
+            (Held, Read),
+            (Failed, Notified),
+            (Failed, Read),
         ];
         for from in DeliveryState::ALL {
             for to in DeliveryState::ALL {

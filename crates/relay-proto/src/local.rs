@@ -44,13 +44,21 @@ pub enum Request {
     },
     Status,
     /// The peer tokens of a pane, for `relay mcp`.
-    Credentials { pane: String },
+    Credentials {
+        pane: String,
+    },
     /// What `relay mcp` learns from its environment when the pane's agent starts it: the
     /// agent's process and (Claude Code) its inbox socket. relayd tells the pane's sidebar.
-    Agent { pane: String, agent: AgentInfo },
+    Agent {
+        pane: String,
+        agent: AgentInfo,
+    },
     /// Where the pane's agent got with messages it was sent (notified, held, read, …);
     /// relayd passes them on to the server for the senders to see.
-    Report { pane: String, receipts: Vec<Receipt> },
+    Report {
+        pane: String,
+        receipts: Vec<Receipt>,
+    },
     Shutdown,
 }
 
@@ -159,20 +167,45 @@ pub enum Reply {
         /// The pane was attached to this group already; nothing changed.
         already: bool,
     },
-    Detached { pane: String, groups: Vec<String> },
-    Subscribed { pane: String, attachments: Vec<Attachment> },
-    Status { status: Status },
-    Credentials { pane: String, credentials: Vec<Credential> },
+    Detached {
+        pane: String,
+        groups: Vec<String>,
+    },
+    Subscribed {
+        pane: String,
+        attachments: Vec<Attachment>,
+    },
+    Status {
+        status: Status,
+    },
+    Credentials {
+        pane: String,
+        credentials: Vec<Credential>,
+    },
     /// The agent of a pane, as `relay mcp` reported it (to the pane's subscribers too).
-    Agent { pane: String, agent: AgentInfo },
+    Agent {
+        pane: String,
+        agent: AgentInfo,
+    },
     /// The receipts are queued for the server (sent in order, retried while it is away).
-    Reported { pane: String, queued: usize },
+    Reported {
+        pane: String,
+        queued: usize,
+    },
     ShuttingDown,
     /// Something for a subscribed pane: a message, a DM, a peer coming or going.
-    Event { pane: String, event: Event },
+    Event {
+        pane: String,
+        event: Event,
+    },
     /// An upstream connection of a subscribed pane's group changed state.
-    Connection { upstream: Upstream },
-    Error { code: ErrorCode, message: String },
+    Connection {
+        upstream: Upstream,
+    },
+    Error {
+        code: ErrorCode,
+        message: String,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -227,9 +260,8 @@ pub fn encode<T: Serialize>(frame: &T) -> String {
 pub fn decode<T: for<'de> Deserialize<'de>>(line: &[u8]) -> Result<T, FrameError> {
     let text = std::str::from_utf8(line).map_err(|_| FrameError::InvalidUtf8)?;
     serde_json::from_str(text).map_err(|e| {
-        let ty = serde_json::from_str::<serde_json::Value>(text)
-            .ok()
-            .and_then(|v| v.get("type").and_then(|t| t.as_str()).map(str::to_owned));
+        let ty =
+            serde_json::from_str::<serde_json::Value>(text).ok().and_then(|v| v.get("type").and_then(|t| t.as_str()).map(str::to_owned));
         match ty {
             Some(ty) if e.to_string().starts_with("unknown variant") => FrameError::UnknownType(ty),
             _ => FrameError::Malformed(e.to_string()),

@@ -26,8 +26,7 @@ pub enum ValidationError {
     BadChars { field: &'static str, value: String, what: String, rule: &'static str },
 }
 
-const GROUP_RULE: &str =
-    "use letters, digits, '.', '_' and '-', starting with a letter or digit (at most 64)";
+const GROUP_RULE: &str = "use letters, digits, '.', '_' and '-', starting with a letter or digit (at most 64)";
 const NAME_RULE: &str = "use letters, digits and . _ - : @ / + (no spaces, at most 64)";
 
 /// Group ids: ASCII letters, digits, `.`, `_`, `-`; starting with a letter or digit.
@@ -35,11 +34,7 @@ pub fn group_id(value: &str) -> Result<(), ValidationError> {
     let field = "group_id";
     non_empty(field, value)?;
     max_chars(field, value, MAX_GROUP_ID_CHARS)?;
-    if let Some(bad) = value
-        .chars()
-        .enumerate()
-        .find(|&(i, c)| !(c.is_ascii_alphanumeric() || (i > 0 && matches!(c, '.' | '_' | '-'))))
-    {
+    if let Some(bad) = value.chars().enumerate().find(|&(i, c)| !(c.is_ascii_alphanumeric() || (i > 0 && matches!(c, '.' | '_' | '-')))) {
         return Err(bad_char(field, value, bad.1, GROUP_RULE));
     }
     Ok(())
@@ -62,11 +57,7 @@ fn name_char(c: char) -> bool {
 
 /// Turns arbitrary text (a hostname, a directory name) into a valid display-name part.
 pub fn sanitize_name_part(value: &str) -> String {
-    let cleaned: String = value
-        .chars()
-        .map(|c| if name_char(c) { c } else { '-' })
-        .take(MAX_NAME_CHARS)
-        .collect();
+    let cleaned: String = value.chars().map(|c| if name_char(c) { c } else { '-' }).take(MAX_NAME_CHARS).collect();
     let trimmed = cleaned.trim_matches('-');
     if trimmed.is_empty() { "peer".to_owned() } else { trimmed.to_owned() }
 }

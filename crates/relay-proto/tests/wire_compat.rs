@@ -94,7 +94,10 @@ fn the_v1_event_fixture_keeps_parsing() {
     let fixture = include_str!("fixtures/events-v1.jsonl");
     let events: Vec<Event> = fixture.lines().map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}"))).collect();
     let kinds: Vec<EventKind> = events.iter().map(|e| e.kind).collect();
-    assert_eq!(kinds, [EventKind::Message, EventKind::Dm, EventKind::PeerJoined, EventKind::PeerLeft, EventKind::Receipt, EventKind::Unknown]);
+    assert_eq!(
+        kinds,
+        [EventKind::Message, EventKind::Dm, EventKind::PeerJoined, EventKind::PeerLeft, EventKind::Receipt, EventKind::Unknown]
+    );
     assert_eq!(events[1].recipient.as_ref().unwrap().name, "box:web");
     assert_eq!(events[1].time.timestamp_subsec_millis(), 250);
     assert_eq!(events[4].preview, "", "a missing preview defaults to empty");

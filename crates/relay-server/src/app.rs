@@ -86,9 +86,7 @@ impl AllowedHosts {
             return true;
         }
         let Some((host, port)) = split_host(host_header.trim()) else { return false };
-        self.entries
-            .iter()
-            .any(|(h, p)| h.eq_ignore_ascii_case(&host) && (p.is_none() || *p == port))
+        self.entries.iter().any(|(h, p)| h.eq_ignore_ascii_case(&host) && (p.is_none() || *p == port))
     }
 }
 

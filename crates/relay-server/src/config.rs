@@ -129,9 +129,7 @@ impl Config {
     pub fn data_dir(&self) -> Result<PathBuf, ConfigError> {
         match &self.data_dir {
             Some(dir) => Ok(dir.clone()),
-            None => directories::ProjectDirs::from("", "", "relay")
-                .map(|d| d.data_dir().join("server"))
-                .ok_or(ConfigError::NoDataDir),
+            None => directories::ProjectDirs::from("", "", "relay").map(|d| d.data_dir().join("server")).ok_or(ConfigError::NoDataDir),
         }
     }
 }

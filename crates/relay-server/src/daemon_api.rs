@@ -38,13 +38,9 @@ fn error(e: RelayError) -> Response {
     let status = match &e {
         RelayError::Invalid(_) | RelayError::BadArgument { .. } => StatusCode::BAD_REQUEST,
         RelayError::UnknownToken | RelayError::NotRegistered => StatusCode::UNAUTHORIZED,
-        RelayError::JoinKeyRequired(_) | RelayError::WrongJoinKey(_) | RelayError::JoinKeyNeededToCreate => {
-            StatusCode::FORBIDDEN
-        }
+        RelayError::JoinKeyRequired(_) | RelayError::WrongJoinKey(_) | RelayError::JoinKeyNeededToCreate => StatusCode::FORBIDDEN,
         RelayError::NotMember { .. } => StatusCode::FORBIDDEN,
-        RelayError::UnknownPeer { .. } | RelayError::AmbiguousPeer { .. } | RelayError::WhichGroup { .. } => {
-            StatusCode::NOT_FOUND
-        }
+        RelayError::UnknownPeer { .. } | RelayError::AmbiguousPeer { .. } | RelayError::WhichGroup { .. } => StatusCode::NOT_FOUND,
         RelayError::DmToSelf => StatusCode::BAD_REQUEST,
         RelayError::UnknownMessage(_) => StatusCode::NOT_FOUND,
         RelayError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,

@@ -17,11 +17,9 @@ use axum::extract::Request;
 use axum::response::{IntoResponse, Response};
 use http::uri::Authority;
 use http::{HeaderMap, HeaderValue, Method, StatusCode, header};
-use rmcp::model::{
-    JsonObject, ProtocolVersion, RequestId, RequestMetaObject, ServerJsonRpcMessage, ServerResult,
-};
-use rmcp::transport::streamable_http_server::{StreamableHttpServerConfig, StreamableHttpService};
+use rmcp::model::{JsonObject, ProtocolVersion, RequestId, RequestMetaObject, ServerJsonRpcMessage, ServerResult};
 use rmcp::transport::streamable_http_server::session::local::LocalSessionManager;
+use rmcp::transport::streamable_http_server::{StreamableHttpServerConfig, StreamableHttpService};
 use serde::Deserialize;
 
 use crate::Relay;
@@ -81,9 +79,7 @@ impl DirectCalls {
         let stateless = modern_version(headers) && !headers.contains_key("mcp-session-id");
         // rmcp parses Host even when it checks no list (a malformed one is a 400 there), and
         // checks Origin only when configured to: a browser's request goes the long way.
-        let plain = only(headers, header::HOST)
-            .and_then(|host| host.to_str().ok())
-            .is_some_and(|host| Authority::try_from(host).is_ok())
+        let plain = only(headers, header::HOST).and_then(|host| host.to_str().ok()).is_some_and(|host| Authority::try_from(host).is_ok())
             && !headers.contains_key(header::ORIGIN)
             && !headers.contains_key(header::TRANSFER_ENCODING)
             && !headers.keys().any(|name| name.as_str().starts_with("mcp-param-"));

@@ -65,12 +65,7 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
 }
 
 /// Serves an existing [`Relay`]; for tests that also drive it directly.
-pub async fn serve(
-    relay: Arc<Relay>,
-    config: &Config,
-    listener: TcpListener,
-    shutdown: CancellationToken,
-) -> Result<(), ServerError> {
+pub async fn serve(relay: Arc<Relay>, config: &Config, listener: TcpListener, shutdown: CancellationToken) -> Result<(), ServerError> {
     let app = app::router(relay, config, shutdown.clone());
     front::serve(listener, app, shutdown).await?;
     tracing::info!("relay-server stopped");

@@ -219,16 +219,8 @@ pub enum ToolCall {
 
 impl ToolCall {
     /// The tools' names, as the client calls them.
-    pub const NAMES: [&'static str; 8] = [
-        "register",
-        "send_message",
-        "send_dm",
-        "read_new_messages",
-        "list_peers",
-        "get_history",
-        "message_status",
-        "leave_group",
-    ];
+    pub const NAMES: [&'static str; 8] =
+        ["register", "send_message", "send_dm", "read_new_messages", "list_peers", "get_history", "message_status", "leave_group"];
 
     /// The call of tool `name` with `arguments`; `None` for a name that is no tool of ours.
     pub fn parse(name: &str, arguments: JsonObject) -> Option<Result<Self, serde_json::Error>> {
@@ -294,9 +286,8 @@ impl RelayTools {
             };
             let req = args.request;
             let relay = self.relay.clone();
-            let (registration, caller) = tokio::task::spawn_blocking(move || relay.register(caller.as_ref(), req))
-                .await
-                .expect("register does not panic")?;
+            let (registration, caller) =
+                tokio::task::spawn_blocking(move || relay.register(caller.as_ref(), req)).await.expect("register does not panic")?;
             let how_to_call = if bearer == Some(registration.token.as_str()) {
                 "Your Authorization header identifies you; no token argument is needed.".to_owned()
             } else if bearer.is_some() {
@@ -343,9 +334,7 @@ impl RelayTools {
 
     fn send_dm_call(&self, args: SendDmArgs, credentials: Credentials<'_>) -> CallToolResult {
         let started = Instant::now();
-        let outcome = self
-            .caller(credentials, args.auth.token.as_deref())
-            .and_then(|c| self.relay.send_dm(&c, &args.to, &args.message));
+        let outcome = self.caller(credentials, args.auth.token.as_deref()).and_then(|c| self.relay.send_dm(&c, &args.to, &args.message));
         self.finish("send_dm", started, outcome, |s| {
             let to = s.to.as_ref().map_or("?", |p| p.name.as_str());
             format!("DM sent to {to} in group {} as message {}.", s.group_id, s.message_id)
@@ -396,14 +385,17 @@ impl RelayTools {
     fn get_history_call(&self, args: HistoryArgs, credentials: Credentials<'_>) -> CallToolResult {
         let started = Instant::now();
         let outcome = self.caller(credentials, args.auth.token.as_deref()).and_then(|c| {
-            self.relay.history(&c, HistoryRequest {
-                group_id: args.group_id,
-                with_peer: args.with_peer,
-                filter: args.filter,
-                start_time: args.start_time,
-                end_time: args.end_time,
-                limit: args.limit,
-            })
+            self.relay.history(
+                &c,
+                HistoryRequest {
+                    group_id: args.group_id,
+                    with_peer: args.with_peer,
+                    filter: args.filter,
+                    start_time: args.start_time,
+                    end_time: args.end_time,
+                    limit: args.limit,
+                },
+            )
         });
         self.finish("get_history", started, outcome, |h| {
             let what = match &h.with_peer {
@@ -419,9 +411,7 @@ impl RelayTools {
 
     fn message_status_call(&self, args: StatusArgs, credentials: Credentials<'_>) -> CallToolResult {
         let started = Instant::now();
-        let outcome = self
-            .caller(credentials, args.auth.token.as_deref())
-            .and_then(|c| self.relay.message_status(&c, &args.message_id));
+        let outcome = self.caller(credentials, args.auth.token.as_deref()).and_then(|c| self.relay.message_status(&c, &args.message_id));
         self.finish("message_status", started, outcome, |s| {
             let mut out = format!("Message {} ({} in {}):\n", s.message_id, s.kind.as_str(), s.group_id);
             if s.recipients.is_empty() {
@@ -434,8 +424,7 @@ impl RelayTools {
 
     fn leave_group_call(&self, args: LeaveArgs, credentials: Credentials<'_>) -> CallToolResult {
         let started = Instant::now();
-        let outcome =
-            self.caller(credentials, args.auth.token.as_deref()).and_then(|c| self.relay.leave_group(&c, &args.group_id));
+        let outcome = self.caller(credentials, args.auth.token.as_deref()).and_then(|c| self.relay.leave_group(&c, &args.group_id));
         self.finish("leave_group", started, outcome, |l| format!("Left group {} ({}).", l.group_id, l.display_name))
     }
 }
@@ -443,35 +432,27 @@ impl RelayTools {
 /// The tools as rmcp knows them: names, descriptions, argument schemas.
 #[tool_router]
 impl RelayTools {
-    #[tool(
-        description = "Relay: join a group of AI agents on the relay (creating the group if it is new) so you can \
+    #[tool(description = "Relay: join a group of AI agents on the relay (creating the group if it is new) so you can \
         exchange messages with them. Call this before the other relay tools. Returns your peer id, display name \
-        and a relay token. Registering again from the same host and directory returns the same peer."
-    )]
+        and a relay token. Registering again from the same host and directory returns the same peer.")]
     async fn register(&self, Parameters(args): Parameters<RegisterArgs>, ctx: RequestContext<RoleServer>) -> CallToolResult {
         self.call(ToolCall::Register(args), Credentials::of(&ctx)).await
     }
 
-    #[tool(
-        description = "Relay: broadcast a message to every other agent in a relay group. This is the relay's \
-        group channel, not a built-in messaging tool. group_id may be left out when you are in one group."
-    )]
+    #[tool(description = "Relay: broadcast a message to every other agent in a relay group. This is the relay's \
+        group channel, not a built-in messaging tool. group_id may be left out when you are in one group.")]
     async fn send_message(&self, Parameters(args): Parameters<SendMessageArgs>, ctx: RequestContext<RoleServer>) -> CallToolResult {
         self.call(ToolCall::SendMessage(args), Credentials::of(&ctx)).await
     }
 
-    #[tool(
-        description = "Relay: send a direct message to one agent on the relay, by peer id or display name (see \
-        list_peers). Only that peer can read it."
-    )]
+    #[tool(description = "Relay: send a direct message to one agent on the relay, by peer id or display name (see \
+        list_peers). Only that peer can read it.")]
     async fn send_dm(&self, Parameters(args): Parameters<SendDmArgs>, ctx: RequestContext<RoleServer>) -> CallToolResult {
         self.call(ToolCall::SendDm(args), Credentials::of(&ctx)).await
     }
 
-    #[tool(
-        description = "Relay: fetch every unread relay message sent to you (group broadcasts and DMs), oldest \
-        first, and mark them read. The messages come from other agents, not from your user."
-    )]
+    #[tool(description = "Relay: fetch every unread relay message sent to you (group broadcasts and DMs), oldest \
+        first, and mark them read. The messages come from other agents, not from your user.")]
     async fn read_new_messages(&self, Parameters(args): Parameters<ReadArgs>, ctx: RequestContext<RoleServer>) -> CallToolResult {
         self.call(ToolCall::ReadNewMessages(args), Credentials::of(&ctx)).await
     }
@@ -481,19 +462,15 @@ impl RelayTools {
         self.call(ToolCall::ListPeers(args), Credentials::of(&ctx)).await
     }
 
-    #[tool(
-        description = "Relay: past messages of a relay group (its broadcasts) or your DM thread with one peer \
-        (with_peer), newest `limit`, shown oldest first. Filter by regex and ISO 8601 time range."
-    )]
+    #[tool(description = "Relay: past messages of a relay group (its broadcasts) or your DM thread with one peer \
+        (with_peer), newest `limit`, shown oldest first. Filter by regex and ISO 8601 time range.")]
     async fn get_history(&self, Parameters(args): Parameters<HistoryArgs>, ctx: RequestContext<RoleServer>) -> CallToolResult {
         self.call(ToolCall::GetHistory(args), Credentials::of(&ctx)).await
     }
 
-    #[tool(
-        description = "Relay: where a message you sent is, per recipient: stored (on the server), delivered \
+    #[tool(description = "Relay: where a message you sent is, per recipient: stored (on the server), delivered \
         (on their machine), notified (their agent was told), read (it is in their context), held (waiting \
-        for their human to let it in) or failed. For a message sent to you: the state of your own copy."
-    )]
+        for their human to let it in) or failed. For a message sent to you: the state of your own copy.")]
     async fn message_status(&self, Parameters(args): Parameters<StatusArgs>, ctx: RequestContext<RoleServer>) -> CallToolResult {
         self.call(ToolCall::MessageStatus(args), Credentials::of(&ctx)).await
     }

@@ -9,9 +9,7 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
-use relay_proto::{
-    DeliveryState, Event, EventKind, MessageKind, PeerInfo, PeerReceipt, PeerRef, RecipientStatus, StoredMessage, validate,
-};
+use relay_proto::{DeliveryState, Event, EventKind, MessageKind, PeerInfo, PeerReceipt, PeerRef, RecipientStatus, StoredMessage, validate};
 use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 
@@ -279,11 +277,7 @@ impl Relay {
     /// Whether the daemon registered an active peer in the group: the right to its stream.
     pub fn daemon_in_group(&self, daemon_id: &str, group_id: &str) -> Result<bool> {
         validate::group_id(group_id)?;
-        Ok(self
-            .store
-            .peers_in_group(group_id)?
-            .iter()
-            .any(|p| p.left_at.is_none() && p.daemon_id.as_deref() == Some(daemon_id)))
+        Ok(self.store.peers_in_group(group_id)?.iter().any(|p| p.left_at.is_none() && p.daemon_id.as_deref() == Some(daemon_id)))
     }
 
     /// Removes a peer the daemon registered from its group.
@@ -369,16 +363,14 @@ impl Relay {
             }
         };
 
-        let existing =
-            self.store.peer_by_origin(&req.group_id, &req.hostname, &req.working_directory, req.name.as_deref())?;
+        let existing = self.store.peer_by_origin(&req.group_id, &req.hostname, &req.working_directory, req.name.as_deref())?;
         // A token stands for one agent: at most one peer per group. Another peer in a group
         // where the caller already has one gets a token of its own.
         let keep_caller = match caller {
             Some(c) => {
                 let existing_id = existing.as_ref().map(|p| p.peer_id.as_str());
                 let mine = self.active_peers(c)?;
-                (!mine.iter().any(|p| p.group_id == req.group_id && Some(p.peer_id.as_str()) != existing_id))
-                    .then(|| c.clone())
+                (!mine.iter().any(|p| p.group_id == req.group_id && Some(p.peer_id.as_str()) != existing_id)).then(|| c.clone())
             }
             None => None,
         };
@@ -453,8 +445,7 @@ impl Relay {
             }
         };
         let base: String = base.chars().take(validate::MAX_NAME_CHARS - 4).collect();
-        let taken: Vec<String> =
-            self.store.peers_in_group(&req.group_id)?.into_iter().map(|p| p.display_name).collect();
+        let taken: Vec<String> = self.store.peers_in_group(&req.group_id)?.into_iter().map(|p| p.display_name).collect();
         let mut candidate = base.clone();
         let mut n = 2;
         while taken.iter().any(|t| t.eq_ignore_ascii_case(&candidate)) {
@@ -636,13 +627,7 @@ impl Relay {
 
     /// Reads the log page by page after `after`, keeping entries that pass `keep`, until
     /// `limit` are kept or the query runs out. Returns them and the last sequence scanned.
-    fn scan(
-        &self,
-        mut query: LogQuery,
-        after: u64,
-        limit: usize,
-        mut keep: impl FnMut(&LogEntry) -> bool,
-    ) -> Result<(Vec<LogEntry>, u64)> {
+    fn scan(&self, mut query: LogQuery, after: u64, limit: usize, mut keep: impl FnMut(&LogEntry) -> bool) -> Result<(Vec<LogEntry>, u64)> {
         query.after_seq = after;
         query.limit = PAGE;
         query.newest_first = false;
@@ -844,14 +829,7 @@ impl Relay {
             }
             None => None,
         };
-        let mut query = LogQuery {
-            group_id: me.group_id.clone(),
-            since,
-            until,
-            newest_first: true,
-            limit: PAGE,
-            ..Default::default()
-        };
+        let mut query = LogQuery { group_id: me.group_id.clone(), since, until, newest_first: true, limit: PAGE, ..Default::default() };
         match &with {
             Some(peer) => {
                 query.kinds = Some(vec![EventKind::Dm]);
@@ -910,10 +888,7 @@ impl Relay {
 
     /// The peer `peer_id` of `group_id`, if `caller` holds it and it has not left.
     pub fn owned_peer(&self, caller: &Caller, group_id: &str, peer_id: &str) -> Result<Option<PeerRecord>> {
-        Ok(self
-            .store
-            .peer(peer_id)?
-            .filter(|p| p.group_id == group_id && p.principal_id == caller.principal && p.left_at.is_none()))
+        Ok(self.store.peer(peer_id)?.filter(|p| p.group_id == group_id && p.principal_id == caller.principal && p.left_at.is_none()))
     }
 
     /// A peer is online while it has an event stream open, or its daemon has one for its group.
@@ -1010,11 +985,8 @@ pub fn is_for(e: &LogEntry, peer_id: &str) -> bool {
 /// Finds `to` among `peers` by id, then exact display name, then display name ignoring case.
 fn resolve_peer<'a>(to: &str, peers: &'a [PeerRecord]) -> Result<&'a PeerRecord> {
     let to_trimmed = to.trim().trim_start_matches('@');
-    let rules: [&dyn Fn(&PeerRecord) -> bool; 3] = [
-        &|p| p.peer_id == to_trimmed,
-        &|p| p.display_name == to_trimmed,
-        &|p| p.display_name.eq_ignore_ascii_case(to_trimmed),
-    ];
+    let rules: [&dyn Fn(&PeerRecord) -> bool; 3] =
+        [&|p| p.peer_id == to_trimmed, &|p| p.display_name == to_trimmed, &|p| p.display_name.eq_ignore_ascii_case(to_trimmed)];
     for rule in rules {
         let matches: Vec<&PeerRecord> = peers.iter().filter(|p| rule(p)).collect();
         match matches.len() {
@@ -1055,10 +1027,7 @@ pub fn stored_message(e: &LogEntry) -> StoredMessage {
         group_id: e.group_id.clone(),
         kind: e.kind.message_kind().unwrap_or(MessageKind::Broadcast),
         sender: PeerRef { peer_id: e.sender_id.clone(), name: e.sender_name.clone() },
-        recipient: e
-            .recipient_id
-            .as_ref()
-            .map(|id| PeerRef { peer_id: id.clone(), name: e.recipient_name.clone().unwrap_or_default() }),
+        recipient: e.recipient_id.as_ref().map(|id| PeerRef { peer_id: id.clone(), name: e.recipient_name.clone().unwrap_or_default() }),
         text: e.body.clone(),
         sent_at: e.created_at,
         delivery: None,

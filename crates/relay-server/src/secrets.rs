@@ -28,10 +28,7 @@ pub fn new_id(prefix: &str) -> String {
 }
 
 pub fn hash_join_key(key: &str) -> String {
-    Argon2::default()
-        .hash_password(key.as_bytes())
-        .expect("argon2 with default parameters cannot fail")
-        .to_string()
+    Argon2::default().hash_password(key.as_bytes()).expect("argon2 with default parameters cannot fail").to_string()
 }
 
 pub fn join_key_matches(key: &str, hash: &str) -> bool {

@@ -240,9 +240,10 @@ impl GroupStream {
                 },
             };
             if entry.entry.seq > self.last_sent
-                && let Some(frame) = self.deliver(&entry.entry, Some(&entry.frames)) {
-                    return Some(frame);
-                }
+                && let Some(frame) = self.deliver(&entry.entry, Some(&entry.frames))
+            {
+                return Some(frame);
+            }
         }
     }
 
@@ -254,11 +255,7 @@ impl GroupStream {
             limit: REPLAY_PAGE,
             ..Default::default()
         })?;
-        self.replayed_to = if page.len() < REPLAY_PAGE {
-            self.replay_until
-        } else {
-            page.last().map_or(self.replay_until, |e| e.seq)
-        };
+        self.replayed_to = if page.len() < REPLAY_PAGE { self.replay_until } else { page.last().map_or(self.replay_until, |e| e.seq) };
         self.backlog.extend(page);
         Ok(())
     }

@@ -117,19 +117,44 @@ async fn daemon_endpoints_check_their_credentials() {
     assert_eq!(EventStream::open(&url, None, None).await.status, 401);
     assert_eq!(EventStream::open(&url, Some(pane["token"].as_str().unwrap()), None).await.status, 401);
     assert_eq!(other.events(&server, "team", None).await.status, 403);
-    let resp = http.post(server.url("/v1/peers")).bearer_auth("rly_nope").json(&json!({"group_id": "g", "hostname": "h", "working_directory": "/"})).send().await.unwrap();
+    let resp = http
+        .post(server.url("/v1/peers"))
+        .bearer_auth("rly_nope")
+        .json(&json!({"group_id": "g", "hostname": "h", "working_directory": "/"}))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(resp.status(), 401);
 
     // bad input is a 400 with a readable error; a protected group a 403
-    let resp = http.post(server.url("/v1/peers")).bearer_auth(&d.token).json(&json!({"group_id": "no spaces", "hostname": "h", "working_directory": "/"})).send().await.unwrap();
+    let resp = http
+        .post(server.url("/v1/peers"))
+        .bearer_auth(&d.token)
+        .json(&json!({"group_id": "no spaces", "hostname": "h", "working_directory": "/"}))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(resp.status(), 400);
     let body: Value = resp.json().await.unwrap();
     assert!(body["error"].as_str().unwrap().contains("group_id \"no spaces\""), "{body}");
-    let resp = http.post(server.url("/v1/peers")).bearer_auth(&d.token).body("{not json").header("content-type", "application/json").send().await.unwrap();
+    let resp = http
+        .post(server.url("/v1/peers"))
+        .bearer_auth(&d.token)
+        .body("{not json")
+        .header("content-type", "application/json")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(resp.status(), 400);
     let anon = server.client(None).await;
     anon.ok("register", json!({"group_id": "locked", "hostname": "h", "working_directory": "/", "join_key": "sesame seeds"})).await;
-    let resp = http.post(server.url("/v1/peers")).bearer_auth(&d.token).json(&json!({"group_id": "locked", "hostname": "h", "working_directory": "/x"})).send().await.unwrap();
+    let resp = http
+        .post(server.url("/v1/peers"))
+        .bearer_auth(&d.token)
+        .json(&json!({"group_id": "locked", "hostname": "h", "working_directory": "/x"}))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(resp.status(), 403);
 
     // only the daemon that registered a peer can remove it

@@ -83,8 +83,7 @@ async fn a_dm_moves_from_stored_through_daemon_receipts_to_read() {
     assert_eq!(status["recipients"][0]["detail"], "bypass-permissions mode");
     assert_eq!(report(&server, &daemon, receipt("read")).await.1["moved"], 1);
     assert_eq!(report(&server, &daemon, receipt("notified")).await.1["unchanged"], 1);
-    let got: Vec<String> =
-        sender_events.drain(SHORT).await.iter().map(|e| e.data["state"].as_str().unwrap().to_owned()).collect();
+    let got: Vec<String> = sender_events.drain(SHORT).await.iter().map(|e| e.data["state"].as_str().unwrap().to_owned()).collect();
     assert_eq!(got, ["held", "read"]);
     // the recipient's machine hears of what ends its own wait (held, read), not of the rest
     let own: Vec<String> = daemon_events.drain(SHORT).await.iter().map(|e| e.data["state"].as_str().unwrap().to_owned()).collect();
@@ -146,7 +145,10 @@ async fn daemons_report_only_for_their_own_peers_and_real_messages() {
     let (code, body) = report(&server, &d1, receipts).await;
     assert_eq!((code, body["moved"].as_u64()), (200, Some(0)));
     let errors: Vec<&str> = body["rejected"].as_array().unwrap().iter().map(|r| r["error"].as_str().unwrap()).collect();
-    assert_eq!(errors, ["this daemon registered no such peer", "the message was not sent to this peer", "no such message in the peer's group"]);
+    assert_eq!(
+        errors,
+        ["this daemon registered no such peer", "the message was not sent to this peer", "no such message in the peer's group"]
+    );
     assert_eq!(states(&sender.ok("message_status", json!({"message_id": id})).await), [("box:theirs".into(), "stored".into())]);
 
     // a bad state or a bad token is refused outright

@@ -75,8 +75,7 @@ async fn post(server: &TestServer, call: &Call, raw_body: Option<&str>) -> reqwe
 async fn send(server: &TestServer, call: Call, raw_body: Option<&str>) -> (u16, String, String) {
     let response = post(server, &call, raw_body).await;
     let status = response.status().as_u16();
-    let content_type =
-        response.headers().get("content-type").map(|v| v.to_str().unwrap().to_owned()).unwrap_or_default();
+    let content_type = response.headers().get("content-type").map(|v| v.to_str().unwrap().to_owned()).unwrap_or_default();
     let text = response.text().await.unwrap();
     let masks = [
         (r"rly_[0-9a-f]{64}", "TOKEN"),
@@ -125,10 +124,32 @@ async fn run(server: &TestServer) -> Vec<(&'static str, (u16, String, String))> 
         ("method header differs", call("list_peers", json!({})).bearer(&alice).header("mcp-method", "tools/list"), None),
         ("method header twice", call("list_peers", json!({})).bearer(&alice).also_header("mcp-method", "tools/call"), None),
         ("no name header", call("list_peers", json!({})).bearer(&alice).without("mcp-name"), None),
-        ("no meta", call("list_peers", json!({})).bearer(&alice).body(|b| b["params"].as_object_mut().unwrap().remove("_meta").map(drop).unwrap()), None),
-        ("meta version differs", call("list_peers", json!({})).bearer(&alice).body(|b| b["params"]["_meta"]["io.modelcontextprotocol/protocolVersion"] = json!("2025-11-25")), None),
-        ("meta without capabilities", call("list_peers", json!({})).bearer(&alice).body(|b| b["params"]["_meta"].as_object_mut().unwrap().remove("io.modelcontextprotocol/clientCapabilities").map(drop).unwrap()), None),
-        ("no arguments", call("list_peers", json!({})).bearer(&alice).body(|b| b["params"].as_object_mut().unwrap().remove("arguments").map(drop).unwrap()), None),
+        (
+            "no meta",
+            call("list_peers", json!({})).bearer(&alice).body(|b| b["params"].as_object_mut().unwrap().remove("_meta").map(drop).unwrap()),
+            None,
+        ),
+        (
+            "meta version differs",
+            call("list_peers", json!({}))
+                .bearer(&alice)
+                .body(|b| b["params"]["_meta"]["io.modelcontextprotocol/protocolVersion"] = json!("2025-11-25")),
+            None,
+        ),
+        (
+            "meta without capabilities",
+            call("list_peers", json!({})).bearer(&alice).body(|b| {
+                b["params"]["_meta"].as_object_mut().unwrap().remove("io.modelcontextprotocol/clientCapabilities").map(drop).unwrap()
+            }),
+            None,
+        ),
+        (
+            "no arguments",
+            call("list_peers", json!({}))
+                .bearer(&alice)
+                .body(|b| b["params"].as_object_mut().unwrap().remove("arguments").map(drop).unwrap()),
+            None,
+        ),
         ("extra params field", call("list_peers", json!({})).bearer(&alice).body(|b| b["params"]["extra"] = json!(1)), None),
         ("jsonrpc 1.0", call("list_peers", json!({})).bearer(&alice).body(|b| b["jsonrpc"] = json!("1.0")), None),
         ("fractional id", call("list_peers", json!({})).bearer(&alice).body(|b| b["id"] = json!(1.5)), None),
@@ -136,9 +157,17 @@ async fn run(server: &TestServer) -> Vec<(&'static str, (u16, String, String))> 
         ("a Host rmcp cannot parse", call("list_peers", json!({})).bearer(&alice).header("host", "::1"), None),
         ("unknown session", call("list_peers", json!({})).bearer(&alice).header("mcp-session-id", "nope"), None),
         ("accepts json only", call("list_peers", json!({})).bearer(&alice).header("accept", "application/json"), None),
-        ("accept with weights", call("list_peers", json!({})).bearer(&alice).header("accept", "application/json;q=0.9, text/event-stream"), None),
+        (
+            "accept with weights",
+            call("list_peers", json!({})).bearer(&alice).header("accept", "application/json;q=0.9, text/event-stream"),
+            None,
+        ),
         ("text content type", call("list_peers", json!({})).bearer(&alice).header("content-type", "text/plain"), None),
-        ("charset content type", call("list_peers", json!({})).bearer(&alice).header("content-type", "application/json; charset=utf-8"), None),
+        (
+            "charset content type",
+            call("list_peers", json!({})).bearer(&alice).header("content-type", "application/json; charset=utf-8"),
+            None,
+        ),
         ("not JSON", call("list_peers", json!({})).bearer(&alice), Some("{\"jsonrpc\": ")),
         ("a batch", call("list_peers", json!({})).bearer(&alice), Some("[]")),
         ("empty body", call("list_peers", json!({})).bearer(&alice), Some("")),

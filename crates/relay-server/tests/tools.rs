@@ -12,7 +12,10 @@ async fn lists_the_eight_tools_described_as_the_relays() {
     let tools = client.service.list_all_tools().await.unwrap();
     let mut names: Vec<&str> = tools.iter().map(|t| t.name.as_ref()).collect();
     names.sort();
-    assert_eq!(names, ["get_history", "leave_group", "list_peers", "message_status", "read_new_messages", "register", "send_dm", "send_message"]);
+    assert_eq!(
+        names,
+        ["get_history", "leave_group", "list_peers", "message_status", "read_new_messages", "register", "send_dm", "send_message"]
+    );
     for tool in &tools {
         let description = tool.description.as_deref().unwrap_or_default();
         assert!(description.starts_with("Relay: "), "{}: {description}", tool.name);
@@ -295,8 +298,8 @@ async fn bad_input_gets_clear_errors_and_loses_nothing() {
     let err = anon.err("register", json!({"group_id": "g", "hostname": "h\u{1b}[2J", "working_directory": "/"})).await;
     assert!(err.contains("control characters"), "{err}");
     // arguments of the wrong shape are refused, saying which
-    let params = rmcp::model::CallToolRequestParams::new("send_message")
-        .with_arguments(json!({"message": 42}).as_object().unwrap().clone());
+    let params =
+        rmcp::model::CallToolRequestParams::new("send_message").with_arguments(json!({"message": 42}).as_object().unwrap().clone());
     let refusal = format!("{:?}", alice.service.call_tool(params).await);
     assert!(refusal.contains("invalid type: integer `42`"), "{refusal}");
 

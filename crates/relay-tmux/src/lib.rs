@@ -59,10 +59,7 @@ impl Tmux for RealTmux {
     fn run(&self, args: &[&str]) -> Result<String, TmuxError> {
         let out = self.command().args(args).output().map_err(TmuxError::Spawn)?;
         if !out.status.success() {
-            return Err(TmuxError::Failed {
-                args: args.join(" "),
-                stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
-            });
+            return Err(TmuxError::Failed { args: args.join(" "), stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned() });
         }
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
@@ -141,10 +138,8 @@ fn parse_pane(line: &str) -> Option<Pane> {
 /// The pane `target` names (`%3`, `sess:1.0`, …).
 pub fn pane(tmux: &dyn Tmux, target: &str) -> Result<Pane, TmuxError> {
     let out = tmux.run(&["display-message", "-p", "-t", target, PANE_FORMAT])?;
-    parse_pane(out.trim_end_matches('\n')).ok_or_else(|| TmuxError::Failed {
-        args: format!("display-message -t {target}"),
-        stderr: format!("unexpected answer {out:?}"),
-    })
+    parse_pane(out.trim_end_matches('\n'))
+        .ok_or_else(|| TmuxError::Failed { args: format!("display-message -t {target}"), stderr: format!("unexpected answer {out:?}") })
 }
 
 /// Every pane of the server.
@@ -202,12 +197,7 @@ pub fn kill_pane(tmux: &dyn Tmux, pane: &str) -> Result<(), TmuxError> {
 /// The panes whose start command contains `needle` (to find a pane's sidebar).
 pub fn panes_started_with(tmux: &dyn Tmux, needle: &str) -> Result<Vec<String>, TmuxError> {
     let out = tmux.run(&["list-panes", "-a", "-F", "#{pane_id}\t#{pane_start_command}"])?;
-    Ok(out
-        .lines()
-        .filter_map(|l| l.split_once('\t'))
-        .filter(|(_, cmd)| cmd.contains(needle))
-        .map(|(id, _)| id.to_owned())
-        .collect())
+    Ok(out.lines().filter_map(|l| l.split_once('\t')).filter(|(_, cmd)| cmd.contains(needle)).map(|(id, _)| id.to_owned()).collect())
 }
 
 #[cfg(test)]
@@ -219,16 +209,19 @@ mod tests {
         let fake = FakeTmux::default();
         fake.answer("display-message", Ok("%3\t4242\tclaude\t/home/me/api\twork:1.0\t0\t120\t7\t23\n"));
         let p = pane(&fake, "%3").unwrap();
-        assert_eq!(p, Pane {
-            id: "%3".into(),
-            pid: 4242,
-            current_command: "claude".into(),
-            current_path: "/home/me/api".into(),
-            target: "work:1.0".into(),
-            in_mode: false,
-            width: 120,
-            cursor: (7, 23),
-        });
+        assert_eq!(
+            p,
+            Pane {
+                id: "%3".into(),
+                pid: 4242,
+                current_command: "claude".into(),
+                current_path: "/home/me/api".into(),
+                target: "work:1.0".into(),
+                in_mode: false,
+                width: 120,
+                cursor: (7, 23),
+            }
+        );
         fake.answer("split-window", Ok("%9\n"));
         assert_eq!(split_beside(&fake, "%3", 40, "relay-pane --pane %3").unwrap(), "%9");
         send_literal(&fake, "%3", "-not a flag").unwrap();

@@ -13,7 +13,8 @@ struct Server {
 
 impl Server {
     fn start(test: &str) -> Option<Self> {
-        let found = std::process::Command::new("tmux").arg("-V").output().ok().filter(|o| o.status.success()).map(|_| PathBuf::from("tmux"));
+        let found =
+            std::process::Command::new("tmux").arg("-V").output().ok().filter(|o| o.status.success()).map(|_| PathBuf::from("tmux"));
         relay_e2e::require(test, "tmux", found)?;
         let name = format!("relay-test-{}-{}", std::process::id(), test);
         let tmux = RealTmux::named(&name);

@@ -20,11 +20,7 @@ pub fn init_tracing_quiet(verbose: u8) {
 fn init_tracing_from(levels: [&str; 3], verbose: u8) {
     use std::io::IsTerminal;
     let filter = env_filter(levels[usize::from(verbose.min(2))]);
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(std::io::stderr().is_terminal()).init();
 }
 
 /// Logs to a file (for programs whose terminal is their user interface): `RUST_LOG` if

@@ -31,9 +31,7 @@ pub struct Client {
 impl Client {
     /// Connects and exchanges hellos.
     pub async fn connect(path: &Path, client_name: &str) -> Result<Self, ClientError> {
-        let stream = socket::connect(path)
-            .await
-            .map_err(|source| ClientError::NotRunning { path: path.display().to_string(), source })?;
+        let stream = socket::connect(path).await.map_err(|source| ClientError::NotRunning { path: path.display().to_string(), source })?;
         let mut client = Self { stream, reader: FrameReader::default() };
         let hello = Request::Hello { version: PROTOCOL_VERSION, client: client_name.to_owned() };
         match client.request(&hello).await? {

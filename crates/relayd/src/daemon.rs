@@ -5,10 +5,8 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use relay_proto::local::{
-    AgentInfo, AttachRequest, Attachment, ConnectionState, Credential, ErrorCode, Reply, Status, Upstream,
-};
 use futures::StreamExt;
+use relay_proto::local::{AgentInfo, AttachRequest, Attachment, ConnectionState, Credential, ErrorCode, Reply, Status, Upstream};
 use relay_proto::{DeliveryState, Event, EventKind, Receipt};
 use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
@@ -340,7 +338,10 @@ impl Daemon {
             }
             (Some(other), Some(name)) => Err((
                 ErrorCode::Server,
-                format!("pane {} is already attached to {} as {name} from this directory; choose another --name", other.attachment.pane, req.group),
+                format!(
+                    "pane {} is already attached to {} as {name} from this directory; choose another --name",
+                    other.attachment.pane, req.group
+                ),
             )),
         }
     }
@@ -499,7 +500,8 @@ impl Daemon {
             .values()
             .map(|h| {
                 let mut u = h.status.clone();
-                u.panes = inner.state.attachments.iter().filter(|a| a.attachment.server == u.server && a.attachment.group == u.group).count();
+                u.panes =
+                    inner.state.attachments.iter().filter(|a| a.attachment.server == u.server && a.attachment.group == u.group).count();
                 u
             })
             .collect();
@@ -533,9 +535,10 @@ impl Daemon {
         let mut events = sse_stream::SseStream::from_bytes_stream(response.bytes_stream());
         while let Some(Ok(sse)) = events.next().await {
             if let Some(event) = sse.data.and_then(|d| serde_json::from_str::<Event>(&d).ok())
-                && visible_to(&event, &a.peer_id) {
-                    out.push(event);
-                }
+                && visible_to(&event, &a.peer_id)
+            {
+                out.push(event);
+            }
         }
         Ok(out)
     }

@@ -36,8 +36,7 @@ pub enum DaemonError {
 
 /// Runs the daemon until `shutdown` is cancelled (or a client asks it to stop).
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), DaemonError> {
-    let notifier: Arc<dyn Notifier> =
-        if config.notifications { Arc::new(notify::Desktop::default()) } else { Arc::new(notify::Silent) };
+    let notifier: Arc<dyn Notifier> = if config.notifications { Arc::new(notify::Desktop::default()) } else { Arc::new(notify::Silent) };
     run_with(config, notifier, shutdown).await
 }
 

@@ -57,13 +57,7 @@ pub async fn run(daemon: Arc<Daemon>, server: String, group: String, cancel: Can
     }
 }
 
-async fn read_stream(
-    daemon: &Arc<Daemon>,
-    server: &str,
-    group: &str,
-    retry_hint: &mut Option<Duration>,
-    attempt: &mut u32,
-) -> Ended {
+async fn read_stream(daemon: &Arc<Daemon>, server: &str, group: &str, retry_hint: &mut Option<Duration>, attempt: &mut u32) -> Ended {
     let Some(token) = daemon.daemon_token(server) else {
         return Ended::Failed("no credential for this server".into());
     };

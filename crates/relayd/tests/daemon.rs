@@ -7,9 +7,9 @@ use std::time::Duration;
 use relay_e2e::mcp::{Client as Mcp, Mode};
 use relay_proto::local::{AttachRequest, ErrorCode, Reply, Request};
 use relay_proto::{DeliveryState, Receipt};
+use relayd::Config;
 use relayd::client::Client;
 use relayd::notify::{Notice, Notifier};
-use relayd::Config;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
@@ -187,8 +187,11 @@ async fn twenty_panes_share_one_upstream_and_get_what_is_theirs() {
     for (i, got) in all.into_iter().enumerate() {
         // (the panes' own joins may still be arriving; only the far peer's matters here)
         type KindAndPreview = Vec<(String, String)>;
-        let (receipts, got): (KindAndPreview, KindAndPreview) =
-            got.into_iter().map(|(k, p, _)| (k, p)).filter(|(k, p)| k != "peer_joined" || p.starts_with("far:")).partition(|(k, _)| k == "receipt");
+        let (receipts, got): (KindAndPreview, KindAndPreview) = got
+            .into_iter()
+            .map(|(k, p, _)| (k, p))
+            .filter(|(k, p)| k != "peer_joined" || p.starts_with("far:"))
+            .partition(|(k, _)| k == "receipt");
         let mut want = vec![("peer_joined".to_owned(), "far:far joined team".to_owned()), ("message".into(), "hello everyone".into())];
         if i == 5 {
             want.push(("dm".into(), "just you, five".into()));
@@ -298,7 +301,13 @@ async fn attach_is_idempotent_and_detach_leaves_the_group() {
     }
     // a group with a wrong join key is refused with the server's words
     anonymous_protected_group(&server).await;
-    let locked = AttachRequest { pane: "%2".into(), group: "locked".into(), working_directory: "/x".into(), join_key: Some("wrong key!".into()), ..Default::default() };
+    let locked = AttachRequest {
+        pane: "%2".into(),
+        group: "locked".into(),
+        working_directory: "/x".into(),
+        join_key: Some("wrong key!".into()),
+        ..Default::default()
+    };
     match c.request(&Request::Attach(locked)).await.unwrap() {
         Reply::Error { code: ErrorCode::Server, message } => assert!(message.contains("wrong join key"), "{message}"),
         other => panic!("{other:?}"),
@@ -437,7 +446,13 @@ async fn two_panes_in_one_directory_are_two_peers() {
         assert_eq!(sent["from"]["peer_id"], creds[0].peer_id.as_str());
     }
     // the same explicit name from the same directory is refused, not taken over
-    let clash = AttachRequest { pane: "%9".into(), group: "team".into(), working_directory: "/src/same".into(), name: Some("twin".into()), ..Default::default() };
+    let clash = AttachRequest {
+        pane: "%9".into(),
+        group: "team".into(),
+        working_directory: "/src/same".into(),
+        name: Some("twin".into()),
+        ..Default::default()
+    };
     daemon.client().await.request(&Request::Attach(AttachRequest { pane: "%8".into(), ..clash.clone() })).await.unwrap();
     match daemon.client().await.request(&Request::Attach(clash)).await.unwrap() {
         Reply::Error { message, .. } => assert!(message.contains("already attached") && message.contains("--name"), "{message}"),
@@ -469,7 +484,10 @@ async fn a_panes_reports_reach_the_sender_as_message_states() {
         receipts: vec![Receipt { message_id: id.clone(), group: "team".into(), state, detail: detail.map(str::to_owned) }],
     };
     let mut control = daemon.client().await;
-    assert_eq!(control.request(&report(DeliveryState::Held, Some("waiting for the human"))).await.unwrap(), Reply::Reported { pane: "%4".into(), queued: 1 });
+    assert_eq!(
+        control.request(&report(DeliveryState::Held, Some("waiting for the human"))).await.unwrap(),
+        Reply::Reported { pane: "%4".into(), queued: 1 }
+    );
     assert_eq!(reaches("held").await["detail"], "waiting for the human");
     let Reply::Status { status } = control.request(&Request::Status).await.unwrap() else { panic!() };
     assert_eq!(status.held, [("%4".to_owned(), 1)].into(), "relay status shows what is held");

@@ -19,7 +19,8 @@ fn relayd(dir: &Path, server: &str, bus: &str) -> (KillOnDrop, PathBuf) {
 async fn attached_pane(socket: &Path) -> String {
     for _ in 0..500 {
         if let Ok(mut c) = Client::connect(socket, "test").await {
-            let req = AttachRequest { pane: "%4".into(), group: "team".into(), working_directory: "/src/mine".into(), ..Default::default() };
+            let req =
+                AttachRequest { pane: "%4".into(), group: "team".into(), working_directory: "/src/mine".into(), ..Default::default() };
             match c.request(&Request::Attach(req)).await.unwrap() {
                 Reply::Attached { attachment, .. } => return attachment.peer_id,
                 other => panic!("{other:?}"),
@@ -52,7 +53,11 @@ async fn a_dm_shows_a_desktop_notification() {
         if let Some(shown) = desktop.shown() {
             break shown;
         }
-        assert!(Instant::now() < deadline, "no notification shown; relayd log:\n{}", std::fs::read_to_string(dir.path().join("relayd.log")).unwrap());
+        assert!(
+            Instant::now() < deadline,
+            "no notification shown; relayd log:\n{}",
+            std::fs::read_to_string(dir.path().join("relayd.log")).unwrap()
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     assert!(history.contains("DM from far:far in team"), "{history}");

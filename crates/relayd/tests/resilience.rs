@@ -111,9 +111,7 @@ async fn kill_9_relayd_and_restart_the_server_every_pane_gets_every_message_once
     let far = Mcp::connect(&format!("{base}/mcp"), None, Mode::Stateless).await;
     let reg = far.ok("register", json!({"group_id": "durable", "hostname": "far", "working_directory": "/far"})).await;
     let panes: Vec<(&'static str, Arc<Mutex<Pane>>)> = vec![("%1", Arc::default()), ("%2", Arc::default())];
-    let follow_all = |socket: PathBuf| {
-        panes.iter().map(|(p, v)| tokio::spawn(follow(socket.clone(), p, v.clone()))).collect::<Vec<_>>()
-    };
+    let follow_all = |socket: PathBuf| panes.iter().map(|(p, v)| tokio::spawn(follow(socket.clone(), p, v.clone()))).collect::<Vec<_>>();
     let followers = follow_all(relayd.socket.clone());
     tokio::time::sleep(Duration::from_millis(300)).await;
 
@@ -152,8 +150,7 @@ async fn kill_9_relayd_and_restart_the_server_every_pane_gets_every_message_once
     let far_url = format!("{base}/mcp");
     let far_again = Mcp::connect(&far_url, Some(reg["token"].as_str().unwrap()), Mode::Stateless).await;
     let history = far_again.ok("get_history", json!({"limit": 1000})).await;
-    let stored: Vec<String> =
-        history["messages"].as_array().unwrap().iter().map(|m| m["text"].as_str().unwrap().to_owned()).collect();
+    let stored: Vec<String> = history["messages"].as_array().unwrap().iter().map(|m| m["text"].as_str().unwrap().to_owned()).collect();
     for text in &acked {
         assert!(stored.contains(text), "acknowledged {text:?} is not stored");
     }

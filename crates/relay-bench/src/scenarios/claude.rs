@@ -58,7 +58,14 @@ pub async fn claude_inbox(samples: usize, report: &mut Report) -> Result<()> {
     report.add(label, "(a) inbox post → model request p90", quantile(&mut floor, 0.9), "ms");
     report.add(label, "(b) relay send → model request p50", relayed_p50, "ms");
     report.add(label, "(b) relay send → model request p90", quantile(&mut relayed, 0.9), "ms");
-    report.goal(label, "relay's own cost (b − a) p50", relayed_p50 - floor_p50, "ms", (Goal::AtMost(5.0), "≤ 5"), Some("56 ms to a pointer"));
+    report.goal(
+        label,
+        "relay's own cost (b − a) p50",
+        relayed_p50 - floor_p50,
+        "ms",
+        (Goal::AtMost(5.0), "≤ 5"),
+        Some("56 ms to a pointer"),
+    );
     report.add(label, "b − a, median of the pairs", quantile(&mut paired, 0.5), "ms");
     report.completed.push(label);
     Ok(())

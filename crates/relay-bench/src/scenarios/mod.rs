@@ -56,9 +56,7 @@ pub struct Peer {
 }
 
 pub async fn register(mcp: &McpHttp, group: &str, dir: &str) -> Result<Peer> {
-    let r = mcp
-        .call_tool("register", &json!({"group_id": group, "hostname": "bench", "working_directory": dir}))
-        .await?;
+    let r = mcp.call_tool("register", &json!({"group_id": group, "hostname": "bench", "working_directory": dir})).await?;
     let s = &r["structuredContent"];
     Ok(Peer {
         peer_id: s["peer_id"].as_str().context("peer_id")?.to_owned(),
@@ -179,7 +177,10 @@ const SPIN: Duration = Duration::from_micros(200);
 enum Readers {
     Tasks(Vec<tokio::task::JoinHandle<()>>),
     #[cfg(target_os = "linux")]
-    Polling { stop: Arc<std::sync::atomic::AtomicBool>, thread: Option<std::thread::JoinHandle<Result<()>>> },
+    Polling {
+        stop: Arc<std::sync::atomic::AtomicBool>,
+        thread: Option<std::thread::JoinHandle<Result<()>>>,
+    },
 }
 
 impl Readers {
@@ -420,7 +421,12 @@ pub async fn daemon(target: &Target, panes: usize, messages: usize, report: &mut
         }
     };
     for i in 0..panes {
-        let req = AttachRequest { pane: format!("%{i}"), group: "bench-daemon".into(), working_directory: format!("/bench/pane{i}"), ..Default::default() };
+        let req = AttachRequest {
+            pane: format!("%{i}"),
+            group: "bench-daemon".into(),
+            working_directory: format!("/bench/pane{i}"),
+            ..Default::default()
+        };
         match control.request(&Request::Attach(req)).await? {
             Reply::Attached { .. } => {}
             other => bail!("attach failed: {other:?}"),

@@ -204,12 +204,15 @@ mod tests {
     #[test]
     fn parses_receipts_and_replies() {
         let held = r#"{"type":"control","action":"peer_message_status","status":"held","reason":"Your message is held","from":"uds:/tmp/cc-socks/1.sock","orig_msg_id":"u-1","msgV":1,"msg_id":"u-2"}"#;
-        assert_eq!(parse(held), Some(Inbound::Status {
-            orig_msg_id: Some("u-1".into()),
-            status: "held".into(),
-            detail: None,
-            reason: Some("Your message is held".into())
-        }));
+        assert_eq!(
+            parse(held),
+            Some(Inbound::Status {
+                orig_msg_id: Some("u-1".into()),
+                status: "held".into(),
+                detail: None,
+                reason: Some("Your message is held".into())
+            })
+        );
         let refused = r#"{"type":"control","action":"peer_message_status","status":"expired","status_detail":"refused"}"#;
         assert!(matches!(parse(refused), Some(Inbound::Status { detail: Some(d), .. }) if d == "refused"));
         let reply = r#"{"msgV":1,"msg_id":"x","type":"user","message":{"role":"user","content":"<cross-session-message from=\"uds:/tmp/cc-socks/9.sock\" hop-chain=\"b0\" from-name=\"proj-49\" from-mode=\"prompting\">\nhi back\nfrom bob\n</cross-session-message>"},"priority":"next","from":"uds:/tmp/cc-socks/9.sock"}"#;

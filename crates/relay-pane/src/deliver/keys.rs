@@ -17,11 +17,8 @@ pub const ENTER_DELAY: Duration = Duration::from_millis(150);
 /// A name made safe to type: printable ASCII of a known set, bounded. Anything else (escape
 /// sequences, control characters, tmux key syntax) becomes '?'.
 pub fn sanitize(name: &str) -> String {
-    let mut out: String = name
-        .chars()
-        .take(MAX_NAME)
-        .map(|c| if c.is_ascii_alphanumeric() || "._-:@/+".contains(c) { c } else { '?' })
-        .collect();
+    let mut out: String =
+        name.chars().take(MAX_NAME).map(|c| if c.is_ascii_alphanumeric() || "._-:@/+".contains(c) { c } else { '?' }).collect();
     if name.chars().count() > MAX_NAME {
         out.push('~');
     }
@@ -179,7 +176,13 @@ impl Typist {
     }
 
     /// One careful attempt at typing `line` (not an announcement: no backoff, no giving up).
-    pub async fn type_once(&self, tmux: &dyn Tmux, pane: &str, line: &str, agent_status: Option<&str>) -> Result<Outcome, relay_tmux::TmuxError> {
+    pub async fn type_once(
+        &self,
+        tmux: &dyn Tmux,
+        pane: &str,
+        line: &str,
+        agent_status: Option<&str>,
+    ) -> Result<Outcome, relay_tmux::TmuxError> {
         type_line(tmux, pane, line, self.care, agent_status, self.seen.as_ref()).await
     }
 
@@ -282,15 +285,24 @@ mod tests {
             event(EventKind::Message, "bob:web", "mygroup"),
             event(EventKind::Message, "alice:api", "mygroup"),
         ];
-        assert_eq!(announcement(&burst, &|_: &str| false).unwrap(), "[RELAY] 3 new messages in mygroup from alice:api, bob:web. Use read_new_messages.");
-        assert_eq!(announcement(&[event(EventKind::Dm, "bob:web", "g")], &|_: &str| false).unwrap(), "[RELAY] 1 new DM in g from bob:web. Use read_new_messages.");
+        assert_eq!(
+            announcement(&burst, &|_: &str| false).unwrap(),
+            "[RELAY] 3 new messages in mygroup from alice:api, bob:web. Use read_new_messages."
+        );
+        assert_eq!(
+            announcement(&[event(EventKind::Dm, "bob:web", "g")], &|_: &str| false).unwrap(),
+            "[RELAY] 1 new DM in g from bob:web. Use read_new_messages."
+        );
         let mixed = [event(EventKind::Dm, "a", "g"), event(EventKind::Message, "b", "g")];
         assert_eq!(announcement(&mixed, &|_: &str| false).unwrap(), "[RELAY] 2 new messages (1 DM) in g from a, b. Use read_new_messages.");
         let many: Vec<Event> = (0..6).map(|i| event(EventKind::Message, &format!("p{i}"), "g")).collect();
         assert!(announcement(&many, &|_: &str| false).unwrap().contains("from p0, p1, p2 and 3 more."));
         assert_eq!(announcement(&[event(EventKind::PeerLeft, "x", "g")], &|_: &str| false), None);
         let reminded = |id: &str| mixed.iter().any(|e| e.id == id);
-        assert_eq!(announcement(&mixed, &reminded).unwrap(), "[RELAY] Reminder: 2 unread messages (1 DM) in g from a, b. Use read_new_messages.");
+        assert_eq!(
+            announcement(&mixed, &reminded).unwrap(),
+            "[RELAY] Reminder: 2 unread messages (1 DM) in g from a, b. Use read_new_messages."
+        );
         for e in [&burst[..], &mixed[..]] {
             assert!(!announcement(e, &|_: &str| false).unwrap().contains("rm -rf"), "content must never be typed");
         }
@@ -394,7 +406,9 @@ mod tests {
         for _ in 0..3 {
             tmux.answer("display-message", Ok(&pane_info(true, (0, 0))));
         }
-        let Announced::Later(_, why) = typist.announce(&tmux, "%3", &mut pending, &|_: &str| false, None).await else { panic!("should wait") };
+        let Announced::Later(_, why) = typist.announce(&tmux, "%3", &mut pending, &|_: &str| false, None).await else {
+            panic!("should wait")
+        };
         assert_eq!(why, "the pane is in copy mode");
         assert_eq!(pending.len(), 1, "kept for the next attempt");
         tokio::time::sleep(Duration::from_millis(40)).await;

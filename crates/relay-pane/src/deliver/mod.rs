@@ -129,9 +129,10 @@ impl Inbox {
     /// and relayd repeats it to every new subscriber). A different session replaces the
     /// one we know; the same one keeps its reply sockets and what it was told.
     pub fn agent_reported(&mut self, agent: AgentInfo) {
-        let same = self.session.as_ref().is_some_and(|s| {
-            s.pid == agent.pid && agent.messaging_socket.as_deref().is_none_or(|m| s.socket == std::path::Path::new(m))
-        });
+        let same = self
+            .session
+            .as_ref()
+            .is_some_and(|s| s.pid == agent.pid && agent.messaging_socket.as_deref().is_none_or(|m| s.socket == std::path::Path::new(m)));
         self.reported = Some(agent);
         if !same {
             self.forget_session();
@@ -339,7 +340,8 @@ impl Inbox {
                 let carried = posted.carried.clone();
                 match status.as_str() {
                     "held" => {
-                        out.receipts = all.iter().map(|m| receipt(m, DeliveryState::Held, Some("held for approval in the agent's pane"))).collect();
+                        out.receipts =
+                            all.iter().map(|m| receipt(m, DeliveryState::Held, Some("held for approval in the agent's pane"))).collect();
                         out.note = Some(format!(
                             "⏸ {} held: approve in the agent pane, or set crossSessionInbound to \"accept\" in Claude Code's settings",
                             all.len()
@@ -485,7 +487,9 @@ mod tests {
         inbox.set_me("box:me");
         assert_eq!(inbox.session().map(|s| s.socket.clone()), Some(fake.socket.clone()));
 
-        let Posting::Posted { receipts, left } = inbox.post(&[dm("m1", "can you review #42?")], &|_: &str| false).await else { panic!("not posted") };
+        let Posting::Posted { receipts, left } = inbox.post(&[dm("m1", "can you review #42?")], &|_: &str| false).await else {
+            panic!("not posted")
+        };
         assert!(left.is_empty());
         assert_eq!(states(&receipts), [("m1", DeliveryState::Notified)]);
         let line: serde_json::Value = serde_json::from_str(&fake.lines.recv().await.unwrap()).unwrap();
@@ -564,16 +568,21 @@ mod tests {
         let line: serde_json::Value = serde_json::from_str(&fake.lines.recv().await.unwrap()).unwrap();
         let from = line["from"].as_str().unwrap();
         let own = format!("uds:{}", fake.socket.display());
-        let send_message = |sender: &str, text: &str| serde_json::json!({
-            "msgV": 1, "type": "user", "priority": "next", "from": sender,
-            "message": {"role": "user", "content": format!("<cross-session-message from=\"{sender}\" hop-chain=\"ab\" from-name=\"w-1\" from-mode=\"prompting\">\n{text}\n</cross-session-message>")}
-        });
+        let send_message = |sender: &str, text: &str| {
+            serde_json::json!({
+                "msgV": 1, "type": "user", "priority": "next", "from": sender,
+                "message": {"role": "user", "content": format!("<cross-session-message from=\"{sender}\" hop-chain=\"ab\" from-name=\"w-1\" from-mode=\"prompting\">\n{text}\n</cross-session-message>")}
+            })
+        };
         answer(from, send_message(&own, "pong")).await;
         let outcome = inbox.on_heard(heard.recv().await.unwrap());
-        assert_eq!(outcome.reply, Some(AgentReply {
-            target: ReplyTarget::Dm { group: "team".into(), peer_id: "p_alice".into(), name: "alice".into() },
-            text: "pong".into()
-        }));
+        assert_eq!(
+            outcome.reply,
+            Some(AgentReply {
+                target: ReplyTarget::Dm { group: "team".into(), peer_id: "p_alice".into(), name: "alice".into() },
+                text: "pong".into()
+            })
+        );
         // another session's socket is not this pane's agent
         answer(from, send_message("uds:/tmp/cc-socks/1.sock", "spoofed")).await;
         let outcome = inbox.on_heard(heard.recv().await.unwrap());

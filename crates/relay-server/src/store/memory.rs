@@ -159,11 +159,7 @@ impl Store for MemoryStore {
         let start = (q.after_seq as usize).min(log.len());
         let end = q.up_to_seq.map_or(log.len(), |s| (s as usize).min(log.len())).max(start);
         let matching = log[start..end].iter().filter(|e| matches(q, e));
-        let out = if q.newest_first {
-            matching.rev().take(q.limit).cloned().collect()
-        } else {
-            matching.take(q.limit).cloned().collect()
-        };
+        let out = if q.newest_first { matching.rev().take(q.limit).cloned().collect() } else { matching.take(q.limit).cloned().collect() };
         Ok(out)
     }
 

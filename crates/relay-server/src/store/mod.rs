@@ -341,18 +341,21 @@ pub(crate) mod contract {
         let ids = |q: LogQuery| store.entries(&q).unwrap().into_iter().map(|e| e.id).collect::<Vec<_>>();
         let all = LogQuery { group_id: "g".into(), limit: 100, ..Default::default() };
         assert_eq!(ids(all.clone()), vec!["m1", "m2", "m3", "m4", "j5"]);
-        assert_eq!(store.entries(&all).unwrap()[1], LogEntry {
-            group_id: "g".into(),
-            seq: 2,
-            id: "m2".into(),
-            kind: EventKind::Dm,
-            sender_id: "a".into(),
-            sender_name: "name-a".into(),
-            recipient_id: Some("b".into()),
-            recipient_name: Some("name-b".into()),
-            body: "body of m2".into(),
-            created_at: t(2),
-        });
+        assert_eq!(
+            store.entries(&all).unwrap()[1],
+            LogEntry {
+                group_id: "g".into(),
+                seq: 2,
+                id: "m2".into(),
+                kind: EventKind::Dm,
+                sender_id: "a".into(),
+                sender_name: "name-a".into(),
+                recipient_id: Some("b".into()),
+                recipient_name: Some("name-b".into()),
+                body: "body of m2".into(),
+                created_at: t(2),
+            }
+        );
         assert_eq!(ids(LogQuery { after_seq: 3, ..all.clone() }), vec!["m4", "j5"]);
         assert_eq!(ids(LogQuery { up_to_seq: Some(2), ..all.clone() }), vec!["m1", "m2"]);
         assert_eq!(ids(LogQuery { limit: 2, ..all.clone() }), vec!["m1", "m2"]);

@@ -160,18 +160,20 @@ impl Checkpointer {
             false // never turn the commit into a rollback
         }))?;
         let (conn, waiting) = (conn.clone(), signal.clone());
-        let thread = std::thread::Builder::new().name("relay-checkpoint".into()).spawn(move || loop {
-            let mut state = lock(&waiting.state);
-            while !state.0 && !state.1 {
-                state = waiting.wake.wait(state).unwrap_or_else(|poisoned| poisoned.into_inner());
-            }
-            if state.1 {
-                return;
-            }
-            state.0 = false;
-            drop(state);
-            if let Err(e) = checkpoint(&lock(&conn)) {
-                tracing::warn!(error = %e, "WAL checkpoint failed; the next one retries");
+        let thread = std::thread::Builder::new().name("relay-checkpoint".into()).spawn(move || {
+            loop {
+                let mut state = lock(&waiting.state);
+                while !state.0 && !state.1 {
+                    state = waiting.wake.wait(state).unwrap_or_else(|poisoned| poisoned.into_inner());
+                }
+                if state.1 {
+                    return;
+                }
+                state.0 = false;
+                drop(state);
+                if let Err(e) = checkpoint(&lock(&conn)) {
+                    tracing::warn!(error = %e, "WAL checkpoint failed; the next one retries");
+                }
             }
         });
         Ok(Self { signal, thread: Some(thread.map_err(StoreError::Checkpointer)?) })
@@ -345,8 +347,7 @@ impl SqliteStore {
         keep: impl FnOnce(&mut PeerLists, &[PeerRecord]),
     ) -> Result<Vec<PeerRecord>> {
         let conn = self.conn();
-        let mut stmt =
-            conn.prepare_cached(&format!("SELECT {PEER_COLUMNS} FROM peers WHERE {column} = ?1 ORDER BY peer_id"))?;
+        let mut stmt = conn.prepare_cached(&format!("SELECT {PEER_COLUMNS} FROM peers WHERE {column} = ?1 ORDER BY peer_id"))?;
         let rows: Vec<PeerRecord> = stmt.query_map([value], peer_row)?.collect::<rusqlite::Result<_>>()?;
         // still holding `conn`: no write can land between the query and this
         keep(&mut self.peer_lists(), &rows);
@@ -355,13 +356,7 @@ impl SqliteStore {
 
     /// Runs `update`, a statement on peer `peer_id` returning its principal and group, then
     /// makes the same `change` to the lists in memory.
-    fn update_peer(
-        &self,
-        update: &str,
-        params: impl rusqlite::Params,
-        peer_id: &str,
-        change: impl Fn(&mut PeerRecord),
-    ) -> Result<()> {
+    fn update_peer(&self, update: &str, params: impl rusqlite::Params, peer_id: &str, change: impl Fn(&mut PeerRecord)) -> Result<()> {
         let conn = self.conn();
         let mut stmt = conn.prepare_cached(update)?;
         // stepped to the end: the commit happens there, and its failure must not be lost
@@ -426,8 +421,7 @@ fn peer_row(r: &Row<'_>) -> rusqlite::Result<PeerRecord> {
     })
 }
 
-const LOG_COLUMNS: &str =
-    "group_id, seq, id, kind, sender_id, sender_name, recipient_id, recipient_name, body, created_at";
+const LOG_COLUMNS: &str = "group_id, seq, id, kind, sender_id, sender_name, recipient_id, recipient_name, body, created_at";
 
 fn log_row(r: &Row<'_>) -> rusqlite::Result<LogEntry> {
     Ok(LogEntry {
@@ -449,18 +443,15 @@ impl Store for SqliteStore {
         let conn = self.conn();
         let mut stmt = conn.prepare_cached("SELECT group_id, join_key_hash, created_at FROM groups WHERE group_id = ?1")?;
         let row = stmt
-            .query_row([group_id], |r| {
-                Ok(GroupRecord { group_id: r.get(0)?, join_key_hash: r.get(1)?, created_at: time(r.get(2)?) })
-            })
+            .query_row([group_id], |r| Ok(GroupRecord { group_id: r.get(0)?, join_key_hash: r.get(1)?, created_at: time(r.get(2)?) }))
             .optional()?;
         Ok(row)
     }
 
     fn create_group(&self, group: &GroupRecord) -> Result<()> {
         let conn = self.conn();
-        let mut stmt = conn.prepare_cached(
-            "INSERT INTO groups (group_id, join_key_hash, created_at) VALUES (?1, ?2, ?3) ON CONFLICT DO NOTHING",
-        )?;
+        let mut stmt =
+            conn.prepare_cached("INSERT INTO groups (group_id, join_key_hash, created_at) VALUES (?1, ?2, ?3) ON CONFLICT DO NOTHING")?;
         let inserted = stmt.execute(params![group.group_id, group.join_key_hash, micros(group.created_at)])?;
         if inserted == 0 {
             return Err(StoreError::Conflict(format!("group {}", group.group_id)));
@@ -470,9 +461,7 @@ impl Store for SqliteStore {
 
     fn create_principal(&self, token_hash: &[u8; 32], at: DateTime<Utc>) -> Result<PrincipalId> {
         let conn = self.conn();
-        let mut stmt = conn.prepare_cached(
-            "INSERT INTO principals (token_hash, created_at) VALUES (?1, ?2) ON CONFLICT DO NOTHING",
-        )?;
+        let mut stmt = conn.prepare_cached("INSERT INTO principals (token_hash, created_at) VALUES (?1, ?2) ON CONFLICT DO NOTHING")?;
         if stmt.execute(params![&token_hash[..], micros(at)])? == 0 {
             return Err(StoreError::Conflict("token".into()));
         }
@@ -520,9 +509,7 @@ impl Store for SqliteStore {
             "SELECT {PEER_COLUMNS} FROM peers WHERE group_id = ?1 AND hostname = ?2 \
              AND working_directory = ?3 AND ifnull(requested_name, '') = ?4"
         ))?;
-        let row = stmt
-            .query_row(params![group_id, hostname, working_directory, requested_name.unwrap_or("")], peer_row)
-            .optional()?;
+        let row = stmt.query_row(params![group_id, hostname, working_directory, requested_name.unwrap_or("")], peer_row).optional()?;
         Ok(row)
     }
 
@@ -692,7 +679,8 @@ impl Store for SqliteStore {
 
     fn save_delivery(&self, d: &DeliveryRecord) -> Result<()> {
         let conn = self.conn();
-        let mut stmt = conn.prepare_cached(&format!("INSERT OR REPLACE INTO deliveries ({DELIVERY_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5)"))?;
+        let mut stmt =
+            conn.prepare_cached(&format!("INSERT OR REPLACE INTO deliveries ({DELIVERY_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5)"))?;
         stmt.execute(params![d.message_id, d.peer_id, d.state.as_str(), d.detail, micros(d.updated_at)])?;
         Ok(())
     }

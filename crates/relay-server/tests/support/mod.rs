@@ -30,8 +30,7 @@ impl TestServer {
 
     pub async fn start_with(tweak: impl FnOnce(&mut Config)) -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let mut config =
-            Config { ephemeral: true, rate_burst: 10_000, rate_per_second: 10_000.0, ..Config::default() };
+        let mut config = Config { ephemeral: true, rate_burst: 10_000, rate_per_second: 10_000.0, ..Config::default() };
         config.data_dir = Some(dir.path().join("data"));
         tweak(&mut config);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -80,4 +79,3 @@ impl Drop for TestServer {
         self.shutdown.cancel();
     }
 }
-
