@@ -91,7 +91,6 @@ pub struct Attachment {
     pub working_directory: String,
 }
 
-/// A pane's identity on one server, for `relay mcp`.
 /// The agent process of a pane.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct AgentInfo {

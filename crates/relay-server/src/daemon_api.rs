@@ -4,7 +4,9 @@
 //!
 //! - `POST /v1/daemons` `{"hostname"}` → `{"daemon_id", "token"}`
 //! - `POST /v1/peers` (daemon token) `{group_id, hostname, working_directory, git_branch?, name?, join_key?}`
-//!   → the registration, as the `register` tool returns it
+//!   → the registration, as the `register` tool returns it, and `events_after`: the group's
+//!   last sequence number before it (a stream resumed from there misses nothing sent to the
+//!   new peer)
 //! - `DELETE /v1/peers/{peer_id}` (daemon token) → the peer leaves its group
 //! - `GET /v1/groups/{group_id}/events` (daemon token) → SSE, resumable with `Last-Event-ID`;
 //!   `?once=true` ends it after the replay (to fill a gap)
@@ -70,10 +72,21 @@ pub async fn register_peer(State(state): State<AppState>, headers: HeaderMap, Js
     };
     req.daemon_id = Some(daemon_id);
     let relay = state.relay.clone();
-    // each pane is its own agent: a fresh token, never the daemon's
-    let outcome = tokio::task::spawn_blocking(move || relay.register(None, req)).await.expect("register does not panic");
+    // Each pane is its own agent: a fresh token, never the daemon's. With it goes where the
+    // group's log stood just before: a daemon that resumes its stream from there misses
+    // nothing sent to the new peer, however late its stream opens.
+    let outcome = tokio::task::spawn_blocking(move || {
+        let events_after = relay.store().head_seq(&req.group_id)?;
+        relay.register(None, req).map(|(registration, _)| (registration, events_after))
+    })
+    .await
+    .expect("register does not panic");
     match outcome {
-        Ok((registration, _)) => (StatusCode::OK, Json(registration)).into_response(),
+        Ok((registration, events_after)) => {
+            let mut reply = serde_json::to_value(registration).expect("a registration serializes");
+            reply["events_after"] = events_after.into();
+            (StatusCode::OK, Json(reply)).into_response()
+        }
         Err(e) => error(e),
     }
 }

@@ -75,6 +75,23 @@ async fn a_daemon_stream_carries_broadcasts_and_only_its_own_peers_dms() {
 }
 
 #[tokio::test]
+async fn a_registration_says_where_to_resume_so_that_nothing_sent_to_the_peer_is_missed() {
+    let server = TestServer::start().await;
+    let d = new_daemon(&server).await;
+    let first = d.register(&server, "team", "/first").await;
+    assert_eq!(first["events_after"], 0, "a new group's log is empty");
+    let (direct, _) = server.peer("team", "/direct").await;
+    direct.ok("send_message", json!({"message": "before"})).await;
+    let late = d.register(&server, "team", "/late").await;
+    // sent after the registration, before any stream of the daemon's is open
+    direct.ok("send_dm", json!({"to": late["peer_id"], "message": "early dm"})).await;
+    let mut events = d.events(&server, "team", late["events_after"].as_u64()).await;
+    let seen = kinds_and_previews(&events.drain(SHORT).await);
+    let joined = format!("{} joined team", late["display_name"].as_str().unwrap());
+    assert_eq!(seen, [("peer_joined".into(), joined), ("dm".into(), "early dm".into())]);
+}
+
+#[tokio::test]
 async fn daemon_streams_resume_and_make_their_peers_online() {
     let server = TestServer::start().await;
     let d = new_daemon(&server).await;

@@ -309,6 +309,11 @@ impl Daemon {
         };
         {
             let mut inner = lock(&self.inner);
+            // A group's first pane here: its stream, about to open, starts where the pane
+            // joined, so a message sent to it meanwhile is not missed.
+            if let Some(after) = registration.events_after {
+                inner.state.last_event_ids.entry(upstream_key(&server, &stored.attachment.group)).or_insert(after);
+            }
             inner.state.attachments.push(stored.clone());
         }
         self.save_now().await;
@@ -382,7 +387,13 @@ impl Daemon {
         let attachments: Vec<StoredAttachment> = {
             let mut inner = lock(&self.inner);
             inner.state.daemons.insert(server.to_owned(), DaemonCredential { daemon_id, token: token.clone() });
-            inner.state.attachments.iter().filter(|a| a.attachment.server == server).cloned().collect()
+            let attachments: Vec<StoredAttachment> =
+                inner.state.attachments.iter().filter(|a| a.attachment.server == server).cloned().collect();
+            // a server that lost its data numbers events from the start again
+            for a in &attachments {
+                inner.state.last_event_ids.remove(&upstream_key(server, &a.attachment.group));
+            }
+            attachments
         };
         for old in attachments {
             let a = &old.attachment;
@@ -401,8 +412,12 @@ impl Daemon {
                 stored.attachment.display_name = registration.display_name;
                 stored.token = registration.token;
             }
-            // a server that lost its data numbers events from the start again
-            inner.state.last_event_ids.remove(&upstream_key(server, &a.group));
+            // the group's stream resumes where its first pane joined again: nothing sent to
+            // the panes since is missed
+            if let Some(after) = registration.events_after {
+                let last = inner.state.last_event_ids.entry(upstream_key(server, &a.group)).or_insert(after);
+                *last = (*last).min(after);
+            }
         }
         drop(_changing);
         self.save_now().await;

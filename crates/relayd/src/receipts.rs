@@ -23,6 +23,8 @@ const FIRST_RETRY: Duration = Duration::from_millis(250);
 #[derive(Default)]
 pub struct Outbox {
     queues: Mutex<HashMap<String, VecDeque<PeerReceipt>>>,
+    /// Servers an upstream has reached again since the sender last looked.
+    back: Mutex<HashSet<String>>,
     wake: Notify,
 }
 
@@ -43,6 +45,14 @@ impl Outbox {
             self.wake.notify_one();
         }
         added
+    }
+
+    /// An upstream reached `server` again: what waits for it goes now, not when the backoff
+    /// that its failures built up (as long as the reconnect maximum) runs out.
+    pub fn server_back(&self, server: &str) {
+        if self.back.lock().unwrap_or_else(|p| p.into_inner()).insert(server.to_owned()) {
+            self.wake.notify_one();
+        }
     }
 
     /// Up to a batch from each server's queue that `ready` allows.
@@ -73,6 +83,9 @@ impl Outbox {
         // servers with a batch in flight: one at a time each, so receipts stay in order
         let mut busy: HashSet<String> = HashSet::new();
         loop {
+            for server in std::mem::take(&mut *outbox.back.lock().unwrap_or_else(|p| p.into_inner())) {
+                backoff.remove(&server);
+            }
             let now = Instant::now();
             let ready = |server: &str| !busy.contains(server) && backoff.get(server).is_none_or(|(_, at)| *at <= now);
             for (server, batch) in outbox.take(ready) {

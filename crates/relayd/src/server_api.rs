@@ -33,6 +33,10 @@ pub struct Registration {
     pub display_name: String,
     pub group_id: String,
     pub token: String,
+    /// The group's last event before the registration: its stream, resumed from here,
+    /// misses nothing sent to the new peer. (Older servers do not say.)
+    #[serde(default)]
+    pub events_after: Option<u64>,
 }
 
 #[derive(Clone)]

@@ -28,20 +28,33 @@ pub fn backoff(attempt: u32, base: Duration, max: Duration) -> Duration {
 enum Ended {
     /// The server closed a stream that had worked: reconnect promptly.
     Closed,
+    /// The server did not know this daemon, which has registered again: reconnect at once
+    /// (each second waited is a second of events its panes would not be pushed).
+    Reregistered,
     Failed(String),
 }
 
 pub async fn run(daemon: Arc<Daemon>, server: String, group: String, cancel: CancellationToken) {
     let mut attempt: u32 = 0;
     let mut retry_hint: Option<Duration> = None;
+    let mut reregistered_last_time = false;
     loop {
         daemon.set_upstream_state(&server, &group, ConnectionState::Connecting, None);
         let ended = tokio::select! {
             _ = cancel.cancelled() => return,
             ended = read_stream(&daemon, &server, &group, &mut retry_hint, &mut attempt) => ended,
         };
+        let reregistered = matches!(ended, Ended::Reregistered);
+        // at once, but not twice in a row: a server that keeps refusing the new credential
+        // is not asked for one after another without pause
+        if reregistered && !std::mem::replace(&mut reregistered_last_time, true) {
+            tracing::info!(%server, %group, "the server did not know this daemon; registered again, reconnecting");
+            continue;
+        }
+        reregistered_last_time = reregistered;
         let error = match ended {
             Ended::Closed => None,
+            Ended::Reregistered => Some("the server did not know this daemon again".to_owned()),
             Ended::Failed(e) => Some(e),
         };
         if let Some(e) = &error {
@@ -69,11 +82,12 @@ async fn read_stream(daemon: &Arc<Daemon>, server: &str, group: &str, retry_hint
             if let Err(e) = daemon.reregister(server, &token).await {
                 return Ended::Failed(format!("cannot register again: {e}"));
             }
-            return Ended::Failed("the server did not know this daemon; registered again".into());
+            return Ended::Reregistered;
         }
         Err(e @ ApiError::Refused { .. }) | Err(e @ ApiError::Unreachable { .. }) => return Ended::Failed(e.to_string()),
     };
     daemon.set_upstream_state(server, group, ConnectionState::Connected, None);
+    daemon.outbox().server_back(server);
     *attempt = 0;
     let mut events = SseStream::from_bytes_stream(response.bytes_stream());
     while let Some(item) = events.next().await {

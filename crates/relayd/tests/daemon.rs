@@ -20,8 +20,12 @@ struct Server {
 }
 
 async fn server() -> Server {
+    server_on(tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap())
+}
+
+/// A server with nothing stored (`ephemeral`), on `listener`.
+fn server_on(listener: tokio::net::TcpListener) -> Server {
     let config = relay_server::Config { ephemeral: true, rate_burst: 100_000, rate_per_second: 100_000.0, ..Default::default() };
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     let store = relay_server::open_store(&config).unwrap();
     let relay = Arc::new(relay_server::Relay::new(store, Arc::new(relay_server::clock::SystemClock), config.limits()));
@@ -531,7 +535,7 @@ async fn receipts_for_a_server_that_hangs_or_is_away_hold_up_no_other_server() {
             let sent = far.ok("send_dm", json!({"to": attachment.peer_id, "message": text})).await;
             ids.push(sent["message_id"].as_str().unwrap().to_owned());
         }
-        panes.push((pane, far, ids));
+        panes.push((attachment.peer_id, far, ids));
     }
     for (_, far, ids) in &panes {
         for id in ids {
@@ -544,22 +548,12 @@ async fn receipts_for_a_server_that_hangs_or_is_away_hold_up_no_other_server() {
         control.request(&Request::Report { pane: pane.into(), receipts }).await.unwrap();
     };
     let (here_far, here_ids) = (&panes[0].1, &panes[0].2);
-    let away_ids = &panes[1].2;
+    let (away_peer, away_ids) = (&panes[1].0, &panes[1].2);
 
     // 1. The server hangs: it takes connections and requests and never answers.
     away.shutdown.cancel();
     let addr: std::net::SocketAddr = away.url.trim_start_matches("http://").parse().unwrap();
-    let mut hanging = None;
-    for _ in 0..200 {
-        match tokio::net::TcpListener::bind(addr).await {
-            Ok(listener) => {
-                hanging = Some(listener);
-                break;
-            }
-            Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
-        }
-    }
-    let hanging = hanging.expect("the stopped server's port is free again");
+    let hanging = bind_again(addr).await;
     let held = tokio::spawn(async move {
         let mut held = Vec::new();
         while let Ok((tcp, _)) = hanging.accept().await {
@@ -579,6 +573,37 @@ async fn receipts_for_a_server_that_hangs_or_is_away_hold_up_no_other_server() {
     tokio::time::sleep(Duration::from_secs(5)).await;
     read("%1", &here_ids[1]).await;
     recipient_reaches(here_far, &here_ids[1], "read", Duration::from_millis(2500)).await;
+
+    // 3. The server comes back, having lost everything. Once relayd has registered its pane
+    // again, a DM to the pane is pushed to it at once (the stream reopens without a wait,
+    // from where the pane joined), and the receipt goes out at once, not when the backoff
+    // that step 2 built up for the server (8 s and more by now) runs out.
+    let back = server_on(bind_again(addr).await);
+    let (far, _) = mcp_peer(&back, "team", "/far").await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let pane_peer = loop {
+        let Reply::Status { status } = control.request(&Request::Status).await.unwrap() else { panic!() };
+        let peer = status.attachments.iter().find(|a| a.pane == "%2").map(|a| a.peer_id.clone()).unwrap();
+        if peer != *away_peer {
+            break peer;
+        }
+        assert!(std::time::Instant::now() < deadline, "relayd never registered again: {status:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let sent = far.ok("send_dm", json!({"to": pane_peer, "message": "three"})).await;
+    recipient_reaches(&far, sent["message_id"].as_str().unwrap(), "delivered", Duration::from_millis(2500)).await;
     daemon.stop().await;
     here.shutdown.cancel();
+    back.shutdown.cancel();
+}
+
+/// A listener on the address a stopped server used, once the port is free.
+async fn bind_again(addr: std::net::SocketAddr) -> tokio::net::TcpListener {
+    for _ in 0..200 {
+        if let Ok(listener) = tokio::net::TcpListener::bind(addr).await {
+            return listener;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("the stopped server's port {addr} is still taken");
 }
