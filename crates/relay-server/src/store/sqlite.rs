@@ -124,7 +124,9 @@ const WAL_KEEP_BYTES: u32 = 64 << 20;
 /// checkpoint runs inside whichever commit crosses its threshold, fsync included (4–5 ms on
 /// a small VM's disk), and a message's fan-out waits for it; here the committing call
 /// returns first, and the checkpoint takes the connection after it (so a store call made
-/// during the checkpoint still waits for it).
+/// during the checkpoint still waits for it). The WAL's sync, the longest part (2.6–4.6 ms
+/// of 3–11 here), is done first without the connection, leaving the checkpoint's own sync
+/// of the WAL little to write.
 struct Checkpointer {
     signal: Arc<CheckpointSignal>,
     thread: Option<std::thread::JoinHandle<()>>,
@@ -149,7 +151,7 @@ impl CheckpointSignal {
 }
 
 impl Checkpointer {
-    fn start(conn: &Arc<Mutex<Connection>>) -> Result<Self> {
+    fn start(conn: &Arc<Mutex<Connection>>, wal: PathBuf) -> Result<Self> {
         let signal = Arc::new(CheckpointSignal::default());
         let counted = signal.clone();
         lock(conn).commit_hook(Some(move || {
@@ -171,6 +173,10 @@ impl Checkpointer {
                 }
                 state.0 = false;
                 drop(state);
+                // an extra sync is never wrong; one that fails leaves SQLite's own to do it all
+                if let Ok(wal) = std::fs::File::open(&wal) {
+                    let _ = wal.sync_data();
+                }
                 if let Err(e) = checkpoint(&lock(&conn)) {
                     tracing::warn!(error = %e, "WAL checkpoint failed; the next one retries");
                 }
@@ -178,6 +184,13 @@ impl Checkpointer {
         });
         Ok(Self { signal, thread: Some(thread.map_err(StoreError::Checkpointer)?) })
     }
+}
+
+/// SQLite's write-ahead log of the database at `db`.
+fn wal_path(db: &Path) -> PathBuf {
+    let mut wal = db.as_os_str().to_owned();
+    wal.push("-wal");
+    wal.into()
 }
 
 /// Copies the WAL into the database; when all of it was copied, also starts the WAL over
@@ -318,7 +331,7 @@ impl SqliteStore {
         }
         migrate(&mut conn, path)?;
         let conn = Arc::new(Mutex::new(conn));
-        let checkpointer = Checkpointer::start(&conn)?;
+        let checkpointer = Checkpointer::start(&conn, wal_path(path))?;
         Ok(Self { conn, peer_lists: Mutex::default(), _checkpointer: Some(checkpointer) })
     }
 
@@ -772,6 +785,8 @@ mod tests {
                 })
                 .unwrap();
         }
+        // the file the checkpointer syncs ahead of each checkpoint
+        assert!(wal_path(&dir.path().join(DB_FILE)).exists());
         // the pages reach the database file only through a checkpoint
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
         while db_bytes() <= before {
