@@ -104,6 +104,7 @@ pub struct AgentInfo {
     pub session_id: Option<String>,
 }
 
+/// A pane's identity on one server, for `relay mcp`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Credential {
     pub server: String,

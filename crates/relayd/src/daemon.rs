@@ -41,6 +41,8 @@ struct Subscriber {
 
 struct UpstreamHandle {
     cancel: CancellationToken,
+    /// Ends the stream's wait before its next attempt.
+    retry_now: Arc<Notify>,
     status: Upstream,
 }
 
@@ -180,16 +182,18 @@ impl Daemon {
             panes: 0,
             error: None,
         };
-        inner.upstreams.insert(key, UpstreamHandle { cancel: cancel.clone(), status });
-        tokio::spawn(upstream::run(self.clone(), server.to_owned(), group.to_owned(), cancel));
+        let retry_now = Arc::new(Notify::new());
+        inner.upstreams.insert(key, UpstreamHandle { cancel: cancel.clone(), retry_now: retry_now.clone(), status });
+        tokio::spawn(upstream::run(self.clone(), server.to_owned(), group.to_owned(), cancel, retry_now));
     }
 
     pub fn daemon_token(&self, server: &str) -> Option<String> {
         lock(&self.inner).state.daemons.get(server).map(|d| d.token.clone())
     }
 
-    pub fn last_event_id(&self, server: &str, group: &str) -> u64 {
-        lock(&self.inner).state.last_event_ids.get(&upstream_key(server, group)).copied().unwrap_or(0)
+    /// Where the group's stream resumes; `None` before it has a position (then from now).
+    pub fn last_event_id(&self, server: &str, group: &str) -> Option<u64> {
+        lock(&self.inner).state.last_event_ids.get(&upstream_key(server, group)).copied()
     }
 
     pub fn set_upstream_state(&self, server: &str, group: &str, state: ConnectionState, error: Option<String>) {
@@ -289,7 +293,9 @@ impl Daemon {
         let token = self.credential(&server).await?;
         let registration = match self.api.register(&server, &token, &peer).await {
             Err(e) if e.is_unauthorized() => {
-                let token = self.new_credential(&server).await?;
+                // the server lost its data: the panes already here are registered again too
+                self.register_again(&server, &token).await.map_err(server_failure)?;
+                let token = self.daemon_token(&server).unwrap_or(token);
                 self.api.register(&server, &token, &peer).await
             }
             other => other,
@@ -380,22 +386,22 @@ impl Daemon {
     /// it, there is nothing left to do.
     pub async fn reregister(self: &Arc<Self>, server: &str, refused: &str) -> Result<(), ApiError> {
         let _changing = self.changing.lock().await;
+        self.register_again(server, refused).await
+    }
+
+    /// [`Self::reregister`], for a caller that holds `changing`.
+    async fn register_again(self: &Arc<Self>, server: &str, refused: &str) -> Result<(), ApiError> {
         if self.daemon_token(server).as_deref() != Some(refused) {
             return Ok(());
         }
         let (daemon_id, token) = self.api.create_daemon(server, &self.hostname).await?;
-        let attachments: Vec<StoredAttachment> = {
-            let mut inner = lock(&self.inner);
-            inner.state.daemons.insert(server.to_owned(), DaemonCredential { daemon_id, token: token.clone() });
-            let attachments: Vec<StoredAttachment> =
-                inner.state.attachments.iter().filter(|a| a.attachment.server == server).cloned().collect();
-            // a server that lost its data numbers events from the start again
-            for a in &attachments {
-                inner.state.last_event_ids.remove(&upstream_key(server, &a.attachment.group));
-            }
-            attachments
-        };
-        for old in attachments {
+        let attachments: Vec<StoredAttachment> =
+            lock(&self.inner).state.attachments.iter().filter(|a| a.attachment.server == server).cloned().collect();
+        // per group, where its first pane joined again: its stream resumes there, so nothing
+        // sent to the panes since is missed
+        let mut resume_after: HashMap<String, u64> = HashMap::new();
+        let mut registered = Ok(());
+        for old in attachments.iter() {
             let a = &old.attachment;
             let peer = PeerRequest {
                 group: &a.group,
@@ -405,23 +411,46 @@ impl Daemon {
                 name: old.requested_name.as_deref(),
                 join_key: self.config.join_keys.get(server).map(String::as_str),
             };
-            let registration = self.api.register(server, &token, &peer).await?;
-            let mut inner = lock(&self.inner);
-            if let Some(stored) = inner.state.attachments.iter_mut().find(|s| s.attachment == old.attachment) {
+            let registration = match self.api.register(server, &token, &peer).await {
+                Ok(registration) => registration,
+                Err(e) => {
+                    registered = Err(e);
+                    break;
+                }
+            };
+            if let Some(stored) = lock(&self.inner).state.attachments.iter_mut().find(|s| s.attachment == old.attachment) {
                 stored.attachment.peer_id = registration.peer_id;
                 stored.attachment.display_name = registration.display_name;
                 stored.token = registration.token;
             }
-            // the group's stream resumes where its first pane joined again: nothing sent to
-            // the panes since is missed
             if let Some(after) = registration.events_after {
-                let last = inner.state.last_event_ids.entry(upstream_key(server, &a.group)).or_insert(after);
-                *last = (*last).min(after);
+                let first = resume_after.entry(upstream_key(server, &a.group)).or_insert(after);
+                *first = (*first).min(after);
             }
         }
-        drop(_changing);
+        // The new credential is kept only once every pane has been registered with it: until
+        // then the streams keep meeting 401 and the next of them starts over, so no pane is
+        // left with a peer the server does not know.
+        if registered.is_ok() {
+            let mut inner = lock(&self.inner);
+            inner.state.daemons.insert(server.to_owned(), DaemonCredential { daemon_id, token });
+            // a server that lost its data numbers events from the start again
+            for a in &attachments {
+                inner.state.last_event_ids.remove(&upstream_key(server, &a.attachment.group));
+            }
+            for (key, after) in resume_after {
+                if let Some(handle) = inner.upstreams.get_mut(&key) {
+                    handle.status.last_event_id = after;
+                }
+                inner.state.last_event_ids.insert(key, after);
+            }
+            // every stream of this server, not only the one that met the 401, reopens now
+            for handle in inner.upstreams.values().filter(|h| h.status.server == server) {
+                handle.retry_now.notify_waiters();
+            }
+        }
         self.save_now().await;
-        Ok(())
+        registered
     }
 
     pub async fn detach(self: &Arc<Self>, pane: &str, group: Option<&str>) -> Result<Reply, Failure> {
@@ -545,7 +574,7 @@ impl Daemon {
     pub async fn catch_up(&self, attachment: &StoredAttachment, since: u64) -> Result<Vec<Event>, ApiError> {
         let a = &attachment.attachment;
         let Some(token) = self.daemon_token(&a.server) else { return Ok(Vec::new()) };
-        let response = self.api.events(&a.server, &token, &a.group, since, true).await?;
+        let response = self.api.events(&a.server, &token, &a.group, (since > 0).then_some(since), true).await?;
         let mut out = Vec::new();
         let mut events = sse_stream::SseStream::from_bytes_stream(response.bytes_stream());
         while let Some(Ok(sse)) = events.next().await {
@@ -583,7 +612,10 @@ impl Daemon {
 
     /// Last event ids by group for one pane's attachments, as a subscriber's `since` starts.
     pub fn since_defaults(&self, attachments: &[StoredAttachment]) -> BTreeMap<String, u64> {
-        attachments.iter().map(|a| (a.attachment.group.clone(), self.last_event_id(&a.attachment.server, &a.attachment.group))).collect()
+        attachments
+            .iter()
+            .map(|a| (a.attachment.group.clone(), self.last_event_id(&a.attachment.server, &a.attachment.group).unwrap_or(0)))
+            .collect()
     }
 }
 

@@ -136,7 +136,7 @@ impl ServerApi {
         server: &str,
         daemon_token: &str,
         group: &str,
-        last_event_id: u64,
+        last_event_id: Option<u64>,
         once: bool,
     ) -> Result<reqwest::Response, ApiError> {
         let mut url = format!("{server}/v1/groups/{group}/events");
@@ -145,8 +145,9 @@ impl ServerApi {
         }
         let client = if once { &self.http } else { &self.streams };
         let mut request = client.get(url).bearer_auth(daemon_token).header("accept", "text/event-stream");
-        if last_event_id > 0 {
-            request = request.header("last-event-id", last_event_id.to_string());
+        // 0 too: a group whose log was empty when its pane joined replays all of it
+        if let Some(last) = last_event_id {
+            request = request.header("last-event-id", last.to_string());
         }
         let unreachable = |source| ApiError::Unreachable { server: server.to_owned(), source };
         let resp = request.send().await.map_err(unreachable)?;
@@ -156,5 +157,38 @@ impl ServerApi {
         let status = resp.status();
         let message = resp.text().await.unwrap_or_default().trim().to_owned();
         Err(ApiError::Refused { server: server.to_owned(), status: status.as_u16(), message })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// The request head `events` sends for `last`, as a server receives it.
+    async fn events_request(last: Option<u64>) -> String {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let server = format!("http://{}", listener.local_addr().unwrap());
+        let answer = tokio::spawn(async move {
+            let (mut tcp, _) = listener.accept().await.unwrap();
+            let mut head = Vec::new();
+            while !head.ends_with(b"\r\n\r\n") {
+                let mut byte = [0u8; 1];
+                assert_eq!(tcp.read(&mut byte).await.unwrap(), 1, "the request ended early");
+                head.push(byte[0]);
+            }
+            tcp.write_all(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncontent-length: 0\r\n\r\n").await.unwrap();
+            String::from_utf8(head).unwrap().to_ascii_lowercase()
+        });
+        ServerApi::new().events(&server, "t", "team", last, false).await.unwrap();
+        answer.await.unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_stream_resumes_from_any_position_it_has_even_zero() {
+        assert!(events_request(Some(7)).await.contains("\r\nlast-event-id: 7\r\n"));
+        // 0: a group whose log was empty when its pane joined; from the start, not from now
+        assert!(events_request(Some(0)).await.contains("\r\nlast-event-id: 0\r\n"));
+        assert!(!events_request(None).await.contains("last-event-id"));
     }
 }

@@ -9,6 +9,7 @@ use futures::StreamExt;
 use relay_proto::Event;
 use relay_proto::local::ConnectionState;
 use sse_stream::SseStream;
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::daemon::Daemon;
@@ -34,7 +35,7 @@ enum Ended {
     Failed(String),
 }
 
-pub async fn run(daemon: Arc<Daemon>, server: String, group: String, cancel: CancellationToken) {
+pub async fn run(daemon: Arc<Daemon>, server: String, group: String, cancel: CancellationToken, retry_now: Arc<Notify>) {
     let mut attempt: u32 = 0;
     let mut retry_hint: Option<Duration> = None;
     let mut reregistered_last_time = false;
@@ -66,6 +67,9 @@ pub async fn run(daemon: Arc<Daemon>, server: String, group: String, cancel: Can
         tokio::select! {
             _ = cancel.cancelled() => return,
             _ = tokio::time::sleep(delay) => {}
+            // (not after its own fresh credential was refused too: two streams of a server that
+            // refuses every credential would wake each other without pause)
+            _ = retry_now.notified(), if !reregistered_last_time => {}
         }
     }
 }

@@ -542,6 +542,16 @@ async fn receipts_for_a_server_that_hangs_or_is_away_hold_up_no_other_server() {
             recipient_reaches(far, id, "delivered", Duration::from_secs(10)).await;
         }
     }
+    // a pane in a second group on the same server: its stream is not the one that meets
+    // the 401 in step 3
+    let req = AttachRequest {
+        pane: "%3".into(),
+        group: "side".into(),
+        server: Some(away.url.clone()),
+        working_directory: "/side".into(),
+        ..Default::default()
+    };
+    let Reply::Attached { attachment: side, .. } = daemon.client().await.request(&Request::Attach(req)).await.unwrap() else { panic!() };
     let mut control = daemon.client().await;
     let mut read = async |pane: &str, id: &str| {
         let receipts = vec![Receipt { message_id: id.into(), group: "team".into(), state: DeliveryState::Read, detail: None }];
@@ -574,24 +584,28 @@ async fn receipts_for_a_server_that_hangs_or_is_away_hold_up_no_other_server() {
     read("%1", &here_ids[1]).await;
     recipient_reaches(here_far, &here_ids[1], "read", Duration::from_millis(2500)).await;
 
-    // 3. The server comes back, having lost everything. Once relayd has registered its pane
-    // again, a DM to the pane is pushed to it at once (the stream reopens without a wait,
-    // from where the pane joined), and the receipt goes out at once, not when the backoff
+    // 3. The server comes back, having lost everything. Once relayd has registered its panes
+    // again, a DM to either is pushed to it at once (both streams reopen without a wait,
+    // from where the panes joined), and the receipt goes out at once, not when the backoff
     // that step 2 built up for the server (8 s and more by now) runs out.
     let back = server_on(bind_again(addr).await);
     let (far, _) = mcp_peer(&back, "team", "/far").await;
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    let pane_peer = loop {
+    let peers_now = loop {
         let Reply::Status { status } = control.request(&Request::Status).await.unwrap() else { panic!() };
-        let peer = status.attachments.iter().find(|a| a.pane == "%2").map(|a| a.peer_id.clone()).unwrap();
-        if peer != *away_peer {
-            break peer;
+        let peer_of = |pane: &str| status.attachments.iter().find(|a| a.pane == pane).map(|a| a.peer_id.clone()).unwrap();
+        let (team_peer, side_peer) = (peer_of("%2"), peer_of("%3"));
+        if team_peer != *away_peer {
+            assert_ne!(side_peer, side.peer_id, "every pane of the server is registered again at once");
+            break [(far, team_peer), (mcp_peer(&back, "side", "/far").await.0, side_peer)];
         }
         assert!(std::time::Instant::now() < deadline, "relayd never registered again: {status:?}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
-    let sent = far.ok("send_dm", json!({"to": pane_peer, "message": "three"})).await;
-    recipient_reaches(&far, sent["message_id"].as_str().unwrap(), "delivered", Duration::from_millis(2500)).await;
+    for (far, pane_peer) in &peers_now {
+        let sent = far.ok("send_dm", json!({"to": pane_peer, "message": "three"})).await;
+        recipient_reaches(far, sent["message_id"].as_str().unwrap(), "delivered", Duration::from_millis(2500)).await;
+    }
     daemon.stop().await;
     here.shutdown.cancel();
     back.shutdown.cancel();
