@@ -105,6 +105,10 @@ impl Connection<'_> {
             let view = attachments.iter().map(|a| a.attachment.clone()).collect();
             self.send(&Reply::Subscribed { pane: pane.clone(), attachments: view }).await?;
             let mut delivered = self.daemon.since_defaults(&attachments);
+            let mut restarts_seen: BTreeMap<String, u64> = attachments
+                .iter()
+                .map(|a| (a.attachment.group.clone(), self.daemon.log_restarts(&a.attachment.server, &a.attachment.group)))
+                .collect();
             for a in &attachments {
                 let Some(&from) = since.get(&a.attachment.group) else { continue };
                 let current = delivered.get(&a.attachment.group).copied().unwrap_or(0);
@@ -135,6 +139,14 @@ impl Connection<'_> {
                         let Some(event) = event else { return Ok(()) }; // dropped as too slow
                         if event.kind != EventKind::Receipt {
                             let seen = delivered.entry(event.group.clone()).or_default();
+                            // a server that lost its data numbers its events from 1 again
+                            let server = attachments.iter().find(|a| a.attachment.group == event.group).map(|a| &a.attachment.server);
+                            if let Some(server) = server {
+                                let restarts = self.daemon.log_restarts(server, &event.group);
+                                if restarts_seen.insert(event.group.clone(), restarts).is_some_and(|before| before != restarts) {
+                                    *seen = 0;
+                                }
+                            }
                             if event.seq <= *seen {
                                 continue;
                             }

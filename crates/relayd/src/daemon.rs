@@ -50,6 +50,12 @@ struct UpstreamHandle {
 struct Inner {
     state: State,
     upstreams: HashMap<String, UpstreamHandle>,
+    /// Per server, the credential of a re-registration that failed part-way (see
+    /// `register_again`).
+    pending_daemons: HashMap<String, DaemonCredential>,
+    /// Per upstream, how often its server started its log over (lost its data): a pane's
+    /// subscription then forgets how far it got.
+    log_restarts: HashMap<String, u64>,
     subscribers: Vec<Subscriber>,
     next_subscriber: u64,
     /// What `relay mcp` last reported of each pane's agent (until relayd restarts).
@@ -189,6 +195,11 @@ impl Daemon {
 
     pub fn daemon_token(&self, server: &str) -> Option<String> {
         lock(&self.inner).state.daemons.get(server).map(|d| d.token.clone())
+    }
+
+    /// How often the server has started the group's log over, as far as relayd has seen.
+    pub fn log_restarts(&self, server: &str, group: &str) -> u64 {
+        lock(&self.inner).log_restarts.get(&upstream_key(server, group)).copied().unwrap_or(0)
     }
 
     /// Where the group's stream resumes; `None` before it has a position (then from now).
@@ -394,7 +405,16 @@ impl Daemon {
         if self.daemon_token(server).as_deref() != Some(refused) {
             return Ok(());
         }
-        let (daemon_id, token) = self.api.create_daemon(server, &self.hostname).await?;
+        // the credential an unfinished attempt made, if any: registering a pane again with it
+        // finds the same peer (the server knows a peer by host, directory and name)
+        let pending = lock(&self.inner).pending_daemons.remove(server);
+        let DaemonCredential { daemon_id, token } = match pending {
+            Some(credential) => credential,
+            None => {
+                let (daemon_id, token) = self.api.create_daemon(server, &self.hostname).await?;
+                DaemonCredential { daemon_id, token }
+            }
+        };
         let attachments: Vec<StoredAttachment> =
             lock(&self.inner).state.attachments.iter().filter(|a| a.attachment.server == server).cloned().collect();
         // per group, where its first pane joined again: its stream resumes there, so nothing
@@ -413,6 +433,11 @@ impl Daemon {
             };
             let registration = match self.api.register(server, &token, &peer).await {
                 Ok(registration) => registration,
+                // this pane's own trouble (a join key of its own, say), not the server's
+                Err(e) if e.is_refusal_of_the_request() => {
+                    tracing::warn!(pane = %a.pane, %server, group = %a.group, error = %e, "cannot register this pane again; attach it again");
+                    continue;
+                }
                 Err(e) => {
                     registered = Err(e);
                     break;
@@ -429,14 +454,20 @@ impl Daemon {
             }
         }
         // The new credential is kept only once every pane has been registered with it: until
-        // then the streams keep meeting 401 and the next of them starts over, so no pane is
+        // then the streams keep meeting 401 and the next of them goes on with it, so no pane is
         // left with a peer the server does not know.
-        if registered.is_ok() {
+        if let Err(e) = &registered {
+            if !e.is_unauthorized() {
+                lock(&self.inner).pending_daemons.insert(server.to_owned(), DaemonCredential { daemon_id, token });
+            }
+        } else {
             let mut inner = lock(&self.inner);
             inner.state.daemons.insert(server.to_owned(), DaemonCredential { daemon_id, token });
             // a server that lost its data numbers events from the start again
             for a in &attachments {
-                inner.state.last_event_ids.remove(&upstream_key(server, &a.attachment.group));
+                let key = upstream_key(server, &a.attachment.group);
+                inner.state.last_event_ids.remove(&key);
+                *inner.log_restarts.entry(key).or_default() += 1;
             }
             for (key, after) in resume_after {
                 if let Some(handle) = inner.upstreams.get_mut(&key) {

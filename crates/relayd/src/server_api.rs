@@ -25,6 +25,12 @@ impl ApiError {
     pub fn is_unauthorized(&self) -> bool {
         matches!(self, ApiError::Refused { status: 401, .. })
     }
+
+    /// The server refused this request for what it asked (a join key wanted, a name taken,
+    /// a field invalid): asking again the same way gets the same answer.
+    pub fn is_refusal_of_the_request(&self) -> bool {
+        matches!(self, ApiError::Refused { status, .. } if (400..500).contains(status) && ![401, 408, 429].contains(status))
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
