@@ -38,21 +38,24 @@ enum Ended {
 pub async fn run(daemon: Arc<Daemon>, server: String, group: String, cancel: CancellationToken, retry_now: Arc<Notify>) {
     let mut attempt: u32 = 0;
     let mut retry_hint: Option<Duration> = None;
-    let mut reregistered_last_time = false;
+    // whether the last attempt was made at once, on a credential that had just arrived
+    let mut retried_at_once = false;
     loop {
         daemon.set_upstream_state(&server, &group, ConnectionState::Connecting, None);
+        let credential = daemon.daemon_token(&server);
         let ended = tokio::select! {
             _ = cancel.cancelled() => return,
             ended = read_stream(&daemon, &server, &group, &mut retry_hint, &mut attempt) => ended,
         };
-        let reregistered = matches!(ended, Ended::Reregistered);
-        // at once, but not twice in a row: a server that keeps refusing the new credential
-        // is not asked for one after another without pause
-        if reregistered && !std::mem::replace(&mut reregistered_last_time, true) {
-            tracing::info!(%server, %group, "the server did not know this daemon; registered again, reconnecting");
+        // A new credential came during the attempt (this stream registered again, or another
+        // did meanwhile): try it at once, but not twice in a row, so that a server refusing
+        // every credential is not asked for one after another without pause.
+        let fresh = daemon.daemon_token(&server) != credential;
+        if fresh && !std::mem::replace(&mut retried_at_once, true) {
+            tracing::info!(%server, %group, "the daemon has a new credential for this server; reconnecting at once");
             continue;
         }
-        reregistered_last_time = reregistered;
+        retried_at_once = false;
         let error = match ended {
             Ended::Closed => None,
             Ended::Reregistered => Some("the server did not know this daemon again".to_owned()),
@@ -67,9 +70,9 @@ pub async fn run(daemon: Arc<Daemon>, server: String, group: String, cancel: Can
         tokio::select! {
             _ = cancel.cancelled() => return,
             _ = tokio::time::sleep(delay) => {}
-            // (not after its own fresh credential was refused too: two streams of a server that
+            // (not after a fresh credential was refused too: two streams of a server that
             // refuses every credential would wake each other without pause)
-            _ = retry_now.notified(), if !reregistered_last_time => {}
+            _ = retry_now.notified(), if !fresh => {}
         }
     }
 }
