@@ -143,13 +143,7 @@ impl Machine {
         .into_iter()
         .map(|(k, v)| (k.to_owned(), v))
         .collect();
-        for quiet in [
-            "DISABLE_TELEMETRY",
-            "DISABLE_AUTOUPDATER",
-            "DISABLE_ERROR_REPORTING",
-            "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC",
-            "CLAUDE_CODE_DISABLE_OFFICIAL_MARKETPLACE_AUTOINSTALL",
-        ] {
+        for quiet in crate::CLAUDE_QUIET_ENV {
             env.push((quiet.to_owned(), "1".to_owned()));
         }
         let tmux = TmuxServer::start_with_env(test, name, &env)?;

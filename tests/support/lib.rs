@@ -52,19 +52,21 @@ pub fn claude_code(test: &str) -> Option<PathBuf> {
     require(test, "the Claude Code CLI (RELAY_TEST_CLAUDE)", found)
 }
 
+/// Set to 1, these keep Claude Code off the network and quiet (no telemetry, updates,
+/// error reports or marketplace installs).
+pub const CLAUDE_QUIET_ENV: [&str; 5] = [
+    "DISABLE_TELEMETRY",
+    "DISABLE_AUTOUPDATER",
+    "DISABLE_ERROR_REPORTING",
+    "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC",
+    "CLAUDE_CODE_DISABLE_OFFICIAL_MARKETPLACE_AUTOINSTALL",
+];
+
 /// A command running Claude Code offline and quietly, in a private HOME.
 pub fn claude_command(bin: &Path, home: &Path) -> Command {
     let mut cmd = Command::new(bin);
-    cmd.env_clear()
-        .env("HOME", home)
-        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-        .env("DISABLE_TELEMETRY", "1")
-        .env("DISABLE_AUTOUPDATER", "1")
-        .env("DISABLE_ERROR_REPORTING", "1")
-        .env("CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC", "1")
-        .env("CLAUDE_CODE_DISABLE_OFFICIAL_MARKETPLACE_AUTOINSTALL", "1")
-        .current_dir(home)
-        .stdin(Stdio::null());
+    cmd.env_clear().env("HOME", home).env("PATH", std::env::var_os("PATH").unwrap_or_default());
+    cmd.envs(CLAUDE_QUIET_ENV.map(|name| (name, "1"))).current_dir(home).stdin(Stdio::null());
     cmd
 }
 

@@ -28,13 +28,7 @@ fn claude_env(dir: &Path, test: &str) -> Option<(Env, PathBuf, PathBuf)> {
     std::os::unix::fs::symlink(&bin, bin_dir.join("claude")).unwrap();
     let path = format!("{}:{}", bin_dir.display(), std::env::var("PATH").unwrap_or_default());
     let mut env = vec![("PATH".to_owned(), path), ("HOME".to_owned(), home.display().to_string())];
-    for quiet in [
-        "DISABLE_TELEMETRY",
-        "DISABLE_AUTOUPDATER",
-        "DISABLE_ERROR_REPORTING",
-        "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC",
-        "CLAUDE_CODE_DISABLE_OFFICIAL_MARKETPLACE_AUTOINSTALL",
-    ] {
+    for quiet in relay_e2e::CLAUDE_QUIET_ENV {
         env.push((quiet.to_owned(), "1".to_owned()));
     }
     Some((env, bin, home))
