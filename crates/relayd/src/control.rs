@@ -105,9 +105,13 @@ impl Connection<'_> {
             let view = attachments.iter().map(|a| a.attachment.clone()).collect();
             self.send(&Reply::Subscribed { pane: pane.clone(), attachments: view }).await?;
             let mut delivered = self.daemon.since_defaults(&attachments);
-            let mut restarts_seen: BTreeMap<String, u64> = attachments
+            // per group: its server, and how often relayd had seen that server's log start over
+            let mut restarts_seen: BTreeMap<String, (&str, u64)> = attachments
                 .iter()
-                .map(|a| (a.attachment.group.clone(), self.daemon.log_restarts(&a.attachment.server, &a.attachment.group)))
+                .map(|a| {
+                    let (server, group) = (a.attachment.server.as_str(), &a.attachment.group);
+                    (group.clone(), (server, self.daemon.log_restarts(server, group)))
+                })
                 .collect();
             for a in &attachments {
                 let Some(&from) = since.get(&a.attachment.group) else { continue };
@@ -140,10 +144,9 @@ impl Connection<'_> {
                         if event.kind != EventKind::Receipt {
                             let seen = delivered.entry(event.group.clone()).or_default();
                             // a server that lost its data numbers its events from 1 again
-                            let server = attachments.iter().find(|a| a.attachment.group == event.group).map(|a| &a.attachment.server);
-                            if let Some(server) = server {
+                            if let Some((server, before)) = restarts_seen.get_mut(event.group.as_str()) {
                                 let restarts = self.daemon.log_restarts(server, &event.group);
-                                if restarts_seen.insert(event.group.clone(), restarts).is_some_and(|before| before != restarts) {
+                                if std::mem::replace(before, restarts) != restarts {
                                     *seen = 0;
                                 }
                             }

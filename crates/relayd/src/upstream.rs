@@ -29,9 +29,6 @@ pub fn backoff(attempt: u32, base: Duration, max: Duration) -> Duration {
 enum Ended {
     /// The server closed a stream that had worked: reconnect promptly.
     Closed,
-    /// The server did not know this daemon, which has registered again: reconnect at once
-    /// (each second waited is a second of events its panes would not be pushed).
-    Reregistered,
     Failed(String),
 }
 
@@ -58,7 +55,6 @@ pub async fn run(daemon: Arc<Daemon>, server: String, group: String, cancel: Can
         retried_at_once = false;
         let error = match ended {
             Ended::Closed => None,
-            Ended::Reregistered => Some("the server did not know this daemon again".to_owned()),
             Ended::Failed(e) => Some(e),
         };
         if let Some(e) = &error {
@@ -89,7 +85,8 @@ async fn read_stream(daemon: &Arc<Daemon>, server: &str, group: &str, retry_hint
             if let Err(e) = daemon.reregister(server, &token).await {
                 return Ended::Failed(format!("cannot register again: {e}"));
             }
-            return Ended::Reregistered;
+            // the new credential makes `run` try again at once
+            return Ended::Failed("the server did not know this daemon; registered again".into());
         }
         Err(e @ ApiError::Refused { .. }) | Err(e @ ApiError::Unreachable { .. }) => return Ended::Failed(e.to_string()),
     };
