@@ -78,21 +78,46 @@ const SYSTEMD_UNIT: &str = include_str!("../../../systemd/relayd.service");
 const LAUNCHD_PLIST: &str = include_str!("../../../launchd/com.relay.relayd.plist");
 
 /// Where the service file goes, and its text with this installation's relayd path.
-pub fn service_file(home: &Path, relayd: &Path) -> (PathBuf, String) {
-    let relayd = relayd.display().to_string();
-    if cfg!(target_os = "macos") {
-        let text = LAUNCHD_PLIST.replace("\"$HOME/.cargo/bin/relayd\"", &format!("\"{relayd}\""));
-        (home.join("Library/LaunchAgents/com.relay.relayd.plist"), text)
+pub fn service_file(home: &Path, relayd: &Path) -> Result<(PathBuf, String)> {
+    Ok(if cfg!(target_os = "macos") {
+        (home.join("Library/LaunchAgents/com.relay.relayd.plist"), launchd_plist(relayd))
     } else {
-        let text = SYSTEMD_UNIT.replace("ExecStart=%h/.cargo/bin/relayd", &format!("ExecStart={relayd}"));
-        (home.join(".config/systemd/user/relayd.service"), text)
+        (home.join(".config/systemd/user/relayd.service"), systemd_unit(relayd)?)
+    })
+}
+
+/// The systemd unit running `relayd`, quoted for systemd's command line with `%` doubled so
+/// systemd does not read it as a specifier. systemd runs no program whose path holds a
+/// quote or a backslash.
+pub fn systemd_unit(relayd: &Path) -> Result<String> {
+    let path = relayd.display().to_string();
+    if path.chars().any(|c| matches!(c, '"' | '\'' | '\\') || c.is_control()) {
+        anyhow::bail!(
+            "systemd cannot run a program whose path holds quotes, backslashes or control characters ({path}); install relayd elsewhere"
+        );
     }
+    let quoted = path.replace('%', "%%");
+    Ok(SYSTEMD_UNIT.replace("ExecStart=%h/.cargo/bin/relayd", &format!("ExecStart=\"{quoted}\"")))
+}
+
+/// The launchd agent running `relayd`: the path goes into a double-quoted word of a
+/// `sh -c` script, which goes into XML, so it is escaped for both.
+pub fn launchd_plist(relayd: &Path) -> String {
+    let mut shell = String::new();
+    for c in relayd.display().to_string().chars() {
+        if matches!(c, '"' | '\\' | '$' | '`') {
+            shell.push('\\');
+        }
+        shell.push(c);
+    }
+    let xml = shell.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;");
+    LAUNCHD_PLIST.replace("\"$HOME/.cargo/bin/relayd\"", &format!("\"{xml}\""))
 }
 
 pub fn service(install: bool) -> Result<()> {
     let home = PathBuf::from(std::env::var_os("HOME").context("HOME is not set")?);
     let relayd = std::fs::canonicalize(sibling_binary("relayd")).unwrap_or_else(|_| sibling_binary("relayd"));
-    let (path, text) = service_file(&home, &relayd);
+    let (path, text) = service_file(&home, &relayd)?;
     let macos = cfg!(target_os = "macos");
     if install {
         std::fs::create_dir_all(path.parent().expect("a parent"))?;
@@ -125,13 +150,13 @@ mod tests {
 
     #[test]
     fn the_service_file_runs_this_relayd() {
-        let (path, text) = service_file(Path::new("/home/me"), Path::new("/opt/relay/bin/relayd"));
+        let (path, text) = service_file(Path::new("/home/me"), Path::new("/opt/relay/bin/relayd")).unwrap();
         if cfg!(target_os = "macos") {
             assert!(path.ends_with("Library/LaunchAgents/com.relay.relayd.plist"));
             assert!(text.contains("\"/opt/relay/bin/relayd\"") && text.contains("<key>KeepAlive</key>"));
         } else {
             assert_eq!(path, Path::new("/home/me/.config/systemd/user/relayd.service"));
-            assert!(text.contains("ExecStart=/opt/relay/bin/relayd\n"), "{text}");
+            assert!(text.contains("ExecStart=\"/opt/relay/bin/relayd\"\n"), "{text}");
             assert!(text.contains("Restart=on-failure") && text.contains("WantedBy=default.target"));
         }
     }
