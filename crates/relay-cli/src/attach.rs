@@ -37,7 +37,11 @@ pub async fn attach(socket: &Path, args: AttachArgs) -> Result<()> {
         Some(target) => relay_tmux::pane(&tmux, target).with_context(|| format!("no tmux pane {target}"))?,
         None => pick_pane(&tmux, &processes)?,
     };
-    let agent = agents::agent_under(pane.pid, &processes);
+    let found = agents::find_agent(pane.pid, &processes);
+    let agent = found.map(|f| f.agent);
+    // Claude Code's configuration as the agent sees it, which may not be ours
+    let agent_env = found.filter(|f| f.agent == "claude").and_then(|f| claude::AgentEnv::of(f.pid));
+    let claude_dir = agent_env.as_ref().and_then(claude::AgentEnv::claude_dir).or_else(claude::claude_dir);
     if agent.is_none() {
         let msg = format!("no coding agent ({}) runs in pane {} (it runs {})", agents::AGENTS.join(", "), pane.id, pane.current_command);
         if !args.force {
@@ -64,15 +68,17 @@ pub async fn attach(socket: &Path, args: AttachArgs) -> Result<()> {
         return Ok(());
     }
     // Claude Code with an inbox hears everything through it, the introduction included
-    let inbox = agent == Some("claude") && claude::claude_dir().and_then(|dir| claude::find(&dir, &pane.id)).is_some();
-    let sidebar = open_sidebar(&tmux, &pane, &args, socket, inbox);
+    let inbox = agent == Some("claude") && claude_dir.as_deref().and_then(|dir| claude::find(dir, &pane.id)).is_some();
+    let sidebar = open_sidebar(&tmux, &pane, &args, socket, inbox.then_some(claude_dir.as_deref()).flatten());
     if !args.no_mcp_config {
-        configure_mcp(agent);
+        configure_mcp(agent, agent_env.as_ref());
     }
     if agent == Some("claude") {
         explain_inbox_once();
-        if args.allow_tools {
-            allow_tools();
+        if args.allow_tools
+            && let Some(dir) = &claude_dir
+        {
+            allow_tools(&dir.join("settings.json"));
         }
     }
     if inbox && sidebar.is_some() {
@@ -129,8 +135,9 @@ fn git_branch(dir: &str) -> Option<String> {
 }
 
 /// `relay-pane` beside the agent, if it is installed; focus stays on the agent. The socket
-/// is passed on: the pane starts in tmux's environment, not ours.
-fn open_sidebar(tmux: &dyn Tmux, pane: &Pane, args: &AttachArgs, socket: &Path, intro: bool) -> Option<String> {
+/// and the Claude Code session's configuration directory (given when it has an inbox) are
+/// passed on: the pane starts in tmux's environment, not ours or the agent's.
+fn open_sidebar(tmux: &dyn Tmux, pane: &Pane, args: &AttachArgs, socket: &Path, inbox_of: Option<&Path>) -> Option<String> {
     let bin = sibling_binary("relay-pane");
     if !bin.is_file() && which("relay-pane").is_none() {
         eprintln!("relay: relay-pane is not installed; attached without a sidebar");
@@ -142,7 +149,7 @@ fn open_sidebar(tmux: &dyn Tmux, pane: &Pane, args: &AttachArgs, socket: &Path, 
         pane.id,
         shell_quote(&socket.display().to_string()),
         args.fallback,
-        if intro { " --intro" } else { "" }
+        inbox_of.map(|dir| format!(" --intro --claude-dir {}", shell_quote(&dir.display().to_string()))).unwrap_or_default()
     );
     match relay_tmux::split_beside(tmux, &pane.id, args.width, &command) {
         Ok(id) => Some(id),
@@ -163,16 +170,24 @@ fn which(name: &str) -> Option<std::path::PathBuf> {
 }
 
 /// Makes sure the agent can call the relay's tools: for Claude Code, `relay mcp` as a
-/// user-scope MCP server; for others, the config to add.
-fn configure_mcp(agent: Option<&str>) {
+/// user-scope MCP server of the configuration the agent runs with; for others, the config to add.
+fn configure_mcp(agent: Option<&str>, agent_env: Option<&claude::AgentEnv>) {
     let relay = sibling_binary("relay");
+    let claude = |args: &[&str]| {
+        let mut command = Command::new("claude");
+        command.args(args);
+        if let Some(env) = agent_env {
+            env.apply(&mut command);
+        }
+        command
+    };
     match agent {
         Some("claude") => {
-            let present = Command::new("claude").args(["mcp", "get", "relay"]).output().is_ok_and(|o| o.status.success());
+            let present = claude(&["mcp", "get", "relay"]).output().is_ok_and(|o| o.status.success());
             if present {
                 return;
             }
-            let added = Command::new("claude").args(["mcp", "add", "-s", "user", "relay", "--"]).arg(&relay).arg("mcp").output();
+            let added = claude(&["mcp", "add", "-s", "user", "relay", "--"]).arg(&relay).arg("mcp").output();
             match added {
                 Ok(o) if o.status.success() => eprintln!(
                     "relay: added `relay mcp` to Claude Code's MCP servers (user scope); a session started before \
@@ -209,9 +224,8 @@ fn explain_inbox_once() {
     let _ = std::fs::write(&marker, b"");
 }
 
-fn allow_tools() {
-    let Some(settings) = claude::claude_dir().map(|d| d.join("settings.json")) else { return };
-    match claude::allow_relay_tools(&settings) {
+fn allow_tools(settings: &Path) {
+    match claude::allow_relay_tools(settings) {
         Ok(true) => eprintln!("relay: relay's tools now run without a prompt ({} allows {})", settings.display(), claude::RELAY_TOOLS_RULE),
         Ok(false) => {}
         Err(e) => eprintln!("relay: could not allow relay's tools: {e}"),

@@ -4,14 +4,16 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{Context, Result};
 use relay_proto::local::{AgentInfo, Credential, Reply, Request};
+use relayd::config::choose_server;
 use rmcp::model::{
     CallToolRequestParams, CallToolResponse, CallToolResult, ClientConfig, ContentBlock, Implementation, ListToolsResult,
     PaginatedRequestParams, ProtocolVersion, ServerCapabilities, ServerConfig, Tool,
 };
-use rmcp::service::{RequestContext, RunningService};
+use rmcp::service::{Peer, RequestContext, RunningService};
 use rmcp::transport::StreamableHttpClientTransport;
 use rmcp::transport::streamable_http_client::StreamableHttpClientTransportConfig;
 use rmcp::{ClientLifecycleMode, ClientServiceExt, ErrorData, RoleClient, RoleServer, ServerHandler, ServiceExt};
@@ -107,11 +109,20 @@ pub struct Bridge {
     socket: PathBuf,
     pane: Option<String>,
     upstream: Mutex<Option<Upstream>>,
+    /// The tools the agent was last given: relay-proto's copy until a server's list is
+    /// adopted. Listing them needs no network.
+    listed: Arc<std::sync::Mutex<Vec<Tool>>>,
+}
+
+/// relay's tools as relay-proto carries them, without the `token` argument.
+pub fn known_tools() -> Vec<Tool> {
+    let tools: Vec<Tool> = serde_json::from_str(relay_proto::tools::DEFINITIONS).expect("relay-proto's tool definitions parse");
+    tools.into_iter().map(without_token).collect()
 }
 
 impl Bridge {
     pub fn new(socket: PathBuf, pane: Option<String>) -> Self {
-        Self { socket, pane, upstream: Mutex::new(None) }
+        Self { socket, pane, upstream: Mutex::new(None), listed: Arc::new(std::sync::Mutex::new(known_tools())) }
     }
 
     fn not_attached(&self) -> String {
@@ -139,32 +150,11 @@ impl Bridge {
         }
         Ok(guard)
     }
-
-    /// The tool list when not attached: the server's that relayd attaches to, so the agent
-    /// has the tools from the start (Claude Code asks once, when it starts) and they work as
-    /// soon as the pane is attached.
-    async fn anonymous_tools(&self) -> Vec<Tool> {
-        let server = match std::env::var("RELAY_SERVER") {
-            Ok(server) => server,
-            Err(_) => relayd_server(&self.socket).await.unwrap_or_else(|| relayd::config::DEFAULT_SERVER.to_owned()),
-        };
-        match connect(&relayd::Config::normalize_server(&server), None).await {
-            Ok(service) => {
-                let tools = service.list_all_tools().await.unwrap_or_default();
-                let _ = service.cancel().await;
-                tools
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "no tool list: not attached and no server reachable");
-                Vec::new()
-            }
-        }
-    }
 }
 
 impl ServerHandler for Bridge {
     fn get_info(&self) -> ServerConfig {
-        ServerConfig::new(ServerCapabilities::builder().enable_tools().build())
+        ServerConfig::new(ServerCapabilities::builder().enable_tools().enable_tool_list_changed().build())
             .with_server_info(Implementation::new("relay", env!("CARGO_PKG_VERSION")))
             .with_instructions(
                 "relay connects you with other AI coding agents in shared groups. These are the relay's own tools \
@@ -177,14 +167,7 @@ impl ServerHandler for Bridge {
         _request: Option<PaginatedRequestParams>,
         _context: RequestContext<RoleServer>,
     ) -> Result<ListToolsResult, ErrorData> {
-        let tools = match self.ensure().await {
-            Ok(guard) => match guard.as_ref() {
-                Some(u) => u.service.list_all_tools().await.unwrap_or_default(),
-                None => Vec::new(),
-            },
-            Err(_) => self.anonymous_tools().await,
-        };
-        Ok(ListToolsResult::with_all_items(tools.into_iter().map(without_token).collect()))
+        Ok(ListToolsResult::with_all_items(lock(&self.listed).clone()))
     }
 
     async fn call_tool(
@@ -211,42 +194,150 @@ impl ServerHandler for Bridge {
     }
 }
 
-/// The server relayd attaches panes to.
-async fn relayd_server(socket: &std::path::Path) -> Option<String> {
-    let mut client = relayd::client::Client::connect(socket, CLIENT_NAME).await.ok()?;
-    match client.request(&Request::Status).await.ok()? {
-        Reply::Status { status } if !status.server.is_empty() => Some(status.server),
-        _ => None,
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// What this `relay mcp` knows of its agent (our parent), from the environment Claude Code
+/// (or another agent) started it with: what the pane's sidebar needs to find the session,
+/// whatever environment the sidebar itself runs in.
+fn this_agent() -> AgentInfo {
+    let var = |name: &str| std::env::var(name).ok().filter(|s| !s.is_empty());
+    AgentInfo {
+        // SAFETY: getppid has no preconditions and cannot fail.
+        pid: unsafe { libc::getppid() } as u32,
+        messaging_socket: var("CLAUDE_CODE_MESSAGING_SOCKET"),
+        session_id: var("CLAUDE_CODE_SESSION_ID"),
+        claude_config_dir: var("CLAUDE_CONFIG_DIR"),
+        home: var("HOME"),
     }
 }
 
-/// Tells relayd who runs this `relay mcp`: the agent (our parent) and, for Claude Code, its
-/// inbox socket, so the pane's sidebar delivers into the right session. Best effort.
-async fn report_agent(socket: &std::path::Path, pane: &str) {
-    let agent = AgentInfo {
-        // SAFETY: getppid has no preconditions and cannot fail.
-        pid: unsafe { libc::getppid() } as u32,
-        messaging_socket: std::env::var("CLAUDE_CODE_MESSAGING_SOCKET").ok().filter(|s| !s.is_empty()),
-        session_id: std::env::var("CLAUDE_CODE_SESSION_ID").ok().filter(|s| !s.is_empty()),
+/// How often to look again for relayd, and for the pane's attachment, while either is missing.
+const LOOK_AGAIN: Duration = Duration::from_secs(1);
+/// The longest wait before asking an unreachable server for its tools again.
+const SERVER_RETRY_MAX: Duration = Duration::from_secs(30);
+
+/// Keeps relayd and the agent's tool list up to date for as long as the bridge runs:
+/// tells relayd about the agent whenever a relayd is reachable (at start, when relayd
+/// comes up, again after it restarts), and adopts the server's tool list once a server
+/// answers (the pane's, once attached), telling the agent when that changes its tools.
+async fn keep_in_touch(socket: PathBuf, pane: Option<String>, listed: Arc<std::sync::Mutex<Vec<Tool>>>, peer: Peer<RoleServer>) {
+    let agent = this_agent();
+    let mut adopted_from: Option<(String, bool)> = None; // (server, as the pane's peer)
+    let mut last_wanted: Option<(String, bool)> = None;
+    let mut server_retry = LOOK_AGAIN;
+    let mut next_server_try = tokio::time::Instant::now();
+    loop {
+        let mut relayd = relayd::client::Client::connect(&socket, CLIENT_NAME).await.ok();
+        let mut reported = false;
+        if let (Some(client), Some(pane)) = (relayd.as_mut(), pane.as_deref()) {
+            match client.request(&Request::Agent { pane: pane.to_owned(), agent: agent.clone() }).await {
+                Ok(_) => reported = true,
+                Err(e) => tracing::debug!(error = %e, "could not tell relayd about the agent"),
+            }
+        }
+        // stay on this relayd until the pane is attached and its server's tools adopted
+        loop {
+            let credential = match (relayd.as_mut(), pane.as_deref()) {
+                (Some(client), Some(pane)) => match client.request(&Request::Credentials { pane: pane.to_owned() }).await {
+                    Ok(Reply::Credentials { credentials, .. }) => credentials.into_iter().next(),
+                    Ok(_) => None,
+                    Err(_) => break, // relayd went away
+                },
+                _ => None,
+            };
+            let attached = credential.is_some();
+            let wanted = match credential {
+                Some(c) => (c.server, Some(c.token)),
+                None => {
+                    let daemon = async {
+                        match relayd.as_mut()?.request(&Request::Status).await.ok()? {
+                            Reply::Status { status } if !status.server.is_empty() => Some(status.server),
+                            _ => None,
+                        }
+                    };
+                    (choose_server(None, None, daemon).await.url, None)
+                }
+            };
+            let key = (wanted.0.clone(), attached);
+            if last_wanted.as_ref() != Some(&key) {
+                // another server (or now as the pane's peer): ask it at once
+                (next_server_try, server_retry) = (tokio::time::Instant::now(), LOOK_AGAIN);
+                last_wanted = Some(key.clone());
+            }
+            let adopted = adopted_from.as_ref() == Some(&key);
+            if !adopted && tokio::time::Instant::now() >= next_server_try {
+                match server_tools(&wanted.0, wanted.1.as_deref()).await {
+                    Ok(tools) => {
+                        adopted_from = Some(key);
+                        server_retry = LOOK_AGAIN;
+                        adopt(&listed, tools, &peer).await;
+                    }
+                    Err(e) => {
+                        tracing::debug!(server = %wanted.0, error = %e, "the server did not list its tools; offering relay's own list");
+                        next_server_try = tokio::time::Instant::now() + server_retry;
+                        server_retry = (server_retry * 2).min(SERVER_RETRY_MAX);
+                    }
+                }
+            }
+            let settled = adopted_from.as_ref().is_some_and(|(_, as_peer)| *as_peer || pane.is_none());
+            match relayd.as_mut() {
+                // nothing left to learn from this relayd: wait for it to go away
+                Some(client) if settled && reported => {
+                    let _ = client.next().await;
+                    break;
+                }
+                None if settled && pane.is_none() => return,
+                _ => {}
+            }
+            tokio::time::sleep(LOOK_AGAIN).await;
+            if relayd.is_none() || (pane.is_some() && !reported) {
+                break; // look for relayd again
+            }
+        }
+        if peer.is_transport_closed() {
+            return;
+        }
+    }
+}
+
+/// The tools `server` lists, as the agent sees them.
+async fn server_tools(server: &str, token: Option<&str>) -> Result<Vec<Tool>> {
+    let listing = async {
+        let service = connect(&relayd::Config::normalize_server(server), token).await?;
+        let tools = service.list_all_tools().await.context("tools/list failed");
+        let _ = service.cancel().await;
+        tools
     };
-    let reported = async {
-        let mut client = relayd::client::Client::connect(socket, CLIENT_NAME).await?;
-        client.request(&Request::Agent { pane: pane.to_owned(), agent }).await
+    let tools = tokio::time::timeout(Duration::from_secs(10), listing).await.context("no answer in 10 s")??;
+    Ok(tools.into_iter().map(without_token).collect())
+}
+
+/// Makes `tools` the agent's list, telling the agent if that changed it.
+async fn adopt(listed: &std::sync::Mutex<Vec<Tool>>, tools: Vec<Tool>, peer: &Peer<RoleServer>) {
+    let changed = {
+        let mut listed = lock(listed);
+        let changed = serde_json::to_value(&*listed).ok() != serde_json::to_value(&tools).ok();
+        *listed = tools;
+        changed
     };
-    match tokio::time::timeout(std::time::Duration::from_secs(2), reported).await {
-        Ok(Ok(_)) => {}
-        Ok(Err(e)) => tracing::debug!(error = %e, "could not tell relayd about the agent"),
-        Err(_) => tracing::debug!("relayd did not answer about the agent in 2 s"),
+    if changed {
+        tracing::info!("the server's tools differ from relay's own list: telling the agent");
+        if let Err(e) = peer.notify_tool_list_changed().await {
+            tracing::debug!(error = %e, "could not tell the agent its tools changed");
+        }
     }
 }
 
 /// Serves the bridge on stdin/stdout until the agent closes it.
 pub async fn serve(socket: PathBuf, pane: Option<String>) -> Result<()> {
-    if let Some(pane) = &pane {
-        report_agent(&socket, pane).await;
-    }
-    let bridge = Bridge::new(socket, pane);
+    let bridge = Bridge::new(socket.clone(), pane.clone());
+    let listed = bridge.listed.clone();
     let service = bridge.serve(rmcp::transport::stdio()).await.context("MCP handshake on stdio failed")?;
-    service.waiting().await?;
+    let watcher = tokio::spawn(keep_in_touch(socket, pane, listed, service.peer().clone()));
+    let result = service.waiting().await;
+    watcher.abort();
+    result?;
     Ok(())
 }

@@ -35,12 +35,56 @@ struct RegistryEntry {
     status: Option<String>,
 }
 
-/// Claude Code's configuration directory: `$CLAUDE_CONFIG_DIR`, else `~/.claude`.
+/// Claude Code's configuration directory in our environment: `$CLAUDE_CONFIG_DIR`, else
+/// `~/.claude`.
 pub fn claude_dir() -> Option<PathBuf> {
-    if let Some(dir) = std::env::var_os("CLAUDE_CONFIG_DIR") {
-        return Some(PathBuf::from(dir));
+    AgentEnv { config_dir: std::env::var_os("CLAUDE_CONFIG_DIR"), home: std::env::var_os("HOME") }.claude_dir()
+}
+
+/// What of an agent's environment decides where its Claude Code keeps its sessions and
+/// settings. People run Claude Code with a `CLAUDE_CONFIG_DIR` (or a `HOME`) of its own,
+/// which the sidebar, started by tmux, and `relay attach`, run from another shell, do not share.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AgentEnv {
+    pub config_dir: Option<std::ffi::OsString>,
+    pub home: Option<std::ffi::OsString>,
+}
+
+impl AgentEnv {
+    /// The running process's environment (Linux: `/proc/<pid>/environ`, readable for our
+    /// own processes); None where it cannot be read.
+    pub fn of(pid: u32) -> Option<Self> {
+        let environ = std::fs::read(format!("/proc/{pid}/environ")).ok()?;
+        let mut env = Self::default();
+        for var in environ.split(|b| *b == 0) {
+            let value = |prefix: &[u8]| var.strip_prefix(prefix).filter(|v| !v.is_empty()).map(os_string);
+            if let Some(dir) = value(b"CLAUDE_CONFIG_DIR=") {
+                env.config_dir = Some(dir);
+            } else if let Some(home) = value(b"HOME=") {
+                env.home = Some(home);
+            }
+        }
+        Some(env)
     }
-    std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".claude"))
+
+    /// `CLAUDE_CONFIG_DIR`, else `HOME/.claude`.
+    pub fn claude_dir(&self) -> Option<PathBuf> {
+        self.config_dir.as_ref().map(PathBuf::from).or_else(|| self.home.as_ref().map(|h| PathBuf::from(h).join(".claude")))
+    }
+
+    /// Sets this environment on a `claude` command, so it reads and writes the agent's configuration.
+    pub fn apply(&self, command: &mut std::process::Command) {
+        if let Some(dir) = &self.config_dir {
+            command.env("CLAUDE_CONFIG_DIR", dir);
+        }
+        if let Some(home) = &self.home {
+            command.env("HOME", home);
+        }
+    }
+}
+
+fn os_string(bytes: &[u8]) -> std::ffi::OsString {
+    <std::ffi::OsStr as std::os::unix::ffi::OsStrExt>::from_bytes(bytes).to_owned()
 }
 
 /// The permission rule that lets every relay MCP tool run without a prompt.
@@ -205,6 +249,24 @@ mod tests {
         let err = allow_relay_tools(&settings).unwrap_err();
         assert!(err.to_string().contains("not valid JSON"), "{err}");
         assert_eq!(std::fs::read_to_string(&settings).unwrap(), "{ not json", "a broken file is left alone");
+    }
+
+    #[test]
+    fn an_agents_config_dir_comes_from_its_own_environment() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .env("CLAUDE_CONFIG_DIR", "/home/me/.claude-work")
+            .env("HOME", "/home/me")
+            .spawn()
+            .unwrap();
+        let env = AgentEnv::of(child.id());
+        let _ = child.kill();
+        let _ = child.wait();
+        let env = env.expect("our child's environment is readable");
+        assert_eq!(env.claude_dir(), Some(PathBuf::from("/home/me/.claude-work")));
+        let home_only = AgentEnv { config_dir: None, home: env.home.clone() };
+        assert_eq!(home_only.claude_dir(), Some(PathBuf::from("/home/me/.claude")));
+        assert_eq!(AgentEnv::of(999_999_999), None);
     }
 
     #[test]

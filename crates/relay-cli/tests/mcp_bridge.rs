@@ -23,6 +23,18 @@ async fn connect(socket: &std::path::Path) -> relayd::client::Client {
     panic!("relayd did not start listening at {}", socket.display());
 }
 
+/// The next agent a subscribed sidebar hears of (within 10 s), and its pane.
+async fn heard_agent(sidebar: &mut relayd::client::Client, what: &str) -> (String, relay_proto::local::AgentInfo) {
+    let heard = async {
+        loop {
+            if let Reply::Agent { pane, agent } = sidebar.next().await.unwrap() {
+                return (pane, agent);
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), heard).await.unwrap_or_else(|_| panic!("{what}"))
+}
+
 async fn call(client: &RunningService<RoleClient, ()>, tool: &str, args: Value) -> (bool, String, Option<Value>) {
     let params = CallToolRequestParams::new(tool.to_owned()).with_arguments(args.as_object().cloned().unwrap());
     let r = client.call_tool(params).await.unwrap();
@@ -95,15 +107,7 @@ async fn the_bridge_reports_its_agent_to_the_panes_subscribers() {
         .env("CLAUDE_CODE_SESSION_ID", "session-9")
         .stderr(Stdio::null());
     let agent = ().serve(TokioChildProcess::new(cmd).unwrap()).await.unwrap();
-    let heard = tokio::time::timeout(Duration::from_secs(10), async {
-        loop {
-            if let Reply::Agent { pane, agent } = sidebar.next().await.unwrap() {
-                return (pane, agent);
-            }
-        }
-    })
-    .await
-    .expect("the sidebar hears of the agent");
+    let heard = heard_agent(&mut sidebar, "the sidebar hears of the agent").await;
     assert_eq!(heard.0, "%9");
     assert_eq!(heard.1.pid, std::process::id(), "the agent is relay mcp's parent: this test");
     assert_eq!(heard.1.messaging_socket.as_deref(), Some("/tmp/cc-socks/12345.sock"));
@@ -114,6 +118,67 @@ async fn the_bridge_reports_its_agent_to_the_panes_subscribers() {
     late.request(&Request::Subscribe { pane: "%9".into(), since: Default::default() }).await.unwrap();
     let next = tokio::time::timeout(Duration::from_secs(5), late.next()).await.unwrap().unwrap();
     assert!(matches!(&next, Reply::Agent { agent, .. } if agent.pid == std::process::id()), "{next:?}");
+    let _ = agent.cancel().await;
+    relayd.kill_hard();
+}
+
+/// The order a new user takes: Claude Code (and so `relay mcp`) starts before relayd runs,
+/// with the server named only in `config.toml`. The agent has relay's tools from its first
+/// question; relayd hears of the agent once it comes up; a call works once the pane is
+/// attached.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bridge_started_before_relayd_has_the_tools_and_reports_once_relayd_is_up() {
+    let server = ServerProcess::start(0, &["--ephemeral"]);
+    let dir = tempfile::tempdir().unwrap();
+    let home = dir.path().join("home");
+    std::fs::create_dir_all(home.join(".config/relay")).unwrap();
+    std::fs::write(home.join(".config/relay/config.toml"), format!("server = \"{}\"\n", server.url(""))).unwrap();
+    let socket = dir.path().join("run/relayd.sock");
+
+    let mut cmd = tokio::process::Command::new(binary("relay"));
+    cmd.args(["mcp", "--pane", "%5"])
+        .env("HOME", &home)
+        .env("RELAYD_SOCKET", &socket)
+        .env("CLAUDE_CONFIG_DIR", home.join("claude-work"))
+        .env("CLAUDE_CODE_MESSAGING_SOCKET", "/tmp/cc-socks/55.sock")
+        .env_remove("XDG_CONFIG_HOME")
+        .env_remove("RELAY_SERVER")
+        .env_remove("RELAY_CONFIG")
+        .env_remove("CLAUDE_CODE_SESSION_ID")
+        .stderr(Stdio::null());
+    let agent = ().serve(TokioChildProcess::new(cmd).unwrap()).await.unwrap();
+    let mut names: Vec<String> = agent.list_all_tools().await.unwrap().into_iter().map(|t| t.name.into_owned()).collect();
+    names.sort();
+    assert_eq!(
+        names,
+        ["get_history", "leave_group", "list_peers", "message_status", "read_new_messages", "register", "send_dm", "send_message"],
+        "relay mcp offers relay's tools with no relayd running"
+    );
+
+    let (mut relayd, socket) = spawn_relayd(dir.path(), &server.url(""), &["--no-notifications"], &[], Stdio::null());
+    let mut client = connect(&socket).await;
+    let mut sidebar = relayd::client::Client::connect(&socket, "test").await.unwrap();
+    sidebar.request(&Request::Subscribe { pane: "%5".into(), since: Default::default() }).await.unwrap();
+    let reported = heard_agent(&mut sidebar, "relay mcp reports its agent once relayd is up").await.1;
+    assert_eq!(reported.pid, std::process::id());
+    assert_eq!(reported.messaging_socket.as_deref(), Some("/tmp/cc-socks/55.sock"));
+    assert_eq!(reported.claude_config_dir.as_deref(), Some(home.join("claude-work").to_str().unwrap()));
+    assert_eq!(reported.home.as_deref(), Some(home.to_str().unwrap()));
+
+    let req = AttachRequest { pane: "%5".into(), group: "late".into(), working_directory: "/five".into(), ..Default::default() };
+    let Reply::Attached { attachment, .. } = client.request(&Request::Attach(req)).await.unwrap() else { panic!() };
+    let (failed, text, sent) = call(&agent, "send_message", json!({"message": "here at last"})).await;
+    assert!(!failed, "{text}");
+    assert_eq!(sent.unwrap()["from"]["peer_id"], attachment.peer_id.as_str());
+
+    // relayd restarts (and forgets the agent): relay mcp tells the new one
+    relayd.kill_hard();
+    let (mut relayd, socket) = spawn_relayd(dir.path(), &server.url(""), &["--no-notifications"], &[], Stdio::null());
+    let _client = connect(&socket).await;
+    let mut sidebar = relayd::client::Client::connect(&socket, "test").await.unwrap();
+    sidebar.request(&Request::Subscribe { pane: "%5".into(), since: Default::default() }).await.unwrap();
+    let again = heard_agent(&mut sidebar, "relay mcp reports its agent to a restarted relayd").await.1;
+    assert_eq!(again.pid, std::process::id());
     let _ = agent.cancel().await;
     relayd.kill_hard();
 }

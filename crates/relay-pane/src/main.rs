@@ -58,6 +58,10 @@ struct Args {
     /// session in the pane); typed into the pane if the inbox cannot take it
     #[arg(long)]
     intro: bool,
+    /// The Claude Code configuration directory the agent runs with (relay attach reads it
+    /// from the agent's environment) [default: $CLAUDE_CONFIG_DIR, else ~/.claude]
+    #[arg(long)]
+    claude_dir: Option<PathBuf>,
     /// Where to log (the terminal is the sidebar); default: pane-<id>.log beside relayd's
     /// state. RUST_LOG sets the level.
     #[arg(long, env = "RELAY_PANE_LOG")]
@@ -248,7 +252,8 @@ async fn run(
     let mut app = App::new(&args.pane);
     let mut keys = EventStream::new();
     let (heard_tx, mut heard_rx) = mpsc::channel(64);
-    let mut inbox = deliver::Inbox::new(&args.pane, heard_tx);
+    let claude_dir = args.claude_dir.clone().or_else(relay_cli::claude::claude_dir);
+    let mut inbox = deliver::Inbox::with_claude_dir(&args.pane, claude_dir, heard_tx);
     let mut pending: Vec<Event> = Vec::new();
     // refused by Claude Code, to be announced by keystrokes (--fallback keys)
     let mut keys_only: Vec<Event> = Vec::new();

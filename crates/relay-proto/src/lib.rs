@@ -6,11 +6,13 @@
 //! - [`validate`]: the rules for names, sizes and ids, so every component rejects the same
 //!   input with the same words.
 //! - [`local`]: the frames between relayd and its local clients.
+//! - [`tools`]: the MCP tools' definitions, as the server lists them.
 
 pub mod delivery;
 pub mod event;
 pub mod local;
 pub mod model;
+pub mod tools;
 pub mod validate;
 
 pub use delivery::{DeliveryState, PeerReceipt, Receipt, RecipientStatus};

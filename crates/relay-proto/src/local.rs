@@ -102,6 +102,13 @@ pub struct AgentInfo {
     /// Claude Code's `CLAUDE_CODE_SESSION_ID`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub session_id: Option<String>,
+    /// The agent's `CLAUDE_CONFIG_DIR`, where its session registry and transcripts live.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub claude_config_dir: Option<String>,
+    /// The agent's `HOME` (its `~/.claude` when it has no `CLAUDE_CONFIG_DIR`), which may not
+    /// be the sidebar's: the sidebar runs in the tmux server's environment.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub home: Option<String>,
 }
 
 /// A pane's identity on one server, for `relay mcp`.

@@ -6,7 +6,13 @@ use relay_proto::local::*;
 use relay_proto::{DeliveryState, Event, EventKind, PeerRef, Receipt};
 
 fn agent() -> AgentInfo {
-    AgentInfo { pid: 4242, messaging_socket: Some("/tmp/cc-socks/4242.sock".into()), session_id: Some("s-1".into()) }
+    AgentInfo {
+        pid: 4242,
+        messaging_socket: Some("/tmp/cc-socks/4242.sock".into()),
+        session_id: Some("s-1".into()),
+        claude_config_dir: Some("/home/me/.claude-work".into()),
+        home: Some("/home/me".into()),
+    }
 }
 
 fn round_trip_request(r: Request) {

@@ -25,6 +25,23 @@ async fn lists_the_eight_tools_described_as_the_relays() {
     assert!(info.instructions.as_deref().unwrap().contains("not any built-in messaging"));
 }
 
+/// `relay mcp` offers relay-proto's copy of the tools before it reaches a server: it must be
+/// what the server lists. `RELAY_BLESS=1` rewrites the copy from the server.
+#[tokio::test]
+async fn relay_proto_holds_the_tools_the_server_lists() {
+    let server = TestServer::start().await;
+    let client = server.client(None).await;
+    let listed = serde_json::to_value(client.service.list_all_tools().await.unwrap()).unwrap();
+    if std::env::var_os("RELAY_BLESS").is_some() {
+        std::fs::write(relay_proto::tools::DEFINITIONS_PATH, serde_json::to_string_pretty(&listed).unwrap() + "\n").unwrap();
+    }
+    let copy: serde_json::Value = serde_json::from_str(relay_proto::tools::DEFINITIONS).unwrap();
+    assert!(
+        copy == listed,
+        "relay-proto's tools.json differs from the server's list; run: RELAY_BLESS=1 cargo test -p relay-server --test tools relay_proto"
+    );
+}
+
 #[tokio::test]
 async fn register_names_peers_and_never_duplicates_them() {
     let server = TestServer::start().await;

@@ -91,10 +91,6 @@ const ROOM: f64 = 20.0;
 const ROOM_PER_SECOND: f64 = 0.5;
 
 impl Inbox {
-    pub fn new(pane: &str, heard: mpsc::Sender<Heard>) -> Self {
-        Self::with_claude_dir(pane, session::claude_dir(), heard)
-    }
-
     pub fn with_claude_dir(pane: &str, claude_dir: Option<PathBuf>, heard: mpsc::Sender<Heard>) -> Self {
         Self {
             pane: pane.to_owned(),
@@ -127,8 +123,15 @@ impl Inbox {
 
     /// `relay mcp` told relayd which process runs in the pane (again each time it starts,
     /// and relayd repeats it to every new subscriber). A different session replaces the
-    /// one we know; the same one keeps its reply sockets and what it was told.
+    /// one we know; the same one keeps its reply sockets and what it was told. Its Claude
+    /// Code configuration directory, from its own environment, is where to look from now on.
     pub fn agent_reported(&mut self, agent: AgentInfo) {
+        let env =
+            session::AgentEnv { config_dir: agent.claude_config_dir.clone().map(Into::into), home: agent.home.clone().map(Into::into) };
+        if let Some(dir) = env.claude_dir().filter(|dir| self.claude_dir.as_ref() != Some(dir)) {
+            tracing::info!(pane = %self.pane, dir = %dir.display(), "the agent's Claude Code keeps its sessions here");
+            self.claude_dir = Some(dir);
+        }
         let same = self
             .session
             .as_ref()
@@ -598,7 +601,7 @@ mod tests {
         let mut inbox = Inbox::with_claude_dir("%7", Some(fake.dir.path().join("elsewhere")), tx);
         assert!(inbox.session().is_none());
         let socket = fake.socket.display().to_string();
-        let agent = AgentInfo { pid: std::process::id(), messaging_socket: Some(socket), session_id: None };
+        let agent = AgentInfo { pid: std::process::id(), messaging_socket: Some(socket), session_id: None, ..Default::default() };
         inbox.agent_reported(agent.clone());
         assert!(matches!(inbox.post(&[dm("m1", "hi")], &|_: &str| false).await, Posting::Posted { .. }));
         assert!(fake.lines.recv().await.unwrap().contains("hi"));
@@ -607,8 +610,29 @@ mod tests {
         inbox.agent_reported(agent);
         assert!(inbox.has_pending() && reply_socket.exists(), "the same session was forgotten");
         // a dead pid reported is not believed
-        inbox.agent_reported(AgentInfo { pid: 999_999_999, messaging_socket: Some("/nope.sock".into()), session_id: None });
+        inbox.agent_reported(AgentInfo {
+            pid: 999_999_999,
+            messaging_socket: Some("/nope.sock".into()),
+            session_id: None,
+            ..Default::default()
+        });
         assert!(inbox.session().is_none());
+    }
+
+    /// The sidebar runs in tmux's environment; Claude Code may run with a CLAUDE_CONFIG_DIR
+    /// (or HOME) of its own, which relay mcp reports: the session is found there.
+    #[tokio::test]
+    async fn the_session_is_found_in_the_config_dir_the_agent_reported() {
+        let mut fake = fake_session();
+        let (tx, _heard) = mpsc::channel(8);
+        let mut inbox = Inbox::with_claude_dir("%7", Some(fake.dir.path().join("tmux-home/.claude")), tx);
+        assert!(inbox.session().is_none(), "not in the sidebar's own config dir");
+        let config_dir = fake.dir.path().display().to_string();
+        inbox.agent_reported(AgentInfo { pid: std::process::id(), claude_config_dir: Some(config_dir), ..Default::default() });
+        assert_eq!(inbox.session().map(|s| s.socket.clone()), Some(fake.socket.clone()));
+        assert_eq!(inbox.agent_status().as_deref(), Some("idle"), "its registry entry is read from there");
+        assert!(matches!(inbox.post(&[dm("m1", "hi")], &|_: &str| false).await, Posting::Posted { .. }));
+        assert!(fake.lines.recv().await.unwrap().contains("hi"));
     }
 
     #[tokio::test]
