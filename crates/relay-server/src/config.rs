@@ -30,6 +30,9 @@ pub struct Config {
     pub rate_per_second: f64,
     pub rate_burst: u32,
     pub heartbeat_secs: u64,
+    /// A client gets this long to send a request head and to take each write; a connection
+    /// that moves no bytes for twice as long is closed.
+    pub client_timeout_secs: u64,
     pub stream_buffer: usize,
     /// An MCP session (older protocol versions) idle this long is closed.
     pub session_idle_secs: u64,
@@ -56,6 +59,7 @@ impl Default for Config {
             rate_per_second: limits.rate_per_second,
             rate_burst: limits.rate_burst,
             heartbeat_secs: 15,
+            client_timeout_secs: 30,
             stream_buffer: limits.stream_buffer,
             session_idle_secs: 24 * 3600,
             synchronous: Synchronous::Normal,
@@ -108,6 +112,11 @@ impl Config {
         ];
         if let Some((name, _)) = positive.iter().find(|(_, v)| v.partial_cmp(&0.0) != Some(std::cmp::Ordering::Greater)) {
             return Err(ConfigError::Invalid(format!("{name} must be greater than 0")));
+        }
+        if self.client_timeout_secs == 0 || self.heartbeat_secs >= 2 * self.client_timeout_secs {
+            return Err(ConfigError::Invalid(
+                "client_timeout_secs must be more than half of heartbeat_secs (heartbeats keep streams open)".into(),
+            ));
         }
         if self.max_request_bytes < self.max_message_bytes {
             return Err(ConfigError::Invalid("max_request_bytes must be at least max_message_bytes".into()));

@@ -42,6 +42,7 @@ fn error(e: RelayError) -> Response {
         RelayError::UnknownToken | RelayError::NotRegistered => StatusCode::UNAUTHORIZED,
         RelayError::JoinKeyRequired(_) | RelayError::WrongJoinKey(_) | RelayError::JoinKeyNeededToCreate => StatusCode::FORBIDDEN,
         RelayError::NotMember { .. } => StatusCode::FORBIDDEN,
+        RelayError::PeerTaken { .. } => StatusCode::CONFLICT,
         RelayError::UnknownPeer { .. } | RelayError::AmbiguousPeer { .. } | RelayError::WhichGroup { .. } => StatusCode::NOT_FOUND,
         RelayError::DmToSelf => StatusCode::BAD_REQUEST,
         RelayError::UnknownMessage(_) => StatusCode::NOT_FOUND,

@@ -30,6 +30,11 @@ pub enum RelayError {
     WrongJoinKey(String),
     #[error("this relay requires a join key to create a group; pass join_key (at least 8 characters) to register")]
     JoinKeyNeededToCreate,
+    #[error(
+        "{name:?} (this host and directory) is already a peer of group {group:?}, registered by another agent. \
+         To be that peer again, call register with the token it was given; to join as a new peer, pass another `name`."
+    )]
+    PeerTaken { group: String, name: String },
     #[error("no peer {to:?} in your groups. Peers you can reach: {}", list(.candidates))]
     UnknownPeer { to: String, candidates: Vec<String> },
     #[error("{to:?} matches several peers; use one of these peer ids instead: {}", list(.matches))]

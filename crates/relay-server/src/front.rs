@@ -11,13 +11,15 @@
 
 use std::io;
 use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::Router;
 use axum::body::{Body, HttpBody as _};
 use bytes::Buf;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
@@ -40,12 +42,23 @@ const STREAM_REQUESTS: [&[u8]; 2] = [b"GET /notifications/", b"GET /v1/groups/"]
 /// The longest request head read here (a bearer token and the usual headers fit many times).
 const MAX_HEAD: usize = 16 * 1024;
 const MAX_HEADERS: usize = 64;
-/// A client gets this long to send its request head, and to take each write.
-const CLIENT_TIMEOUT: Duration = Duration::from_secs(30);
+/// A client gets this long to send its request head (the next one too, on a kept-alive
+/// connection), and to take each write; a connection with no traffic either way for twice
+/// as long is closed.
+#[derive(Debug, Clone, Copy)]
+pub struct Timeouts {
+    pub client: Duration,
+}
+
+impl Timeouts {
+    fn idle(self) -> Duration {
+        self.client * 2
+    }
+}
 
 /// Serves `app` on `listener` until `shutdown`, then waits for open connections to finish
 /// (event streams end on `shutdown` by themselves).
-pub async fn serve(listener: TcpListener, app: Router, shutdown: CancellationToken) -> io::Result<()> {
+pub async fn serve(listener: TcpListener, app: Router, shutdown: CancellationToken, timeouts: Timeouts) -> io::Result<()> {
     let connections = TaskTracker::new();
     loop {
         let accepted = tokio::select! {
@@ -63,7 +76,7 @@ pub async fn serve(listener: TcpListener, app: Router, shutdown: CancellationTok
         };
         // small SSE frames must not wait for the client's delayed ACK
         let _ = tcp.set_nodelay(true);
-        connections.spawn(connection(tcp, app.clone(), shutdown.clone()));
+        connections.spawn(connection(tcp, app.clone(), shutdown.clone(), timeouts));
     }
     drop(listener);
     connections.close();
@@ -71,34 +84,51 @@ pub async fn serve(listener: TcpListener, app: Router, shutdown: CancellationTok
     Ok(())
 }
 
-async fn connection(tcp: TcpStream, app: Router, shutdown: CancellationToken) {
+async fn connection(tcp: TcpStream, app: Router, shutdown: CancellationToken, timeouts: Timeouts) {
     let mut start = [0u8; 20];
     let peeked = tokio::select! {
         _ = shutdown.cancelled() => return,
-        peeked = tokio::time::timeout(CLIENT_TIMEOUT, tcp.peek(&mut start)) => peeked,
+        peeked = tokio::time::timeout(timeouts.client, tcp.peek(&mut start)) => peeked,
     };
     let n = match peeked {
         Ok(Ok(n)) if n > 0 => n,
         _ => return, // closed, failed, or silent
     };
     if STREAM_REQUESTS.iter().any(|r| start[..n].starts_with(r)) {
-        if let Err(e) = serve_stream(tcp, app, &shutdown).await {
+        if let Err(e) = serve_stream(tcp, app, &shutdown, timeouts).await {
             tracing::debug!(error = %e, "event stream connection ended");
         }
     } else {
-        serve_with_hyper(tcp, app, shutdown).await;
+        serve_with_hyper(tcp, app, shutdown, timeouts).await;
     }
 }
 
-async fn serve_with_hyper(tcp: TcpStream, app: Router, shutdown: CancellationToken) {
-    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-    let conn = builder.serve_connection_with_upgrades(TokioIo::new(tcp), TowerToHyperService::new(app));
+async fn serve_with_hyper(tcp: TcpStream, app: Router, shutdown: CancellationToken, timeouts: Timeouts) {
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    // without a timer hyper silently drops its header timeout: a client sending half a
+    // request head (or nothing after a response) would hold the connection forever
+    builder.http1().timer(TokioTimer::new()).header_read_timeout(timeouts.client);
+    builder.http2().timer(TokioTimer::new()).keep_alive_interval(timeouts.client).keep_alive_timeout(timeouts.client);
+    let activity = Arc::new(Activity::new());
+    let io = TokioIo::new(Watched { io: tcp, activity: activity.clone() });
+    let conn = builder.serve_connection_with_upgrades(io, TowerToHyperService::new(app));
     tokio::pin!(conn);
-    let served = tokio::select! {
-        served = conn.as_mut() => served,
-        _ = shutdown.cancelled() => {
-            conn.as_mut().graceful_shutdown();
-            conn.await
+    // what hyper's timers do not cover (a stalled body, HTTP/2, the protocol sniff): no
+    // bytes either way for this long ends the connection; streamed responses heartbeat
+    let idle = timeouts.idle();
+    let served = loop {
+        tokio::select! {
+            served = conn.as_mut() => break served,
+            _ = shutdown.cancelled() => {
+                conn.as_mut().graceful_shutdown();
+                break conn.await;
+            }
+            () = tokio::time::sleep_until(activity.last() + idle) => {
+                if activity.last().elapsed() >= idle {
+                    tracing::debug!("closing a connection silent for {idle:?}");
+                    return;
+                }
+            }
         }
     };
     if let Err(e) = served {
@@ -106,13 +136,81 @@ async fn serve_with_hyper(tcp: TcpStream, app: Router, shutdown: CancellationTok
     }
 }
 
+/// When a connection last moved bytes.
+struct Activity {
+    start: tokio::time::Instant,
+    /// Milliseconds after `start`.
+    last: AtomicU64,
+}
+
+impl Activity {
+    fn new() -> Self {
+        Self { start: tokio::time::Instant::now(), last: AtomicU64::new(0) }
+    }
+
+    fn touch(&self) {
+        self.last.store(self.start.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+
+    fn last(&self) -> tokio::time::Instant {
+        self.start + Duration::from_millis(self.last.load(Ordering::Relaxed))
+    }
+}
+
+/// A connection that notes in [`Activity`] whenever bytes move.
+struct Watched {
+    io: TcpStream,
+    activity: Arc<Activity>,
+}
+
+impl tokio::io::AsyncRead for Watched {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut tokio::io::ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.io).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            self.activity.touch();
+        }
+        polled
+    }
+}
+
+impl tokio::io::AsyncWrite for Watched {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
+        let polled = Pin::new(&mut self.io).poll_write(cx, data);
+        if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
+            self.activity.touch();
+        }
+        polled
+    }
+
+    fn poll_write_vectored(mut self: Pin<&mut Self>, cx: &mut Context<'_>, bufs: &[io::IoSlice<'_>]) -> Poll<io::Result<usize>> {
+        let polled = Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
+        if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
+            self.activity.touch();
+        }
+        polled
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
 /// One event-stream request and its response, then the connection closes.
-async fn serve_stream(tcp: TcpStream, app: Router, shutdown: &CancellationToken) -> io::Result<()> {
+async fn serve_stream(tcp: TcpStream, app: Router, shutdown: &CancellationToken, timeouts: Timeouts) -> io::Result<()> {
     let (mut reader, mut writer) = tcp.into_split();
     // boxed, so the head's parsing state is not part of the long-lived stream future
     let head = tokio::select! {
         _ = shutdown.cancelled() => return Ok(()),
-        head = Box::pin(read_request(&mut reader)) => head?,
+        head = Box::pin(read_request(&mut reader, timeouts.client)) => head?,
     };
     let (response, chunked) = match head {
         Ok(request) => {
@@ -124,7 +222,7 @@ async fn serve_stream(tcp: TcpStream, app: Router, shutdown: &CancellationToken)
             (response.expect("a valid response"), false)
         }
     };
-    let written = write_response(&mut reader, &mut writer, response, chunked).await;
+    let written = write_response(&mut reader, &mut writer, response, chunked, timeouts.client).await;
     match written {
         Ok(()) => {
             // closing with unread input would reset the connection, and the answer with it
@@ -139,9 +237,9 @@ async fn serve_stream(tcp: TcpStream, app: Router, shutdown: &CancellationToken)
 }
 
 /// Reads and parses a request head; a status to answer with when it is not one.
-async fn read_request(reader: &mut OwnedReadHalf) -> io::Result<Result<http::Request<Body>, http::StatusCode>> {
+async fn read_request(reader: &mut OwnedReadHalf, timeout: Duration) -> io::Result<Result<http::Request<Body>, http::StatusCode>> {
     let mut buf = Vec::with_capacity(1024);
-    let deadline = tokio::time::Instant::now() + CLIENT_TIMEOUT;
+    let deadline = tokio::time::Instant::now() + timeout;
     loop {
         if buf.len() >= MAX_HEAD {
             return Ok(Err(http::StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE));
@@ -179,6 +277,7 @@ async fn write_response(
     writer: &mut OwnedWriteHalf,
     response: http::Response<Body>,
     chunked: bool,
+    timeout: Duration,
 ) -> io::Result<()> {
     let (parts, mut body) = response.into_parts();
     let length = body.size_hint().exact();
@@ -199,7 +298,7 @@ async fn write_response(
         None => {}
     }
     head.extend_from_slice(b"connection: close\r\n\r\n");
-    send(writer, &head[..]).await?;
+    send(writer, &head[..], timeout).await?;
     loop {
         // the next frame, unless the client hangs up first
         let frame = std::future::poll_fn(|cx| match Pin::new(&mut body).poll_frame(cx) {
@@ -227,13 +326,13 @@ async fn write_response(
             // size, data and end in one write, the data not copied
             let mut size = [0u8; 18];
             let size = chunk_size_line(data.len(), &mut size);
-            send(writer, Buf::chain(size, &data[..]).chain(&b"\r\n"[..])).await?;
+            send(writer, Buf::chain(size, &data[..]).chain(&b"\r\n"[..]), timeout).await?;
         } else {
-            send(writer, &data[..]).await?;
+            send(writer, &data[..], timeout).await?;
         }
     }
     if chunked {
-        send(writer, &b"0\r\n\r\n"[..]).await?;
+        send(writer, &b"0\r\n\r\n"[..], timeout).await?;
     }
     writer.flush().await
 }
@@ -248,8 +347,8 @@ fn chunk_size_line(len: usize, buf: &mut [u8; 18]) -> &[u8] {
     &buf[..digits + 2]
 }
 
-/// One write, given up on when the client takes no data for [`CLIENT_TIMEOUT`].
-async fn send(writer: &mut OwnedWriteHalf, mut bytes: impl Buf) -> io::Result<()> {
+/// One write, given up on when the client takes no data for `timeout`.
+async fn send(writer: &mut OwnedWriteHalf, mut bytes: impl Buf, timeout: Duration) -> io::Result<()> {
     // Nearly every write fits the socket's buffer at once: no timer for those.
     while bytes.has_remaining() {
         let mut slices = [io::IoSlice::new(&[]); 4];
@@ -264,7 +363,7 @@ async fn send(writer: &mut OwnedWriteHalf, mut bytes: impl Buf) -> io::Result<()
     if !bytes.has_remaining() {
         return Ok(());
     }
-    tokio::time::timeout(CLIENT_TIMEOUT, writer.write_all_buf(&mut bytes))
+    tokio::time::timeout(timeout, writer.write_all_buf(&mut bytes))
         .await
         .unwrap_or_else(|_| Err(io::Error::new(io::ErrorKind::TimedOut, "the client stopped reading")))
 }

@@ -18,6 +18,7 @@ pub mod sse;
 pub mod store;
 
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
 
 use thiserror::Error;
 use tokio::net::TcpListener;
@@ -67,7 +68,8 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
 /// Serves an existing [`Relay`]; for tests that also drive it directly.
 pub async fn serve(relay: Arc<Relay>, config: &Config, listener: TcpListener, shutdown: CancellationToken) -> Result<(), ServerError> {
     let app = app::router(relay, config, shutdown.clone());
-    front::serve(listener, app, shutdown).await?;
+    let timeouts = front::Timeouts { client: Duration::from_secs(config.client_timeout_secs) };
+    front::serve(listener, app, shutdown, timeouts).await?;
     tracing::info!("relay-server stopped");
     Ok(())
 }

@@ -313,7 +313,7 @@ impl Relay {
 
     /// Joins a group (creating it if new) as a peer of `caller`, or of a new caller when
     /// there is none. Registering again from the same host, directory and name returns the
-    /// same peer. Slow when a join key is involved (password hashing): call it off the
+    /// same peer, to its own token or daemon only. Slow when a join key is involved (password hashing): call it off the
     /// async threads.
     pub fn register(&self, caller: Option<&Caller>, mut req: RegisterRequest) -> Result<(Registration, Caller)> {
         // clients send "" for "not given"
@@ -364,6 +364,15 @@ impl Relay {
         };
 
         let existing = self.store.peer_by_origin(&req.group_id, &req.hostname, &req.working_directory, req.name.as_deref())?;
+        // host, directory and name are visible to every member: registering with them is no
+        // proof of being that peer. Only its own token, or the daemon that registered it, is.
+        if let Some(peer) = &existing {
+            let same_principal = caller.is_some_and(|c| c.principal == peer.principal_id);
+            let same_daemon = req.daemon_id.is_some() && req.daemon_id == peer.daemon_id;
+            if !same_principal && !same_daemon {
+                return Err(RelayError::PeerTaken { group: req.group_id, name: peer.display_name.clone() });
+            }
+        }
         // A token stands for one agent: at most one peer per group. Another peer in a group
         // where the caller already has one gets a token of its own.
         let keep_caller = match caller {

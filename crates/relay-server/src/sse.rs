@@ -279,7 +279,15 @@ impl GroupStream {
                 }
             }
             Audience::Daemon(daemon_id) => match entry.kind {
-                EventKind::Message | EventKind::PeerJoined | EventKind::PeerLeft => true,
+                EventKind::Message | EventKind::PeerJoined => true,
+                EventKind::PeerLeft => {
+                    // the daemon's last peer in the group left: the right to the stream went
+                    // with it (checked at open only, it would carry the group on forever)
+                    let gone = self.daemon_owns(daemon_id, &entry.sender_id)
+                        && !self.relay.daemon_in_group(daemon_id, &self.group_id).unwrap_or(false);
+                    self.done = gone;
+                    true
+                }
                 // only DMs to the peers this daemon registered: never another machine's
                 EventKind::Dm => entry.recipient_id.as_deref().is_some_and(|to| self.daemon_owns(daemon_id, to)),
                 EventKind::Receipt | EventKind::Unknown => false,

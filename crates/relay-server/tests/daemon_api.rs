@@ -184,3 +184,48 @@ async fn daemon_endpoints_check_their_credentials() {
     // with its last peer gone, the daemon has no business in the group
     assert_eq!(d.events(&server, "team", None).await.status, 403);
 }
+
+/// A daemon registers its own peers again (the same peer comes back); another daemon
+/// naming the same host and directory gets no one's peer, and its stream no one's DMs.
+#[tokio::test]
+async fn a_daemon_cannot_take_over_another_daemons_peer() {
+    let server = TestServer::start().await;
+    let (owner, thief) = (new_daemon(&server).await, new_daemon(&server).await);
+    let peer = owner.register(&server, "team", "/api").await;
+    assert_eq!(owner.register(&server, "team", "/api").await["peer_id"], peer["peer_id"], "its own daemon gets it back");
+    let resp = reqwest::Client::new()
+        .post(server.url("/v1/peers"))
+        .bearer_auth(&thief.token)
+        .json(&json!({"group_id": "team", "hostname": "box", "working_directory": "/api"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 409);
+    assert!(resp.text().await.unwrap().contains("already a peer of group"));
+    let thief_stream = thief.events(&server, "team", None).await;
+    assert_eq!(thief_stream.status, 403, "a daemon with no peer in the group has no stream of it");
+}
+
+/// Membership is the right to a daemon's group stream for as long as the stream lasts, not
+/// only when it opens: the stream ends once the daemon's last peer in the group is gone.
+#[tokio::test]
+async fn a_daemon_stream_ends_with_its_last_peer_in_the_group() {
+    let server = TestServer::start().await;
+    let d = new_daemon(&server).await;
+    let (one, two) = (d.register(&server, "team", "/one").await, d.register(&server, "team", "/two").await);
+    let (other, _) = server.peer("team", "/other").await;
+    let mut stream = d.events(&server, "team", None).await;
+    let http = reqwest::Client::new();
+    let remove = |peer: &Value| http.delete(server.url(&format!("/v1/peers/{}", peer["peer_id"].as_str().unwrap()))).bearer_auth(&d.token);
+
+    assert_eq!(remove(&one).send().await.unwrap().status(), 200);
+    other.ok("send_message", json!({"message": "still yours"})).await;
+    let seen = kinds_and_previews(&stream.drain(SHORT).await);
+    assert_eq!(seen, [("peer_left".into(), "box:one left team".into()), ("message".into(), "still yours".into())]);
+
+    assert_eq!(remove(&two).send().await.unwrap().status(), 200);
+    other.ok("send_message", json!({"message": "not for you any more"})).await;
+    let seen = kinds_and_previews(&stream.drain(SHORT).await);
+    assert_eq!(seen, [("peer_left".into(), "box:two left team".into())]);
+    assert!(stream.ended(), "the stream ends after the last peer's leave");
+}

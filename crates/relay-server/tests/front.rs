@@ -114,3 +114,41 @@ async fn shutdown_ends_open_streams_and_the_server_stops() {
     tokio::time::timeout(Duration::from_secs(5), tcp.read_to_end(&mut rest)).await.expect("closed").unwrap();
     assert!(String::from_utf8_lossy(&rest).ends_with("0\r\n\r\n"), "the stream did not end cleanly");
 }
+
+/// Slowloris and idle sockets: a client that sends half a request head, sends nothing after
+/// a response, or stalls inside hyper's protocol sniff holds no connection for long.
+#[tokio::test]
+async fn half_sent_heads_and_idle_connections_are_closed() {
+    let server = TestServer::start_with(|c| {
+        c.client_timeout_secs = 1;
+        c.heartbeat_secs = 1;
+    })
+    .await;
+    let closed_within = |request: &'static [u8]| {
+        let addr = server.addr;
+        async move {
+            let mut tcp = TcpStream::connect(addr).await.unwrap();
+            tcp.write_all(request).await.unwrap();
+            let mut got = Vec::new();
+            let read = tokio::time::timeout(Duration::from_secs(10), tcp.read_to_end(&mut got)).await;
+            assert!(read.is_ok(), "a connection that sent {:?} was still open after 10 s", String::from_utf8_lossy(request));
+            String::from_utf8_lossy(&got).into_owned()
+        }
+    };
+    closed_within(b"POST /mcp HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: appl").await;
+    closed_within(b"GET /notifications/g/p HTTP/1.1\r\nHost: 127.0.0.1\r\n").await;
+    closed_within(b"PRI * HTTP/2").await;
+    closed_within(b"POST /mcp HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 100\r\n\r\n{\"jsonrpc\"").await;
+    // a whole request is answered; the kept-alive connection is closed when nothing follows
+    let answered = closed_within(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n").await;
+    assert!(answered.starts_with("HTTP/1.1 200") && answered.ends_with("ok\n"), "{answered}");
+
+    // a stream that stays open is not idle: its heartbeats keep it so
+    let (_, reg) = server.peer("g", "/w").await;
+    let mut stream = TcpStream::connect(server.addr).await.unwrap();
+    stream.write_all(stream_request(&reg, "HTTP/1.1").as_bytes()).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let mut buf = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(2), stream.read(&mut buf)).await.unwrap().unwrap();
+    assert!(n > 0 && String::from_utf8_lossy(&buf[..n]).contains("200"), "the stream closed");
+}

@@ -55,8 +55,10 @@ async fn register_names_peers_and_never_duplicates_them() {
     assert!(first["token"].as_str().unwrap().starts_with("rly_"));
     assert!(first["how_to_call"].as_str().unwrap().contains("token="), "{first}");
 
-    // the same host and directory again: the same peer, a working new token
-    let again = anon.ok("register", args.clone()).await;
+    // the same host and directory again, with the peer's token: the same peer
+    let mut with_token = args.clone();
+    with_token["token"] = first["token"].clone();
+    let again = anon.ok("register", with_token).await;
     assert_eq!(again["peer_id"], first["peer_id"]);
     assert_eq!(again["new_peer"], false);
     let c = server.client(Some(again["token"].as_str().unwrap())).await;
@@ -70,6 +72,35 @@ async fn register_names_peers_and_never_duplicates_them() {
     // an explicit name
     let named = anon.ok("register", json!({"group_id": "team", "hostname": "h", "working_directory": "/x", "name": "alice"})).await;
     assert_eq!(named["display_name"], "alice");
+}
+
+/// Host, directory and name are on show in list_peers: registering with them takes no
+/// peer over. Only the peer's token (or its daemon, tested with the daemon API) is proof.
+#[tokio::test]
+async fn nobody_takes_over_a_peer_by_registering_with_its_origin() {
+    let server = TestServer::start().await;
+    let (victim, reg) = server.peer("team", "/src/api").await;
+    let (colleague, colleague_reg) = server.peer("team", "/src/web").await;
+    colleague.ok("send_dm", json!({"to": reg["peer_id"], "message": "the deploy key is in vault"})).await;
+    let anon = server.client(None).await;
+    let same_origin = json!({"group_id": "team", "hostname": "box", "working_directory": "/src/api"});
+    // an outsider, and a member with a token of its own
+    for (who, token) in [("outsider", None), ("member", colleague_reg["token"].as_str())] {
+        let mut args = same_origin.clone();
+        if let Some(t) = token {
+            args["token"] = json!(t);
+        }
+        let err = anon.err("register", args).await;
+        assert!(err.contains("already a peer of group \"team\"") && err.contains("pass another `name`"), "{who}: {err}");
+    }
+    // the victim still is itself and still has its DM
+    let inbox = victim.ok("read_new_messages", json!({})).await;
+    assert_eq!(inbox["messages"][0]["text"], "the deploy key is in vault");
+    assert_eq!(victim.ok("list_peers", json!({})).await["peers"].as_array().unwrap().len(), 2);
+    // another name is another peer
+    let mut named = same_origin.clone();
+    named["name"] = json!("api-two");
+    assert_ne!(anon.ok("register", named).await["peer_id"], reg["peer_id"]);
 }
 
 #[tokio::test]
