@@ -41,8 +41,11 @@ async fn call(client: &RunningService<RoleClient, ()>, tool: &str, args: serde_j
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn attach_two_agents_message_announce_read_and_detach() {
     let test = "attach_two_agents_message_announce_read_and_detach";
-    let Some(t) = TmuxServer::start(test, "e2e") else { return };
     let dir = tempfile::tempdir().unwrap();
+    // attach configures Claude Code's MCP servers (once), when its CLI is here, in the
+    // configuration the agent runs with: the stand-in agents get the private HOME too
+    let claude = claude_env(dir.path(), test);
+    let Some(t) = TmuxServer::start_with_env(test, "e2e", claude.as_ref().map_or(&[][..], |(env, _, _)| &env[..])) else { return };
     let Some(desktop) = Desktop::start(test) else { return };
     let server = ServerProcess::start(0, &["--ephemeral"]);
     let start_relayd = || spawn_relayd(dir.path(), &server.url(""), &[], &[("DBUS_SESSION_BUS_ADDRESS", &desktop.bus)], Stdio::null());
@@ -55,8 +58,6 @@ async fn attach_two_agents_message_announce_read_and_detach() {
     wait_until("relayd", Duration::from_secs(10), || socket.exists());
     wait_until("the stand-in agents", Duration::from_secs(10), || log_a.exists() && log_b.exists());
 
-    // attach configures Claude Code's MCP servers (once), when its CLI is here
-    let claude = claude_env(dir.path(), test);
     let (env, mcp_flag) = match &claude {
         Some((env, _, _)) => (env.clone(), None),
         None => (Vec::new(), Some("--no-mcp-config")),
