@@ -40,6 +40,23 @@ pub struct Found {
     pub pid: u32,
 }
 
+/// Whether `pid` is `root` or runs below it, by the parent links in `processes`.
+pub fn runs_under(pid: u32, root: u32, processes: &[Process]) -> bool {
+    let parent: HashMap<u32, u32> = processes.iter().map(|p| (p.pid, p.ppid)).collect();
+    let mut at = pid;
+    // bounded: a pid reused while `ps` ran could close a loop
+    for _ in 0..processes.len() + 1 {
+        if at == root {
+            return true;
+        }
+        match parent.get(&at) {
+            Some(&up) if up != at && up != 0 => at = up,
+            _ => return false,
+        }
+    }
+    false
+}
+
 /// The agent among `root` and its descendants, by name ("claude", …).
 pub fn agent_under(root: u32, processes: &[Process]) -> Option<&'static str> {
     find_agent(root, processes).map(|f| f.agent)
@@ -186,6 +203,10 @@ mod tests {
         assert_eq!(agent_under(400, &tree), None, "an editor opening a file named like an agent is not one");
         assert_eq!(agent_under(500, &tree), Some("gemini"));
         assert_eq!(agent_under(999, &tree), None);
+        assert!(runs_under(502, 500, &tree) && runs_under(500, 500, &tree));
+        assert!(!runs_under(502, 100, &tree), "another pane's process");
+        assert!(!runs_under(999, 100, &tree), "an unknown process");
+        assert!(!runs_under(7, 100, &[p(7, 8, "a"), p(8, 7, "b")]), "a loop ends");
     }
 
     #[test]

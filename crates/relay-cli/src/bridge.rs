@@ -288,7 +288,8 @@ async fn keep_in_touch(socket: PathBuf, pane: Option<String>, listed: Arc<std::s
                     let _ = client.next().await;
                     break;
                 }
-                None if settled && pane.is_none() => return,
+                // outside a pane there is nothing to report: done once the tools are adopted
+                _ if settled && pane.is_none() => return,
                 _ => {}
             }
             tokio::time::sleep(LOOK_AGAIN).await;

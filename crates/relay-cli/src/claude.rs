@@ -259,7 +259,16 @@ mod tests {
             .env("HOME", "/home/me")
             .spawn()
             .unwrap();
-        let env = AgentEnv::of(child.id());
+        // Right after exec the kernel may not have laid out the new environment yet
+        // (`/proc/PID/environ` reads empty for a moment), so wait for it.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        let env = loop {
+            let env = AgentEnv::of(child.id());
+            if env.as_ref().is_some_and(|e| e.home.is_some()) || std::time::Instant::now() > deadline {
+                break env;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        };
         let _ = child.kill();
         let _ = child.wait();
         let env = env.expect("our child's environment is readable");

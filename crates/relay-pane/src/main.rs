@@ -319,7 +319,16 @@ async fn run(
                     Some(Incoming::Peers(peers)) => app.peers = peers,
                     Some(Incoming::Lost(why)) => app.connection = Connection::Lost(why),
                     Some(Incoming::Note(note)) => app.note = Some(note),
-                    Some(Incoming::Agent(agent)) => inbox.agent_reported(agent),
+                    Some(Incoming::Agent(agent)) => {
+                        // a `relay mcp` run by hand, or by a client elsewhere, names the pane
+                        // too: only the agent running in the pane speaks for it
+                        match relay_tmux::pane(&tmux, &args.pane) {
+                            Ok(p) if !relay_cli::agents::runs_under(agent.pid, p.pid, &relay_cli::agents::processes()) => {
+                                tracing::warn!(pane = %args.pane, pid = agent.pid, "ignoring an agent report from a process outside the pane");
+                            }
+                            _ => inbox.agent_reported(agent),
+                        }
+                    }
                     Some(Incoming::Due { mut due, settled }) => {
                         for id in settled {
                             tracker.settled(&id);
@@ -558,8 +567,14 @@ async fn send_reply(socket: PathBuf, pane: String, reply: deliver::AgentReply, t
         ReplyTarget::Group { group } => (group, "send_message", serde_json::json!({"group_id": group, "message": reply.text})),
     };
     let note = match relay_cli::bridge::call_in_group(&socket, &pane, Some(group), tool, args).await {
-        Ok(_) => format!("sent the agent's reply ({tool} in {group})"),
-        Err(e) => format!("the agent's reply was not sent: {e:#}"),
+        Ok(_) => {
+            tracing::info!(%tool, %group, "sent the agent's reply");
+            format!("sent the agent's reply ({tool} in {group})")
+        }
+        Err(e) => {
+            tracing::warn!(%tool, %group, "the agent's reply was not sent: {e:#}");
+            format!("the agent's reply was not sent: {e:#}")
+        }
     };
     let _ = tx.send(Incoming::Note(note)).await;
 }
