@@ -29,6 +29,9 @@ pub fn render_status(s: &Status) -> String {
         let state = format!("{:?}", u.state).to_lowercase();
         let error = u.error.as_deref().map(|e| format!(" ({e})")).unwrap_or_default();
         out.push_str(&format!("  {} group {}: {state}{error}, last event {}, {} pane(s)\n", u.server, u.group, u.last_event_id, u.panes));
+        if let Some(drop) = &u.last_drop {
+            out.push_str(&format!("    reopened {} time(s); last ended {drop}\n", u.reopened));
+        }
     }
     for a in &s.attachments {
         out.push_str(&format!("  {} in {} as {} ({}) at {}\n", a.pane, a.group, a.display_name, a.peer_id, a.working_directory));
@@ -183,6 +186,8 @@ mod tests {
                 last_event_id: 4,
                 panes: 1,
                 error: Some("connection refused".into()),
+                reopened: 2,
+                last_drop: Some("2026-12-06 00:12:03 UTC: no data for 45s".into()),
             }],
             subscribers: 1,
             held: [("%3".to_owned(), 2)].into(),
@@ -191,5 +196,6 @@ mod tests {
         assert!(text.contains("⏸ %3: Claude Code holds 2 relay message(s)") && text.contains("crossSessionInbound"), "{text}");
         assert!(text.contains("http://s group g: retrying (connection refused), last event 4, 1 pane(s)"), "{text}");
         assert!(text.contains("%3 in g as box:api (p_1) at /w"), "{text}");
+        assert!(text.contains("reopened 2 time(s); last ended 2026-12-06 00:12:03 UTC: no data for 45s"), "{text}");
     }
 }

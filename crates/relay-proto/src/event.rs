@@ -6,6 +6,10 @@ use serde::{Deserialize, Serialize};
 use crate::delivery::DeliveryState;
 use crate::model::{MessageKind, PeerRef};
 
+/// Response header of a daemon's event stream: the server's heartbeat interval in
+/// milliseconds. A stream silent for much longer than that is dead, whatever TCP says.
+pub const HEARTBEAT_HEADER: &str = "relay-heartbeat-ms";
+
 /// What happened. The SSE `event:` field carries the same name.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

@@ -142,6 +142,16 @@ pub struct Upstream {
     /// Why the last attempt failed, while retrying.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// How often a stream that had connected ended and was opened again, since relayd started.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub reopened: u32,
+    /// Why it last ended (kept once it is connected again), with the time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_drop: Option<String>,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -38,7 +38,17 @@ fn attachment() -> Attachment {
 }
 
 fn upstream(state: ConnectionState) -> Upstream {
-    Upstream { server: "http://s".into(), group: "g".into(), state, last_event_id: 9, panes: 2, error: None }
+    let dropped = state == ConnectionState::Connected;
+    Upstream {
+        server: "http://s".into(),
+        group: "g".into(),
+        state,
+        last_event_id: 9,
+        panes: 2,
+        error: None,
+        reopened: u32::from(dropped),
+        last_drop: dropped.then(|| "12:00:03: silent for 45 s".into()),
+    }
 }
 
 #[test]

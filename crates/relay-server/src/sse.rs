@@ -143,6 +143,8 @@ pub fn open(
         .header(header::CACHE_CONTROL, "no-cache")
         // Reverse proxies must pass events through as they come.
         .header("x-accel-buffering", "no")
+        // so a client can tell a quiet stream from a dead one
+        .header(relay_proto::event::HEARTBEAT_HEADER, state.heartbeat.as_millis().to_string())
         .body(Body::from_stream(frames))
         .expect("valid response");
     Ok(response)

@@ -187,6 +187,8 @@ impl Daemon {
             last_event_id: inner.state.last_event_ids.get(&key).copied().unwrap_or(0),
             panes: 0,
             error: None,
+            reopened: 0,
+            last_drop: None,
         };
         let retry_now = Arc::new(Notify::new());
         inner.upstreams.insert(key, UpstreamHandle { cancel: cancel.clone(), retry_now: retry_now.clone(), status });
@@ -216,6 +218,15 @@ impl Daemon {
         handle.status.state = state;
         handle.status.error = error;
         tracing::debug!(%server, %group, ?state, "upstream state");
+    }
+
+    /// A stream that had connected ended: counted, and why kept for `relay status`.
+    pub fn note_drop(&self, server: &str, group: &str, why: &str) {
+        tracing::info!(%server, %group, why, "upstream stream ended; reopening");
+        let mut inner = lock(&self.inner);
+        let Some(handle) = inner.upstreams.get_mut(&upstream_key(server, group)) else { return };
+        handle.status.reopened = handle.status.reopened.saturating_add(1);
+        handle.status.last_drop = Some(format!("{}: {why}", chrono::Utc::now().format("%Y-%m-%d %H:%M:%S UTC")));
     }
 
     /// An event from an upstream: remember how far the stream got, hand the event to every

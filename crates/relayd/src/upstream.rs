@@ -1,12 +1,14 @@
 //! One event stream per (server, group), however many local panes are in the group:
 //! reconnects with exponential backoff and jitter, honours the server's `retry:`, resumes
-//! with `Last-Event-ID`.
+//! with `Last-Event-ID`, and reopens a stream that stays silent past the server's heartbeat
+//! (a proxy or NAT that drops a connection without closing it leaves TCP "open" for hours).
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::StreamExt;
+use futures::{Stream, StreamExt};
 use relay_proto::Event;
+use relay_proto::event::HEARTBEAT_HEADER;
 use relay_proto::local::ConnectionState;
 use sse_stream::SseStream;
 use tokio::sync::Notify;
@@ -16,6 +18,10 @@ use crate::daemon::Daemon;
 use crate::server_api::ApiError;
 
 const FIRST_RETRY: Duration = Duration::from_millis(500);
+/// The heartbeat of a server that does not announce its own: relay-server's default.
+const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(15);
+/// A stream may miss this many heartbeats in a row before it counts as dead.
+const HEARTBEATS_MISSED: u32 = 3;
 
 /// The wait before attempt `attempt` (0-based) after a failure: doubling from `base` up to
 /// `max`, then spread over its upper half so that daemons do not reconnect in lockstep.
@@ -29,6 +35,9 @@ pub fn backoff(attempt: u32, base: Duration, max: Duration) -> Duration {
 enum Ended {
     /// The server closed a stream that had worked: reconnect promptly.
     Closed,
+    /// A stream that had worked broke (or went silent).
+    Broke(String),
+    /// No stream was opened.
     Failed(String),
 }
 
@@ -54,7 +63,14 @@ pub async fn run(daemon: Arc<Daemon>, server: String, group: String, cancel: Can
         }
         retried_at_once = false;
         let error = match ended {
-            Ended::Closed => None,
+            Ended::Closed => {
+                daemon.note_drop(&server, &group, "the server ended the stream");
+                None
+            }
+            Ended::Broke(e) => {
+                daemon.note_drop(&server, &group, &e);
+                Some(e)
+            }
             Ended::Failed(e) => Some(e),
         };
         if let Some(e) = &error {
@@ -93,11 +109,12 @@ async fn read_stream(daemon: &Arc<Daemon>, server: &str, group: &str, retry_hint
     daemon.set_upstream_state(server, group, ConnectionState::Connected, None);
     daemon.outbox().server_back(server);
     *attempt = 0;
-    let mut events = SseStream::from_bytes_stream(response.bytes_stream());
+    let limit = silence_limit(&response);
+    let mut events = std::pin::pin!(SseStream::from_bytes_stream(until_silent(Box::pin(response.bytes_stream()), limit)));
     while let Some(item) = events.next().await {
         let sse = match item {
             Ok(sse) => sse,
-            Err(e) => return Ended::Failed(format!("stream broke: {e}")),
+            Err(e) => return Ended::Broke(format!("stream broke: {e}")),
         };
         if let Some(ms) = sse.retry {
             *retry_hint = Some(Duration::from_millis(ms));
@@ -109,6 +126,33 @@ async fn read_stream(daemon: &Arc<Daemon>, server: &str, group: &str, retry_hint
         }
     }
     Ended::Closed
+}
+
+/// How long the stream may go without a byte: a few of the heartbeats the server says it sends.
+fn silence_limit(response: &reqwest::Response) -> Duration {
+    let announced = response.headers().get(HEARTBEAT_HEADER).and_then(|v| v.to_str().ok()?.trim().parse::<u64>().ok());
+    let heartbeat = announced.map_or(DEFAULT_HEARTBEAT, Duration::from_millis).max(Duration::from_millis(100));
+    heartbeat * HEARTBEATS_MISSED
+}
+
+/// The body's chunks, ending with a `TimedOut` error once none has come for `limit`.
+fn until_silent<S, D, E>(body: S, limit: Duration) -> impl Stream<Item = std::io::Result<D>>
+where
+    S: Stream<Item = Result<D, E>> + Unpin,
+    E: std::error::Error + Send + Sync + 'static,
+{
+    futures::stream::unfold(Some(body), move |body| async move {
+        let mut body = body?;
+        match tokio::time::timeout(limit, body.next()).await {
+            Ok(Some(Ok(chunk))) => Some((Ok(chunk), Some(body))),
+            Ok(Some(Err(e))) => Some((Err(std::io::Error::other(e)), None)),
+            Ok(None) => None,
+            Err(_) => {
+                let why = format!("no data for {limit:?}, though the server sends a heartbeat every {:?}", limit / HEARTBEATS_MISSED);
+                Some((Err(std::io::Error::new(std::io::ErrorKind::TimedOut, why)), None))
+            }
+        }
+    })
 }
 
 #[cfg(test)]

@@ -23,9 +23,16 @@ async fn server() -> Server {
     server_on(tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap())
 }
 
+fn server_config() -> relay_server::Config {
+    relay_server::Config { ephemeral: true, rate_burst: 100_000, rate_per_second: 100_000.0, ..Default::default() }
+}
+
 /// A server with nothing stored (`ephemeral`), on `listener`.
 fn server_on(listener: tokio::net::TcpListener) -> Server {
-    let config = relay_server::Config { ephemeral: true, rate_burst: 100_000, rate_per_second: 100_000.0, ..Default::default() };
+    serve_with(listener, server_config())
+}
+
+fn serve_with(listener: tokio::net::TcpListener, config: relay_server::Config) -> Server {
     let url = format!("http://{}", listener.local_addr().unwrap());
     let store = relay_server::open_store(&config).unwrap();
     let relay = Arc::new(relay_server::Relay::new(store, Arc::new(relay_server::clock::SystemClock), config.limits()));
@@ -644,4 +651,87 @@ async fn bind_again(addr: std::net::SocketAddr) -> tokio::net::TcpListener {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     panic!("the stopped server's port {addr} is still taken");
+}
+
+/// A TCP proxy that can go dead the way a NAT or a proxy does: the connections it carries
+/// stay open, and nothing passes through them any more. New connections pass.
+struct FreezingProxy {
+    url: String,
+    accepted: Arc<std::sync::atomic::AtomicU64>,
+    /// Connections numbered up to this pass nothing.
+    frozen_up_to: tokio::sync::watch::Sender<u64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl FreezingProxy {
+    async fn start(to: &str) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let to = to.trim_start_matches("http://").to_owned();
+        let (frozen_up_to, frozen) = tokio::sync::watch::channel(0u64);
+        let accepted = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let task = tokio::spawn({
+            let accepted = accepted.clone();
+            async move {
+                loop {
+                    let Ok((mut client, _)) = listener.accept().await else { return };
+                    let number = accepted.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+                    let (to, mut frozen) = (to.clone(), frozen.clone());
+                    tokio::spawn(async move {
+                        let Ok(mut upstream) = tokio::net::TcpStream::connect(&to).await else { return };
+                        tokio::select! {
+                            _ = tokio::io::copy_bidirectional(&mut client, &mut upstream) => {}
+                            // hold both ends open and pass nothing, until the test ends
+                            _ = async { frozen.wait_for(|up_to| number <= *up_to).await.is_ok() } => std::future::pending::<()>().await,
+                        }
+                    });
+                }
+            }
+        });
+        FreezingProxy { url, accepted, frozen_up_to, task }
+    }
+
+    /// Every connection open now passes nothing from here on.
+    fn freeze_open_connections(&self) {
+        self.frozen_up_to.send_replace(self.accepted.load(std::sync::atomic::Ordering::SeqCst));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_gone_silent_is_reopened_and_status_says_why() {
+    // a heartbeat every second: the stream counts as dead after three missed
+    let server = serve_with(
+        tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
+        relay_server::Config { heartbeat_secs: 1, ..server_config() },
+    );
+    let proxy = FreezingProxy::start(&server.url).await;
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = start_daemon(dir.path(), &proxy.url).await;
+    let me = daemon.attach("%1", "team", "/src/api").await;
+    let mut sub = daemon.subscribe("%1", &[]).await;
+    let (far, _) = mcp_peer(&server, "team", "/far").await;
+    far.ok("send_dm", json!({"to": me.peer_id, "message": "before"})).await;
+    let seen = events(&mut sub, WAIT).await;
+    assert!(seen.iter().any(|(_, preview, _)| preview == "before"), "{seen:?}");
+
+    // the path dies without a word: the connections relayd has are open and carry nothing
+    proxy.freeze_open_connections();
+    far.ok("send_dm", json!({"to": me.peer_id, "message": "after"})).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    let mut seen = Vec::new();
+    while !seen.iter().any(|(_, preview, _): &(String, String, u64)| preview == "after") {
+        assert!(std::time::Instant::now() < deadline, "the silent stream was never reopened: {seen:?}");
+        seen.extend(events(&mut sub, Duration::from_millis(200)).await);
+    }
+    let status = match daemon.client().await.request(&Request::Status).await.unwrap() {
+        Reply::Status { status } => status,
+        other => panic!("{other:?}"),
+    };
+    let upstream = &status.upstreams[0];
+    assert_eq!(upstream.reopened, 1, "{upstream:?}");
+    let why = upstream.last_drop.as_deref().unwrap_or_default();
+    assert!(why.contains("no data for 3s") && why.contains("heartbeat every 1s"), "{why}");
+    daemon.stop().await;
+    proxy.task.abort();
+    server.shutdown.cancel();
 }

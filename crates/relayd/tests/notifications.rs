@@ -31,10 +31,14 @@ async fn attached_pane(socket: &Path) -> String {
     panic!("relayd never opened its socket")
 }
 
-async fn dm(server: &ServerProcess, to: &str, text: &str) {
+/// A peer of the group on another machine.
+async fn far_peer(server: &ServerProcess) -> Mcp {
     let anon = Mcp::connect(&server.url("/mcp"), None, Mode::Stateless).await;
     let reg = anon.ok("register", json!({"group_id": "team", "hostname": "far", "working_directory": "/far"})).await;
-    let far = Mcp::connect(&server.url("/mcp"), Some(reg["token"].as_str().unwrap()), Mode::Stateless).await;
+    Mcp::connect(&server.url("/mcp"), Some(reg["token"].as_str().unwrap()), Mode::Stateless).await
+}
+
+async fn dm(far: &Mcp, to: &str, text: &str) {
     far.ok("send_dm", json!({"to": to, "message": text})).await;
 }
 
@@ -47,7 +51,7 @@ async fn a_dm_shows_a_desktop_notification() {
     let peer_id = attached_pane(&socket).await;
     tokio::time::sleep(Duration::from_millis(500)).await; // the upstream connects
 
-    dm(&server, &peer_id, "can you review my branch?").await;
+    dm(&far_peer(&server).await, &peer_id, "can you review my branch?").await;
     let deadline = Instant::now() + Duration::from_secs(10);
     let history = loop {
         if let Some(shown) = desktop.shown() {
@@ -77,8 +81,9 @@ async fn with_no_session_bus_relayd_says_so_once_and_goes_on() {
         Reply::Subscribed { .. }
     ));
     tokio::time::sleep(Duration::from_millis(500)).await;
-    dm(&server, &peer_id, "first").await;
-    dm(&server, &peer_id, "second").await;
+    let far = far_peer(&server).await;
+    dm(&far, &peer_id, "first").await;
+    dm(&far, &peer_id, "second").await;
     // the pane still gets both DMs
     let mut got = Vec::new();
     while got.len() < 2 {
