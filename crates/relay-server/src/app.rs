@@ -18,6 +18,7 @@ use crate::config::Config;
 use crate::direct_calls::{self, DirectCalls};
 use crate::mcp::RelayTools;
 use crate::relay::Relay;
+use crate::sessions::BoundedSessions;
 use crate::{daemon_api, sse};
 
 #[derive(Clone)]
@@ -28,8 +29,9 @@ pub struct AppState {
 }
 
 pub fn router(relay: Arc<Relay>, config: &Config, shutdown: CancellationToken) -> Router {
-    let mut sessions = LocalSessionManager::default();
-    sessions.session_config.keep_alive = Some(Duration::from_secs(config.session_idle_secs));
+    let mut local = LocalSessionManager::default();
+    local.session_config.keep_alive = Some(Duration::from_secs(config.session_idle_secs));
+    let sessions = BoundedSessions::new(local, config.max_sessions, Duration::from_secs(config.unused_session_secs), relay.clone());
     let mcp_config = StreamableHttpServerConfig::default()
         .with_cancellation_token(shutdown.child_token())
         .with_sse_keep_alive(Some(Duration::from_secs(config.heartbeat_secs)))

@@ -36,6 +36,10 @@ pub struct Config {
     pub stream_buffer: usize,
     /// An MCP session (older protocol versions) idle this long is closed.
     pub session_idle_secs: u64,
+    /// At most this many MCP sessions at once; the oldest unused ones make room.
+    pub max_sessions: usize,
+    /// An MCP session that made no request this long after `initialize` is closed.
+    pub unused_session_secs: u64,
     pub synchronous: Synchronous,
     /// Answer plainly well-formed stateless `tools/call` requests without rmcp's
     /// per-request service (see `direct_calls`); off sends every request through rmcp.
@@ -62,6 +66,8 @@ impl Default for Config {
             client_timeout_secs: 30,
             stream_buffer: limits.stream_buffer,
             session_idle_secs: 24 * 3600,
+            max_sessions: 4096,
+            unused_session_secs: 60,
             synchronous: Synchronous::Normal,
             direct_tool_calls: true,
         }
@@ -109,6 +115,8 @@ impl Config {
             ("rate_per_second", self.rate_per_second),
             ("heartbeat_secs", self.heartbeat_secs as f64),
             ("stream_buffer", self.stream_buffer as f64),
+            ("max_sessions", self.max_sessions as f64),
+            ("unused_session_secs", self.unused_session_secs as f64),
         ];
         if let Some((name, _)) = positive.iter().find(|(_, v)| v.partial_cmp(&0.0) != Some(std::cmp::Ordering::Greater)) {
             return Err(ConfigError::Invalid(format!("{name} must be greater than 0")));

@@ -12,20 +12,20 @@
 
 use std::sync::Arc;
 
+use crate::sessions::BoundedSessions;
 use axum::body::{Body, Bytes};
 use axum::extract::Request;
 use axum::response::{IntoResponse, Response};
 use http::uri::Authority;
 use http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use rmcp::model::{JsonObject, ProtocolVersion, RequestId, RequestMetaObject, ServerJsonRpcMessage, ServerResult};
-use rmcp::transport::streamable_http_server::session::local::LocalSessionManager;
 use rmcp::transport::streamable_http_server::{StreamableHttpServerConfig, StreamableHttpService};
 use serde::Deserialize;
 
 use crate::Relay;
 use crate::mcp::{Credentials, RelayTools, ToolCall};
 
-pub type McpService = StreamableHttpService<RelayTools, LocalSessionManager>;
+pub type McpService = StreamableHttpService<RelayTools, BoundedSessions>;
 
 const JSON: &str = "application/json";
 const EVENT_STREAM: &str = "text/event-stream";

@@ -14,6 +14,7 @@ pub mod mcp;
 pub mod metrics;
 pub mod relay;
 pub mod secrets;
+pub mod sessions;
 pub mod sse;
 pub mod store;
 

@@ -31,6 +31,8 @@ pub struct Metrics {
     streams: AtomicI64,
     daemon_streams: AtomicI64,
     streams_dropped_slow: AtomicU64,
+    mcp_sessions: AtomicI64,
+    mcp_sessions_evicted: AtomicU64,
 }
 
 impl Metrics {
@@ -70,6 +72,14 @@ impl Metrics {
 
     pub fn stream_dropped_slow(&self) {
         self.streams_dropped_slow.fetch_add(1, Relaxed);
+    }
+
+    pub fn sessions_open(&self, open: usize) {
+        self.mcp_sessions.store(open as i64, Relaxed);
+    }
+
+    pub fn sessions_evicted(&self, n: usize) {
+        self.mcp_sessions_evicted.fetch_add(n as u64, Relaxed);
     }
 
     pub fn render(&self) -> String {
@@ -112,6 +122,15 @@ impl Metrics {
         writeln!(out, "# HELP relay_streams_dropped_slow_total Streams closed because the client fell too far behind.")?;
         writeln!(out, "# TYPE relay_streams_dropped_slow_total counter")?;
         writeln!(out, "relay_streams_dropped_slow_total {}", self.streams_dropped_slow.load(Relaxed))?;
+        writeln!(out, "# HELP relay_mcp_sessions MCP sessions (protocol versions before 2026-07-28) open now.")?;
+        writeln!(out, "# TYPE relay_mcp_sessions gauge")?;
+        writeln!(out, "relay_mcp_sessions {}", self.mcp_sessions.load(Relaxed))?;
+        writeln!(
+            out,
+            "# HELP relay_mcp_sessions_closed_for_room_total MCP sessions closed to keep within max_sessions, or unused too long."
+        )?;
+        writeln!(out, "# TYPE relay_mcp_sessions_closed_for_room_total counter")?;
+        writeln!(out, "relay_mcp_sessions_closed_for_room_total {}", self.mcp_sessions_evicted.load(Relaxed))?;
         Ok(())
     }
 }
