@@ -34,6 +34,8 @@ pub struct Config {
     /// that moves no bytes for twice as long is closed.
     pub client_timeout_secs: u64,
     pub stream_buffer: usize,
+    /// Bytes of new messages kept in memory for the streams, server-wide.
+    pub live_buffer_bytes: usize,
     /// An MCP session (older protocol versions) idle this long is closed.
     pub session_idle_secs: u64,
     /// At most this many MCP sessions at once; the oldest unused ones make room.
@@ -65,6 +67,7 @@ impl Default for Config {
             heartbeat_secs: 15,
             client_timeout_secs: 30,
             stream_buffer: limits.stream_buffer,
+            live_buffer_bytes: limits.live_buffer_bytes,
             session_idle_secs: 24 * 3600,
             max_sessions: 4096,
             unused_session_secs: 60,
@@ -115,6 +118,7 @@ impl Config {
             ("rate_per_second", self.rate_per_second),
             ("heartbeat_secs", self.heartbeat_secs as f64),
             ("stream_buffer", self.stream_buffer as f64),
+            ("live_buffer_bytes", self.live_buffer_bytes as f64),
             ("max_sessions", self.max_sessions as f64),
             ("unused_session_secs", self.unused_session_secs as f64),
         ];
@@ -138,6 +142,7 @@ impl Config {
             rate_per_second: self.rate_per_second,
             rate_burst: self.rate_burst,
             stream_buffer: self.stream_buffer,
+            live_buffer_bytes: self.live_buffer_bytes,
             require_join_keys: self.require_join_keys,
         }
     }

@@ -10,6 +10,7 @@ pub mod daemon_api;
 pub mod direct_calls;
 pub mod error;
 pub mod front;
+pub mod live;
 pub mod mcp;
 pub mod metrics;
 pub mod relay;

@@ -32,6 +32,7 @@ pub struct Metrics {
     daemon_streams: AtomicI64,
     streams_dropped_slow: AtomicU64,
     mcp_sessions: AtomicI64,
+    live_bytes: AtomicI64,
     mcp_sessions_evicted: AtomicU64,
 }
 
@@ -72,6 +73,10 @@ impl Metrics {
 
     pub fn stream_dropped_slow(&self) {
         self.streams_dropped_slow.fetch_add(1, Relaxed);
+    }
+
+    pub fn live_bytes(&self, bytes: usize) {
+        self.live_bytes.store(bytes as i64, Relaxed);
     }
 
     pub fn sessions_open(&self, open: usize) {
@@ -122,6 +127,9 @@ impl Metrics {
         writeln!(out, "# HELP relay_streams_dropped_slow_total Streams closed because the client fell too far behind.")?;
         writeln!(out, "# TYPE relay_streams_dropped_slow_total counter")?;
         writeln!(out, "relay_streams_dropped_slow_total {}", self.streams_dropped_slow.load(Relaxed))?;
+        writeln!(out, "# HELP relay_live_buffer_bytes New messages kept in memory for the streams (at most live_buffer_bytes).")?;
+        writeln!(out, "# TYPE relay_live_buffer_bytes gauge")?;
+        writeln!(out, "relay_live_buffer_bytes {}", self.live_bytes.load(Relaxed))?;
         writeln!(out, "# HELP relay_mcp_sessions MCP sessions (protocol versions before 2026-07-28) open now.")?;
         writeln!(out, "# TYPE relay_mcp_sessions gauge")?;
         writeln!(out, "relay_mcp_sessions {}", self.mcp_sessions.load(Relaxed))?;

@@ -4,10 +4,9 @@
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use relay_proto::{DeliveryState, Event, EventKind, MessageKind, PeerInfo, PeerReceipt, PeerRef, RecipientStatus, StoredMessage, validate};
 use serde::{Deserialize, Serialize};
@@ -15,6 +14,7 @@ use tokio::sync::broadcast;
 
 use crate::clock::Clock;
 use crate::error::RelayError;
+use crate::live::{Live, LiveEntry, Recent};
 use crate::lock;
 use crate::metrics::Metrics;
 use crate::secrets;
@@ -32,6 +32,9 @@ pub struct Limits {
     pub rate_burst: u32,
     /// Live events a stream may fall behind before it is closed (it can resume).
     pub stream_buffer: usize,
+    /// Bytes of new messages kept in memory for the streams, server-wide; older ones are
+    /// read from the store.
+    pub live_buffer_bytes: usize,
     pub require_join_keys: bool,
 }
 
@@ -42,6 +45,7 @@ impl Default for Limits {
             rate_per_second: 10.0,
             rate_burst: 50,
             stream_buffer: 1024,
+            live_buffer_bytes: 64 << 20,
             require_join_keys: false,
         }
     }
@@ -130,22 +134,6 @@ pub struct ReceiptOutcome {
     pub rejected: Vec<serde_json::Value>,
 }
 
-/// What travels on a group's live channel to its open streams.
-#[derive(Debug, Clone)]
-pub enum Live {
-    Entry(Arc<LiveEntry>),
-    Receipt(Arc<ReceiptNote>),
-}
-
-/// A new log entry on its way to a group's streams.
-#[derive(Debug)]
-pub struct LiveEntry {
-    pub entry: Arc<LogEntry>,
-    /// Its SSE frame, made once by the first stream that sends it: for peers (a preview)
-    /// and for daemons (the whole text). A hundred streams, one serialization, no copies.
-    pub frames: [OnceLock<Bytes>; 2],
-}
-
 /// A receipt on its way to the streams of the message's sender, and (read, held, failed) of
 /// the recipient whose copy it is, so its pane knows when a reminder is no longer needed.
 #[derive(Debug)]
@@ -220,6 +208,8 @@ pub struct Relay {
     pub metrics: Metrics,
     /// Held while appending and publishing, so live events leave in sequence order.
     live: Mutex<HashMap<String, broadcast::Sender<Live>>>,
+    /// The new entries the live channels refer to (taken inside `live`).
+    recent: Mutex<Recent>,
     /// Held while a delivery state moves, so two reports cannot both move it.
     delivering: Mutex<()>,
     /// Held for a whole registration: no two can race to create the same peer or group.
@@ -241,15 +231,16 @@ impl Relay {
         Self {
             store,
             clock,
-            limits,
             metrics: Metrics::default(),
             live: Mutex::default(),
+            recent: Mutex::new(Recent::new(limits.live_buffer_bytes)),
             delivering: Mutex::default(),
             registering: Mutex::default(),
             reading: Mutex::default(),
             streams: Mutex::default(),
             buckets: Mutex::default(),
             known_tokens: Mutex::default(),
+            limits,
         }
     }
 
@@ -541,8 +532,10 @@ impl Relay {
         let mut live = lock(&self.live);
         let stored = Arc::new(self.store.append(entry)?);
         if let Some(tx) = live.get(&stored.group_id) {
-            let entry = LiveEntry { entry: stored.clone(), frames: Default::default() };
-            if tx.send(Live::Entry(Arc::new(entry))).is_err() {
+            let mut recent = lock(&self.recent);
+            let entry = recent.keep(LiveEntry { entry: stored.clone(), frames: Default::default() });
+            self.metrics.live_bytes(recent.held());
+            if tx.send(Live::Entry(entry)).is_err() {
                 live.remove(&stored.group_id);
             }
         }

@@ -4,7 +4,8 @@
 //! The SSE `id` is the group's sequence number. A client that reconnects with
 //! `Last-Event-ID` first gets what it missed from the store, then live events, with no gap
 //! and no repeat. A client that falls `stream_buffer` events behind is disconnected (and
-//! can resume); the buffer is shared per group, so a stalled client costs no memory.
+//! can resume); the buffer is shared per group and holds weak references (see `live`), so
+//! a stalled client pins no messages.
 //!
 //! Each live entry's frame is built once and shared by every stream that sends it, and a
 //! stream's heartbeat timer is re-armed only when it fires, never per event: a send to a
@@ -32,7 +33,8 @@ use tokio_util::sync::WaitForCancellationFutureOwned;
 
 use crate::app::AppState;
 use crate::error::RelayError;
-use crate::relay::{self, Audience, Live, Relay};
+use crate::live::Live;
+use crate::relay::{self, Audience, Relay};
 use crate::secrets;
 use crate::store::{LogEntry, LogQuery};
 
@@ -224,7 +226,15 @@ impl GroupStream {
                     continue;
                 }
                 received = self.rx.recv() => match received {
-                    Ok(Live::Entry(live)) => live,
+                    Ok(Live::Entry(live)) => match live.entry.upgrade() {
+                        Some(entry) => entry,
+                        None if live.seq <= self.last_sent => continue,
+                        None => {
+                            // no longer in memory (this stream fell behind): from the store
+                            (self.replayed_to, self.replay_until) = (self.last_sent, live.seq);
+                            continue;
+                        }
+                    },
                     Ok(Live::Receipt(note)) => {
                         if note.is_for(&self.audience) {
                             // no SSE id: receipts are not in the log, and do not move Last-Event-ID
