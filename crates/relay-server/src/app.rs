@@ -16,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::direct_calls::{self, DirectCalls};
+use crate::front::ClientAddr;
 use crate::mcp::RelayTools;
 use crate::relay::Relay;
 use crate::sessions::BoundedSessions;
@@ -50,6 +51,7 @@ pub fn router(relay: Arc<Relay>, config: &Config, shutdown: CancellationToken) -
 
     let state = AppState { relay, shutdown, heartbeat: Duration::from_secs(config.heartbeat_secs) };
     let hosts = Arc::new(AllowedHosts::new(&config.allowed_hosts));
+    let trust_forwarded_for = config.trust_forwarded_for;
     Router::new()
         .nest_service("/mcp", mcp)
         .route("/notifications/{group_id}/{peer_id}", get(sse::notifications))
@@ -60,6 +62,7 @@ pub fn router(relay: Arc<Relay>, config: &Config, shutdown: CancellationToken) -
         .route("/v1/receipts", post(daemon_api::report_receipts))
         .route("/metrics", get(metrics))
         .layer(middleware::from_fn_with_state(hosts, check_host))
+        .layer(middleware::from_fn(move |request, next| client_behind_proxy(trust_forwarded_for, request, next)))
         // after the layer: load balancers probe by IP
         .route("/healthz", get(|| async { "ok\n" }))
         .with_state(state)
@@ -67,6 +70,19 @@ pub fn router(relay: Arc<Relay>, config: &Config, shutdown: CancellationToken) -
 
 async fn metrics(State(state): State<AppState>) -> Response {
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], state.relay.metrics.render()).into_response()
+}
+
+/// Behind a reverse proxy every connection comes from the proxy: with `trust_forwarded_for`
+/// the client is the address the proxy appended last to `X-Forwarded-For` (earlier entries
+/// are the client's own word).
+async fn client_behind_proxy(trust: bool, mut request: Request, next: Next) -> Response {
+    if trust {
+        let forwarded = request.headers().get_all("x-forwarded-for").iter().filter_map(|v| v.to_str().ok()).next_back();
+        if let Some(ip) = forwarded.and_then(|v| v.rsplit(',').next()).and_then(|last| last.trim().parse().ok()) {
+            request.extensions_mut().insert(ClientAddr(ip));
+        }
+    }
+    next.run(request).await
 }
 
 /// The Host headers a browser on another site cannot forge into a request to us.

@@ -29,6 +29,11 @@ pub struct Config {
     pub max_request_bytes: usize,
     pub rate_per_second: f64,
     pub rate_burst: u32,
+    /// New peers one client address may register per minute (and at once).
+    pub registrations_per_minute: u32,
+    /// Take the client's address from the last `X-Forwarded-For` entry (behind a reverse
+    /// proxy that sets it); off: the address the connection comes from.
+    pub trust_forwarded_for: bool,
     pub heartbeat_secs: u64,
     /// A client gets this long to send a request head and to take each write; a connection
     /// that moves no bytes for twice as long is closed.
@@ -64,6 +69,8 @@ impl Default for Config {
             max_request_bytes: 1024 * 1024,
             rate_per_second: limits.rate_per_second,
             rate_burst: limits.rate_burst,
+            registrations_per_minute: limits.registrations_per_minute,
+            trust_forwarded_for: false,
             heartbeat_secs: 15,
             client_timeout_secs: 30,
             stream_buffer: limits.stream_buffer,
@@ -119,6 +126,7 @@ impl Config {
             ("heartbeat_secs", self.heartbeat_secs as f64),
             ("stream_buffer", self.stream_buffer as f64),
             ("live_buffer_bytes", self.live_buffer_bytes as f64),
+            ("registrations_per_minute", self.registrations_per_minute as f64),
             ("max_sessions", self.max_sessions as f64),
             ("unused_session_secs", self.unused_session_secs as f64),
         ];
@@ -141,6 +149,7 @@ impl Config {
             max_message_bytes: self.max_message_bytes,
             rate_per_second: self.rate_per_second,
             rate_burst: self.rate_burst,
+            registrations_per_minute: self.registrations_per_minute,
             stream_buffer: self.stream_buffer,
             live_buffer_bytes: self.live_buffer_bytes,
             require_join_keys: self.require_join_keys,

@@ -17,16 +17,17 @@
 // Handlers answer early with a ready HTTP response as their `Err`, as axum handlers do.
 #![allow(clippy::result_large_err)]
 
-use axum::Json;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
+use axum::{Extension, Json};
 use relay_proto::PeerReceipt;
 use serde::Deserialize;
 use serde_json::json;
 
 use crate::app::AppState;
 use crate::error::RelayError;
+use crate::front::ClientAddr;
 use crate::relay::{Audience, RegisterRequest};
 use crate::sse::{self, StreamParams, bearer_token};
 
@@ -46,7 +47,9 @@ fn error(e: RelayError) -> Response {
         RelayError::UnknownPeer { .. } | RelayError::AmbiguousPeer { .. } | RelayError::WhichGroup { .. } => StatusCode::NOT_FOUND,
         RelayError::DmToSelf => StatusCode::BAD_REQUEST,
         RelayError::UnknownMessage(_) => StatusCode::NOT_FOUND,
-        RelayError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+        RelayError::RateLimited { .. } | RelayError::TooManyRegistrations { .. } | RelayError::TooManyWrongKeys { .. } => {
+            StatusCode::TOO_MANY_REQUESTS
+        }
         RelayError::Storage(_) => {
             tracing::error!(error = %e, "daemon API call failed");
             StatusCode::INTERNAL_SERVER_ERROR
@@ -66,12 +69,18 @@ pub async fn create_daemon(State(state): State<AppState>, Json(body): Json<NewDa
     }
 }
 
-pub async fn register_peer(State(state): State<AppState>, headers: HeaderMap, Json(mut req): Json<RegisterRequest>) -> Response {
+pub async fn register_peer(
+    State(state): State<AppState>,
+    client: Option<Extension<ClientAddr>>,
+    headers: HeaderMap,
+    Json(mut req): Json<RegisterRequest>,
+) -> Response {
     let daemon_id = match daemon(&state, &headers) {
         Ok(d) => d,
         Err(rejection) => return rejection,
     };
     req.daemon_id = Some(daemon_id);
+    req.source = client.map(|Extension(c)| c.0);
     let relay = state.relay.clone();
     // Each pane is its own agent: a fresh token, never the daemon's. With it goes where the
     // group's log stood just before: a daemon that resumes its stream from there misses

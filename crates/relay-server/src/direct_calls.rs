@@ -102,7 +102,7 @@ impl DirectCalls {
             // as rmcp words it
             Err(e) => return internal_error(format!("Failed to read request body: {e}")),
         };
-        match self.answer(&parts.headers, &body).await {
+        match self.answer(&parts, &body).await {
             Some(response) => response,
             None => mcp.handle(Request::from_parts(parts, Body::from(body))).await.into_response(),
         }
@@ -110,13 +110,13 @@ impl DirectCalls {
 
     /// The reply to a qualifying request; `None` when its body leaves the narrow shape
     /// answered here.
-    async fn answer(&self, headers: &HeaderMap, body: &Bytes) -> Option<Response> {
+    async fn answer(&self, parts: &http::request::Parts, body: &Bytes) -> Option<Response> {
         let envelope: Envelope = serde_json::from_slice(body).ok()?;
         let Params { name, arguments, meta } = envelope.params;
         let meta = RequestMetaObject::from(rmcp::model::MetaObject(meta));
         let well_formed = envelope.jsonrpc == "2.0"
             && envelope.method == "tools/call"
-            && only(headers, "mcp-name").is_some_and(|n| n == name.as_str())
+            && only(&parts.headers, "mcp-name").is_some_and(|n| n == name.as_str())
             && meta.protocol_version().as_ref() == Some(&ProtocolVersion::V_2026_07_28)
             && meta.missing_required_keys(&ProtocolVersion::V_2026_07_28).is_empty();
         if !well_formed {
@@ -127,9 +127,10 @@ impl DirectCalls {
         // From here the call is made whatever happens, and never handed to rmcp to be made
         // again. Its own task, as in rmcp: a client that hangs up does not cut it short.
         let tools = self.tools.clone();
-        let bearer = Credentials::from_headers(headers).bearer.map(str::to_owned);
+        let found = Credentials::from_parts(parts);
+        let (bearer, client) = (found.bearer.map(str::to_owned), found.client);
         let ran = tokio::spawn(async move {
-            let credentials = Credentials { bearer: bearer.as_deref(), in_session: false };
+            let credentials = Credentials { bearer: bearer.as_deref(), in_session: false, client };
             tools.call(call, credentials).await
         });
         let Ok(result) = ran.await else {
@@ -215,7 +216,9 @@ mod tests {
     }
 
     async fn answer(direct: &DirectCalls, headers: &HeaderMap, body: &Value) -> Option<Value> {
-        let response = direct.answer(headers, &Bytes::from(body.to_string())).await?;
+        let (mut parts, ()) = http::Request::new(()).into_parts();
+        parts.headers = headers.clone();
+        let response = direct.answer(&parts, &Bytes::from(body.to_string())).await?;
         assert_eq!(response.status(), StatusCode::OK);
         let bytes = axum::body::to_bytes(response.into_body(), usize::MAX).await.unwrap();
         Some(serde_json::from_slice(&bytes).unwrap())

@@ -43,6 +43,13 @@ pub enum RelayError {
     DmToSelf,
     #[error("rate limit: at most {burst} messages at once and {per_second} per second after that; retry in {retry_after_ms} ms")]
     RateLimited { per_second: f64, burst: u32, retry_after_ms: u64 },
+    #[error(
+        "too many new peers from your address: at most {per_minute} per minute; retry in {retry_after_ms} ms, \
+         or register again with the token you were given (that is not a new peer)"
+    )]
+    TooManyRegistrations { per_minute: u32, retry_after_ms: u64 },
+    #[error("too many wrong join keys for group {group:?} lately; retry in {retry_after_ms} ms")]
+    TooManyWrongKeys { group: String, retry_after_ms: u64 },
     #[error("no message {0:?} among the messages you sent; pass the message_id that send_message or send_dm returned")]
     UnknownMessage(String),
     #[error("invalid {field}: {reason}")]

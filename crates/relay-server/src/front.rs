@@ -42,6 +42,11 @@ const STREAM_REQUESTS: [&[u8]; 2] = [b"GET /notifications/", b"GET /v1/groups/"]
 /// The longest request head read here (a bearer token and the usual headers fit many times).
 const MAX_HEAD: usize = 16 * 1024;
 const MAX_HEADERS: usize = 64;
+/// The address a request came from, among its extensions (see `app::client_addr` for a
+/// server behind a reverse proxy).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClientAddr(pub std::net::IpAddr);
+
 /// A client gets this long to send its request head (the next one too, on a kept-alive
 /// connection), and to take each write; a connection with no traffic either way for twice
 /// as long is closed.
@@ -109,8 +114,15 @@ async fn serve_with_hyper(tcp: TcpStream, app: Router, shutdown: CancellationTok
     // request head (or nothing after a response) would hold the connection forever
     builder.http1().timer(TokioTimer::new()).header_read_timeout(timeouts.client);
     builder.http2().timer(TokioTimer::new()).keep_alive_interval(timeouts.client).keep_alive_timeout(timeouts.client);
+    let client = tcp.peer_addr().ok().map(|a| ClientAddr(a.ip()));
     let activity = Arc::new(Activity::new());
     let io = TokioIo::new(Watched { io: tcp, activity: activity.clone() });
+    let app = app.map_request(move |mut request: http::Request<_>| {
+        if let Some(client) = client {
+            request.extensions_mut().insert(client);
+        }
+        request
+    });
     let conn = builder.serve_connection_with_upgrades(io, TowerToHyperService::new(app));
     tokio::pin!(conn);
     // what hyper's timers do not cover (a stalled body, HTTP/2, the protocol sniff): no
@@ -206,6 +218,7 @@ impl tokio::io::AsyncWrite for Watched {
 
 /// One event-stream request and its response, then the connection closes.
 async fn serve_stream(tcp: TcpStream, app: Router, shutdown: &CancellationToken, timeouts: Timeouts) -> io::Result<()> {
+    let client = tcp.peer_addr().ok().map(|a| ClientAddr(a.ip()));
     let (mut reader, mut writer) = tcp.into_split();
     // boxed, so the head's parsing state is not part of the long-lived stream future
     let head = tokio::select! {
@@ -213,7 +226,10 @@ async fn serve_stream(tcp: TcpStream, app: Router, shutdown: &CancellationToken,
         head = Box::pin(read_request(&mut reader, timeouts.client)) => head?,
     };
     let (response, chunked) = match head {
-        Ok(request) => {
+        Ok(mut request) => {
+            if let Some(client) = client {
+                request.extensions_mut().insert(client);
+            }
             let chunked = request.version() != http::Version::HTTP_10;
             (app.oneshot(request).await.unwrap_or_else(|never| match never {}), chunked)
         }

@@ -13,6 +13,7 @@ pub mod front;
 pub mod live;
 pub mod mcp;
 pub mod metrics;
+pub mod rate;
 pub mod relay;
 pub mod secrets;
 pub mod sessions;

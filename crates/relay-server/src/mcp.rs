@@ -21,6 +21,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use crate::error::RelayError;
+use crate::front::ClientAddr;
 use crate::relay::{Caller, HistoryRequest, RegisterRequest, Relay};
 use crate::{lock, secrets};
 use relay_proto::{MessageKind, PeerInfo, RecipientStatus, StoredMessage};
@@ -189,19 +190,23 @@ pub struct Credentials<'a> {
     pub bearer: Option<&'a str>,
     /// Whether the request belongs to an MCP session (older protocol versions).
     pub in_session: bool,
+    /// Where the request came from.
+    pub client: Option<std::net::IpAddr>,
 }
 
 impl<'a> Credentials<'a> {
-    pub fn from_headers(headers: &'a http::HeaderMap) -> Self {
+    pub fn from_parts(parts: &'a http::request::Parts) -> Self {
+        let headers = &parts.headers;
         Self {
             bearer: headers.get(http::header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(secrets::bearer),
             in_session: headers.contains_key("mcp-session-id"),
+            client: parts.extensions.get::<ClientAddr>().map(|c| c.0),
         }
     }
 
     /// rmcp puts the HTTP request's head among the request context's extensions.
     fn of(ctx: &'a RequestContext<RoleServer>) -> Self {
-        ctx.extensions.get::<http::request::Parts>().map(|p| Self::from_headers(&p.headers)).unwrap_or_default()
+        ctx.extensions.get::<http::request::Parts>().map(Self::from_parts).unwrap_or_default()
     }
 }
 
@@ -284,7 +289,8 @@ impl RelayTools {
                 Some(token) => Some(self.relay.identify(token)?),
                 None => lock(&self.session).clone(),
             };
-            let req = args.request;
+            let mut req = args.request;
+            req.source = credentials.client;
             let relay = self.relay.clone();
             let (registration, caller) =
                 tokio::task::spawn_blocking(move || relay.register(caller.as_ref(), req)).await.expect("register does not panic")?;

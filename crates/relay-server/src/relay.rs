@@ -3,9 +3,9 @@
 //! over this.
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
 
 use chrono::{DateTime, Utc};
 use relay_proto::{DeliveryState, Event, EventKind, MessageKind, PeerInfo, PeerReceipt, PeerRef, RecipientStatus, StoredMessage, validate};
@@ -17,6 +17,7 @@ use crate::error::RelayError;
 use crate::live::{Live, LiveEntry, Recent};
 use crate::lock;
 use crate::metrics::Metrics;
+use crate::rate::Buckets;
 use crate::secrets;
 use crate::store::{DeliveryRecord, GroupRecord, LogEntry, LogQuery, NewEntry, PeerRecord, PrincipalId, Store};
 
@@ -30,6 +31,8 @@ pub struct Limits {
     pub rate_per_second: f64,
     /// Messages a peer may send at once before the rate applies.
     pub rate_burst: u32,
+    /// New peers one client address may register per minute (and at once).
+    pub registrations_per_minute: u32,
     /// Live events a stream may fall behind before it is closed (it can resume).
     pub stream_buffer: usize,
     /// Bytes of new messages kept in memory for the streams, server-wide; older ones are
@@ -44,6 +47,7 @@ impl Default for Limits {
             max_message_bytes: validate::DEFAULT_MAX_MESSAGE_BYTES,
             rate_per_second: 10.0,
             rate_burst: 50,
+            registrations_per_minute: 30,
             stream_buffer: 1024,
             live_buffer_bytes: 64 << 20,
             require_join_keys: false,
@@ -79,6 +83,9 @@ pub struct RegisterRequest {
     /// Set when a daemon (relayd) registers the peer for a local pane.
     #[serde(skip)]
     pub daemon_id: Option<String>,
+    /// The client's address: new peers are limited per address.
+    #[serde(skip)]
+    pub source: Option<IpAddr>,
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
@@ -187,6 +194,19 @@ pub struct Left {
     pub display_name: String,
 }
 
+/// What checking a join key outside the registration lock found.
+#[derive(Default)]
+struct JoinKeyChecked {
+    /// The group's key hash the key was checked against (None: no group, or no key needed).
+    existing_hash: Option<String>,
+    /// The hash to create the group with.
+    hash_for_new_group: Option<String>,
+}
+
+fn millis(wait: std::time::Duration) -> u64 {
+    wait.as_millis().try_into().unwrap_or(u64::MAX)
+}
+
 pub const DEFAULT_HISTORY_LIMIT: usize = 50;
 pub const MAX_HISTORY_LIMIT: usize = 1000;
 pub const DEFAULT_READ_LIMIT: usize = 200;
@@ -194,12 +214,6 @@ pub const DEFAULT_READ_LIMIT: usize = 200;
 const PAGE: usize = 512;
 /// Regexes are compiled from agents' input: keep them small.
 const MAX_REGEX_BYTES: usize = 1 << 20;
-
-/// A token bucket per peer for sends.
-struct Bucket {
-    tokens: f64,
-    at: Instant,
-}
 
 pub struct Relay {
     store: Arc<dyn Store>,
@@ -217,11 +231,20 @@ pub struct Relay {
     /// Held while a cursor moves, so two concurrent reads never return the same message.
     reading: Mutex<()>,
     streams: Mutex<HashMap<String, usize>>,
-    buckets: Mutex<HashMap<String, Bucket>>,
+    /// Sends per peer.
+    sends: Buckets<String>,
+    /// New peers per client address.
+    registrations: Buckets<IpAddr>,
+    /// Wrong join keys per group and address: guessing is slow, and costs no password
+    /// hashing once refused.
+    wrong_keys: Buckets<(String, Option<IpAddr>)>,
     /// Token hash → principal, for the lookup every call makes. A token never changes
     /// hands, so entries never go stale; the map is cleared when it grows too large.
     known_tokens: Mutex<HashMap<[u8; 32], PrincipalId>>,
 }
+
+/// Wrong join keys a group takes per minute (and at once) before it refuses to check more.
+const WRONG_KEYS_PER_MINUTE: u32 = 10;
 
 /// Tokens remembered before the cache starts over.
 const TOKEN_CACHE: usize = 100_000;
@@ -238,7 +261,9 @@ impl Relay {
             registering: Mutex::default(),
             reading: Mutex::default(),
             streams: Mutex::default(),
-            buckets: Mutex::default(),
+            sends: Buckets::new(limits.rate_per_second, limits.rate_burst),
+            registrations: Buckets::new(f64::from(limits.registrations_per_minute) / 60.0, limits.registrations_per_minute),
+            wrong_keys: Buckets::new(WRONG_KEYS_PER_MINUTE as f64 / 60.0, WRONG_KEYS_PER_MINUTE),
             known_tokens: Mutex::default(),
             limits,
         }
@@ -325,36 +350,38 @@ impl Relay {
         if let Some(key) = &req.join_key {
             validate::join_key(key)?;
         }
+        // (not from this machine: its agents are its own, and a proxy here must say who it forwards)
+        let source = req.source.filter(|ip| !ip.is_loopback());
+        // the join key is checked (or hashed, for a new group) before the registration lock:
+        // password hashing takes tens of milliseconds, and nobody else should wait for it
+        let mut checked = self.check_join_key(&req, self.store.group(&req.group_id)?.as_ref())?;
         let now = self.clock.now();
         let _registering = lock(&self.registering);
 
-        let group_created = match self.store.group(&req.group_id)? {
-            Some(group) => {
-                if let Some(hash) = &group.join_key_hash {
-                    match &req.join_key {
-                        None => return Err(RelayError::JoinKeyRequired(req.group_id)),
-                        Some(key) if !secrets::join_key_matches(key, hash) => {
-                            return Err(RelayError::WrongJoinKey(req.group_id));
-                        }
-                        Some(_) => {}
-                    }
-                }
-                false
-            }
+        let group = self.store.group(&req.group_id)?;
+        if group.as_ref().and_then(|g| g.join_key_hash.clone()) != checked.existing_hash {
+            // the group was created (or made) meanwhile: check against what it is now
+            checked = self.check_join_key(&req, group.as_ref())?;
+        }
+        let existing = self.store.peer_by_origin(&req.group_id, &req.hostname, &req.working_directory, req.name.as_deref())?;
+        if let (None, Some(source)) = (&existing, source) {
+            self.registrations.take(&source).map_err(|wait| self.too_many_registrations(wait))?;
+        }
+        let group_created = match group {
+            Some(_) => false,
             None => {
                 if self.limits.require_join_keys && req.join_key.is_none() {
                     return Err(RelayError::JoinKeyNeededToCreate);
                 }
                 self.store.create_group(&GroupRecord {
                     group_id: req.group_id.clone(),
-                    join_key_hash: req.join_key.as_deref().map(secrets::hash_join_key),
+                    join_key_hash: checked.hash_for_new_group,
                     created_at: now,
                 })?;
                 true
             }
         };
 
-        let existing = self.store.peer_by_origin(&req.group_id, &req.hostname, &req.working_directory, req.name.as_deref())?;
         // host, directory and name are visible to every member: registering with them is no
         // proof of being that peer. Only its own token, or the daemon that registered it, is.
         if let Some(peer) = &existing {
@@ -429,6 +456,30 @@ impl Relay {
             group_created,
         };
         Ok((registration, caller))
+    }
+
+    /// Checks `req`'s join key against `group` (None: not created yet), or hashes it for a
+    /// new group. Wrong keys are counted per group; past the limit none is checked for a while.
+    fn check_join_key(&self, req: &RegisterRequest, group: Option<&GroupRecord>) -> Result<JoinKeyChecked> {
+        let Some(group) = group else {
+            let hash_for_new_group = req.join_key.as_deref().map(secrets::hash_join_key);
+            return Ok(JoinKeyChecked { existing_hash: None, hash_for_new_group });
+        };
+        let Some(hash) = &group.join_key_hash else { return Ok(JoinKeyChecked::default()) };
+        let Some(key) = &req.join_key else { return Err(RelayError::JoinKeyRequired(req.group_id.clone())) };
+        let refused = |wait| RelayError::TooManyWrongKeys { group: req.group_id.clone(), retry_after_ms: millis(wait) };
+        // per address too: a guesser does not lock the group's members out
+        let guesser = (req.group_id.clone(), req.source);
+        self.wrong_keys.check(&guesser).map_err(refused)?;
+        if !secrets::join_key_matches(key, hash) {
+            let _ = self.wrong_keys.take(&guesser);
+            return Err(RelayError::WrongJoinKey(req.group_id.clone()));
+        }
+        Ok(JoinKeyChecked { existing_hash: Some(hash.clone()), hash_for_new_group: None })
+    }
+
+    fn too_many_registrations(&self, wait: std::time::Duration) -> RelayError {
+        RelayError::TooManyRegistrations { per_minute: self.limits.registrations_per_minute, retry_after_ms: millis(wait) }
     }
 
     /// `name`, or `host:last-dir`, made unique in the group with a numeric suffix.
@@ -562,18 +613,11 @@ impl Relay {
     }
 
     fn take_rate_token(&self, peer_id: &str) -> Result<()> {
-        let (rate, burst) = (self.limits.rate_per_second, self.limits.rate_burst);
-        let now = Instant::now();
-        let mut buckets = lock(&self.buckets);
-        let bucket = buckets.entry(peer_id.to_owned()).or_insert(Bucket { tokens: burst as f64, at: now });
-        bucket.tokens = (bucket.tokens + now.duration_since(bucket.at).as_secs_f64() * rate).min(burst as f64);
-        bucket.at = now;
-        if bucket.tokens >= 1.0 {
-            bucket.tokens -= 1.0;
-            return Ok(());
-        }
-        let retry_after_ms = if rate > 0.0 { ((1.0 - bucket.tokens) / rate * 1000.0).ceil() as u64 } else { u64::MAX };
-        Err(RelayError::RateLimited { per_second: rate, burst, retry_after_ms })
+        self.sends.take(&peer_id.to_owned()).map_err(|wait| RelayError::RateLimited {
+            per_second: self.sends.per_second,
+            burst: self.sends.burst,
+            retry_after_ms: millis(wait),
+        })
     }
 
     /// Every unread broadcast and DM of the caller's peers, oldest first, at most `limit`;
@@ -884,7 +928,7 @@ impl Relay {
         peer.last_seen = now;
         self.store.save_peer(&peer)?;
         self.publish(membership_entry(&peer, EventKind::PeerLeft, now))?;
-        lock(&self.buckets).remove(&peer.peer_id);
+        // (its bucket stays: leaving and registering again is no way to a full one)
         Ok(Left { group_id: peer.group_id, peer_id: peer.peer_id, display_name: peer.display_name })
     }
 

@@ -229,3 +229,59 @@ async fn a_daemon_stream_ends_with_its_last_peer_in_the_group() {
     assert_eq!(seen, [("peer_left".into(), "box:two left team".into())]);
     assert!(stream.ended(), "the stream ends after the last peer's leave");
 }
+
+/// `POST /v1/peers` as `daemon`, from `client` by way of a trusted proxy.
+async fn register_from(server: &TestServer, daemon: &Daemon, client: &str, body: Value) -> reqwest::Response {
+    reqwest::Client::new()
+        .post(server.url("/v1/peers"))
+        .bearer_auth(&daemon.token)
+        .header("x-forwarded-for", format!("203.0.113.250, {client}"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn new_peers_are_limited_per_client_address_and_known_ones_are_not() {
+    let server = TestServer::start_with(|c| {
+        c.registrations_per_minute = 3;
+        c.trust_forwarded_for = true;
+    })
+    .await;
+    let daemon = new_daemon(&server).await;
+    let peer = |dir: &str| json!({"group_id": "team", "hostname": "box", "working_directory": dir});
+    for i in 0..3 {
+        assert_eq!(register_from(&server, &daemon, "198.51.100.7", peer(&format!("/p{i}"))).await.status(), 200);
+    }
+    let refused = register_from(&server, &daemon, "198.51.100.7", peer("/p3")).await;
+    assert_eq!(refused.status(), 429);
+    let why = refused.text().await.unwrap();
+    assert!(why.contains("too many new peers from your address") && why.contains("retry in"), "{why}");
+    // the same peer again is no new peer; another address has its own allowance; and the
+    // proxy's own entry, not the client's first word, is the address that counts
+    assert_eq!(register_from(&server, &daemon, "198.51.100.7", peer("/p0")).await.status(), 200);
+    assert_eq!(register_from(&server, &daemon, "198.51.100.8", peer("/p3")).await.status(), 200);
+    // this machine's own agents are not limited
+    for i in 0..5 {
+        daemon.register(&server, "team", &format!("/local{i}")).await;
+    }
+}
+
+#[tokio::test]
+async fn a_join_key_guesser_is_slowed_down_and_members_still_get_in() {
+    let server = TestServer::start_with(|c| c.trust_forwarded_for = true).await;
+    let daemon = new_daemon(&server).await;
+    let join = |dir: &str, key: &str| json!({"group_id": "locked", "hostname": "box", "working_directory": dir, "join_key": key});
+    assert_eq!(register_from(&server, &daemon, "198.51.100.1", join("/owner", "the right key")).await.status(), 200);
+    for i in 0..10 {
+        let wrong = register_from(&server, &daemon, "198.51.100.66", join(&format!("/g{i}"), &format!("guess number {i}"))).await;
+        assert_eq!(wrong.status(), 403, "guess {i}");
+    }
+    let stopped = register_from(&server, &daemon, "198.51.100.66", join("/g10", "the right key")).await;
+    assert_eq!(stopped.status(), 429);
+    let why = stopped.text().await.unwrap();
+    assert!(why.contains("too many wrong join keys") && why.contains("locked"), "{why}");
+    // a member from elsewhere is not locked out
+    assert_eq!(register_from(&server, &daemon, "198.51.100.2", join("/member", "the right key")).await.status(), 200);
+}

@@ -393,6 +393,12 @@ async fn sends_are_rate_limited_per_peer() {
     assert!(err.contains("rate limit") && err.contains("retry in"), "{err}");
     // another peer has its own bucket
     bob.ok("send_message", json!({"message": "bob is fine"})).await;
+    // leaving and registering again is the same peer with the same bucket, not a full one
+    let left = alice.ok("leave_group", json!({"group_id": "team"})).await;
+    let again = alice.ok("register", json!({"group_id": "team", "hostname": "box", "working_directory": "/src/alice"})).await;
+    assert_eq!(again["peer_id"], left["peer_id"]);
+    let err = alice.err("send_message", json!({"message": "after leaving and coming back"})).await;
+    assert!(err.contains("rate limit"), "{err}");
 }
 
 #[tokio::test]
