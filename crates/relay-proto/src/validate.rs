@@ -48,7 +48,72 @@ pub fn display_name(value: &str) -> Result<(), ValidationError> {
     if let Some(bad) = value.chars().find(|&c| !name_char(c)) {
         return Err(bad_char(field, value, bad, NAME_RULE));
     }
+    let has = |script: fn(char) -> bool| value.chars().any(script);
+    if has(latin) && (has(cyrillic) || has(greek)) {
+        let what = "Latin letters mixed with Cyrillic or Greek ones, which can imitate another name".to_owned();
+        return Err(ValidationError::BadChars { field, value: value.chars().take(80).collect(), what, rule: NAME_RULE });
+    }
     Ok(())
+}
+
+fn latin(c: char) -> bool {
+    c.is_ascii_alphabetic() || ('\u{c0}'..='\u{24f}').contains(&c) || ('\u{ff21}'..='\u{ff5a}').contains(&c)
+}
+
+fn cyrillic(c: char) -> bool {
+    ('\u{400}'..='\u{52f}').contains(&c)
+}
+
+fn greek(c: char) -> bool {
+    ('\u{370}'..='\u{3ff}').contains(&c) || ('\u{1f00}'..='\u{1fff}').contains(&c)
+}
+
+/// A name as it looks: lower case, with Cyrillic and Greek letters that look like Latin ones
+/// (and full-width Latin) read as those. Two names with one skeleton are one name to a reader.
+pub fn skeleton(name: &str) -> String {
+    const LOOKALIKES: &[(char, char)] = &[
+        ('а', 'a'),
+        ('в', 'b'),
+        ('е', 'e'),
+        ('к', 'k'),
+        ('м', 'm'),
+        ('н', 'h'),
+        ('о', 'o'),
+        ('р', 'p'),
+        ('с', 'c'),
+        ('т', 't'),
+        ('у', 'y'),
+        ('х', 'x'),
+        ('і', 'i'),
+        ('ј', 'j'),
+        ('ѕ', 's'),
+        ('ԁ', 'd'),
+        ('һ', 'h'),
+        ('ԛ', 'q'),
+        ('ԝ', 'w'),
+        ('ӏ', 'l'),
+        ('α', 'a'),
+        ('β', 'b'),
+        ('ε', 'e'),
+        ('ζ', 'z'),
+        ('η', 'n'),
+        ('ι', 'i'),
+        ('κ', 'k'),
+        ('μ', 'm'),
+        ('ν', 'v'),
+        ('ο', 'o'),
+        ('ρ', 'p'),
+        ('τ', 't'),
+        ('υ', 'u'),
+        ('χ', 'x'),
+    ];
+    name.chars()
+        .flat_map(char::to_lowercase)
+        .map(|c| match c {
+            '\u{ff41}'..='\u{ff5a}' => char::from_u32(c as u32 - 0xff41 + 'a' as u32).unwrap_or(c),
+            c => LOOKALIKES.iter().find(|(from, _)| *from == c).map_or(c, |(_, to)| *to),
+        })
+        .collect()
 }
 
 fn name_char(c: char) -> bool {
@@ -167,9 +232,22 @@ mod tests {
         for ok in ["alice", "host:proj", "bob@web", "ünï:cödé", "a/b+c"] {
             assert_eq!(display_name(ok), Ok(()), "{ok}");
         }
-        for bad in ["", "two words", "tab\there", "esc\u{1b}[31m", &"n".repeat(65)] {
+        for bad in ["", "two words", "tab\there", "esc\u{1b}[31m", &"n".repeat(65), "evil\u{202e}gnp", "zero\u{200b}width"] {
             assert!(display_name(bad).is_err(), "{bad:?} accepted");
         }
+        // a Cyrillic "а" among Latin letters imitates a name; a name in one script is fine
+        assert!(display_name("\u{430}lice").unwrap_err().to_string().contains("imitate"));
+        assert_eq!(display_name("борис"), Ok(()));
+        assert_eq!(display_name("σοφία"), Ok(()));
+    }
+
+    #[test]
+    fn lookalike_names_share_a_skeleton() {
+        assert_eq!(skeleton("Alice"), skeleton("alice"));
+        assert_eq!(skeleton("\u{430}\u{3bf}"), "ao", "Cyrillic a, Greek o");
+        assert_eq!(skeleton("\u{ff41}lice"), "alice", "full-width a");
+        assert_eq!(skeleton("рорра"), "poppa");
+        assert_ne!(skeleton("bob"), skeleton("rob"));
     }
 
     #[test]

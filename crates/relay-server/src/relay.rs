@@ -496,10 +496,12 @@ impl Relay {
             }
         };
         let base: String = base.chars().take(validate::MAX_NAME_CHARS - 4).collect();
-        let taken: Vec<String> = self.store.peers_in_group(&req.group_id)?.into_iter().map(|p| p.display_name).collect();
+        // names that look alike are one name: a newcomer does not get to look like a member
+        let taken: Vec<String> =
+            self.store.peers_in_group(&req.group_id)?.into_iter().map(|p| validate::skeleton(&p.display_name)).collect();
         let mut candidate = base.clone();
         let mut n = 2;
-        while taken.iter().any(|t| t.eq_ignore_ascii_case(&candidate)) {
+        while taken.contains(&validate::skeleton(&candidate)) {
             candidate = format!("{base}-{n}");
             n += 1;
         }

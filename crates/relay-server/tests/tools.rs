@@ -420,3 +420,18 @@ async fn metrics_count_calls_and_messages() {
     assert_eq!(reqwest::get(server.url("/healthz")).await.unwrap().text().await.unwrap(), "ok\n");
     server.stop().await;
 }
+
+#[tokio::test]
+async fn a_name_that_looks_like_a_members_is_told_apart() {
+    let server = TestServer::start().await;
+    let anon = server.client(None).await;
+    let register = |dir: &str, name: &str| json!({"group_id": "team", "hostname": "box", "working_directory": dir, "name": name});
+    anon.ok("register", register("/a", "alice")).await;
+    // Cyrillic letters that look Latin: the same name to a reader, so not the same name here
+    let lookalike = anon.ok("register", register("/b", "\u{430}\u{4cf}\u{456}\u{441}\u{435}")).await;
+    assert_eq!(lookalike["display_name"], "\u{430}\u{4cf}\u{456}\u{441}\u{435}-2");
+    let err = anon.err("register", register("/c", "\u{430}lice")).await;
+    assert!(err.contains("imitate"), "{err}");
+    let err = anon.err("register", register("/d", "ali\u{202e}ce")).await;
+    assert!(err.contains("name"), "{err}");
+}
