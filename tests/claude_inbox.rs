@@ -7,7 +7,7 @@
 
 use std::time::{Duration, Instant};
 
-use relay_e2e::claude::world;
+use relay_e2e::claude::{Setup, world};
 use relay_e2e::tmux::{call_tool, relay_mcp};
 use serde_json::{Value, json};
 
@@ -95,6 +95,45 @@ async fn two_claude_code_sessions_talk_through_relay_with_no_keystrokes() {
     relay_tmux::kill_pane(&b.tmux.tmux, &sidebar).unwrap();
     relay_e2e::wait_until("the reply sockets to go", Duration::from_secs(10), || reply_sockets() == 0);
     let _ = a_client.cancel().await;
+}
+
+/// As a new user meets relay: Claude Code already running (relay's MCP server configured
+/// by an earlier attach, say before a reboot), no relayd, the server named only in
+/// `~/.config/relay/config.toml` and not at the default address; `relay attach` afterwards.
+/// Bob's Claude Code has a `CLAUDE_CONFIG_DIR` of its own, which neither tmux nor the shell
+/// that runs `relay attach` knows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cold_start_gives_the_agents_relays_tools_and_their_inboxes() {
+    let test = "a_cold_start_gives_the_agents_relays_tools_and_their_inboxes";
+    let Some(w) = world(test) else { return };
+    let Some(a) = w.machine_with(test, "alice", Setup { cold: true, ..Setup::default() }) else { return };
+    let Some(b) = w.machine_with(test, "bob", Setup { cold: true, claude_config_dir: Some(".claude-work") }) else { return };
+    for m in [&a, &b] {
+        m.configure_relay_mcp(&w.claude);
+    }
+    w.model.script(json!([
+        {"match": "PLEASE DM BOB", "once": true, "reply": {"tool_use": {"name": "mcp__relay__send_dm", "input": {"to": "bob", "message": "bob, a cold start works"}}}},
+        {"match": "bob, a cold start works", "once": true, "reply": {"tool_use": {"name": "mcp__relay__send_dm", "input": {"to": "alice", "message": "alice, so it does"}}}},
+    ]));
+    let pane_a = a.start_claude("");
+    let pane_b = b.start_claude("");
+    assert!(!a.socket.exists() && !b.socket.exists(), "a relayd is running already");
+    let said = a.attach(&pane_a, "alice");
+    assert!(said.contains("started relayd") && said.contains("has an inbox"), "{said}");
+    let said = b.attach(&pane_b, "bob");
+    assert!(said.contains("has an inbox"), "{said}");
+    w.model.wait_for("you are alice in relay group cc", Duration::from_secs(20));
+    w.model.wait_for("you are bob in relay group cc", Duration::from_secs(20));
+
+    a.prompt(&pane_a, "PLEASE DM BOB");
+    let (turn, _) = w.model.wait_for("bob, a cold start works", Duration::from_secs(30));
+    assert!(turn.contains("direct message to you (bob) from alice"), "{turn}");
+    let (turn, _) = w.model.wait_for("alice, so it does", Duration::from_secs(30));
+    assert!(turn.contains("direct message to you (alice) from bob"), "{turn}");
+    for (m, pane) in [(&a, &pane_a), (&b, &pane_b)] {
+        let screen = m.screen(pane);
+        assert!(!screen.contains("[RELAY]") && !screen.contains("No such tool"), "{pane}:\n{screen}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -115,11 +115,39 @@ pub struct Machine {
     pub socket: PathBuf,
     pub env: Vec<(String, String)>,
     pub tmux: TmuxServer,
-    relayd: KillOnDrop,
+    /// Where Claude Code keeps its configuration and sessions.
+    pub claude_dir: PathBuf,
+    /// Set for Claude Code alone (not the tmux server, nor `relay attach`), when it has a
+    /// `CLAUDE_CONFIG_DIR` of its own.
+    claude_config_dir: Option<PathBuf>,
+    /// The relayd this harness started; None when `relay attach` is left to start one.
+    relayd: Option<KillOnDrop>,
+}
+
+/// How a machine starts.
+#[derive(Default)]
+pub struct Setup {
+    /// As a new user meets relay: no relayd running, the server named only in
+    /// `~/.config/relay/config.toml`; `relay attach` starts relayd.
+    pub cold: bool,
+    /// Claude Code runs with `CLAUDE_CONFIG_DIR` set to this directory under HOME.
+    pub claude_config_dir: Option<&'static str>,
 }
 
 impl Machine {
     pub fn start(test: &str, name: &str, root: &Path, server: &ServerProcess, model: &Model, claude: &Path) -> Option<Machine> {
+        Self::start_with(test, name, root, server, model, claude, Setup::default())
+    }
+
+    pub fn start_with(
+        test: &str,
+        name: &str,
+        root: &Path,
+        server: &ServerProcess,
+        model: &Model,
+        claude: &Path,
+        setup: Setup,
+    ) -> Option<Machine> {
         let dir = root.join(name);
         let (home, run, work, bin) = (dir.join("home"), dir.join("run"), dir.join("work"), dir.join("bin"));
         for d in [&home, &run, &work, &bin] {
@@ -129,11 +157,21 @@ impl Machine {
         std::fs::set_permissions(&run, std::fs::Permissions::from_mode(0o700)).unwrap();
         std::os::unix::fs::symlink(claude, bin.join("claude")).unwrap();
         let work = std::fs::canonicalize(&work).unwrap();
-        let (relayd, socket) = spawn_relayd(&dir, &server.url(""), &["--no-notifications"], &[], Stdio::null());
+        let (relayd, socket) = if setup.cold {
+            let config = home.join(".config/relay");
+            std::fs::create_dir_all(&config).unwrap();
+            std::fs::write(config.join("config.toml"), format!("server = \"{}\"\n", server.url(""))).unwrap();
+            (None, run.join("relay/relayd.sock"))
+        } else {
+            let (relayd, socket) = spawn_relayd(&dir, &server.url(""), &["--no-notifications"], &[], Stdio::null());
+            (Some(relayd), socket)
+        };
         let path = format!("{}:{}", bin.display(), std::env::var("PATH").unwrap_or_default());
         let mut env: Vec<(String, String)> = [
             ("HOME", home.display().to_string()),
             ("XDG_RUNTIME_DIR", run.display().to_string()),
+            ("XDG_CONFIG_HOME", home.join(".config").display().to_string()),
+            ("XDG_STATE_HOME", home.join(".local/state").display().to_string()),
             ("PATH", path),
             ("RELAYD_SOCKET", socket.display().to_string()),
             ("ANTHROPIC_BASE_URL", format!("http://127.0.0.1:{}", model.port)),
@@ -146,8 +184,16 @@ impl Machine {
         for quiet in crate::CLAUDE_QUIET_ENV {
             env.push((quiet.to_owned(), "1".to_owned()));
         }
+        if setup.cold {
+            // the panes find relayd (and the server) where a user's shell would
+            env.retain(|(k, _)| k != "RELAYD_SOCKET");
+        }
         let tmux = TmuxServer::start_with_env(test, name, &env)?;
-        wait_until("relayd", Duration::from_secs(10), || socket.exists());
+        if !setup.cold {
+            wait_until("relayd", Duration::from_secs(10), || socket.exists());
+        }
+        let claude_config_dir = setup.claude_config_dir.map(|d| home.join(d));
+        let claude_dir = claude_config_dir.clone().unwrap_or_else(|| home.join(".claude"));
         // first-run screens answered, the work dir trusted, relay's tools allowed
         let config = json!({
             "hasCompletedOnboarding": true, "lastOnboardingVersion": CLAUDE_VERSION, "theme": "dark",
@@ -155,30 +201,37 @@ impl Machine {
             "customApiKeyResponses": {"approved": [&API_KEY[API_KEY.len() - 20..]], "rejected": []},
             "projects": {work.display().to_string(): {"hasTrustDialogAccepted": true}},
         });
-        std::fs::write(home.join(".claude.json"), config.to_string()).unwrap();
-        std::fs::create_dir_all(home.join(".claude")).unwrap();
+        std::fs::create_dir_all(&claude_dir).unwrap();
+        // (with a CLAUDE_CONFIG_DIR, Claude Code keeps .claude.json there)
+        for at in [&home, &claude_dir] {
+            std::fs::write(at.join(".claude.json"), config.to_string()).unwrap();
+        }
         let settings = json!({
             "permissions": {"defaultMode": "default", "allow": ["mcp__relay", "Bash(sleep:*)"]},
             "skipDangerousModePermissionPrompt": true,
         });
-        std::fs::write(home.join(".claude/settings.json"), settings.to_string()).unwrap();
-        Some(Machine { home, work, socket, env, tmux, relayd })
+        std::fs::write(claude_dir.join("settings.json"), settings.to_string()).unwrap();
+        Some(Machine { home, work, socket, env, tmux, claude_dir, claude_config_dir, relayd })
+    }
+
+    /// A `claude` command for this machine's configuration.
+    fn claude(&self, claude: &Path) -> std::process::Command {
+        let mut cmd = claude_command(claude, &self.home);
+        if let Some(dir) = &self.claude_config_dir {
+            cmd.env("CLAUDE_CONFIG_DIR", dir);
+        }
+        cmd
     }
 
     /// Adds `relay mcp` to this machine's Claude Code, as an earlier `relay attach` would.
     pub fn configure_relay_mcp(&self, claude: &Path) {
-        let out = claude_command(claude, &self.home)
-            .args(["mcp", "add", "-s", "user", "relay", "--"])
-            .arg(binary("relay"))
-            .arg("mcp")
-            .output()
-            .unwrap();
+        let out = self.claude(claude).args(["mcp", "add", "-s", "user", "relay", "--"]).arg(binary("relay")).arg("mcp").output().unwrap();
         assert!(out.status.success(), "claude mcp add: {}", String::from_utf8_lossy(&out.stderr));
     }
 
     /// The registry entry (`~/.claude/sessions/<pid>.json`) of the session in `pane`.
     pub fn session_entry(&self, pane: &str) -> Option<Value> {
-        std::fs::read_dir(self.home.join(".claude/sessions")).ok()?.flatten().find_map(|e| {
+        std::fs::read_dir(self.claude_dir.join("sessions")).ok()?.flatten().find_map(|e| {
             let v: Value = serde_json::from_str(&std::fs::read_to_string(e.path()).ok()?).ok()?;
             v["tmux"].as_str()?.ends_with(&format!(".{pane}")).then_some(v)
         })
@@ -191,7 +244,11 @@ impl Machine {
 
     /// Starts Claude Code in a new pane and waits for its session to be idle; the pane id.
     pub fn start_claude(&self, args: &str) -> String {
-        let pane = self.tmux.new_pane(&self.work.display().to_string(), &format!("claude {args}"));
+        let env = match &self.claude_config_dir {
+            Some(dir) => format!("CLAUDE_CONFIG_DIR='{}' ", dir.display()),
+            None => String::new(),
+        };
+        let pane = self.tmux.new_pane(&self.work.display().to_string(), &format!("{env}claude {args}"));
         let deadline = Instant::now() + Duration::from_secs(30);
         while !self.session_idle(&pane) {
             assert!(Instant::now() < deadline, "Claude Code in {pane} never became idle; its screen:\n{}", self.screen(&pane));
@@ -236,7 +293,17 @@ impl Machine {
 
 impl Drop for Machine {
     fn drop(&mut self) {
-        self.relayd.kill_hard();
+        match &mut self.relayd {
+            Some(relayd) => relayd.kill_hard(),
+            // the relayd `relay attach` started for this machine, by the pid it reports
+            None => {
+                let out = self.tmux.relay(&self.socket, &["status", "--json"], &self.env);
+                let pid = serde_json::from_slice::<Value>(&out.stdout).ok().and_then(|s| s["pid"].as_u64());
+                if let Some(pid) = pid {
+                    let _ = std::process::Command::new("kill").arg(pid.to_string()).status();
+                }
+            }
+        }
     }
 }
 
@@ -265,5 +332,9 @@ pub fn world(test: &str) -> Option<World> {
 impl World {
     pub fn machine(&self, test: &str, name: &str) -> Option<Machine> {
         Machine::start(test, name, &self.root, &self.server, &self.model, &self.claude)
+    }
+
+    pub fn machine_with(&self, test: &str, name: &str, setup: Setup) -> Option<Machine> {
+        Machine::start_with(test, name, &self.root, &self.server, &self.model, &self.claude, setup)
     }
 }
