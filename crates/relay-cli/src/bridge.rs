@@ -179,19 +179,46 @@ impl ServerHandler for Bridge {
             Ok(guard) => guard,
             Err(message) => return Ok(CallToolResult::error(vec![ContentBlock::text(message)]).into()),
         };
-        if let Some(args) = request.arguments.as_mut() {
-            args.remove("token");
+        let args = request.arguments.get_or_insert_default();
+        args.remove("token");
+        if matches!(request.name.as_ref(), "send_message" | "send_dm") && !args.contains_key("idempotency_key") {
+            // so that the retry below, or the agent's own, can never send it twice
+            args.insert("idempotency_key".into(), new_idempotency_key().into());
         }
-        let upstream = guard.as_ref().expect("ensured");
-        match upstream.service.call_tool(request).await {
-            Ok(result) => Ok(result.into()),
-            Err(e) => {
-                // the connection may be stale (server restart): reconnect on the next call
-                *guard = None;
-                Ok(CallToolResult::error(vec![ContentBlock::text(format!("relay server unavailable, try again: {e}"))]).into())
+        let first = guard.as_ref().expect("ensured").service.call_tool(request.clone()).await;
+        let failed = match first {
+            Ok(result) => return Ok(result.into()),
+            Err(e) => e,
+        };
+        // the connection may be stale (a server restart, the answer lost): once more, anew
+        *guard = None;
+        drop(guard);
+        let retried = match self.ensure().await {
+            Ok(mut guard) => {
+                let outcome = guard.as_ref().expect("ensured").service.call_tool(request).await;
+                if outcome.is_err() {
+                    *guard = None;
+                }
+                outcome.map_err(|e| e.to_string())
             }
+            Err(message) => Err(message),
+        };
+        match retried {
+            Ok(result) => Ok(result.into()),
+            Err(e) => Ok(CallToolResult::error(vec![ContentBlock::text(format!(
+                "relay server unavailable, try again (a send with the same idempotency_key is never sent twice): {failed}; {e}"
+            ))])
+            .into()),
         }
     }
+}
+
+/// A key no other send of this machine uses: process, clock and a counter.
+fn new_idempotency_key() -> String {
+    static SENT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = SENT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+    format!("relay-mcp-{}-{nanos:x}-{n}", std::process::id())
 }
 
 fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {

@@ -182,3 +182,108 @@ async fn a_bridge_started_before_relayd_has_the_tools_and_reports_once_relayd_is
     let _ = agent.cancel().await;
     relayd.kill_hard();
 }
+
+/// A TCP proxy to `to` that, once armed, lets the next request naming `needle` through
+/// to the server and drops its answer: the connection closes instead, as when a server dies
+/// between committing and answering.
+async fn answer_dropping_proxy(to: std::net::SocketAddr, needle: &'static [u8]) -> (String, std::sync::Arc<std::sync::atomic::AtomicBool>) {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let armed = std::sync::Arc::new(AtomicBool::new(false));
+    let arm = armed.clone();
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let Ok(server) = tokio::net::TcpStream::connect(to).await else { continue };
+            let (mut client_in, mut client_out) = client.into_split();
+            let (mut server_in, mut server_out) = server.into_split();
+            let doomed = std::sync::Arc::new(AtomicBool::new(false));
+            let (armed, doomed_up) = (armed.clone(), doomed.clone());
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 64 * 1024];
+                while let Ok(n) = client_in.read(&mut buf).await {
+                    if n == 0 {
+                        break;
+                    }
+                    if buf[..n].windows(needle.len()).any(|w| w == needle) && armed.swap(false, Ordering::SeqCst) {
+                        doomed_up.store(true, Ordering::SeqCst);
+                    }
+                    if server_out.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                }
+            });
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 64 * 1024];
+                while let Ok(n) = server_in.read(&mut buf).await {
+                    // the answer to the doomed request is dropped, and the connection with it
+                    if n == 0 || doomed.load(Ordering::SeqCst) || client_out.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    (url, arm)
+}
+
+/// The server stores a send and its answer is lost on the way: relay mcp makes the call
+/// again on a new connection with the same idempotency key, and the message is sent once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_send_whose_answer_was_lost_is_made_again_and_sent_once() {
+    let server = ServerProcess::start(0, &["--ephemeral"]);
+    let (proxy, drop_next_answer) = answer_dropping_proxy(server.addr, b"send_message").await;
+    let dir = tempfile::tempdir().unwrap();
+    let (mut relayd, socket) = spawn_relayd(dir.path(), &proxy, &["--no-notifications"], &[], Stdio::null());
+    let mut client = connect(&socket).await;
+    let req = AttachRequest { pane: "%5".into(), group: "team".into(), working_directory: "/five".into(), ..Default::default() };
+    client.request(&Request::Attach(req)).await.unwrap();
+    let anon = Mcp::connect(&server.url("/mcp"), None, Mode::Stateless).await;
+    let reg = anon.ok("register", json!({"group_id": "team", "hostname": "far", "working_directory": "/far"})).await;
+    let far = Mcp::connect(&server.url("/mcp"), Some(reg["token"].as_str().unwrap()), Mode::Stateless).await;
+
+    let agent = relay_mcp(&socket, "%5").await;
+    drop_next_answer.store(true, std::sync::atomic::Ordering::SeqCst);
+    let (failed, text, sent) = call(&agent, "send_message", json!({"message": "exactly once"})).await;
+    assert!(!failed, "{text}");
+    assert!(!drop_next_answer.load(std::sync::atomic::Ordering::SeqCst), "no answer was dropped");
+    assert_eq!(sent.unwrap()["repeated"], true, "the second call found the first one's message");
+    let got = far.ok("read_new_messages", json!({})).await;
+    let texts: Vec<&str> = got["messages"].as_array().unwrap().iter().map(|m| m["text"].as_str().unwrap()).collect();
+    assert_eq!(texts, ["exactly once"]);
+    let _ = agent.cancel().await;
+    relayd.kill_hard();
+}
+
+/// After a server restart the next send goes through, once, with no error for the agent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_send_after_a_server_restart_goes_through_once() {
+    let data = tempfile::tempdir().unwrap();
+    let data_dir = data.path().display().to_string();
+    let mut server = ServerProcess::start(0, &["--data-dir", &data_dir]);
+    let port = server.addr.port();
+    let dir = tempfile::tempdir().unwrap();
+    let (mut relayd, socket) = spawn_relayd(dir.path(), &server.url(""), &["--no-notifications"], &[], Stdio::null());
+    let mut client = connect(&socket).await;
+    let req = AttachRequest { pane: "%5".into(), group: "team".into(), working_directory: "/five".into(), ..Default::default() };
+    client.request(&Request::Attach(req)).await.unwrap();
+    let anon = Mcp::connect(&server.url("/mcp"), None, Mode::Stateless).await;
+    let reg = anon.ok("register", json!({"group_id": "team", "hostname": "far", "working_directory": "/far"})).await;
+    let token = reg["token"].as_str().unwrap().to_owned();
+
+    let agent = relay_mcp(&socket, "%5").await;
+    let (failed, text, _) = call(&agent, "send_message", json!({"message": "before the restart"})).await;
+    assert!(!failed, "{text}");
+    server.stop();
+    let server = ServerProcess::start(port, &["--data-dir", &data_dir]);
+    let (failed, text, _) = call(&agent, "send_message", json!({"message": "after the restart"})).await;
+    assert!(!failed, "{text}");
+
+    let far = Mcp::connect(&server.url("/mcp"), Some(&token), Mode::Stateless).await;
+    let got = far.ok("read_new_messages", json!({})).await;
+    let texts: Vec<&str> = got["messages"].as_array().unwrap().iter().map(|m| m["text"].as_str().unwrap()).collect();
+    assert_eq!(texts, ["before the restart", "after the restart"]);
+    let _ = agent.cancel().await;
+    relayd.kill_hard();
+}

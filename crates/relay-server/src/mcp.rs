@@ -64,6 +64,11 @@ pub struct SendMessageArgs {
     /// The group to send to; may be left out when you are in exactly one group.
     #[serde(default)]
     pub group_id: Option<String>,
+    /// Optional: your own unique name for this message (a UUID, say). Sending again with the
+    /// same key sends nothing new and answers with the first message: use it when you retry
+    /// after an error, so the message is not sent twice.
+    #[serde(default)]
+    pub idempotency_key: Option<String>,
     #[serde(flatten)]
     pub auth: TokenOnly,
 }
@@ -74,6 +79,11 @@ pub struct SendDmArgs {
     pub to: String,
     /// The text to send.
     pub message: String,
+    /// Optional: your own unique name for this message (a UUID, say). Sending again with the
+    /// same key sends nothing new and answers with the first message: use it when you retry
+    /// after an error, so the message is not sent twice.
+    #[serde(default)]
+    pub idempotency_key: Option<String>,
     #[serde(flatten)]
     pub auth: TokenOnly,
 }
@@ -210,6 +220,11 @@ impl<'a> Credentials<'a> {
     }
 }
 
+/// An optional argument, with "" (what some clients send for "not given") as not given.
+fn given(value: &Option<String>) -> Option<&str> {
+    value.as_deref().filter(|v| !v.is_empty())
+}
+
 /// One call of one tool, its arguments parsed.
 pub enum ToolCall {
     Register(RegisterArgs),
@@ -332,7 +347,7 @@ impl RelayTools {
         let started = Instant::now();
         let outcome = self
             .caller(credentials, args.auth.token.as_deref())
-            .and_then(|c| self.relay.send_message(&c, &args.message, args.group_id.as_deref()));
+            .and_then(|c| self.relay.send_message(&c, &args.message, args.group_id.as_deref(), given(&args.idempotency_key)));
         self.finish("send_message", started, outcome, |s| {
             format!("Sent to group {} ({} other peers) as message {}.", s.group_id, s.recipients, s.message_id)
         })
@@ -340,7 +355,9 @@ impl RelayTools {
 
     fn send_dm_call(&self, args: SendDmArgs, credentials: Credentials<'_>) -> CallToolResult {
         let started = Instant::now();
-        let outcome = self.caller(credentials, args.auth.token.as_deref()).and_then(|c| self.relay.send_dm(&c, &args.to, &args.message));
+        let outcome = self
+            .caller(credentials, args.auth.token.as_deref())
+            .and_then(|c| self.relay.send_dm(&c, &args.to, &args.message, given(&args.idempotency_key)));
         self.finish("send_dm", started, outcome, |s| {
             let to = s.to.as_ref().map_or("?", |p| p.name.as_str());
             format!("DM sent to {to} in group {} as message {}.", s.group_id, s.message_id)

@@ -112,6 +112,10 @@ pub struct Sent {
     /// Peers of the group (other than the sender) who will see it.
     pub recipients: usize,
     pub sent_at: DateTime<Utc>,
+    /// This send repeated an earlier one with the same `idempotency_key`: nothing new was
+    /// sent, and this is the earlier message.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub repeated: bool,
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
@@ -208,6 +212,7 @@ fn millis(wait: std::time::Duration) -> u64 {
 }
 
 pub const DEFAULT_HISTORY_LIMIT: usize = 50;
+pub const MAX_IDEMPOTENCY_KEY_CHARS: usize = 128;
 pub const MAX_HISTORY_LIMIT: usize = 1000;
 pub const DEFAULT_READ_LIMIT: usize = 200;
 /// How many log entries one store query reads at a time while filtering.
@@ -536,17 +541,17 @@ impl Relay {
         }
     }
 
-    pub fn send_message(&self, caller: &Caller, text: &str, group: Option<&str>) -> Result<Sent> {
+    /// Broadcasts `text`. With a `key` used before by the same peer, nothing new is sent: the
+    /// answer is the earlier message (so a client that retries after a lost answer sends once).
+    pub fn send_message(&self, caller: &Caller, text: &str, group: Option<&str>, key: Option<&str>) -> Result<Sent> {
         let from = self.peer_in(caller, group)?;
         validate::message(text, self.limits.max_message_bytes)?;
-        self.take_rate_token(&from.peer_id)?;
         // everyone active but the sender
         let recipients = self.store.active_members(&from.group_id)?.saturating_sub(1);
-        let entry = self.publish(self.message_entry(&from, None, text))?;
-        Ok(sent(entry, recipients))
+        self.send(self.message_entry(&from, None, text, key)?, recipients)
     }
 
-    pub fn send_dm(&self, caller: &Caller, to: &str, text: &str) -> Result<Sent> {
+    pub fn send_dm(&self, caller: &Caller, to: &str, text: &str, key: Option<&str>) -> Result<Sent> {
         let own = self.active_peers(caller)?;
         if own.is_empty() {
             return Err(RelayError::NotRegistered);
@@ -561,13 +566,39 @@ impl Relay {
         let target = resolve_peer(to, &reachable)?;
         let from = own.into_iter().find(|p| p.group_id == target.group_id).expect("reachable peers share a group");
         validate::message(text, self.limits.max_message_bytes)?;
-        self.take_rate_token(&from.peer_id)?;
-        let entry = self.publish(self.message_entry(&from, Some(target), text))?;
-        Ok(sent(entry, 1))
+        self.send(self.message_entry(&from, Some(target), text, key)?, 1)
     }
 
-    fn message_entry(&self, from: &PeerRecord, to: Option<&PeerRecord>, text: &str) -> NewEntry {
-        NewEntry {
+    /// Stores and publishes a message, or answers with the earlier one of the same key.
+    fn send(&self, entry: NewEntry, recipients: usize) -> Result<Sent> {
+        // a retry costs no rate token (checked again where it counts, under the live lock)
+        if let Some(earlier) = self.earlier_send(&entry)? {
+            return Ok(Sent { repeated: true, ..sent(Arc::new(earlier), recipients) });
+        }
+        self.take_rate_token(&entry.sender_id)?;
+        let (stored, repeated) = self.publish(entry)?;
+        Ok(Sent { repeated, ..sent(stored, recipients) })
+    }
+
+    /// The message the sender already sent with `entry`'s key; an error if that key went
+    /// with another text or addressee.
+    fn earlier_send(&self, entry: &NewEntry) -> Result<Option<LogEntry>> {
+        let Some(key) = &entry.idempotency_key else { return Ok(None) };
+        let Some(earlier) = self.store.entry_by_key(&entry.sender_id, key)? else { return Ok(None) };
+        if earlier.body != entry.body || earlier.recipient_id != entry.recipient_id {
+            return Err(RelayError::BadArgument {
+                field: "idempotency_key",
+                reason: format!("{key:?} was already used for another message ({}); use a new key for each message", earlier.id),
+            });
+        }
+        Ok(Some(earlier))
+    }
+
+    fn message_entry(&self, from: &PeerRecord, to: Option<&PeerRecord>, text: &str, key: Option<&str>) -> Result<NewEntry> {
+        if let Some(key) = key {
+            validate::single_line("idempotency_key", key, MAX_IDEMPOTENCY_KEY_CHARS)?;
+        }
+        Ok(NewEntry {
             group_id: from.group_id.clone(),
             id: secrets::new_id("m_"),
             kind: if to.is_some() { EventKind::Dm } else { EventKind::Message },
@@ -577,12 +608,17 @@ impl Relay {
             recipient_name: to.map(|p| p.display_name.clone()),
             body: text.to_owned(),
             created_at: self.clock.now(),
-        }
+            idempotency_key: key.map(str::to_owned),
+        })
     }
 
-    /// Commits the entry, then hands it to the group's live streams, in sequence order.
-    fn publish(&self, entry: NewEntry) -> Result<Arc<LogEntry>> {
+    /// Commits the entry, then hands it to the group's live streams, in sequence order;
+    /// with `true` when it repeated an earlier send of the same key (nothing committed).
+    fn publish(&self, entry: NewEntry) -> Result<(Arc<LogEntry>, bool)> {
         let mut live = lock(&self.live);
+        if let Some(earlier) = self.earlier_send(&entry)? {
+            return Ok((Arc::new(earlier), true));
+        }
         let stored = Arc::new(self.store.append(entry)?);
         if let Some(tx) = live.get(&stored.group_id) {
             let mut recent = lock(&self.recent);
@@ -595,7 +631,7 @@ impl Relay {
         if let Some(kind) = stored.kind.message_kind() {
             self.metrics.message(kind);
         }
-        Ok(stored)
+        Ok((stored, false))
     }
 
     /// Live entries of a group, and the sequence number they follow: every entry after it
@@ -1014,6 +1050,7 @@ fn membership_entry(peer: &PeerRecord, kind: EventKind, at: DateTime<Utc>) -> Ne
         recipient_name: None,
         body: String::new(),
         created_at: at,
+        idempotency_key: None,
     }
 }
 
@@ -1065,6 +1102,7 @@ fn sent(entry: Arc<LogEntry>, recipients: usize) -> Sent {
         to: message.recipient,
         recipients,
         sent_at: message.sent_at,
+        repeated: false,
     }
 }
 

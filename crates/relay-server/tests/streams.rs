@@ -176,7 +176,7 @@ async fn a_stalled_client_is_cut_off_and_resumes_without_loss() {
 
 async fn send_many(server: &TestServer, caller: &Caller, range: std::ops::Range<usize>) {
     for i in range {
-        server.relay.send_message(caller, &format!("n{i}"), None).unwrap();
+        server.relay.send_message(caller, &format!("n{i}"), None, None).unwrap();
         if i % 64 == 0 {
             tokio::task::yield_now().await; // let the server write what the socket takes
         }

@@ -435,3 +435,30 @@ async fn a_name_that_looks_like_a_members_is_told_apart() {
     let err = anon.err("register", register("/d", "ali\u{202e}ce")).await;
     assert!(err.contains("name"), "{err}");
 }
+
+#[tokio::test]
+async fn a_send_retried_with_its_idempotency_key_is_stored_once() {
+    let server = TestServer::start_with(|c| {
+        c.rate_burst = 2;
+        c.rate_per_second = 0.001;
+    })
+    .await;
+    let (alice, _) = server.peer("team", "/src/alice").await;
+    let (bob, _) = server.peer("team", "/src/bob").await;
+    let first = alice.ok("send_dm", json!({"to": "box:bob", "message": "deploy at 5", "idempotency_key": "k-1"})).await;
+    assert!(first.get("repeated").is_none(), "{first}");
+    // the answer was lost, say, and the client sends again: the same message, nothing new
+    let again = alice.ok("send_dm", json!({"to": "box:bob", "message": "deploy at 5", "idempotency_key": "k-1"})).await;
+    assert_eq!((again["message_id"].clone(), again["repeated"].clone()), (first["message_id"].clone(), json!(true)));
+    let inbox = bob.ok("read_new_messages", json!({})).await;
+    assert_eq!(inbox["messages"].as_array().unwrap().len(), 1, "{inbox}");
+    // a key is for one message only
+    let err = alice.err("send_dm", json!({"to": "box:bob", "message": "deploy at 6", "idempotency_key": "k-1"})).await;
+    assert!(err.contains("idempotency_key") && err.contains("already used"), "{err}");
+    // the repeat took no rate token: one is left for a new message
+    alice.ok("send_message", json!({"message": "to all", "idempotency_key": "k-2"})).await;
+    let again = alice.ok("send_message", json!({"message": "to all", "idempotency_key": "k-2"})).await;
+    assert_eq!(again["repeated"], true);
+    let err = alice.err("send_message", json!({"message": "one too many"})).await;
+    assert!(err.contains("rate limit"), "{err}");
+}

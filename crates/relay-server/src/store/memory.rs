@@ -22,6 +22,8 @@ struct Inner {
     logs: HashMap<String, Vec<LogEntry>>,
     /// Log entry id → (group, seq).
     ids: HashMap<String, (String, u64)>,
+    /// (sender, idempotency key) → log entry id.
+    keys: HashMap<(String, String), String>,
     /// Message id → peer id → record.
     deliveries: HashMap<String, BTreeMap<String, DeliveryRecord>>,
 }
@@ -130,6 +132,9 @@ impl Store for MemoryStore {
 
     fn append(&self, entry: NewEntry) -> Result<LogEntry> {
         let mut inner = self.lock();
+        if let Some(key) = &entry.idempotency_key {
+            inner.keys.insert((entry.sender_id.clone(), key.clone()), entry.id.clone());
+        }
         let log = inner.logs.entry(entry.group_id.clone()).or_default();
         let stored = LogEntry {
             seq: log.len() as u64 + 1,
@@ -167,6 +172,14 @@ impl Store for MemoryStore {
         let inner = self.lock();
         let Some((group, seq)) = inner.ids.get(id) else { return Ok(None) };
         Ok(inner.logs.get(group).and_then(|log| log.get(*seq as usize - 1)).cloned())
+    }
+
+    fn entry_by_key(&self, sender_id: &str, key: &str) -> Result<Option<LogEntry>> {
+        let id = self.lock().keys.get(&(sender_id.to_owned(), key.to_owned())).cloned();
+        match id {
+            Some(id) => self.entry_by_id(&id),
+            None => Ok(None),
+        }
     }
 
     fn delivery(&self, message_id: &str, peer_id: &str) -> Result<Option<DeliveryRecord>> {
@@ -217,6 +230,7 @@ mod tests {
     #[test]
     fn log() {
         contract::log(&MemoryStore::new());
+        contract::idempotency_keys(&MemoryStore::new());
     }
 
     #[test]

@@ -95,6 +95,9 @@ pub struct NewEntry {
     pub recipient_name: Option<String>,
     pub body: String,
     pub created_at: DateTime<Utc>,
+    /// The sender's own name for this message: a second entry from the same sender with
+    /// the same key is not stored (see [`Store::entry_by_key`]).
+    pub idempotency_key: Option<String>,
 }
 
 /// Where one recipient's copy of a message is. A recipient with no record is `stored`.
@@ -166,6 +169,8 @@ pub trait Store: Send + Sync + 'static {
     fn head_seq(&self, group_id: &str) -> Result<u64>;
     fn entries(&self, query: &LogQuery) -> Result<Vec<LogEntry>>;
     fn entry_by_id(&self, id: &str) -> Result<Option<LogEntry>>;
+    /// The entry `sender_id` appended with `key`, if any.
+    fn entry_by_key(&self, sender_id: &str, key: &str) -> Result<Option<LogEntry>>;
 
     fn delivery(&self, message_id: &str, peer_id: &str) -> Result<Option<DeliveryRecord>>;
     /// Every recipient's record of one message.
@@ -213,6 +218,7 @@ pub(crate) mod contract {
             recipient_name: to.map(|t| format!("name-{t}")),
             body: format!("body of {id}"),
             created_at: t(at),
+            idempotency_key: None,
         }
     }
 
@@ -324,6 +330,18 @@ pub(crate) mod contract {
         store.touch_peer("nobody", t(11)).unwrap();
         store.set_read_seq("nobody", 1).unwrap();
         assert_eq!(store.peers_in_group("h").unwrap()[0].last_seen, moved.last_seen);
+    }
+
+    pub fn idempotency_keys(store: &dyn Store) {
+        let keyed =
+            |id: &str, from: &str| NewEntry { idempotency_key: Some("k-1".into()), ..entry("g", id, EventKind::Message, from, None, 1) };
+        store.append(keyed("m1", "a")).unwrap();
+        assert_eq!(store.entry_by_key("a", "k-1").unwrap().map(|e| e.id), Some("m1".into()));
+        assert_eq!(store.entry_by_key("a", "k-2").unwrap(), None);
+        // keys are the sender's own: another sender may use the same
+        store.append(keyed("m2", "b")).unwrap();
+        assert_eq!(store.entry_by_key("b", "k-1").unwrap().map(|e| e.id), Some("m2".into()));
+        assert_eq!(store.entry_by_key("a", "k-1").unwrap().map(|e| e.id), Some("m1".into()));
     }
 
     pub fn log(store: &dyn Store) {

@@ -102,6 +102,11 @@ const MIGRATIONS: &[&str] = &[
     r#"
     DROP INDEX peers_active_by_group;
     "#,
+    // 7: a sender's idempotency keys, so a send retried after a lost answer is stored once
+    r#"
+    ALTER TABLE log ADD COLUMN idempotency_key TEXT;
+    CREATE UNIQUE INDEX log_by_idempotency_key ON log(sender_id, idempotency_key) WHERE idempotency_key IS NOT NULL;
+    "#,
 ];
 
 pub struct SqliteStore {
@@ -600,8 +605,9 @@ impl Store for SqliteStore {
         let conn = self.conn();
         // One statement, so the sequence number and the row commit together.
         let mut stmt = conn.prepare_cached(
-            "INSERT INTO log (group_id, seq, id, kind, sender_id, sender_name, recipient_id, recipient_name, body, created_at)
-             VALUES (?1, (SELECT ifnull(max(seq), 0) + 1 FROM log WHERE group_id = ?1), ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
+            "INSERT INTO log (group_id, seq, id, kind, sender_id, sender_name, recipient_id, recipient_name, body, created_at,
+                              idempotency_key)
+             VALUES (?1, (SELECT ifnull(max(seq), 0) + 1 FROM log WHERE group_id = ?1), ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)
              RETURNING seq",
         )?;
         let row = params![
@@ -613,7 +619,8 @@ impl Store for SqliteStore {
             e.recipient_id,
             e.recipient_name,
             e.body,
-            micros(e.created_at)
+            micros(e.created_at),
+            e.idempotency_key
         ];
         // stepped to the end, where the commit happens (query_row would drop its error)
         let seqs: Vec<i64> = stmt.query_map(row, |r| r.get(0))?.collect::<rusqlite::Result<_>>()?;
@@ -677,6 +684,12 @@ impl Store for SqliteStore {
         let conn = self.conn();
         let mut stmt = conn.prepare_cached(&format!("SELECT {LOG_COLUMNS} FROM log WHERE id = ?1"))?;
         Ok(stmt.query_row([id], log_row).optional()?)
+    }
+
+    fn entry_by_key(&self, sender_id: &str, key: &str) -> Result<Option<LogEntry>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached(&format!("SELECT {LOG_COLUMNS} FROM log WHERE sender_id = ?1 AND idempotency_key = ?2"))?;
+        Ok(stmt.query_row([sender_id, key], log_row).optional()?)
     }
 
     fn delivery(&self, message_id: &str, peer_id: &str) -> Result<Option<DeliveryRecord>> {
@@ -743,6 +756,7 @@ mod tests {
     #[test]
     fn log() {
         contract::log(&SqliteStore::open_in_memory().unwrap());
+        contract::idempotency_keys(&SqliteStore::open_in_memory().unwrap());
     }
 
     #[test]
@@ -784,6 +798,7 @@ mod tests {
                     recipient_name: None,
                     body: "x".repeat(2000),
                     created_at: Utc::now(),
+                    idempotency_key: None,
                 })
                 .unwrap();
         }
