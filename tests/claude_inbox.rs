@@ -133,6 +133,9 @@ async fn a_cold_start_gives_the_agents_relays_tools_and_their_inboxes() {
     for (m, pane) in [(&a, &pane_a), (&b, &pane_b)] {
         let screen = m.screen(pane);
         assert!(!screen.contains("[RELAY]") && !screen.contains("No such tool"), "{pane}:\n{screen}");
+        let status = String::from_utf8_lossy(&m.tmux.relay(&m.socket, &["status", "--json"], &m.env).stdout).into_owned();
+        let status: Value = serde_json::from_str(&status).unwrap();
+        assert_eq!(status["delivery"][pane.as_str()]["path"], "inbox", "{status}");
     }
 }
 

@@ -36,6 +36,11 @@ pub fn render_status(s: &Status) -> String {
     for a in &s.attachments {
         out.push_str(&format!("  {} in {} as {} ({}) at {}\n", a.pane, a.group, a.display_name, a.peer_id, a.working_directory));
     }
+    for (pane, path) in &s.delivery {
+        if let relay_proto::local::DeliveryPath::Keys { why } = path {
+            out.push_str(&format!("  ⌨ {pane}: messages are typed into the pane, not posted to the agent's inbox: {why}\n"));
+        }
+    }
     for (pane, n) in &s.held {
         out.push_str(&format!(
             "  ⏸ {pane}: Claude Code holds {n} relay message(s) for your approval: approve them in the pane, or set \
@@ -191,11 +196,18 @@ mod tests {
             }],
             subscribers: 1,
             held: [("%3".to_owned(), 2)].into(),
+            delivery: [
+                ("%3".to_owned(), relay_proto::local::DeliveryPath::Inbox),
+                ("%4".to_owned(), relay_proto::local::DeliveryPath::Keys { why: "the agent is not Claude Code".into() }),
+            ]
+            .into(),
         };
         let text = render_status(&status);
         assert!(text.contains("⏸ %3: Claude Code holds 2 relay message(s)") && text.contains("crossSessionInbound"), "{text}");
         assert!(text.contains("http://s group g: retrying (connection refused), last event 4, 1 pane(s)"), "{text}");
         assert!(text.contains("%3 in g as box:api (p_1) at /w"), "{text}");
+        assert!(text.contains("⌨ %4: messages are typed into the pane, not posted to the agent's inbox: the agent is not Claude Code"));
+        assert!(!text.contains("⌨ %3"), "{text}");
         assert!(text.contains("reopened 2 time(s); last ended 2026-12-06 00:12:03 UTC: no data for 45s"), "{text}");
     }
 }

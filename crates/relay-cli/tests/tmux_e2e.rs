@@ -105,6 +105,14 @@ async fn attach_two_agents_message_announce_read_and_detach() {
     wait_until("the sidebar", Duration::from_secs(10), || {
         relay_tmux::capture(&t.tmux, &sidebar_b).unwrap_or_default().contains("the build is green")
     });
+    // B is a stand-in, not Claude Code: its sidebar types, says so, and relay status too
+    wait_until("the sidebar to say it types", Duration::from_secs(10), || {
+        relay_tmux::capture(&t.tmux, &sidebar_b).unwrap_or_default().contains("typing")
+    });
+    wait_until("relay status to say B's messages are typed", Duration::from_secs(10), || {
+        let status = String::from_utf8_lossy(&t.relay(&socket, &["status"], &[]).stdout).into_owned();
+        status.contains(&format!("⌨ {pane_b}: messages are typed into the pane"))
+    });
     // (for the record: what the sidebars cost)
     let rss = Command::new("ps").args(["-C", "relay-pane", "-o", "rss="]).output().unwrap();
     eprintln!("relay-pane RSS (KiB): {}", String::from_utf8_lossy(&rss.stdout).split_whitespace().collect::<Vec<_>>().join(", "));

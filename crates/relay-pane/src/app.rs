@@ -66,6 +66,8 @@ pub struct App {
     pub note: Option<String>,
     /// Times are shown in this zone (the local one).
     pub zone: FixedOffset,
+    /// Messages are typed into the agent's pane, its inbox not being found.
+    pub typing: bool,
 }
 
 impl App {
@@ -79,6 +81,7 @@ impl App {
             scroll: 0,
             note: None,
             zone: *Local::now().offset(),
+            typing: false,
         }
     }
 
@@ -177,7 +180,14 @@ impl App {
                 Span::styled("relay ", Style::default().add_modifier(Modifier::BOLD)),
                 Span::raw(if groups.is_empty() { "-".to_owned() } else { groups.join(", ") }),
             ]),
-            Line::from(format!("{me} · {}", self.pane)),
+            Line::from(vec![
+                Span::raw(format!("{me} · {}", self.pane)),
+                if self.typing {
+                    Span::styled(" · ⌨ typing (no inbox: relay status)", Style::default().fg(Color::Yellow))
+                } else {
+                    Span::raw("")
+                },
+            ]),
             Line::from(Span::styled(self.note.clone().unwrap_or(state), Style::default().fg(colour))),
         ]
     }

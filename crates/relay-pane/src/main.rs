@@ -14,7 +14,7 @@ use anyhow::Result;
 use clap::Parser;
 use crossterm::event::{Event as TermEvent, EventStream};
 use futures::StreamExt;
-use relay_proto::local::{AgentInfo, Attachment, Reply, Request};
+use relay_proto::local::{AgentInfo, Attachment, DeliveryPath, Reply, Request};
 use relay_proto::{DeliveryState, Event, EventKind, Receipt};
 use relay_tmux::RealTmux;
 use relayd::notify::Notifier as _;
@@ -263,6 +263,8 @@ async fn run(
     // attempts so far
     let mut intro_line: Option<(String, u32)> = None;
     let mut pane_check = tokio::time::interval(Duration::from_secs(2));
+    // what relay status was last told of the delivery path, and how many checks ago
+    let mut told: Option<(DeliveryPath, u32)> = None;
     // tmux hangs up on a closed pane: leave through the front door, so the reply sockets
     // in Claude Code's socket directory go with us
     use tokio::signal::unix::{SignalKind, signal};
@@ -452,10 +454,48 @@ async fn run(
                 if inbox.session().is_none() && !args.no_deliver {
                     typist.observe(&tmux, &args.pane);
                 }
-                continue;
+                if !args.no_deliver {
+                    let path = delivery_path(&mut inbox);
+                    app.typing = matches!(path, DeliveryPath::Keys { .. });
+                    // again now and then: a restarted relayd knows nothing
+                    if told.as_ref().is_none_or(|(last, checks)| *last != path || *checks >= TELL_AGAIN_CHECKS) {
+                        tokio::spawn(tell_delivery(socket.to_owned(), args.pane.clone(), path.clone()));
+                        told = Some((path, 0));
+                    } else if let Some((_, checks)) = told.as_mut() {
+                        *checks += 1;
+                    }
+                }
             }
         }
         terminal.draw(|f| app.render(f))?;
+    }
+}
+
+/// Pane checks (2 s each) between telling relayd the same delivery path again.
+const TELL_AGAIN_CHECKS: u32 = 30;
+
+/// How messages reach the agent now: its inbox when its Claude Code session is known.
+fn delivery_path(inbox: &mut deliver::Inbox) -> DeliveryPath {
+    if inbox.session().is_some() {
+        return DeliveryPath::Inbox;
+    }
+    let why = match inbox.claude_dir() {
+        Some(dir) => {
+            format!("no Claude Code session of this pane in {} (another agent, or started with another CLAUDE_CONFIG_DIR?)", dir.display())
+        }
+        None => "no Claude Code configuration directory is known for this pane's agent".to_owned(),
+    };
+    DeliveryPath::Keys { why }
+}
+
+/// Tells relayd (for `relay status`) how this sidebar delivers.
+async fn tell_delivery(socket: PathBuf, pane: String, path: DeliveryPath) {
+    let told = async {
+        let mut client = relayd::client::Client::connect(&socket, "relay-pane").await.ok()?;
+        client.request(&Request::Delivery { pane, path }).await.ok()
+    };
+    if let Ok(None) | Err(_) = tokio::time::timeout(Duration::from_secs(5), told).await {
+        tracing::debug!("could not tell relayd the delivery path");
     }
 }
 

@@ -59,7 +59,22 @@ pub enum Request {
         pane: String,
         receipts: Vec<Receipt>,
     },
+    /// How the pane's sidebar delivers into its agent now, for `relay status`.
+    Delivery {
+        pane: String,
+        path: DeliveryPath,
+    },
     Shutdown,
+}
+
+/// How a sidebar gets messages to its agent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "path", rename_all = "snake_case")]
+pub enum DeliveryPath {
+    /// Posted into the agent's inbox (Claude Code's messaging socket): no keystrokes.
+    Inbox,
+    /// Announced by typing into the pane, and why the inbox is not used.
+    Keys { why: String },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -168,6 +183,9 @@ pub struct Status {
     /// Per pane, messages its Claude Code session holds for the human's approval.
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub held: std::collections::BTreeMap<String, usize>,
+    /// Per pane, how its sidebar delivers into the agent (as the sidebar last said).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub delivery: std::collections::BTreeMap<String, DeliveryPath>,
 }
 
 /// What the daemon sends.
@@ -208,6 +226,10 @@ pub enum Reply {
     Reported {
         pane: String,
         queued: usize,
+    },
+    /// A pane's delivery path is noted.
+    Noted {
+        pane: String,
     },
     ShuttingDown,
     /// Something for a subscribed pane: a message, a DM, a peer coming or going.

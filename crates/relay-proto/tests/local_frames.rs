@@ -81,6 +81,8 @@ fn every_request_round_trips() {
                 Receipt { message_id: "m_2".into(), group: "g".into(), state: DeliveryState::Held, detail: Some("bypass mode".into()) },
             ],
         },
+        Request::Delivery { pane: "%3".into(), path: DeliveryPath::Inbox },
+        Request::Delivery { pane: "%3".into(), path: DeliveryPath::Keys { why: "the agent is not Claude Code".into() } },
         Request::Shutdown,
     ] {
         round_trip_request(r);
@@ -111,6 +113,7 @@ fn every_reply_round_trips() {
         upstreams: vec![upstream(ConnectionState::Connected)],
         subscribers: 3,
         held: [("%3".to_owned(), 2)].into(),
+        delivery: [("%3".to_owned(), DeliveryPath::Keys { why: "no session".into() })].into(),
     };
     let mut replies = vec![
         Reply::Hello { version: PROTOCOL_VERSION, daemon: "0.1.0".into() },
@@ -118,6 +121,7 @@ fn every_reply_round_trips() {
         Reply::Detached { pane: "%3".into(), groups: vec!["g".into()] },
         Reply::Subscribed { pane: "%3".into(), attachments: vec![attachment()] },
         Reply::Status { status },
+        Reply::Noted { pane: "%3".into() },
         Reply::Credentials {
             pane: "%3".into(),
             credentials: vec![Credential { server: "s".into(), group: "g".into(), peer_id: "p".into(), token: "t".into() }],

@@ -91,6 +91,7 @@ impl Connection<'_> {
             Request::Credentials { pane } => self.daemon.credentials(&pane),
             Request::Report { pane, receipts } => self.daemon.report(&pane, receipts),
             Request::Agent { pane, agent } => Ok(self.daemon.agent_started(&pane, agent)),
+            Request::Delivery { pane, path } => self.daemon.delivery(&pane, path),
             Request::Shutdown => Ok(Reply::ShuttingDown),
             Request::Subscribe { .. } => unreachable!("handled by run"),
         };

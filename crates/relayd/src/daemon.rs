@@ -6,7 +6,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use futures::StreamExt;
-use relay_proto::local::{AgentInfo, AttachRequest, Attachment, ConnectionState, Credential, ErrorCode, Reply, Status, Upstream};
+use relay_proto::local::{
+    AgentInfo, AttachRequest, Attachment, ConnectionState, Credential, DeliveryPath, ErrorCode, Reply, Status, Upstream,
+};
 use relay_proto::{DeliveryState, Event, EventKind, Receipt};
 use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
@@ -62,6 +64,8 @@ struct Inner {
     agents: HashMap<String, AgentInfo>,
     /// Per pane, the messages its agent's session holds for the human (group, id).
     held: HashMap<String, std::collections::BTreeSet<(String, String)>>,
+    /// Per pane, how its sidebar last said it delivers into the agent.
+    delivery: HashMap<String, DeliveryPath>,
 }
 
 pub struct Daemon {
@@ -524,6 +528,7 @@ impl Daemon {
             if !inner.state.attachments.iter().any(|a| a.attachment.pane == pane) {
                 inner.held.remove(pane);
                 inner.agents.remove(pane);
+                inner.delivery.remove(pane);
             } else if let Some(held) = inner.held.get_mut(pane) {
                 held.retain(|(group, _)| !groups.contains(group));
             }
@@ -601,7 +606,20 @@ impl Daemon {
             upstreams,
             subscribers: inner.subscribers.len(),
             held: inner.held.iter().filter(|(_, h)| !h.is_empty()).map(|(pane, h)| (pane.clone(), h.len())).collect(),
+            delivery: inner.delivery.iter().map(|(pane, path)| (pane.clone(), path.clone())).collect(),
         }
+    }
+
+    /// The pane's sidebar says how it delivers into its agent now.
+    pub fn delivery(&self, pane: &str, path: DeliveryPath) -> Result<Reply, Failure> {
+        if self.attachments_of(pane).is_empty() {
+            return Err((ErrorCode::NotAttached, format!("pane {pane} is not attached")));
+        }
+        if let DeliveryPath::Keys { why } = &path {
+            tracing::info!(%pane, why, "the pane's sidebar types into the agent");
+        }
+        lock(&self.inner).delivery.insert(pane.to_owned(), path);
+        Ok(Reply::Noted { pane: pane.to_owned() })
     }
 
     pub fn credentials(&self, pane: &str) -> Result<Reply, Failure> {

@@ -189,6 +189,11 @@ impl Inbox {
         session::by_pid(self.claude_dir.as_deref()?, pid)?.status
     }
 
+    /// Where the agent's Claude Code keeps its sessions, as far as known.
+    pub fn claude_dir(&self) -> Option<&std::path::Path> {
+        self.claude_dir.as_deref()
+    }
+
     /// A session was found (and not seen to go away since).
     pub fn knows_session(&self) -> bool {
         self.session.is_some()
