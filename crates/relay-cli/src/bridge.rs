@@ -181,7 +181,8 @@ impl ServerHandler for Bridge {
         };
         let args = request.arguments.get_or_insert_default();
         args.remove("token");
-        if matches!(request.name.as_ref(), "send_message" | "send_dm") && !args.contains_key("idempotency_key") {
+        let send = matches!(request.name.as_ref(), "send_message" | "send_dm");
+        if send && args.get("idempotency_key").and_then(|k| k.as_str()).is_none_or(str::is_empty) {
             // so that the retry below, or the agent's own, can never send it twice
             args.insert("idempotency_key".into(), new_idempotency_key().into());
         }
@@ -190,7 +191,13 @@ impl ServerHandler for Bridge {
             Ok(result) => return Ok(result.into()),
             Err(e) => e,
         };
-        // the connection may be stale (a server restart, the answer lost): once more, anew
+        // the connection may be stale (a server restart): reconnect on the next call. Only a
+        // send is made again at once: its key makes that safe, while a read whose answer was
+        // lost has moved the cursor past what it read
+        if !send {
+            *guard = None;
+            return Ok(CallToolResult::error(vec![ContentBlock::text(format!("relay server unavailable, try again: {failed}"))]).into());
+        }
         *guard = None;
         drop(guard);
         let retried = match self.ensure().await {

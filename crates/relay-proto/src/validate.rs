@@ -72,6 +72,36 @@ fn greek(c: char) -> bool {
 /// (and full-width Latin) read as those. Two names with one skeleton are one name to a reader.
 pub fn skeleton(name: &str) -> String {
     const LOOKALIKES: &[(char, char)] = &[
+        // capitals first: lower-cased, some would read as another letter (Η → η)
+        ('А', 'a'),
+        ('В', 'b'),
+        ('Е', 'e'),
+        ('К', 'k'),
+        ('М', 'm'),
+        ('Н', 'h'),
+        ('О', 'o'),
+        ('Р', 'p'),
+        ('С', 'c'),
+        ('Т', 't'),
+        ('У', 'y'),
+        ('Х', 'x'),
+        ('І', 'i'),
+        ('Ј', 'j'),
+        ('Ѕ', 's'),
+        ('Α', 'a'),
+        ('Β', 'b'),
+        ('Ε', 'e'),
+        ('Ζ', 'z'),
+        ('Η', 'h'),
+        ('Ι', 'i'),
+        ('Κ', 'k'),
+        ('Μ', 'm'),
+        ('Ν', 'n'),
+        ('Ο', 'o'),
+        ('Ρ', 'p'),
+        ('Τ', 't'),
+        ('Υ', 'y'),
+        ('Χ', 'x'),
         ('а', 'a'),
         ('в', 'b'),
         ('е', 'e'),
@@ -107,11 +137,15 @@ pub fn skeleton(name: &str) -> String {
         ('υ', 'u'),
         ('χ', 'x'),
     ];
+    let lookalike = |c: char| LOOKALIKES.iter().find(|(from, _)| *from == c).map(|(_, to)| *to);
     name.chars()
-        .flat_map(char::to_lowercase)
+        .flat_map(|c| match lookalike(c) {
+            Some(latin) => vec![latin],
+            None => c.to_lowercase().collect(),
+        })
         .map(|c| match c {
             '\u{ff41}'..='\u{ff5a}' => char::from_u32(c as u32 - 0xff41 + 'a' as u32).unwrap_or(c),
-            c => LOOKALIKES.iter().find(|(from, _)| *from == c).map_or(c, |(_, to)| *to),
+            c => lookalike(c).unwrap_or(c),
         })
         .collect()
 }
@@ -248,6 +282,8 @@ mod tests {
         assert_eq!(skeleton("\u{ff41}lice"), "alice", "full-width a");
         assert_eq!(skeleton("рорра"), "poppa");
         assert_ne!(skeleton("bob"), skeleton("rob"));
+        assert_eq!(skeleton("\u{39d}\u{395}\u{39f}"), skeleton("NEO"), "Greek capitals");
+        assert_eq!(skeleton("\u{397}\u{3a5}"), "hy");
     }
 
     #[test]

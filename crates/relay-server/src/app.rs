@@ -74,13 +74,14 @@ async fn metrics(State(state): State<AppState>) -> Response {
 
 /// Behind a reverse proxy every connection comes from the proxy: with `trust_forwarded_for`
 /// the client is the address the proxy appended last to `X-Forwarded-For` (earlier entries
-/// are the client's own word).
+/// are the client's own word). Without one that parses, the client is unknown (0.0.0.0), never
+/// the proxy's own, often loopback, address.
 async fn client_behind_proxy(trust: bool, mut request: Request, next: Next) -> Response {
     if trust {
-        let forwarded = request.headers().get_all("x-forwarded-for").iter().filter_map(|v| v.to_str().ok()).next_back();
-        if let Some(ip) = forwarded.and_then(|v| v.rsplit(',').next()).and_then(|last| last.trim().parse().ok()) {
-            request.extensions_mut().insert(ClientAddr(ip));
-        }
+        let last =
+            request.headers().get_all("x-forwarded-for").iter().next_back().map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
+        let ip = last.as_deref().and_then(|v| v.rsplit(',').next()).and_then(|entry| entry.trim().parse().ok());
+        request.extensions_mut().insert(ClientAddr(ip.unwrap_or(std::net::Ipv4Addr::UNSPECIFIED.into())));
     }
     next.run(request).await
 }

@@ -31,6 +31,7 @@ pub struct Metrics {
     streams: AtomicI64,
     daemon_streams: AtomicI64,
     streams_dropped_slow: AtomicU64,
+    replayed_from_store: AtomicU64,
     mcp_sessions: AtomicI64,
     live_bytes: AtomicI64,
     mcp_sessions_evicted: AtomicU64,
@@ -69,6 +70,10 @@ impl Metrics {
 
     fn gauge(&self, daemon: bool) -> &AtomicI64 {
         if daemon { &self.daemon_streams } else { &self.streams }
+    }
+
+    pub fn replayed_from_store(&self) {
+        self.replayed_from_store.fetch_add(1, Relaxed);
     }
 
     pub fn stream_dropped_slow(&self) {
@@ -127,6 +132,9 @@ impl Metrics {
         writeln!(out, "# HELP relay_streams_dropped_slow_total Streams closed because the client fell too far behind.")?;
         writeln!(out, "# TYPE relay_streams_dropped_slow_total counter")?;
         writeln!(out, "relay_streams_dropped_slow_total {}", self.streams_dropped_slow.load(Relaxed))?;
+        writeln!(out, "# HELP relay_stream_store_reads_total Times a stream behind the live buffer read what it missed from the store.")?;
+        writeln!(out, "# TYPE relay_stream_store_reads_total counter")?;
+        writeln!(out, "relay_stream_store_reads_total {}", self.replayed_from_store.load(Relaxed))?;
         writeln!(out, "# HELP relay_live_buffer_bytes New messages kept in memory for the streams (at most live_buffer_bytes).")?;
         writeln!(out, "# TYPE relay_live_buffer_bytes gauge")?;
         writeln!(out, "relay_live_buffer_bytes {}", self.live_bytes.load(Relaxed))?;

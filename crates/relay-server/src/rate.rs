@@ -37,6 +37,13 @@ impl<K: Hash + Eq + Clone> Buckets<K> {
         })
     }
 
+    /// Puts back a token taken for something that turned out not to count.
+    pub fn give_back(&self, key: &K) {
+        if let Some(bucket) = lock(&self.map).get_mut(key) {
+            bucket.tokens = (bucket.tokens + 1.0).min(self.burst as f64);
+        }
+    }
+
     /// Whether `key`'s bucket has a token, leaving it there.
     pub fn check(&self, key: &K) -> Result<(), Duration> {
         self.with(key, |bucket| bucket.tokens >= 1.0)

@@ -207,6 +207,18 @@ struct JoinKeyChecked {
     hash_for_new_group: Option<String>,
 }
 
+/// The address a client's allowances are kept under: IPv4 as itself (also when it comes
+/// IPv4-mapped), IPv6 by its /64, which one host or user usually holds whole.
+fn client_bucket(ip: IpAddr) -> IpAddr {
+    match ip.to_canonical() {
+        IpAddr::V6(v6) => {
+            let s = v6.segments();
+            IpAddr::V6(std::net::Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
+        }
+        v4 => v4,
+    }
+}
+
 fn millis(wait: std::time::Duration) -> u64 {
     wait.as_millis().try_into().unwrap_or(u64::MAX)
 }
@@ -356,7 +368,13 @@ impl Relay {
             validate::join_key(key)?;
         }
         // (not from this machine: its agents are its own, and a proxy here must say who it forwards)
-        let source = req.source.filter(|ip| !ip.is_loopback());
+        let source = req.source.filter(|ip| !ip.to_canonical().is_loopback()).map(client_bucket);
+        if let Some(source) = source
+            && self.store.peer_by_origin(&req.group_id, &req.hostname, &req.working_directory, req.name.as_deref())?.is_none()
+        {
+            // a new peer, by the look of it: before any password hashing (counted below)
+            self.registrations.check(&source).map_err(|wait| self.too_many_registrations(wait))?;
+        }
         // the join key is checked (or hashed, for a new group) before the registration lock:
         // password hashing takes tens of milliseconds, and nobody else should wait for it
         let mut checked = self.check_join_key(&req, self.store.group(&req.group_id)?.as_ref())?;
@@ -473,13 +491,15 @@ impl Relay {
         let Some(hash) = &group.join_key_hash else { return Ok(JoinKeyChecked::default()) };
         let Some(key) = &req.join_key else { return Err(RelayError::JoinKeyRequired(req.group_id.clone())) };
         let refused = |wait| RelayError::TooManyWrongKeys { group: req.group_id.clone(), retry_after_ms: millis(wait) };
-        // per address too: a guesser does not lock the group's members out
-        let guesser = (req.group_id.clone(), req.source);
-        self.wrong_keys.check(&guesser).map_err(refused)?;
+        // per address too: a guesser does not lock out members who come from elsewhere. The
+        // token is taken before hashing (so parallel guesses are counted) and given back when
+        // the key is right
+        let guesser = (req.group_id.clone(), req.source.map(client_bucket));
+        self.wrong_keys.take(&guesser).map_err(refused)?;
         if !secrets::join_key_matches(key, hash) {
-            let _ = self.wrong_keys.take(&guesser);
             return Err(RelayError::WrongJoinKey(req.group_id.clone()));
         }
+        self.wrong_keys.give_back(&guesser);
         Ok(JoinKeyChecked { existing_hash: Some(hash.clone()), hash_for_new_group: None })
     }
 
@@ -1138,4 +1158,19 @@ pub fn parse_time(field: &'static str, value: &str) -> Result<DateTime<Utc>> {
         field,
         reason: format!("{value:?} is not an ISO 8601 time; use e.g. 2026-11-25T14:30:00Z or 2026-11-25"),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn allowances_are_kept_per_ipv4_address_and_ipv6_slash_64() {
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert_eq!(client_bucket(ip("198.51.100.7")), ip("198.51.100.7"));
+        assert_eq!(client_bucket(ip("::ffff:198.51.100.7")), ip("198.51.100.7"), "IPv4-mapped is IPv4");
+        assert_eq!(client_bucket(ip("2001:db8:1:2:aaaa::1")), client_bucket(ip("2001:db8:1:2:bbbb::9")));
+        assert_ne!(client_bucket(ip("2001:db8:1:2::1")), client_bucket(ip("2001:db8:1:3::1")));
+        assert!(ip("::ffff:127.0.0.1").to_canonical().is_loopback());
+    }
 }

@@ -230,8 +230,11 @@ impl GroupStream {
                         Some(entry) => entry,
                         None if live.seq <= self.last_sent => continue,
                         None => {
-                            // no longer in memory (this stream fell behind): from the store
-                            (self.replayed_to, self.replay_until) = (self.last_sent, live.seq);
+                            // no longer in memory (this stream fell behind): from the store,
+                            // up to the group's head (one read, not one per entry missed)
+                            let head = self.relay.store().head_seq(&self.group_id).unwrap_or(live.seq);
+                            (self.replayed_to, self.replay_until) = (self.last_sent, head.max(live.seq));
+                            self.relay.metrics.replayed_from_store();
                             continue;
                         }
                     },

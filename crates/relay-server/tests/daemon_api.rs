@@ -262,9 +262,19 @@ async fn new_peers_are_limited_per_client_address_and_known_ones_are_not() {
     // proxy's own entry, not the client's first word, is the address that counts
     assert_eq!(register_from(&server, &daemon, "198.51.100.7", peer("/p0")).await.status(), 200);
     assert_eq!(register_from(&server, &daemon, "198.51.100.8", peer("/p3")).await.status(), 200);
-    // this machine's own agents are not limited
+    // behind the trusted proxy, a request without the header is from an unknown client, which
+    // is limited too (not taken for the proxy's own loopback address)
+    for i in 0..3 {
+        daemon.register(&server, "team", &format!("/unknown{i}")).await;
+    }
+    let bare = |dir: &str| reqwest::Client::new().post(server.url("/v1/peers")).bearer_auth(&daemon.token).json(&peer(dir)).send();
+    assert_eq!(bare("/unknown3").await.unwrap().status(), 429);
+
+    // with no proxy trusted, this machine's own agents (loopback) are not limited
+    let local = TestServer::start_with(|c| c.registrations_per_minute = 3).await;
+    let daemon = new_daemon(&local).await;
     for i in 0..5 {
-        daemon.register(&server, "team", &format!("/local{i}")).await;
+        daemon.register(&local, "team", &format!("/local{i}")).await;
     }
 }
 

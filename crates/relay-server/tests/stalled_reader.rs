@@ -25,13 +25,25 @@ async fn a_stalled_reader_pins_no_messages_and_catches_up_from_the_store() {
     })
     .await;
     let (alice, _) = server.peer("team", "/src/alice").await;
-    let (_bob, b) = server.peer("team", "/src/bob").await;
     let (_carol, c) = server.peer("team", "/src/carol").await;
-    let url = |reg: &serde_json::Value| server.url(&format!("/notifications/team/{}", reg["peer_id"].as_str().unwrap()));
-    let token = |reg: &serde_json::Value| reg["token"].as_str().unwrap().to_owned();
-    // bob's stream is opened and then not read; carol's keeps up
-    let mut stalled = EventStream::open(&url(&b), Some(&token(&b)), None).await;
-    let mut reading = EventStream::open(&url(&c), Some(&token(&c)), None).await;
+    // bob's machine: a daemon (relayd) stream, which carries whole texts; opened, then not
+    // read, so the socket's buffers fill and the server's side of it stalls
+    let http = reqwest::Client::new();
+    let daemon: serde_json::Value =
+        http.post(server.url("/v1/daemons")).json(&json!({"hostname": "bobs-box"})).send().await.unwrap().json().await.unwrap();
+    let daemon_token = daemon["token"].as_str().unwrap();
+    let bob = http
+        .post(server.url("/v1/peers"))
+        .bearer_auth(daemon_token)
+        .json(&json!({"group_id": "team", "hostname": "bobs-box", "working_directory": "/src/bob"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bob.status(), 200);
+    let mut stalled = EventStream::open(&server.url("/v1/groups/team/events"), Some(daemon_token), None).await;
+    // carol's keeps up
+    let url = server.url(&format!("/notifications/team/{}", c["peer_id"].as_str().unwrap()));
+    let mut reading = EventStream::open(&url, Some(c["token"].as_str().unwrap()), None).await;
     reading.drain(SHORT).await;
 
     let before = resident_bytes();
@@ -51,7 +63,7 @@ async fn a_stalled_reader_pins_no_messages_and_catches_up_from_the_store() {
     let metrics = reqwest::get(server.url("/metrics")).await.unwrap().text().await.unwrap();
     let held: f64 = metrics.lines().find_map(|l| l.strip_prefix("relay_live_buffer_bytes ")).unwrap().parse().unwrap();
     assert!(held <= (4 << 20) as f64, "{held} bytes held for the streams");
-    // without the bound, bob's stream held all 24 MB of text
+    // without the bound, bob's stream held what it did not read, up to all 24 MB of text
     let pinned = MESSAGES * TEXT_BYTES;
     assert!(grown < pinned / 2, "resident memory grew {grown} bytes while {pinned} bytes of messages were sent");
 
@@ -67,6 +79,9 @@ async fn a_stalled_reader_pins_no_messages_and_catches_up_from_the_store() {
     }
     let want: Vec<String> = (0..MESSAGES).map(|i| format!("{i:04}")).collect();
     assert_eq!(got, want);
+    let metrics = reqwest::get(server.url("/metrics")).await.unwrap().text().await.unwrap();
+    let store_reads: f64 = metrics.lines().find_map(|l| l.strip_prefix("relay_stream_store_reads_total ")).unwrap().parse().unwrap();
+    assert!(store_reads > 0.0, "the stalled stream never had to read from the store: it did not stall");
     assert!(stalled.drain(SHORT).await.iter().all(|e| e.event.as_deref() != Some("message")), "a message came twice");
     server.stop().await;
 }

@@ -131,7 +131,8 @@ async fn read_stream(daemon: &Arc<Daemon>, server: &str, group: &str, retry_hint
 /// How long the stream may go without a byte: a few of the heartbeats the server says it sends.
 fn silence_limit(response: &reqwest::Response) -> Duration {
     let announced = response.headers().get(HEARTBEAT_HEADER).and_then(|v| v.to_str().ok()?.trim().parse::<u64>().ok());
-    let heartbeat = announced.map_or(DEFAULT_HEARTBEAT, Duration::from_millis).max(Duration::from_millis(100));
+    // (bounded both ways: a server's word is no reason to spin, or to overflow)
+    let heartbeat = announced.map_or(DEFAULT_HEARTBEAT, Duration::from_millis).clamp(Duration::from_millis(100), Duration::from_secs(3600));
     heartbeat * HEARTBEATS_MISSED
 }
 
