@@ -47,8 +47,9 @@ def post(port, body, headers=None):
 
 
 def call(port, tool, args, token=None):
-    body = {"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": tool, "arguments": args}}
-    headers = {"mcp-protocol-version": "2025-06-18"}
+    meta = {"io.modelcontextprotocol/protocolVersion": "2026-07-28", "io.modelcontextprotocol/clientCapabilities": {}}
+    body = {"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": tool, "arguments": args, "_meta": meta}}
+    headers = {"mcp-protocol-version": "2026-07-28", "mcp-method": "tools/call", "mcp-name": tool}
     if token:
         headers["authorization"] = f"Bearer {token}"
     _, raw = post(port, body, headers)
@@ -94,51 +95,76 @@ def bare_sessions(port, n=20000):
 
 
 def stalled_reader(port, pid, n=1024, size=64 * 1024 - 16):
-    anon = call(port, "register", {"group_id": "stall", "hostname": "probe", "working_directory": "/a"})
-    reader = call(port, "register", {"group_id": "stall", "hostname": "probe", "working_directory": "/b"})
+    sender = call(port, "register", {"group_id": "stall", "hostname": "probe", "working_directory": "/a"})
+    # a relayd's stream (it carries whole texts) that is opened and never read
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/daemons", data=b'{"hostname": "stalled"}', method="POST")
+    req.add_header("content-type", "application/json")
+    daemon = json.loads(urllib.request.urlopen(req, timeout=10).read())
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/peers", method="POST",
+                                 data=json.dumps({"group_id": "stall", "hostname": "stalled", "working_directory": "/b"}).encode())
+    req.add_header("content-type", "application/json")
+    req.add_header("authorization", f"Bearer {daemon['token']}")
+    urllib.request.urlopen(req, timeout=10).read()
     s = socket.create_connection(("127.0.0.1", port))
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    s.sendall((f"GET /notifications/stall/{reader['peer_id']} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-               f"Authorization: Bearer {reader['token']}\r\nAccept: text/event-stream\r\n\r\n").encode())
+    s.sendall((f"GET /v1/groups/stall/events HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+               f"Authorization: Bearer {daemon['token']}\r\nAccept: text/event-stream\r\n\r\n").encode())
     text = "x" * size
     before = rss_mb(pid)
     for i in range(n):
-        call(port, "send_message", {"message": f"{i:05}{text}"}, anon["token"])
+        call(port, "send_message", {"message": f"{i:05}{text}"}, sender["token"])
     after = rss_mb(pid)
     s.close()
     return before, after
 
 
-def main():
-    server = sys.argv[1] if len(sys.argv) > 1 else "target/release/relay-server"
-    port = free_port()
-    with tempfile.TemporaryDirectory() as d:
-        config = os.path.join(d, "config.toml")
+class Server:
+    """A relay-server of its own for one probe, on a temporary data dir."""
+
+    def __init__(self, binary):
+        self.port = free_port()
+        self.dir = tempfile.TemporaryDirectory()
+        config = os.path.join(self.dir.name, "config.toml")
         with open(config, "w") as f:
             f.write(f"client_timeout_secs = {CLIENT_TIMEOUT}\nheartbeat_secs = 2\nrate_burst = 100000\nrate_per_second = 100000.0\n")
-        data = os.path.join(d, "data")
-        proc = subprocess.Popen([server, "--listen", f"127.0.0.1:{port}", "--data-dir", data, "--config", config],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
-            for _ in range(100):
-                try:
-                    urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1)
-                    break
-                except OSError:
-                    time.sleep(0.1)
-            print(f"idle RSS {rss_mb(proc.pid):.1f} MB")
-            print(f"half-sent heads still open after {2 * CLIENT_TIMEOUT + 2} s: {half_heads(port)} of 2000")
-            started = time.time()
-            bare_sessions(port)
-            print(f"20,000 bare initializes in {time.time() - started:.1f} s: RSS {rss_mb(proc.pid):.1f} MB, "
-                  f"sessions kept {metric(port, 'relay_mcp_sessions'):.0f}, "
-                  f"closed for room {metric(port, 'relay_mcp_sessions_closed_for_room_total'):.0f}")
-            before, after = stalled_reader(port, proc.pid)
-            print(f"stalled reader while 1,024 x 64 KB went to its group: RSS {before:.1f} -> {after:.1f} MB; "
-                  f"live buffer {metric(port, 'relay_live_buffer_bytes') / 2**20:.1f} MB")
-        finally:
-            proc.terminate()
-            proc.wait(timeout=20)
+        data = os.path.join(self.dir.name, "data")
+        self.proc = subprocess.Popen([binary, "--listen", f"127.0.0.1:{self.port}", "--data-dir", data, "--config", config],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        for _ in range(100):
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{self.port}/healthz", timeout=1)
+                break
+            except OSError:
+                time.sleep(0.1)
+
+    def rss(self):
+        return rss_mb(self.proc.pid)
+
+    def stop(self):
+        self.proc.terminate()
+        self.proc.wait(timeout=20)
+        self.dir.cleanup()
+
+
+def main():
+    binary = sys.argv[1] if len(sys.argv) > 1 else "target/release/relay-server"
+    s = Server(binary)
+    print(f"idle RSS {s.rss():.1f} MB")
+    print(f"half-sent heads still open after {2 * CLIENT_TIMEOUT + 2} s: {half_heads(s.port)} of 2000")
+    s.stop()
+
+    s = Server(binary)
+    before, started = s.rss(), time.time()
+    bare_sessions(s.port)
+    print(f"20,000 bare initializes in {time.time() - started:.1f} s: RSS {before:.1f} -> {s.rss():.1f} MB, "
+          f"sessions kept {metric(s.port, 'relay_mcp_sessions'):.0f}, "
+          f"closed for room {metric(s.port, 'relay_mcp_sessions_closed_for_room_total'):.0f}")
+    s.stop()
+
+    s = Server(binary)
+    before, after = stalled_reader(s.port, s.proc.pid)
+    print(f"a stream not read while 1,024 x 64 KB went to its group: RSS {before:.1f} -> {after:.1f} MB "
+          f"(live buffer estimate {metric(s.port, 'relay_live_buffer_bytes') / 2**20:.1f} MB)")
+    s.stop()
 
 
 if __name__ == "__main__":

@@ -76,7 +76,7 @@ impl Default for Config {
             stream_buffer: limits.stream_buffer,
             live_buffer_bytes: limits.live_buffer_bytes,
             session_idle_secs: 24 * 3600,
-            max_sessions: 4096,
+            max_sessions: 1024,
             unused_session_secs: 60,
             synchronous: Synchronous::Normal,
             direct_tool_calls: true,

@@ -1173,4 +1173,31 @@ mod tests {
         assert_ne!(client_bucket(ip("2001:db8:1:2::1")), client_bucket(ip("2001:db8:1:3::1")));
         assert!(ip("::ffff:127.0.0.1").to_canonical().is_loopback());
     }
+
+    /// A join key is checked without the registration lock: guesses (tens of milliseconds of
+    /// password hashing each) hold up nobody else's registration.
+    #[test]
+    fn a_join_key_is_checked_without_the_registration_lock() {
+        let store = Arc::new(crate::store::memory::MemoryStore::new());
+        let relay = Arc::new(Relay::new(store, Arc::new(crate::clock::SystemClock), Limits::default()));
+        let join = |dir: &str, key: &str| RegisterRequest {
+            group_id: "locked".into(),
+            hostname: "box".into(),
+            working_directory: dir.into(),
+            join_key: Some(key.into()),
+            ..Default::default()
+        };
+        relay.register(None, join("/owner", "the right key")).unwrap();
+        let held = lock(&relay.registering);
+        let (done, checked) = std::sync::mpsc::channel();
+        std::thread::spawn({
+            let relay = relay.clone();
+            move || {
+                let _ = done.send(relay.register(None, join("/guess", "a wrong guess")));
+            }
+        });
+        let outcome = checked.recv_timeout(std::time::Duration::from_secs(20)).expect("the wrong key waited for the lock");
+        assert!(matches!(outcome, Err(RelayError::WrongJoinKey(_))), "{outcome:?}");
+        drop(held);
+    }
 }
