@@ -194,11 +194,10 @@ impl ServerHandler for Bridge {
         // the connection may be stale (a server restart): reconnect on the next call. Only a
         // send is made again at once: its key makes that safe, while a read whose answer was
         // lost has moved the cursor past what it read
+        *guard = None;
         if !send {
-            *guard = None;
             return Ok(CallToolResult::error(vec![ContentBlock::text(format!("relay server unavailable, try again: {failed}"))]).into());
         }
-        *guard = None;
         drop(guard);
         let retried = match self.ensure().await {
             Ok(mut guard) => {

@@ -451,12 +451,12 @@ async fn run(
                 if relay_tmux::pane(&tmux, &args.pane).is_err() {
                     return Ok(()); // the agent's pane is gone, and so are we
                 }
-                if inbox.session().is_none() && !args.no_deliver {
-                    typist.observe(&tmux, &args.pane);
-                }
                 if !args.no_deliver {
                     let path = delivery_path(&mut inbox);
                     app.typing = matches!(path, DeliveryPath::Keys { .. });
+                    if app.typing {
+                        typist.observe(&tmux, &args.pane);
+                    }
                     // again now and then: a restarted relayd knows nothing
                     if told.as_ref().is_none_or(|(last, checks)| *last != path || *checks >= TELL_AGAIN_CHECKS) {
                         tokio::spawn(tell_delivery(socket.to_owned(), args.pane.clone(), path.clone()));

@@ -51,8 +51,7 @@ pub fn router(relay: Arc<Relay>, config: &Config, shutdown: CancellationToken) -
 
     let state = AppState { relay, shutdown, heartbeat: Duration::from_secs(config.heartbeat_secs) };
     let hosts = Arc::new(AllowedHosts::new(&config.allowed_hosts));
-    let trust_forwarded_for = config.trust_forwarded_for;
-    Router::new()
+    let mut router = Router::new()
         .nest_service("/mcp", mcp)
         .route("/notifications/{group_id}/{peer_id}", get(sse::notifications))
         .route("/v1/daemons", post(daemon_api::create_daemon))
@@ -61,11 +60,13 @@ pub fn router(relay: Arc<Relay>, config: &Config, shutdown: CancellationToken) -
         .route("/v1/groups/{group_id}/events", get(daemon_api::group_events))
         .route("/v1/receipts", post(daemon_api::report_receipts))
         .route("/metrics", get(metrics))
-        .layer(middleware::from_fn_with_state(hosts, check_host))
-        .layer(middleware::from_fn(move |request, next| client_behind_proxy(trust_forwarded_for, request, next)))
-        // after the layer: load balancers probe by IP
-        .route("/healthz", get(|| async { "ok\n" }))
-        .with_state(state)
+        .layer(middleware::from_fn_with_state(hosts, check_host));
+    // (a layer only where it has work: every request would pass through it)
+    if config.trust_forwarded_for {
+        router = router.layer(middleware::from_fn(client_behind_proxy));
+    }
+    // after the layers: load balancers probe by IP
+    router.route("/healthz", get(|| async { "ok\n" })).with_state(state)
 }
 
 async fn metrics(State(state): State<AppState>) -> Response {
@@ -76,13 +77,10 @@ async fn metrics(State(state): State<AppState>) -> Response {
 /// the client is the address the proxy appended last to `X-Forwarded-For` (earlier entries
 /// are the client's own word). Without one that parses, the client is unknown (0.0.0.0), never
 /// the proxy's own, often loopback, address.
-async fn client_behind_proxy(trust: bool, mut request: Request, next: Next) -> Response {
-    if trust {
-        let last =
-            request.headers().get_all("x-forwarded-for").iter().next_back().map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
-        let ip = last.as_deref().and_then(|v| v.rsplit(',').next()).and_then(|entry| entry.trim().parse().ok());
-        request.extensions_mut().insert(ClientAddr(ip.unwrap_or(std::net::Ipv4Addr::UNSPECIFIED.into())));
-    }
+async fn client_behind_proxy(mut request: Request, next: Next) -> Response {
+    let last = request.headers().get_all("x-forwarded-for").iter().next_back().map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
+    let ip = last.as_deref().and_then(|v| v.rsplit(',').next()).and_then(|entry| entry.trim().parse().ok());
+    request.extensions_mut().insert(ClientAddr(ip.unwrap_or(std::net::Ipv4Addr::UNSPECIFIED.into())));
     next.run(request).await
 }
 

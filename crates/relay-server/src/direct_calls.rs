@@ -12,7 +12,6 @@
 
 use std::sync::Arc;
 
-use crate::sessions::BoundedSessions;
 use axum::body::{Body, Bytes};
 use axum::extract::Request;
 use axum::response::{IntoResponse, Response};
@@ -24,6 +23,7 @@ use serde::Deserialize;
 
 use crate::Relay;
 use crate::mcp::{Credentials, RelayTools, ToolCall};
+use crate::sessions::BoundedSessions;
 
 pub type McpService = StreamableHttpService<RelayTools, BoundedSessions>;
 

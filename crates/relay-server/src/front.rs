@@ -42,8 +42,8 @@ const STREAM_REQUESTS: [&[u8]; 2] = [b"GET /notifications/", b"GET /v1/groups/"]
 /// The longest request head read here (a bearer token and the usual headers fit many times).
 const MAX_HEAD: usize = 16 * 1024;
 const MAX_HEADERS: usize = 64;
-/// The address a request came from, among its extensions (see `app::client_addr` for a
-/// server behind a reverse proxy).
+/// The address a request came from, among its extensions (see `app::client_behind_proxy`
+/// for a server behind a reverse proxy).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ClientAddr(pub std::net::IpAddr);
 

@@ -612,13 +612,15 @@ impl Daemon {
 
     /// The pane's sidebar says how it delivers into its agent now.
     pub fn delivery(&self, pane: &str, path: DeliveryPath) -> Result<Reply, Failure> {
-        if self.attachments_of(pane).is_empty() {
+        // (under one lock with the check, so a detach cannot slip in between)
+        let mut inner = lock(&self.inner);
+        if !inner.state.attachments.iter().any(|a| a.attachment.pane == pane) {
             return Err((ErrorCode::NotAttached, format!("pane {pane} is not attached")));
         }
         if let DeliveryPath::Keys { why } = &path {
             tracing::info!(%pane, why, "the pane's sidebar types into the agent");
         }
-        lock(&self.inner).delivery.insert(pane.to_owned(), path);
+        inner.delivery.insert(pane.to_owned(), path);
         Ok(Reply::Noted { pane: pane.to_owned() })
     }
 
