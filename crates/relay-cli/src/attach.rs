@@ -9,10 +9,10 @@ use anyhow::{Context, Result, bail};
 use relay_proto::local::{AttachRequest, Reply, Request};
 use relay_tmux::{Pane, RealTmux, Tmux};
 
-use crate::agents;
-use crate::claude;
 use crate::cli::AttachArgs;
 use crate::daemon::{self, connect_or_start, sibling_binary};
+use relay_local::intro::intro_line;
+use relay_local::{agents, claude};
 
 /// Types the intro line into `pane`, Enter separately after a pause (sent together, agents
 /// sometimes drop it).
@@ -20,14 +20,6 @@ async fn type_intro(tmux: &dyn Tmux, pane: &str, display_name: &str, group: &str
     relay_tmux::send_literal(tmux, pane, &intro_line(display_name, group))?;
     tokio::time::sleep(Duration::from_millis(300)).await;
     relay_tmux::send_enter(tmux, pane)
-}
-
-/// The one line typed into the agent to introduce it.
-pub fn intro_line(display_name: &str, group: &str) -> String {
-    format!(
-        "[RELAY] You are {display_name} in relay group {group}. Messages from other agents will be announced \
-         here; read them with the relay tool read_new_messages."
-    )
 }
 
 pub async fn attach(socket: &Path, args: AttachArgs) -> Result<()> {
@@ -207,7 +199,7 @@ fn configure_mcp(agent: Option<&str>, agent_env: Option<&claude::AgentEnv>) {
 
 /// What Claude Code's inbox needs, said once per user (a marker in relayd's state dir).
 fn explain_inbox_once() {
-    let marker = relayd::paths::default_state_dir().join("claude-inbox-explained");
+    let marker = relay_local::paths::default_state_dir().join("claude-inbox-explained");
     if marker.exists() {
         return;
     }

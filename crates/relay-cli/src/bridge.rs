@@ -7,8 +7,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
+use relay_local::config::choose_server;
 use relay_proto::local::{AgentInfo, Credential, Reply, Request};
-use relayd::config::choose_server;
 use rmcp::model::{
     CallToolRequestParams, CallToolResponse, CallToolResult, ClientConfig, ContentBlock, Implementation, ListToolsResult,
     PaginatedRequestParams, ProtocolVersion, ServerCapabilities, ServerConfig, Tool,
@@ -42,7 +42,7 @@ pub async fn connect(server: &str, token: Option<&str>) -> Result<RunningService
 
 /// The pane's credentials from relayd (empty when it is not attached).
 pub async fn credentials(socket: &std::path::Path, pane: &str) -> Result<Vec<Credential>> {
-    let mut client = relayd::client::Client::connect(socket, CLIENT_NAME).await?;
+    let mut client = relay_local::client::Client::connect(socket, CLIENT_NAME).await?;
     match client.request(&Request::Credentials { pane: pane.to_owned() }).await? {
         Reply::Credentials { credentials, .. } => Ok(credentials),
         _ => Ok(Vec::new()),
@@ -262,7 +262,7 @@ async fn keep_in_touch(socket: PathBuf, pane: Option<String>, listed: Arc<std::s
     let mut server_retry = LOOK_AGAIN;
     let mut next_server_try = tokio::time::Instant::now();
     loop {
-        let mut relayd = relayd::client::Client::connect(&socket, CLIENT_NAME).await.ok();
+        let mut relayd = relay_local::client::Client::connect(&socket, CLIENT_NAME).await.ok();
         let mut reported = false;
         if let (Some(client), Some(pane)) = (relayd.as_mut(), pane.as_deref()) {
             match client.request(&Request::Agent { pane: pane.to_owned(), agent: agent.clone() }).await {
@@ -339,7 +339,7 @@ async fn keep_in_touch(socket: PathBuf, pane: Option<String>, listed: Arc<std::s
 /// The tools `server` lists, as the agent sees them.
 async fn server_tools(server: &str, token: Option<&str>) -> Result<Vec<Tool>> {
     let listing = async {
-        let service = connect(&relayd::Config::normalize_server(server), token).await?;
+        let service = connect(&relay_local::config::Config::normalize_server(server), token).await?;
         let tools = service.list_all_tools().await.context("tools/list failed");
         let _ = service.cancel().await;
         tools

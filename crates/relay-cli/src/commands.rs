@@ -10,7 +10,7 @@ use crate::bridge::call_as_pane;
 use crate::daemon::{self, sibling_binary};
 
 pub async fn status(socket: &Path, as_json: bool) -> Result<()> {
-    let mut client = relayd::client::Client::connect(socket, daemon::CLIENT_NAME).await?;
+    let mut client = relay_local::client::Client::connect(socket, daemon::CLIENT_NAME).await?;
     let Reply::Status { status } = daemon::request(&mut client, &Request::Status).await? else { bail!("unexpected reply") };
     if as_json {
         println!("{}", serde_json::to_string_pretty(&status)?);

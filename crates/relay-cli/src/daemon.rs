@@ -5,13 +5,13 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
+use relay_local::client::Client;
 use relay_proto::local::{Reply, Request};
-use relayd::client::Client;
 
 pub const CLIENT_NAME: &str = concat!("relay ", env!("CARGO_PKG_VERSION"));
 
 pub fn socket_path(flag: Option<&Path>) -> PathBuf {
-    flag.map(Path::to_path_buf).unwrap_or_else(relayd::paths::default_socket)
+    flag.map(Path::to_path_buf).unwrap_or_else(relay_local::paths::default_socket)
 }
 
 /// A sibling binary of this one (installed together), else one on PATH.
@@ -62,7 +62,7 @@ fn systemd_unit_available() -> bool {
 /// Starts relayd in its own session, detached from this terminal, logging to a file.
 fn spawn_detached(socket: &Path) -> Result<&'static str> {
     use std::os::unix::process::CommandExt;
-    let log_dir = relayd::paths::default_state_dir();
+    let log_dir = relay_local::paths::default_state_dir();
     std::fs::create_dir_all(&log_dir).with_context(|| format!("cannot create {}", log_dir.display()))?;
     let log = std::fs::OpenOptions::new().create(true).append(true).open(log_dir.join("relayd.log"))?;
     let mut cmd = Command::new(sibling_binary("relayd"));

@@ -13,9 +13,9 @@ use rmcp::{RoleClient, ServiceExt, service::RunningService};
 use serde_json::{Value, json};
 
 /// A control connection to the relayd just started, once it listens.
-async fn connect(socket: &std::path::Path) -> relayd::client::Client {
+async fn connect(socket: &std::path::Path) -> relay_local::client::Client {
     for _ in 0..500 {
-        if let Ok(c) = relayd::client::Client::connect(socket, "test").await {
+        if let Ok(c) = relay_local::client::Client::connect(socket, "test").await {
             return c;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
@@ -24,7 +24,7 @@ async fn connect(socket: &std::path::Path) -> relayd::client::Client {
 }
 
 /// The next agent a subscribed sidebar hears of (within 10 s), and its pane.
-async fn heard_agent(sidebar: &mut relayd::client::Client, what: &str) -> (String, relay_proto::local::AgentInfo) {
+async fn heard_agent(sidebar: &mut relay_local::client::Client, what: &str) -> (String, relay_proto::local::AgentInfo) {
     let heard = async {
         loop {
             if let Reply::Agent { pane, agent } = sidebar.next().await.unwrap() {
@@ -97,7 +97,7 @@ async fn the_bridge_reports_its_agent_to_the_panes_subscribers() {
     let mut client = connect(&socket).await;
     let req = AttachRequest { pane: "%9".into(), group: "team".into(), working_directory: "/nine".into(), ..Default::default() };
     client.request(&Request::Attach(req)).await.unwrap();
-    let mut sidebar = relayd::client::Client::connect(&socket, "test").await.unwrap();
+    let mut sidebar = relay_local::client::Client::connect(&socket, "test").await.unwrap();
     sidebar.request(&Request::Subscribe { pane: "%9".into(), since: Default::default() }).await.unwrap();
 
     let mut cmd = tokio::process::Command::new(binary("relay"));
@@ -114,7 +114,7 @@ async fn the_bridge_reports_its_agent_to_the_panes_subscribers() {
     assert_eq!(heard.1.session_id.as_deref(), Some("session-9"));
 
     // a sidebar that subscribes later is told at once
-    let mut late = relayd::client::Client::connect(&socket, "test").await.unwrap();
+    let mut late = relay_local::client::Client::connect(&socket, "test").await.unwrap();
     late.request(&Request::Subscribe { pane: "%9".into(), since: Default::default() }).await.unwrap();
     let next = tokio::time::timeout(Duration::from_secs(5), late.next()).await.unwrap().unwrap();
     assert!(matches!(&next, Reply::Agent { agent, .. } if agent.pid == std::process::id()), "{next:?}");
@@ -157,7 +157,7 @@ async fn a_bridge_started_before_relayd_has_the_tools_and_reports_once_relayd_is
 
     let (mut relayd, socket) = spawn_relayd(dir.path(), &server.url(""), &["--no-notifications"], &[], Stdio::null());
     let mut client = connect(&socket).await;
-    let mut sidebar = relayd::client::Client::connect(&socket, "test").await.unwrap();
+    let mut sidebar = relay_local::client::Client::connect(&socket, "test").await.unwrap();
     sidebar.request(&Request::Subscribe { pane: "%5".into(), since: Default::default() }).await.unwrap();
     let reported = heard_agent(&mut sidebar, "relay mcp reports its agent once relayd is up").await.1;
     assert_eq!(reported.pid, std::process::id());
@@ -175,7 +175,7 @@ async fn a_bridge_started_before_relayd_has_the_tools_and_reports_once_relayd_is
     relayd.kill_hard();
     let (mut relayd, socket) = spawn_relayd(dir.path(), &server.url(""), &["--no-notifications"], &[], Stdio::null());
     let _client = connect(&socket).await;
-    let mut sidebar = relayd::client::Client::connect(&socket, "test").await.unwrap();
+    let mut sidebar = relay_local::client::Client::connect(&socket, "test").await.unwrap();
     sidebar.request(&Request::Subscribe { pane: "%5".into(), since: Default::default() }).await.unwrap();
     let again = heard_agent(&mut sidebar, "relay mcp reports its agent to a restarted relayd").await.1;
     assert_eq!(again.pid, std::process::id());

@@ -14,10 +14,10 @@ use anyhow::Result;
 use clap::Parser;
 use crossterm::event::{Event as TermEvent, EventStream};
 use futures::StreamExt;
+use relay_local::notify::Notifier as _;
 use relay_proto::local::{AgentInfo, Attachment, DeliveryPath, Reply, Request};
 use relay_proto::{DeliveryState, Event, EventKind, Receipt};
 use relay_tmux::RealTmux;
-use relayd::notify::Notifier as _;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
@@ -152,7 +152,7 @@ impl Tracker {
 async fn main() -> Result<()> {
     let args = Args::parse();
     let log = args.log.clone().unwrap_or_else(|| {
-        let state = relayd::paths::default_state_dir();
+        let state = relay_local::paths::default_state_dir();
         let id: String = args.pane.chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '_' }).collect();
         let name = format!("pane-{id}.log");
         state.parent().unwrap_or(&state).join(name)
@@ -160,7 +160,7 @@ async fn main() -> Result<()> {
     if let Err(e) = relay_util::init_tracing_to_file(&log, MAX_LOG) {
         eprintln!("relay-pane: cannot log to {}: {e}", log.display());
     }
-    let socket = args.socket.clone().unwrap_or_else(relayd::paths::default_socket);
+    let socket = args.socket.clone().unwrap_or_else(relay_local::paths::default_socket);
     let (tx, rx) = mpsc::channel(1024);
     tokio::spawn(follow(socket.clone(), args.pane.clone(), tx.clone()));
     let reporter = report::Reporter::spawn(socket.clone(), args.pane.clone());
@@ -192,7 +192,7 @@ async fn subscribe_once(
     since: &mut BTreeMap<String, u64>,
     tx: &mpsc::Sender<Incoming>,
 ) -> Result<()> {
-    let mut client = relayd::client::Client::connect(socket, "relay-pane").await?;
+    let mut client = relay_local::client::Client::connect(socket, "relay-pane").await?;
     let attachments = match client.request(&Request::Subscribe { pane: pane.to_owned(), since: since.clone() }).await? {
         Reply::Subscribed { attachments, .. } => attachments,
         Reply::Error { message, .. } => anyhow::bail!(message),
@@ -252,7 +252,7 @@ async fn run(
     let mut app = App::new(&args.pane);
     let mut keys = EventStream::new();
     let (heard_tx, mut heard_rx) = mpsc::channel(64);
-    let claude_dir = args.claude_dir.clone().or_else(relay_cli::claude::claude_dir);
+    let claude_dir = args.claude_dir.clone().or_else(relay_local::claude::claude_dir);
     let mut inbox = deliver::Inbox::with_claude_dir(&args.pane, claude_dir, heard_tx);
     let mut pending: Vec<Event> = Vec::new();
     // refused by Claude Code, to be announced by keystrokes (--fallback keys)
@@ -290,7 +290,7 @@ async fn run(
                             inbox.set_me(&first.display_name);
                             if std::mem::take(&mut intro) && !introduce(&mut inbox, &args.pane, first).await {
                                 // typed instead, as relay attach would have
-                                intro_line = Some((relay_cli::attach::intro_line(&first.display_name, &first.group), 0));
+                                intro_line = Some((relay_local::intro::intro_line(&first.display_name, &first.group), 0));
                                 announce_at.get_or_insert(Instant::now());
                             }
                         }
@@ -325,7 +325,7 @@ async fn run(
                         // a `relay mcp` run by hand, or by a client elsewhere, names the pane
                         // too: only the agent running in the pane speaks for it
                         match relay_tmux::pane(&tmux, &args.pane) {
-                            Ok(p) if !relay_cli::agents::runs_under(agent.pid, p.pid, &relay_cli::agents::processes()) => {
+                            Ok(p) if !relay_local::agents::runs_under(agent.pid, p.pid, &relay_local::agents::processes()) => {
                                 tracing::warn!(pane = %args.pane, pid = agent.pid, "ignoring an agent report from a process outside the pane");
                             }
                             _ => inbox.agent_reported(agent),
@@ -420,7 +420,7 @@ async fn run(
                 if let Some(group) = outcome.intro_refused.filter(|_| args.fallback == "keys") {
                     // typed with the same care as announcements
                     if let Some(me) = app.attachments.iter().find(|a| a.group == group) {
-                        intro_line = Some((relay_cli::attach::intro_line(&me.display_name, &group), 0));
+                        intro_line = Some((relay_local::intro::intro_line(&me.display_name, &group), 0));
                         announce_at.get_or_insert(Instant::now());
                     }
                 }
@@ -491,7 +491,7 @@ fn delivery_path(inbox: &mut deliver::Inbox) -> DeliveryPath {
 /// Tells relayd (for `relay status`) how this sidebar delivers.
 async fn tell_delivery(socket: PathBuf, pane: String, path: DeliveryPath) {
     let told = async {
-        let mut client = relayd::client::Client::connect(&socket, "relay-pane").await.ok()?;
+        let mut client = relay_local::client::Client::connect(&socket, "relay-pane").await.ok()?;
         client.request(&Request::Delivery { pane, path }).await.ok()
     };
     if let Ok(None) | Err(_) = tokio::time::timeout(Duration::from_secs(5), told).await {
@@ -595,7 +595,7 @@ fn tell_human_unread(pane: &str, unread: &[Event], app: &mut App) {
 
 /// A desktop notification for the human at this machine.
 fn tell_human(summary: String, body: String) {
-    relayd::notify::Desktop::default().notify(relayd::notify::Notice { summary, body });
+    relay_local::notify::Desktop::default().notify(relay_local::notify::Notice { summary, body });
 }
 
 /// Sends what the agent answered with `SendMessage` over relay: a DM back to the sender,

@@ -46,7 +46,7 @@ async fn run(socket: PathBuf, pane: String, mut rx: mpsc::UnboundedReceiver<Vec<
             backlog.drain(..backlog.len() - BACKLOG);
         }
         if client.is_none() {
-            client = relayd::client::Client::connect(&socket, "relay-pane").await.ok();
+            client = relay_local::client::Client::connect(&socket, "relay-pane").await.ok();
         }
         let sent = match client.as_mut() {
             Some(c) => c.request(&Request::Report { pane: pane.clone(), receipts: backlog.clone() }).await,

@@ -9,8 +9,8 @@ use relay_proto::local::{self, ErrorCode, FrameReader, PROTOCOL_VERSION, Reply, 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::daemon::{Daemon, Failure, Subscription};
-use crate::paths::euid;
 use crate::socket::{peer_allowed, peer_euid};
+use relay_local::paths::euid;
 
 pub async fn serve(daemon: Arc<Daemon>, stream: Stream) {
     let peer = peer_euid(&stream);

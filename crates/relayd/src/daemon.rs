@@ -13,12 +13,12 @@ use relay_proto::{DeliveryState, Event, EventKind, Receipt};
 use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
 
-use crate::config::Config;
-use crate::notify::{Notice, Notifier};
 use crate::receipts::{Outbox, PeerReceipt};
 use crate::server_api::{ApiError, PeerRequest, ServerApi};
 use crate::state::{DaemonCredential, State, StoredAttachment, upstream_key};
 use crate::upstream;
+use relay_local::config::Config;
+use relay_local::notify::{Notice, Notifier};
 
 /// Events a subscriber may fall behind before it is dropped (it resumes with `since`).
 pub const SUBSCRIBER_BUFFER: usize = 4096;

@@ -4,12 +4,9 @@
 //!
 //! [`run`] is the whole daemon; the binary and the tests both call it.
 
-pub mod client;
-pub mod config;
+pub mod args;
 pub mod control;
 pub mod daemon;
-pub mod notify;
-pub mod paths;
 pub mod receipts;
 pub mod server_api;
 pub mod socket;
@@ -21,9 +18,10 @@ use std::sync::Arc;
 use thiserror::Error;
 use tokio_util::sync::CancellationToken;
 
-pub use config::Config;
 use daemon::Daemon;
-use notify::Notifier;
+pub use relay_local::config::Config;
+use relay_local::notify;
+use relay_local::notify::Notifier;
 use state::State;
 
 #[derive(Debug, Error)]

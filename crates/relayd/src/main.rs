@@ -1,5 +1,6 @@
 use clap::Parser;
-use relayd::config::{Args, Config, choose_server};
+use relay_local::config::{Config, choose_server};
+use relayd::args::Args;
 use tokio_util::sync::CancellationToken;
 
 #[tokio::main]

@@ -12,7 +12,8 @@ use interprocess::local_socket::tokio::{Listener, Stream};
 use interprocess::local_socket::{GenericFilePath, ListenerOptions};
 use thiserror::Error;
 
-use crate::paths::{MAX_SOCKET_PATH, euid};
+use relay_local::client::connect;
+use relay_local::paths::{MAX_SOCKET_PATH, euid};
 
 #[derive(Debug, Error)]
 pub enum SocketError {
@@ -74,10 +75,6 @@ pub async fn bind(path: &Path) -> Result<Listener, SocketError> {
     // elsewhere (macOS rejects the above) the private directory covers the window
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(io_err(path))?;
     Ok(listener)
-}
-
-pub async fn connect(path: &Path) -> io::Result<Stream> {
-    Stream::connect(path.to_fs_name::<GenericFilePath>()?).await
 }
 
 /// Only the daemon's own user may use it.

@@ -5,11 +5,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use relay_e2e::mcp::{Client as Mcp, Mode};
+use relay_local::client::Client;
+use relay_local::notify::{Notice, Notifier};
 use relay_proto::local::{AttachRequest, ErrorCode, Reply, Request};
 use relay_proto::{DeliveryState, Receipt};
 use relayd::Config;
-use relayd::client::Client;
-use relayd::notify::{Notice, Notifier};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
@@ -236,7 +236,7 @@ async fn bad_frames_get_error_frames_and_the_connection_goes_on() {
     let daemon = start_daemon(dir.path(), &server.url).await;
 
     let mut raw = Client::connect(&daemon.socket, "t").await.unwrap();
-    let mut fresh = relayd::client::Client::connect(&daemon.socket, "t").await.unwrap();
+    let mut fresh = relay_local::client::Client::connect(&daemon.socket, "t").await.unwrap();
     for (bytes, code) in [
         (&b"this is not json\n"[..], ErrorCode::BadFrame),
         (b"{\"type\":\"teleport\"}\n", ErrorCode::UnknownRequest),
@@ -375,7 +375,7 @@ async fn a_restarted_daemon_restores_attachments_and_subscribers_catch_up_once()
 async fn another_user_is_refused() {
     use std::os::unix::fs::PermissionsExt;
     use std::os::unix::process::CommandExt;
-    if relayd::paths::euid() != 0 {
+    if relay_local::paths::euid() != 0 {
         eprintln!("SKIPPED: another_user_is_refused needs root to act as another user (the decision function is unit-tested)");
         return;
     }

@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 use relay_e2e::desktop::Desktop;
 use relay_e2e::mcp::{Client as Mcp, Mode};
 use relay_e2e::{KillOnDrop, ServerProcess, spawn_relayd};
+use relay_local::client::Client;
 use relay_proto::local::{AttachRequest, Reply, Request};
-use relayd::client::Client;
 use serde_json::json;
 
 fn relayd(dir: &Path, server: &str, bus: &str) -> (KillOnDrop, PathBuf) {

@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use relay_e2e::mcp::{Client as Mcp, Mode};
 use relay_e2e::{KillOnDrop, ServerProcess, spawn_relayd};
+use relay_local::client::Client;
 use relay_proto::local::{AttachRequest, Reply, Request};
-use relayd::client::Client;
 use serde_json::json;
 
 struct Relayd {

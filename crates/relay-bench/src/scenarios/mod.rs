@@ -407,8 +407,8 @@ pub async fn idle_streams(target: &Target, streams: usize, cpu_window: Duration,
 /// Panes attached in one group through one relayd: upstream connections (must be 1),
 /// relayd's memory idle and under load, and the latency from a send to each pane's event.
 pub async fn daemon(target: &Target, panes: usize, messages: usize, report: &mut Report) -> Result<()> {
+    use relay_local::client::Client;
     use relay_proto::local::{AttachRequest, Reply, Request};
-    use relayd::client::Client;
     let dir = tempfile::tempdir()?;
     let (mut relayd, socket) = relay_e2e::spawn_relayd(dir.path(), &target.base, &["--no-notifications"], &[], std::process::Stdio::null());
     let relayd_pid = relayd.0.id();

@@ -23,7 +23,7 @@ use tokio::sync::mpsc;
 
 use inbox::{Heard, Inbound, ReplySocket};
 use notice::ReplyTarget;
-use relay_cli::claude::{self as session, Session};
+use relay_local::claude::{self as session, Session};
 
 /// A message by group and id.
 type MessageRef = (String, String);

@@ -2,12 +2,12 @@
 
 use std::path::Path;
 
+use interprocess::local_socket::GenericFilePath;
 use interprocess::local_socket::tokio::Stream;
+use interprocess::local_socket::tokio::prelude::*;
 use relay_proto::local::{self, FrameReader, PROTOCOL_VERSION, Reply, Request};
 use thiserror::Error;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-use crate::socket;
 
 #[derive(Debug, Error)]
 pub enum ClientError {
@@ -31,7 +31,7 @@ pub struct Client {
 impl Client {
     /// Connects and exchanges hellos.
     pub async fn connect(path: &Path, client_name: &str) -> Result<Self, ClientError> {
-        let stream = socket::connect(path).await.map_err(|source| ClientError::NotRunning { path: path.display().to_string(), source })?;
+        let stream = connect(path).await.map_err(|source| ClientError::NotRunning { path: path.display().to_string(), source })?;
         let mut client = Self { stream, reader: FrameReader::default() };
         let hello = Request::Hello { version: PROTOCOL_VERSION, client: client_name.to_owned() };
         match client.request(&hello).await? {
@@ -70,4 +70,9 @@ impl Client {
             self.reader.push(&buf[..n]);
         }
     }
+}
+
+/// Opens a connection to the socket at `path`, without the hello.
+pub async fn connect(path: &Path) -> std::io::Result<Stream> {
+    Stream::connect(path.to_fs_name::<GenericFilePath>()?).await
 }

@@ -1,10 +1,10 @@
-//! Settings: defaults, then `~/.config/relay/config.toml`, then environment, then flags.
+//! The user's relay settings (`~/.config/relay/config.toml`), read by relayd and the CLI,
+//! and the one order in which every binary chooses its relay-server.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use clap::Parser;
 use serde::{Deserialize, Serialize};
 
 use crate::paths;
@@ -29,6 +29,14 @@ pub struct Config {
     pub hostname: Option<String>,
 }
 
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {}: {source}", path.display())]
+    Unreadable { path: PathBuf, source: std::io::Error },
+    #[error("invalid config {}: {source}", path.display())]
+    Invalid { path: PathBuf, source: toml::de::Error },
+}
+
 pub const DEFAULT_SERVER: &str = "http://127.0.0.1:8765";
 
 impl Default for Config {
@@ -47,9 +55,9 @@ impl Default for Config {
 }
 
 impl Config {
-    pub fn load(path: &Path) -> anyhow::Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?;
-        toml::from_str(&text).map_err(|e| anyhow::anyhow!("invalid config {}: {e}", path.display()))
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Unreadable { path: path.to_owned(), source })?;
+        toml::from_str(&text).map_err(|source| ConfigError::Invalid { path: path.to_owned(), source })
     }
 
     pub fn socket_path(&self) -> PathBuf {
@@ -150,52 +158,6 @@ pub fn system_hostname() -> String {
     }
 }
 
-/// relayd: the per-user relay daemon.
-#[derive(Debug, Parser, Default)]
-#[command(version, about)]
-pub struct Args {
-    /// Control socket [default: $XDG_RUNTIME_DIR/relay/relayd.sock]
-    #[arg(long, env = "RELAYD_SOCKET")]
-    pub socket: Option<PathBuf>,
-    /// Where attachments and stream positions persist [default: ~/.local/state/relay/relayd]
-    #[arg(long, env = "RELAYD_STATE_DIR")]
-    pub state_dir: Option<PathBuf>,
-    /// The relay-server for attaches that name none [default: http://127.0.0.1:8765]
-    #[arg(long, env = "RELAY_SERVER")]
-    pub server: Option<String>,
-    /// Turn desktop notifications off
-    #[arg(long, env = "RELAYD_NO_NOTIFICATIONS")]
-    pub no_notifications: bool,
-    /// Config file [default: ~/.config/relay/config.toml]
-    #[arg(long, short = 'c', env = "RELAY_CONFIG")]
-    pub config: Option<PathBuf>,
-    /// More logging (-v debug, -vv trace); RUST_LOG overrides
-    #[arg(short, long, action = clap::ArgAction::Count)]
-    pub verbose: u8,
-}
-
-impl Args {
-    pub fn config_file(&self) -> Option<PathBuf> {
-        self.config.clone().or_else(|| paths::default_config_file().filter(|p| p.exists()))
-    }
-
-    pub fn apply(self, mut config: Config) -> Config {
-        if self.socket.is_some() {
-            config.socket = self.socket;
-        }
-        if self.state_dir.is_some() {
-            config.state_dir = self.state_dir;
-        }
-        if let Some(server) = self.server {
-            config.server = server;
-        }
-        if self.no_notifications {
-            config.notifications = false;
-        }
-        config
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -209,9 +171,6 @@ mod tests {
         .unwrap();
         assert!(!file.notifications);
         assert_eq!(file.join_keys["https://relay.example.com"], "k");
-        let args = Args::parse_from(["relayd", "--server", "http://127.0.0.1:1"]);
-        let c = args.apply(file);
-        assert_eq!(c.server, "http://127.0.0.1:1");
         assert!(toml::from_str::<Config>("sever = 1").is_err());
     }
 
