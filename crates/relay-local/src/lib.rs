@@ -10,6 +10,7 @@ pub mod agents;
 pub mod claude;
 pub mod client;
 pub mod config;
+pub mod fallback;
 pub mod intro;
 pub mod notify;
 pub mod paths;

@@ -4,24 +4,28 @@
 
 mod app;
 mod deliver;
+mod link;
 mod report;
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::VecDeque;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Result;
 use clap::Parser;
+use clap::builder::TypedValueParser as _;
 use crossterm::event::{Event as TermEvent, EventStream};
 use futures::StreamExt;
+use relay_local::fallback::Fallback;
 use relay_local::notify::Notifier as _;
-use relay_proto::local::{AgentInfo, Attachment, DeliveryPath, Reply, Request};
+use relay_proto::local::{Attachment, DeliveryPath};
 use relay_proto::{DeliveryState, Event, EventKind, Receipt};
 use relay_tmux::RealTmux;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
-use app::{Action, App, Connection, PeerRow};
+use app::{Action, App, Connection};
+use link::Incoming;
 
 /// The relay sidebar for one agent pane.
 #[derive(Parser)]
@@ -38,8 +42,8 @@ struct Args {
     no_deliver: bool,
     /// When Claude Code will not let a message in (refused, denied, expired), type an
     /// announcement into the pane instead: "keys". The default reports and types nothing.
-    #[arg(long, default_value = "none", value_parser = ["none", "keys"])]
-    fallback: String,
+    #[arg(long, default_value_t, value_parser = clap::builder::PossibleValuesParser::new(["none", "keys"]).map(|s| s.parse::<Fallback>().expect("a possible value")))]
+    fallback: Fallback,
     /// Type only after the agent's pane has shown no change for this long (milliseconds)
     #[arg(long, env = "RELAY_QUIET_MS", default_value_t = 250)]
     quiet_ms: u64,
@@ -80,26 +84,8 @@ const INBOX_RETRY: Duration = Duration::from_secs(2);
 /// A refused introduction is typed when the pane lets it, tried this often at most.
 const INTRO_ATTEMPTS: u32 = 60;
 const INTRO_RETRY: Duration = Duration::from_secs(2);
-/// How long the server gets to say whether a message due for a reminder was read.
-const STATUS_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often Claude Code's transcript is read for notices that reached the conversation.
 const TRANSCRIPT_CHECK: Duration = Duration::from_millis(250);
-
-enum Incoming {
-    Subscribed(Vec<Attachment>),
-    Event(Box<Event>),
-    Peers(BTreeMap<String, BTreeMap<String, PeerRow>>),
-    Lost(String),
-    /// Words for the status line (how an agent's reply went).
-    Note(String),
-    /// `relay mcp` reported the pane's agent process.
-    Agent(AgentInfo),
-    /// Reminders due, checked with the server: what is read already is left out.
-    Due {
-        due: deliver::renotify::Due,
-        settled: Vec<String>,
-    },
-}
 
 /// Message events kept to retype when the inbox refuses them, and to remind of.
 const RECENT: usize = 256;
@@ -162,79 +148,12 @@ async fn main() -> Result<()> {
     }
     let socket = args.socket.clone().unwrap_or_else(relay_local::paths::default_socket);
     let (tx, rx) = mpsc::channel(1024);
-    tokio::spawn(follow(socket.clone(), args.pane.clone(), tx.clone()));
+    tokio::spawn(link::follow(socket.clone(), args.pane.clone(), tx.clone()));
     let reporter = report::Reporter::spawn(socket.clone(), args.pane.clone());
     let mut terminal = ratatui::init();
     let outcome = run(&mut terminal, &args, &socket, rx, tx, reporter).await;
     ratatui::restore();
     outcome
-}
-
-/// Subscribes through relayd, and again after every disconnect, resuming after the last
-/// event seen in each group.
-async fn follow(socket: PathBuf, pane: String, tx: mpsc::Sender<Incoming>) {
-    let mut since: BTreeMap<String, u64> = BTreeMap::new();
-    loop {
-        let lost = match subscribe_once(&socket, &pane, &mut since, &tx).await {
-            Ok(()) => "relayd closed the stream".to_owned(),
-            Err(e) => e.to_string(),
-        };
-        if tx.send(Incoming::Lost(lost)).await.is_err() {
-            return;
-        }
-        tokio::time::sleep(Duration::from_secs(1)).await;
-    }
-}
-
-async fn subscribe_once(
-    socket: &std::path::Path,
-    pane: &str,
-    since: &mut BTreeMap<String, u64>,
-    tx: &mpsc::Sender<Incoming>,
-) -> Result<()> {
-    let mut client = relay_local::client::Client::connect(socket, "relay-pane").await?;
-    let attachments = match client.request(&Request::Subscribe { pane: pane.to_owned(), since: since.clone() }).await? {
-        Reply::Subscribed { attachments, .. } => attachments,
-        Reply::Error { message, .. } => anyhow::bail!(message),
-        other => anyhow::bail!("unexpected reply {other:?}"),
-    };
-    tx.send(Incoming::Subscribed(attachments)).await?;
-    tokio::spawn(load_peers(socket.to_owned(), pane.to_owned(), tx.clone()));
-    loop {
-        match client.next().await? {
-            Reply::Event { event, .. } => {
-                if event.kind != relay_proto::EventKind::Receipt {
-                    since.insert(event.group.clone(), event.seq);
-                }
-                tx.send(Incoming::Event(Box::new(event))).await?;
-            }
-            Reply::Agent { agent, .. } => tx.send(Incoming::Agent(agent)).await?,
-            _ => {}
-        }
-    }
-}
-
-/// Who is in the pane's groups, asked of the server as the pane's peer.
-async fn load_peers(socket: PathBuf, pane: String, tx: mpsc::Sender<Incoming>) {
-    let Ok(out) = relay_cli::bridge::call_as_pane(&socket, &pane, "list_peers", serde_json::json!({})).await else { return };
-    let mut peers: BTreeMap<String, BTreeMap<String, PeerRow>> = BTreeMap::new();
-    for p in out["structured"]["peers"].as_array().into_iter().flatten() {
-        let field = |k: &str| p[k].as_str().unwrap_or_default().to_owned();
-        let row = PeerRow { name: field("display_name"), online: p["online"] == true };
-        peers.entry(field("group_id")).or_default().insert(field("peer_id"), row);
-    }
-    let _ = tx.send(Incoming::Peers(peers)).await;
-    release_freed_memory();
-}
-
-/// Hands memory freed after a one-off call (an HTTP client, its TLS setup) back to the
-/// system: the sidebar runs for days beside every agent, and its idle size is what counts.
-fn release_freed_memory() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: malloc_trim only returns free heap pages to the kernel.
-    unsafe {
-        libc::malloc_trim(0);
-    }
 }
 
 async fn run(
@@ -415,16 +334,16 @@ async fn run(
                     app.note = Some(note);
                 }
                 if let Some(reply) = outcome.reply {
-                    tokio::spawn(send_reply(socket.to_owned(), args.pane.clone(), reply, tx.clone()));
+                    tokio::spawn(link::send_reply(socket.to_owned(), args.pane.clone(), reply, tx.clone()));
                 }
-                if let Some(group) = outcome.intro_refused.filter(|_| args.fallback == "keys") {
+                if let Some(group) = outcome.intro_refused.filter(|_| args.fallback == Fallback::Keys) {
                     // typed with the same care as announcements
                     if let Some(me) = app.attachments.iter().find(|a| a.group == group) {
                         intro_line = Some((relay_local::intro::intro_line(&me.display_name, &group), 0));
                         announce_at.get_or_insert(Instant::now());
                     }
                 }
-                if args.fallback == "keys" && !outcome.refused.is_empty() {
+                if args.fallback == Fallback::Keys && !outcome.refused.is_empty() {
                     // typed, never posted again: the session refused them
                     let refused = tracker.recent.iter().filter(|e| outcome.refused.iter().any(|(g, id)| *g == e.group && *id == e.id));
                     keys_only.extend(refused.cloned());
@@ -441,7 +360,7 @@ async fn run(
             _ = renotify_check.tick(), if tracker.renotifier.is_watching() => {
                 let due = tracker.renotifier.due(std::time::Instant::now());
                 if !due.remind.is_empty() || !due.tell_human.is_empty() {
-                    tokio::spawn(confirm_unread(socket.to_owned(), args.pane.clone(), due, tx.clone()));
+                    tokio::spawn(link::confirm_unread(socket.to_owned(), args.pane.clone(), due, tx.clone()));
                 }
                 continue;
             }
@@ -459,7 +378,7 @@ async fn run(
                     }
                     // again now and then: a restarted relayd knows nothing
                     if told.as_ref().is_none_or(|(last, checks)| *last != path || *checks >= TELL_AGAIN_CHECKS) {
-                        tokio::spawn(tell_delivery(socket.to_owned(), args.pane.clone(), path.clone()));
+                        tokio::spawn(link::tell_delivery(socket.to_owned(), args.pane.clone(), path.clone()));
                         told = Some((path, 0));
                     } else if let Some((_, checks)) = told.as_mut() {
                         *checks += 1;
@@ -486,17 +405,6 @@ fn delivery_path(inbox: &mut deliver::Inbox) -> DeliveryPath {
         None => "no Claude Code configuration directory is known for this pane's agent".to_owned(),
     };
     DeliveryPath::Keys { why }
-}
-
-/// Tells relayd (for `relay status`) how this sidebar delivers.
-async fn tell_delivery(socket: PathBuf, pane: String, path: DeliveryPath) {
-    let told = async {
-        let mut client = relay_local::client::Client::connect(&socket, "relay-pane").await.ok()?;
-        client.request(&Request::Delivery { pane, path }).await.ok()
-    };
-    if let Ok(None) | Err(_) = tokio::time::timeout(Duration::from_secs(5), told).await {
-        tracing::debug!("could not tell relayd the delivery path");
-    }
 }
 
 /// Tells the agent who it is through its inbox; false when the inbox cannot take it.
@@ -554,33 +462,6 @@ async fn type_announcement(
     }
 }
 
-/// Leaves out of `due` what the server says the agent has read (or its human holds, or
-/// failed) already: a receipt missed while relayd was reconnecting must not cause a
-/// reminder. When the server cannot be asked, the reminder goes out.
-async fn confirm_unread(socket: PathBuf, pane: String, mut due: deliver::renotify::Due, tx: mpsc::Sender<Incoming>) {
-    let mut settled = Vec::new();
-    for list in [&mut due.remind, &mut due.tell_human] {
-        let mut unread = Vec::new();
-        for e in list.drain(..) {
-            let args = serde_json::json!({"message_id": e.id});
-            let ask = relay_cli::bridge::call_in_group(&socket, &pane, Some(&e.group), "message_status", args);
-            let status = tokio::time::timeout(STATUS_TIMEOUT, ask).await.unwrap_or_else(|_| Err(anyhow::anyhow!("no answer")));
-            let states = status.map(|s| s["structured"]["recipients"].as_array().cloned().unwrap_or_default()).unwrap_or_default();
-            let done = states
-                .iter()
-                .any(|r| serde_json::from_value::<DeliveryState>(r["state"].clone()).is_ok_and(DeliveryState::concerns_recipient));
-            if done {
-                settled.push(e.id);
-            } else {
-                unread.push(e);
-            }
-        }
-        *list = unread;
-    }
-    let _ = tx.send(Incoming::Due { due, settled }).await;
-    release_freed_memory();
-}
-
 /// Tells the human that the agent has not read these messages, even after a reminder.
 fn tell_human_unread(pane: &str, unread: &[Event], app: &mut App) {
     let n = unread.len();
@@ -596,25 +477,4 @@ fn tell_human_unread(pane: &str, unread: &[Event], app: &mut App) {
 /// A desktop notification for the human at this machine.
 fn tell_human(summary: String, body: String) {
     relay_local::notify::Desktop::default().notify(relay_local::notify::Notice { summary, body });
-}
-
-/// Sends what the agent answered with `SendMessage` over relay: a DM back to the sender,
-/// or a message to the group.
-async fn send_reply(socket: PathBuf, pane: String, reply: deliver::AgentReply, tx: mpsc::Sender<Incoming>) {
-    use deliver::notice::ReplyTarget;
-    let (group, tool, args) = match &reply.target {
-        ReplyTarget::Dm { group, peer_id, .. } => (group, "send_dm", serde_json::json!({"to": peer_id, "message": reply.text})),
-        ReplyTarget::Group { group } => (group, "send_message", serde_json::json!({"group_id": group, "message": reply.text})),
-    };
-    let note = match relay_cli::bridge::call_in_group(&socket, &pane, Some(group), tool, args).await {
-        Ok(_) => {
-            tracing::info!(%tool, %group, "sent the agent's reply");
-            format!("sent the agent's reply ({tool} in {group})")
-        }
-        Err(e) => {
-            tracing::warn!(%tool, %group, "the agent's reply was not sent: {e:#}");
-            format!("the agent's reply was not sent: {e:#}")
-        }
-    };
-    let _ = tx.send(Incoming::Note(note)).await;
 }

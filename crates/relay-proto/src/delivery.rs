@@ -84,6 +84,16 @@ impl fmt::Display for DeliveryState {
     }
 }
 
+/// Where each recipient's copy of one message is (`message_status`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MessageStatus {
+    pub message_id: String,
+    pub group_id: String,
+    pub kind: crate::model::MessageKind,
+    pub sent_at: DateTime<Utc>,
+    pub recipients: Vec<RecipientStatus>,
+}
+
 /// One recipient's copy of a message, as `message_status` reports it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RecipientStatus {

@@ -10,8 +10,9 @@
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
-use crate::delivery::Receipt;
+use crate::delivery::{MessageStatus, Receipt};
 use crate::event::Event;
+use crate::model::{PeerInfo, Sent};
 
 /// Bumped on any change an older peer could not read.
 pub const PROTOCOL_VERSION: u32 = 1;
@@ -64,7 +65,35 @@ pub enum Request {
         pane: String,
         path: DeliveryPath,
     },
+    /// Who is in the pane's groups, asked of each server as the pane's peer there.
+    Peers {
+        pane: String,
+    },
+    /// Where the copies of a message stand, asked as the pane's peer in `group`: its sender
+    /// sees every recipient's, a recipient its own.
+    MessageStatus {
+        pane: String,
+        group: String,
+        message_id: String,
+    },
+    /// A message sent as the pane's peer in a group.
+    Send(SendRequest),
     Shutdown,
+}
+
+/// What [`Request::Send`] sends, and where.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct SendRequest {
+    pub pane: String,
+    /// The group whose peer sends it.
+    pub group: String,
+    /// A DM to this peer (id or name); the whole group when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub to: Option<String>,
+    pub text: String,
+    /// The same key again sends nothing new (a retry after a lost answer).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idempotency_key: Option<String>,
 }
 
 /// How a sidebar gets messages to its agent.
@@ -230,6 +259,17 @@ pub enum Reply {
     /// A pane's delivery path is noted.
     Noted {
         pane: String,
+    },
+    /// Who is in the pane's groups ([`Request::Peers`]), from every server that answered.
+    Peers {
+        pane: String,
+        peers: Vec<PeerInfo>,
+    },
+    MessageStatus {
+        status: MessageStatus,
+    },
+    Sent {
+        sent: Sent,
     },
     ShuttingDown,
     /// Something for a subscribed pane: a message, a DM, a peer coming or going.

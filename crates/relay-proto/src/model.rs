@@ -42,6 +42,26 @@ pub struct StoredMessage {
     pub delivery: Option<Vec<RecipientStatus>>,
 }
 
+/// What a send returns (`send_message`, `send_dm`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Sent {
+    pub message_id: String,
+    pub seq: u64,
+    pub group_id: String,
+    pub kind: MessageKind,
+    pub from: PeerRef,
+    /// The addressee of a DM.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub to: Option<PeerRef>,
+    /// Peers of the group (other than the sender) who will see it.
+    pub recipients: usize,
+    pub sent_at: DateTime<Utc>,
+    /// This send repeated an earlier one with the same `idempotency_key`: nothing new was
+    /// sent, and this is the earlier message.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub repeated: bool,
+}
+
 /// A peer named by id and display name.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct PeerRef {

@@ -3,7 +3,7 @@
 
 use chrono::{TimeZone, Utc};
 use relay_proto::local::*;
-use relay_proto::{DeliveryState, Event, EventKind, PeerRef, Receipt};
+use relay_proto::{DeliveryState, Event, EventKind, MessageKind, MessageStatus, PeerInfo, PeerRef, Receipt, RecipientStatus, Sent};
 
 fn agent() -> AgentInfo {
     AgentInfo {
@@ -13,6 +13,44 @@ fn agent() -> AgentInfo {
         claude_config_dir: Some("/home/me/.claude-work".into()),
         home: Some("/home/me".into()),
     }
+}
+
+fn at() -> chrono::DateTime<Utc> {
+    Utc.with_ymd_and_hms(2026, 11, 25, 12, 0, 0).unwrap()
+}
+
+fn peer_info(git_branch: Option<&str>) -> PeerInfo {
+    PeerInfo {
+        peer_id: "p_2".into(),
+        display_name: "box:web".into(),
+        group_id: "g".into(),
+        hostname: "box".into(),
+        working_directory: "/web".into(),
+        git_branch: git_branch.map(str::to_owned),
+        online: git_branch.is_some(),
+        last_seen: at(),
+        joined_at: at(),
+    }
+}
+
+fn message_status() -> MessageStatus {
+    let peer = PeerRef { peer_id: "p_2".into(), name: "box:web".into() };
+    MessageStatus {
+        message_id: "m_1".into(),
+        group_id: "g".into(),
+        kind: MessageKind::Broadcast,
+        sent_at: at(),
+        recipients: vec![
+            RecipientStatus { peer: peer.clone(), state: DeliveryState::Held, detail: Some("waiting".into()), updated_at: Some(at()) },
+            RecipientStatus { peer, state: DeliveryState::Stored, detail: None, updated_at: None },
+        ],
+    }
+}
+
+fn sent(to: Option<PeerRef>, repeated: bool) -> Sent {
+    let kind = if to.is_some() { MessageKind::Dm } else { MessageKind::Broadcast };
+    let from = PeerRef { peer_id: "p_1".into(), name: "box:api".into() };
+    Sent { message_id: "m_1".into(), seq: 7, group_id: "g".into(), kind, from, to, recipients: 1, sent_at: at(), repeated }
 }
 
 fn round_trip_request(r: Request) {
@@ -83,6 +121,16 @@ fn every_request_round_trips() {
         },
         Request::Delivery { pane: "%3".into(), path: DeliveryPath::Inbox },
         Request::Delivery { pane: "%3".into(), path: DeliveryPath::Keys { why: "the agent is not Claude Code".into() } },
+        Request::Peers { pane: "%3".into() },
+        Request::MessageStatus { pane: "%3".into(), group: "g".into(), message_id: "m_1".into() },
+        Request::Send(SendRequest { pane: "%3".into(), group: "g".into(), text: "hi all".into(), ..Default::default() }),
+        Request::Send(SendRequest {
+            pane: "%3".into(),
+            group: "g".into(),
+            to: Some("p_2".into()),
+            text: "hi".into(),
+            idempotency_key: Some("k".into()),
+        }),
         Request::Shutdown,
     ] {
         round_trip_request(r);
@@ -130,6 +178,10 @@ fn every_reply_round_trips() {
         Reply::Agent { pane: "%3".into(), agent: agent() },
         Reply::ShuttingDown,
         Reply::Event { pane: "%3".into(), event },
+        Reply::Peers { pane: "%3".into(), peers: vec![peer_info(None), peer_info(Some("main"))] },
+        Reply::MessageStatus { status: message_status() },
+        Reply::Sent { sent: sent(None, false) },
+        Reply::Sent { sent: sent(Some(PeerRef { peer_id: "p_2".into(), name: "box:web".into() }), true) },
     ];
     for state in [ConnectionState::Connecting, ConnectionState::Connected, ConnectionState::Retrying] {
         let mut u = upstream(state);

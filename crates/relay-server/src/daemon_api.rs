@@ -10,6 +10,10 @@
 //! - `DELETE /v1/peers/{peer_id}` (daemon token) → the peer leaves its group
 //! - `GET /v1/groups/{group_id}/events` (daemon token) → SSE, resumable with `Last-Event-ID`;
 //!   `?once=true` ends it after the replay (to fill a gap)
+//! - `GET /v1/peers/{peer_id}/peers` (daemon token) → `{"peers"}`: `list_peers` as that peer
+//! - `GET /v1/peers/{peer_id}/messages/{message_id}` (daemon token) → `message_status` as that peer
+//! - `POST /v1/peers/{peer_id}/messages` (daemon token) `{message, to?, idempotency_key?}` →
+//!   what `send_message` (no `to`) or `send_dm` returns, sent as that peer
 //! - `POST /v1/receipts` (daemon token) `{"receipts": [{peer_id, message_id, state, detail?}]}`
 //!   → `{"moved", "unchanged", "rejected": [{message_id, error}]}`: where the daemon's peers
 //!   got with messages sent to them
@@ -28,7 +32,7 @@ use serde_json::json;
 use crate::app::AppState;
 use crate::error::RelayError;
 use crate::front::ClientAddr;
-use crate::relay::{Audience, RegisterRequest};
+use crate::relay::{Audience, Caller, RegisterRequest};
 use crate::sse::{self, StreamParams, bearer_token};
 
 #[derive(Deserialize)]
@@ -129,6 +133,68 @@ pub async fn group_events(
         Err(e) => return error(e),
     }
     sse::open(&state, Audience::Daemon(daemon_id), &group_id, &headers, &params).unwrap_or_else(|rejection| rejection)
+}
+
+/// One of this daemon's own peers, as the caller its requests act for.
+fn own_peer(state: &AppState, headers: &HeaderMap, peer_id: &str) -> Result<Caller, Response> {
+    let daemon_id = daemon(state, headers)?;
+    match state.relay.daemon_peer(&daemon_id, peer_id) {
+        Ok(Some(caller)) => Ok(caller),
+        Ok(None) => Err((StatusCode::NOT_FOUND, Json(json!({"error": "this daemon registered no such peer"}))).into_response()),
+        Err(e) => Err(error(e)),
+    }
+}
+
+fn reply<T: serde::Serialize>(outcome: Result<T, RelayError>) -> Response {
+    match outcome {
+        Ok(value) => Json(value).into_response(),
+        Err(e) => error(e),
+    }
+}
+
+pub async fn peer_list_peers(State(state): State<AppState>, headers: HeaderMap, Path(peer_id): Path<String>) -> Response {
+    match own_peer(&state, &headers, &peer_id) {
+        Ok(caller) => reply(state.relay.list_peers(&caller, None).map(|peers| json!({"peers": peers}))),
+        Err(rejection) => rejection,
+    }
+}
+
+pub async fn peer_message_status(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path((peer_id, message_id)): Path<(String, String)>,
+) -> Response {
+    match own_peer(&state, &headers, &peer_id) {
+        Ok(caller) => reply(state.relay.message_status(&caller, &message_id)),
+        Err(rejection) => rejection,
+    }
+}
+
+#[derive(Deserialize)]
+pub struct PeerSend {
+    message: String,
+    /// A peer's id or name: a DM. None: a broadcast to the peer's group.
+    #[serde(default)]
+    to: Option<String>,
+    #[serde(default)]
+    idempotency_key: Option<String>,
+}
+
+pub async fn peer_send(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(peer_id): Path<String>,
+    Json(body): Json<PeerSend>,
+) -> Response {
+    let caller = match own_peer(&state, &headers, &peer_id) {
+        Ok(caller) => caller,
+        Err(rejection) => return rejection,
+    };
+    let key = body.idempotency_key.as_deref().filter(|k| !k.is_empty());
+    reply(match body.to.as_deref() {
+        Some(to) => state.relay.send_dm(&caller, to, &body.message, key),
+        None => state.relay.send_message(&caller, &body.message, None, key),
+    })
 }
 
 #[derive(Deserialize)]

@@ -8,7 +8,10 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use chrono::{DateTime, Utc};
-use relay_proto::{DeliveryState, Event, EventKind, MessageKind, PeerInfo, PeerReceipt, PeerRef, RecipientStatus, StoredMessage, validate};
+use relay_proto::{
+    DeliveryState, Event, EventKind, MessageKind, MessageStatus, PeerInfo, PeerReceipt, PeerRef, RecipientStatus, Sent, StoredMessage,
+    validate,
+};
 use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 
@@ -100,39 +103,10 @@ pub struct Registration {
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
-pub struct Sent {
-    pub message_id: String,
-    pub seq: u64,
-    pub group_id: String,
-    pub kind: MessageKind,
-    pub from: PeerRef,
-    /// The addressee of a DM.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub to: Option<PeerRef>,
-    /// Peers of the group (other than the sender) who will see it.
-    pub recipients: usize,
-    pub sent_at: DateTime<Utc>,
-    /// This send repeated an earlier one with the same `idempotency_key`: nothing new was
-    /// sent, and this is the earlier message.
-    #[serde(skip_serializing_if = "std::ops::Not::not")]
-    pub repeated: bool,
-}
-
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 pub struct Inbox {
     pub messages: Vec<StoredMessage>,
     /// More unread messages wait beyond this batch.
     pub more: bool,
-}
-
-/// Where each recipient's copy of one message is.
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
-pub struct MessageStatus {
-    pub message_id: String,
-    pub group_id: String,
-    pub kind: MessageKind,
-    pub sent_at: DateTime<Utc>,
-    pub recipients: Vec<RecipientStatus>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
@@ -323,6 +297,13 @@ impl Relay {
         }
         let caller = Caller { principal: peer.principal_id, token: String::new() };
         self.leave_group(&caller, &peer.group_id).map(Some)
+    }
+
+    /// The peer `peer_id` as a caller, when this daemon registered it and it is still in
+    /// its group: a daemon acts for its own peers with its own credential.
+    pub fn daemon_peer(&self, daemon_id: &str, peer_id: &str) -> Result<Option<Caller>> {
+        let peer = self.store.peer(peer_id)?.filter(|p| p.daemon_id.as_deref() == Some(daemon_id) && p.left_at.is_none());
+        Ok(peer.map(|p| Caller { principal: p.principal_id, token: String::new() }))
     }
 
     /// The caller holding `token`.

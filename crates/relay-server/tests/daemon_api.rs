@@ -185,6 +185,62 @@ async fn daemon_endpoints_check_their_credentials() {
     assert_eq!(d.events(&server, "team", None).await.status, 403);
 }
 
+/// A daemon acts for its own peers (peers, sends, message status), and for no one else's.
+#[tokio::test]
+async fn a_daemon_acts_only_for_its_own_peers() {
+    let server = TestServer::start().await;
+    let (d, other) = (new_daemon(&server).await, new_daemon(&server).await);
+    let pane = d.register(&server, "team", "/pane").await;
+    let mate = other.register(&server, "team", "/mate").await;
+    let (pane_id, mate_id) = (pane["peer_id"].as_str().unwrap(), mate["peer_id"].as_str().unwrap());
+    let http = reqwest::Client::new();
+    let as_peer = |peer: &str, rest: &str| server.url(&format!("/v1/peers/{peer}{rest}"));
+
+    let resp = http.get(as_peer(pane_id, "/peers")).bearer_auth(&d.token).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let peers: Value = resp.json().await.unwrap();
+    assert_eq!(peers["peers"].as_array().unwrap().len(), 2, "{peers}");
+
+    let resp =
+        http.post(as_peer(pane_id, "/messages")).bearer_auth(&d.token).json(&json!({"message": "hi", "to": mate_id})).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let sent: Value = resp.json().await.unwrap();
+    assert_eq!((sent["kind"].as_str(), sent["from"]["peer_id"].as_str()), (Some("dm"), Some(pane_id)));
+    let id = sent["message_id"].as_str().unwrap();
+    let status: Value =
+        http.get(as_peer(pane_id, &format!("/messages/{id}"))).bearer_auth(&d.token).send().await.unwrap().json().await.unwrap();
+    assert_eq!(status["recipients"][0]["peer"]["peer_id"], mate_id, "{status}");
+
+    // the other daemon's credential is no one's for this peer: 404, nothing sent
+    for resp in [
+        http.get(as_peer(pane_id, "/peers")).bearer_auth(&other.token).send().await.unwrap(),
+        http.post(as_peer(pane_id, "/messages")).bearer_auth(&other.token).json(&json!({"message": "forged"})).send().await.unwrap(),
+        http.get(as_peer(pane_id, &format!("/messages/{id}"))).bearer_auth(&other.token).send().await.unwrap(),
+    ] {
+        assert_eq!(resp.status(), 404);
+    }
+    let resp = http
+        .post(as_peer(pane_id, "/messages"))
+        .bearer_auth(pane["token"].as_str().unwrap())
+        .json(&json!({"message": "x"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 401, "a peer's token is not a daemon's");
+    // bad input: too long, an unknown recipient, a message not there
+    let long = "x".repeat(1 << 20);
+    let resp = http.post(as_peer(pane_id, "/messages")).bearer_auth(&d.token).json(&json!({"message": long})).send().await.unwrap();
+    assert!(resp.status() == 400 || resp.status() == 413, "{}", resp.status());
+    let resp =
+        http.post(as_peer(pane_id, "/messages")).bearer_auth(&d.token).json(&json!({"message": "x", "to": "nobody"})).send().await.unwrap();
+    assert_eq!(resp.status(), 404);
+    let resp = http.get(as_peer(pane_id, "/messages/m_nothing")).bearer_auth(&d.token).send().await.unwrap();
+    assert_eq!(resp.status(), 404);
+    let history = server.client(Some(mate["token"].as_str().unwrap())).await.ok("get_history", json!({})).await;
+    let texts: Vec<&str> = history["messages"].as_array().unwrap().iter().map(|m| m["text"].as_str().unwrap()).collect();
+    assert!(!texts.contains(&"forged"), "{texts:?}");
+}
+
 /// A daemon registers its own peers again (the same peer comes back); another daemon
 /// naming the same host and directory gets no one's peer, and its stream no one's DMs.
 #[tokio::test]

@@ -92,6 +92,9 @@ impl Connection<'_> {
             Request::Report { pane, receipts } => self.daemon.report(&pane, receipts),
             Request::Agent { pane, agent } => Ok(self.daemon.agent_started(&pane, agent)),
             Request::Delivery { pane, path } => self.daemon.delivery(&pane, path),
+            Request::Peers { pane } => self.daemon.peers(&pane).await,
+            Request::MessageStatus { pane, group, message_id } => self.daemon.message_status(&pane, &group, &message_id).await,
+            Request::Send(req) => self.daemon.send(req).await,
             Request::Shutdown => Ok(Reply::ShuttingDown),
             Request::Subscribe { .. } => unreachable!("handled by run"),
         };

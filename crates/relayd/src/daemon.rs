@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use relay_proto::local::{
-    AgentInfo, AttachRequest, Attachment, ConnectionState, Credential, DeliveryPath, ErrorCode, Reply, Status, Upstream,
+    AgentInfo, AttachRequest, Attachment, ConnectionState, Credential, DeliveryPath, ErrorCode, Reply, SendRequest, Status, Upstream,
 };
 use relay_proto::{DeliveryState, Event, EventKind, Receipt};
 use tokio::sync::{Notify, mpsc};
@@ -137,7 +137,7 @@ impl Daemon {
     pub fn report(&self, pane: &str, receipts: Vec<Receipt>) -> Result<Reply, Failure> {
         let attachments = self.attachments_of(pane);
         if attachments.is_empty() {
-            return Err((ErrorCode::NotAttached, format!("pane {pane} is not attached")));
+            return Err(not_attached(pane));
         }
         let mut queued = 0;
         for r in receipts {
@@ -615,13 +615,70 @@ impl Daemon {
         // (under one lock with the check, so a detach cannot slip in between)
         let mut inner = lock(&self.inner);
         if !inner.state.attachments.iter().any(|a| a.attachment.pane == pane) {
-            return Err((ErrorCode::NotAttached, format!("pane {pane} is not attached")));
+            return Err(not_attached(pane));
         }
         if let DeliveryPath::Keys { why } = &path {
             tracing::info!(%pane, why, "the pane's sidebar types into the agent");
         }
         inner.delivery.insert(pane.to_owned(), path);
         Ok(Reply::Noted { pane: pane.to_owned() })
+    }
+
+    /// Who is in the pane's groups, asked of each server as the pane's peer there. A server
+    /// that cannot be asked leaves its groups out, unless no server answered.
+    pub async fn peers(&self, pane: &str) -> Result<Reply, Failure> {
+        let attachments = self.attachments_of(pane);
+        if attachments.is_empty() {
+            return Err(not_attached(pane));
+        }
+        let (mut peers, mut failed) = (Vec::new(), None);
+        for a in &attachments {
+            let a = &a.attachment;
+            let asked = match self.daemon_token(&a.server) {
+                Some(token) => self.api.peers(&a.server, &token, &a.peer_id).await,
+                None => continue,
+            };
+            match asked {
+                Ok(found) => peers.extend(found),
+                Err(e) => {
+                    tracing::warn!(%pane, group = %a.group, error = %e, "cannot list the group's peers");
+                    failed = Some(e);
+                }
+            }
+        }
+        match failed {
+            Some(e) if peers.is_empty() => Err(server_failure(e)),
+            _ => Ok(Reply::Peers { pane: pane.to_owned(), peers }),
+        }
+    }
+
+    /// Where the copies of a message stand, asked as the pane's peer in `group`.
+    pub async fn message_status(&self, pane: &str, group: &str, message_id: &str) -> Result<Reply, Failure> {
+        let (a, token) = self.acting_for(pane, group)?;
+        let status = self.api.message_status(&a.server, &token, &a.peer_id, message_id).await.map_err(server_failure)?;
+        Ok(Reply::MessageStatus { status })
+    }
+
+    /// Sends as the pane's peer in the request's group.
+    pub async fn send(&self, req: SendRequest) -> Result<Reply, Failure> {
+        let (a, token) = self.acting_for(&req.pane, &req.group)?;
+        let sent = self.api.send_as(&a.server, &token, &a.peer_id, &req).await.map_err(server_failure)?;
+        Ok(Reply::Sent { sent })
+    }
+
+    /// The pane's peer in `group`, and the credential relayd holds on its server.
+    fn acting_for(&self, pane: &str, group: &str) -> Result<(Attachment, String), Failure> {
+        let attachments = self.attachments_of(pane);
+        if attachments.is_empty() {
+            return Err(not_attached(pane));
+        }
+        let Some(a) = attachments.into_iter().find(|a| a.attachment.group == group) else {
+            return Err((ErrorCode::NotAttached, format!("pane {pane} is not attached to group {group}")));
+        };
+        let token = self.daemon_token(&a.attachment.server).ok_or_else(|| {
+            (ErrorCode::Server, format!("relayd holds no credential for {} yet; try again in a moment", a.attachment.server))
+        })?;
+        Ok((a.attachment, token))
     }
 
     pub fn credentials(&self, pane: &str) -> Result<Reply, Failure> {
@@ -683,6 +740,10 @@ impl Daemon {
 
 fn in_group(group: Option<&str>) -> String {
     group.map(|g| format!(" to group {g}")).unwrap_or_default()
+}
+
+fn not_attached(pane: &str) -> Failure {
+    (ErrorCode::NotAttached, format!("pane {pane} is not attached"))
 }
 
 fn server_failure(e: ApiError) -> Failure {

@@ -6,6 +6,9 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use thiserror::Error;
 
+use relay_proto::local::SendRequest;
+use relay_proto::{MessageStatus, PeerInfo, Sent};
+
 use crate::receipts::PeerReceipt;
 
 /// The longest a request/response call (not an event stream) may take.
@@ -113,12 +116,7 @@ impl ServerApi {
             "name": req.name,
             "join_key": req.join_key,
         });
-        let value = self.send(server, self.http.post(format!("{server}/v1/peers")).bearer_auth(daemon_token).json(&body)).await?;
-        serde_json::from_value(value).map_err(|e| ApiError::Refused {
-            server: server.to_owned(),
-            status: 200,
-            message: format!("unexpected registration reply: {e}"),
-        })
+        self.typed(server, self.http.post(format!("{server}/v1/peers")).bearer_auth(daemon_token).json(&body)).await
     }
 
     pub async fn remove_peer(&self, server: &str, daemon_token: &str, peer_id: &str) -> Result<(), ApiError> {
@@ -134,6 +132,44 @@ impl ServerApi {
     pub async fn report(&self, server: &str, daemon_token: &str, receipts: &[PeerReceipt]) -> Result<Value, ApiError> {
         let request = self.http.post(format!("{server}/v1/receipts")).bearer_auth(daemon_token).json(&json!({"receipts": receipts}));
         self.send(server, request).await
+    }
+
+    /// Who is in the group of the daemon's peer `peer_id`, as that peer sees them.
+    pub async fn peers(&self, server: &str, daemon_token: &str, peer_id: &str) -> Result<Vec<PeerInfo>, ApiError> {
+        #[derive(Deserialize)]
+        struct Peers {
+            peers: Vec<PeerInfo>,
+        }
+        let request = self.http.get(format!("{server}/v1/peers/{peer_id}/peers")).bearer_auth(daemon_token);
+        self.typed::<Peers>(server, request).await.map(|p| p.peers)
+    }
+
+    /// Where the copies of a message stand, asked as the daemon's peer `peer_id`.
+    pub async fn message_status(
+        &self,
+        server: &str,
+        daemon_token: &str,
+        peer_id: &str,
+        message_id: &str,
+    ) -> Result<MessageStatus, ApiError> {
+        let request = self.http.get(format!("{server}/v1/peers/{peer_id}/messages/{message_id}")).bearer_auth(daemon_token);
+        self.typed(server, request).await
+    }
+
+    /// Sends as the daemon's peer `peer_id`: to its group, or a DM `to` one peer.
+    pub async fn send_as(&self, server: &str, daemon_token: &str, peer_id: &str, req: &SendRequest) -> Result<Sent, ApiError> {
+        let body = json!({"message": req.text, "to": req.to, "idempotency_key": req.idempotency_key});
+        let request = self.http.post(format!("{server}/v1/peers/{peer_id}/messages")).bearer_auth(daemon_token).json(&body);
+        self.typed(server, request).await
+    }
+
+    async fn typed<T: serde::de::DeserializeOwned>(&self, server: &str, request: reqwest::RequestBuilder) -> Result<T, ApiError> {
+        let value = self.send(server, request).await?;
+        serde_json::from_value(value).map_err(|e| ApiError::Refused {
+            server: server.to_owned(),
+            status: 200,
+            message: format!("unexpected reply: {e}"),
+        })
     }
 
     /// The group's event stream for this daemon, resuming after `last_event_id`.

@@ -7,8 +7,8 @@ use std::time::Duration;
 use relay_e2e::mcp::{Client as Mcp, Mode};
 use relay_local::client::Client;
 use relay_local::notify::{Notice, Notifier};
-use relay_proto::local::{AttachRequest, ErrorCode, Reply, Request};
-use relay_proto::{DeliveryState, Receipt};
+use relay_proto::local::{AttachRequest, ErrorCode, Reply, Request, SendRequest};
+use relay_proto::{DeliveryState, MessageKind, Receipt};
 use relayd::Config;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
@@ -514,6 +514,67 @@ async fn a_panes_reports_reach_the_sender_as_message_states() {
     // a receipt for a group the pane is not in is dropped on its own; the rest go on
     assert_eq!(control.request(&wrong).await.unwrap(), Reply::Reported { pane: "%4".into(), queued: 0 });
     let err = control.request(&Request::Report { pane: "%99".into(), receipts: vec![] }).await.unwrap();
+    assert!(matches!(err, Reply::Error { code: ErrorCode::NotAttached, .. }), "{err:?}");
+    daemon.stop().await;
+    server.shutdown.cancel();
+}
+
+/// What a sidebar asks of the server goes through relayd, as the pane's own peer.
+#[tokio::test]
+async fn a_pane_lists_peers_sends_and_asks_message_status_through_relayd() {
+    let server = server().await;
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = start_daemon(dir.path(), &server.url).await;
+    let pane = daemon.attach("%5", "team", "/five").await;
+    let (far, far_reg) = mcp_peer(&server, "team", "/far").await;
+    let mut control = daemon.client().await;
+
+    let Reply::Peers { peers, .. } = control.request(&Request::Peers { pane: "%5".into() }).await.unwrap() else { panic!() };
+    let mut names: Vec<_> = peers.iter().map(|p| (p.group_id.as_str(), p.peer_id.as_str())).collect();
+    names.sort();
+    let far_id = far_reg["peer_id"].as_str().unwrap();
+    let mut expected = vec![("team", pane.peer_id.as_str()), ("team", far_id)];
+    expected.sort();
+    assert_eq!(names, expected);
+
+    // a DM and a broadcast as the pane's peer; a repeated key sends nothing new
+    let send = |to: Option<&str>, text: &str, key: &str| {
+        Request::Send(SendRequest {
+            pane: "%5".into(),
+            group: "team".into(),
+            to: to.map(str::to_owned),
+            text: text.into(),
+            idempotency_key: Some(key.into()),
+        })
+    };
+    let Reply::Sent { sent: dm } = control.request(&send(Some(far_id), "hello far", "k1")).await.unwrap() else { panic!() };
+    assert_eq!((dm.kind, dm.from.peer_id.as_str(), dm.repeated), (MessageKind::Dm, pane.peer_id.as_str(), false));
+    let Reply::Sent { sent: again } = control.request(&send(Some(far_id), "hello far", "k1")).await.unwrap() else { panic!() };
+    assert_eq!((again.message_id.as_str(), again.repeated), (dm.message_id.as_str(), true));
+    let Reply::Sent { sent: all } = control.request(&send(None, "hello all", "k2")).await.unwrap() else { panic!() };
+    assert_eq!(all.kind, MessageKind::Broadcast);
+    let inbox = far.ok("read_new_messages", json!({})).await;
+    let texts: Vec<&str> = inbox["messages"].as_array().unwrap().iter().map(|m| m["text"].as_str().unwrap()).collect();
+    assert_eq!(texts, ["hello far", "hello all"]);
+
+    // where the pane's own message stands, and a message it may not see
+    let ask = |id: &str| Request::MessageStatus { pane: "%5".into(), group: "team".into(), message_id: id.into() };
+    let Reply::MessageStatus { status } = control.request(&ask(&dm.message_id)).await.unwrap() else { panic!() };
+    assert_eq!(status.recipients.len(), 1);
+    assert_eq!(status.recipients[0].peer.peer_id, far_id);
+    let err = control.request(&ask("no-such-message")).await.unwrap();
+    assert!(matches!(&err, Reply::Error { code: ErrorCode::Server, message } if message.contains("no-such-message")), "{err:?}");
+
+    // bad input: an unknown recipient, a group the pane is not in, a pane not attached
+    let err = control.request(&send(Some("nobody"), "x", "k3")).await.unwrap();
+    assert!(matches!(&err, Reply::Error { code: ErrorCode::Server, message } if message.contains("nobody")), "{err:?}");
+    let mut elsewhere = send(None, "x", "k4");
+    if let Request::Send(req) = &mut elsewhere {
+        req.group = "elsewhere".into();
+    }
+    let err = control.request(&elsewhere).await.unwrap();
+    assert!(matches!(&err, Reply::Error { code: ErrorCode::NotAttached, message } if message.contains("elsewhere")), "{err:?}");
+    let err = control.request(&Request::Peers { pane: "%99".into() }).await.unwrap();
     assert!(matches!(err, Reply::Error { code: ErrorCode::NotAttached, .. }), "{err:?}");
     daemon.stop().await;
     server.shutdown.cancel();

@@ -324,7 +324,7 @@ impl Inbox {
     /// Handles what a reply socket heard: a receipt from Claude Code, or the agent's reply.
     pub fn on_heard(&mut self, heard: Heard) -> Outcome {
         let mut out = Outcome::default();
-        let own_uid = unsafe { libc::geteuid() };
+        let own_uid = relay_local::paths::euid();
         if heard.peer_uid != own_uid {
             tracing::warn!(uid = heard.peer_uid, "ignoring a reply socket writer of another user");
             return out;
