@@ -9,6 +9,7 @@ use std::fmt;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
+use crate::event::{Event, EventKind};
 use crate::model::PeerRef;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -126,9 +127,54 @@ pub struct PeerReceipt {
     pub detail: Option<String>,
 }
 
+/// An event as far as who hears of it: its kind, the peer it is from (for a receipt, the
+/// recipient whose copy moved), the peer it is addressed to (a DM's addressee; a receipt's
+/// message sender) and, for receipts, the state reached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Addressed<'a> {
+    pub kind: EventKind,
+    pub sender: &'a str,
+    pub recipient: Option<&'a str>,
+    pub state: Option<DeliveryState>,
+}
+
+impl<'a> Addressed<'a> {
+    pub fn of(event: &'a Event) -> Self {
+        Self {
+            kind: event.kind,
+            sender: &event.sender.peer_id,
+            recipient: event.recipient.as_ref().map(|r| r.peer_id.as_str()),
+            state: event.state,
+        }
+    }
+
+    /// Whether the peer `peer_id` hears of it: the one rule behind the server's peer
+    /// streams and inboxes, its receipts, and relayd's fan-out to panes.
+    ///
+    /// - a broadcast, a join or a leave: every member but the peer it is about (a stream
+    ///   told of its own peer's leave is an ending, not an event: see the server's streams);
+    /// - a DM: its addressee only;
+    /// - a receipt: the message's sender, and the recipient whose copy it is once its wait
+    ///   is over (read, held, failed), so it knows no reminder is due;
+    /// - a kind this build does not know: no one.
+    pub fn visible_to(&self, peer_id: &str) -> bool {
+        match self.kind {
+            EventKind::Message | EventKind::PeerJoined | EventKind::PeerLeft => self.sender != peer_id,
+            EventKind::Dm => self.recipient == Some(peer_id),
+            EventKind::Receipt => {
+                let own_copy = self.sender == peer_id && self.state.is_some_and(DeliveryState::concerns_recipient);
+                own_copy || self.recipient == Some(peer_id)
+            }
+            EventKind::Unknown => false,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    use super::Addressed;
     use super::DeliveryState::{self, *};
+    use crate::event::EventKind;
 
     #[test]
     fn the_happy_path_moves_forward_only() {
@@ -189,6 +235,38 @@ mod tests {
             let json = serde_json::to_string(&s).unwrap();
             assert_eq!(json, format!("\"{}\"", s.as_str()));
             assert_eq!(serde_json::from_str::<DeliveryState>(&json).unwrap(), s);
+        }
+    }
+
+    #[test]
+    fn who_hears_of_each_event() {
+        use crate::event::EventKind::*;
+        // (kind, recipient, state) of an event from B → heard by A, B, C
+        type Case = (EventKind, Option<&'static str>, Option<DeliveryState>, [bool; 3]);
+        let cases: &[Case] = &[
+            (Message, None, None, [true, false, true]),
+            (PeerJoined, None, None, [true, false, true]),
+            (PeerLeft, None, None, [true, false, true]),
+            (Dm, Some("c"), None, [false, false, true]),
+            (Dm, Some("b"), None, [false, true, false]), // (refused when sent; the addressee still rules)
+            (Unknown, None, None, [false, false, false]),
+            (Unknown, Some("a"), None, [false, false, false]),
+            // b's copy of c's message moved: c hears every move, b only the end of its wait
+            (Receipt, Some("c"), Some(Delivered), [false, false, true]),
+            (Receipt, Some("c"), Some(Notified), [false, false, true]),
+            (Receipt, Some("c"), Some(Read), [false, true, true]),
+            (Receipt, Some("c"), Some(Held), [false, true, true]),
+            (Receipt, Some("c"), Some(Failed), [false, true, true]),
+            (Receipt, Some("c"), None, [false, false, true]),
+        ];
+        for &(kind, recipient, state, heard) in cases {
+            let event = Addressed { kind, sender: "b", recipient, state };
+            let got = ["a", "b", "c"].map(|p| event.visible_to(p));
+            assert_eq!(got, heard, "{event:?}");
+        }
+        // every kind is in the table
+        for kind in [Message, Dm, PeerJoined, PeerLeft, Receipt, Unknown] {
+            assert!(cases.iter().any(|c| c.0 == kind), "{kind:?}");
         }
     }
 }

@@ -15,7 +15,7 @@ pub mod model;
 pub mod tools;
 pub mod validate;
 
-pub use delivery::{DeliveryState, MessageStatus, PeerReceipt, Receipt, RecipientStatus};
+pub use delivery::{Addressed, DeliveryState, MessageStatus, PeerReceipt, Receipt, RecipientStatus};
 pub use event::{Event, EventKind};
 pub use model::{MessageKind, PeerInfo, PeerRef, Sent, StoredMessage};
 pub use validate::ValidationError;

@@ -9,8 +9,8 @@ use std::sync::{Arc, Mutex};
 
 use chrono::{DateTime, Utc};
 use relay_proto::{
-    DeliveryState, Event, EventKind, MessageKind, MessageStatus, PeerInfo, PeerReceipt, PeerRef, RecipientStatus, Sent, StoredMessage,
-    validate,
+    Addressed, DeliveryState, Event, EventKind, MessageKind, MessageStatus, PeerInfo, PeerReceipt, PeerRef, RecipientStatus, Sent,
+    StoredMessage, validate,
 };
 use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
@@ -132,16 +132,16 @@ pub struct ReceiptNote {
 
 impl ReceiptNote {
     pub fn is_for(&self, audience: &Audience) -> bool {
-        // the recipient's side only hears of what ends its wait: read, held, failed
-        let sides = if self.tells_recipient() { 2 } else { 1 };
+        let addressed = Addressed::of(&self.event);
         match audience {
-            Audience::Peer(peer_id) => self.peers[..sides].contains(peer_id),
-            Audience::Daemon(daemon_id) => self.daemons[..sides].iter().flatten().any(|d| d == daemon_id),
+            Audience::Peer(peer_id) => addressed.visible_to(peer_id),
+            // a daemon's stream carries what its own peers hear
+            Audience::Daemon(daemon_id) => self
+                .peers
+                .iter()
+                .zip(&self.daemons)
+                .any(|(peer, daemon)| daemon.as_deref() == Some(daemon_id.as_str()) && addressed.visible_to(peer)),
         }
-    }
-
-    fn tells_recipient(&self) -> bool {
-        self.event.state.is_some_and(DeliveryState::concerns_recipient)
     }
 }
 
@@ -1061,11 +1061,7 @@ fn is_other_member(p: &PeerRecord, me: &PeerRecord) -> bool {
 
 /// Whether `peer_id` should receive this message: a broadcast by someone else, or a DM to it.
 pub fn is_for(e: &LogEntry, peer_id: &str) -> bool {
-    match e.kind {
-        EventKind::Message => e.sender_id != peer_id,
-        EventKind::Dm => e.recipient_id.as_deref() == Some(peer_id),
-        _ => false,
-    }
+    e.kind.message_kind().is_some() && e.addressed().visible_to(peer_id)
 }
 
 /// Finds `to` among `peers` by id, then exact display name, then display name ignoring case.

@@ -34,7 +34,7 @@ use tokio_util::sync::WaitForCancellationFutureOwned;
 use crate::app::AppState;
 use crate::error::RelayError;
 use crate::live::Live;
-use crate::relay::{self, Audience, Relay};
+use crate::relay::{Audience, Relay};
 use crate::secrets;
 use crate::store::{LogEntry, LogQuery};
 
@@ -281,16 +281,12 @@ impl GroupStream {
         self.last_sent = self.last_sent.max(entry.seq);
         let visible = match &self.audience {
             Audience::Peer(peer_id) => {
-                let own = entry.sender_id == *peer_id;
-                match entry.kind {
-                    EventKind::Message | EventKind::Dm => relay::is_for(entry, peer_id),
-                    EventKind::PeerJoined => !own,
-                    EventKind::PeerLeft => {
-                        // Our own leave ends the stream after telling the client.
-                        self.done = own;
-                        true
-                    }
-                    EventKind::Receipt | EventKind::Unknown => false,
+                if entry.kind == EventKind::PeerLeft && entry.sender_id == *peer_id {
+                    // the stream's own peer left: tell the client, then end the stream
+                    self.done = true;
+                    true
+                } else {
+                    entry.addressed().visible_to(peer_id)
                 }
             }
             Audience::Daemon(daemon_id) => match entry.kind {
@@ -304,7 +300,9 @@ impl GroupStream {
                     true
                 }
                 // only DMs to the peers this daemon registered: never another machine's
-                EventKind::Dm => entry.recipient_id.as_deref().is_some_and(|to| self.daemon_owns(daemon_id, to)),
+                EventKind::Dm => {
+                    entry.recipient_id.as_deref().is_some_and(|to| self.daemon_owns(daemon_id, to) && entry.addressed().visible_to(to))
+                }
                 EventKind::Receipt | EventKind::Unknown => false,
             },
         };

@@ -9,7 +9,7 @@ use futures::StreamExt;
 use relay_proto::local::{
     AgentInfo, AttachRequest, Attachment, ConnectionState, Credential, DeliveryPath, ErrorCode, Reply, SendRequest, Status, Upstream,
 };
-use relay_proto::{DeliveryState, Event, EventKind, Receipt};
+use relay_proto::{Addressed, DeliveryState, Event, EventKind, Receipt};
 use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
 
@@ -85,20 +85,6 @@ pub struct Daemon {
 
 fn lock(m: &Mutex<Inner>) -> MutexGuard<'_, Inner> {
     m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-/// Whether the peer `peer_id` should hear of `event`.
-pub fn visible_to(event: &Event, peer_id: &str) -> bool {
-    match event.kind {
-        EventKind::Message | EventKind::PeerJoined | EventKind::PeerLeft => event.sender.peer_id != peer_id,
-        EventKind::Dm => event.recipient.as_ref().is_some_and(|r| r.peer_id == peer_id),
-        // receipts for the messages the peer sent, and for its own copies once read, held or failed
-        EventKind::Receipt => {
-            let own_copy = event.sender.peer_id == peer_id && event.state.is_some_and(DeliveryState::concerns_recipient);
-            own_copy || event.recipient.as_ref().is_some_and(|r| r.peer_id == peer_id)
-        }
-        EventKind::Unknown => false,
-    }
 }
 
 impl Daemon {
@@ -257,7 +243,7 @@ impl Daemon {
                 .attachments
                 .iter()
                 .filter(|a| a.attachment.server == server && a.attachment.group == group)
-                .filter(|a| visible_to(&event, &a.attachment.peer_id))
+                .filter(|a| Addressed::of(&event).visible_to(&a.attachment.peer_id))
                 .map(|a| (a.attachment.pane.clone(), a.attachment.display_name.clone(), a.attachment.peer_id.clone()))
                 .collect();
             if event.kind.message_kind().is_some() {
@@ -698,7 +684,7 @@ impl Daemon {
         let mut events = sse_stream::SseStream::from_bytes_stream(response.bytes_stream());
         while let Some(Ok(sse)) = events.next().await {
             if let Some(event) = sse.data.and_then(|d| serde_json::from_str::<Event>(&d).ok())
-                && visible_to(&event, &a.peer_id)
+                && Addressed::of(&event).visible_to(&a.peer_id)
             {
                 out.push(event);
             }

@@ -9,7 +9,7 @@ pub mod memory;
 pub mod sqlite;
 
 use chrono::{DateTime, Utc};
-use relay_proto::{DeliveryState, EventKind};
+use relay_proto::{Addressed, DeliveryState, EventKind};
 use thiserror::Error;
 
 pub use memory::MemoryStore;
@@ -81,6 +81,13 @@ pub struct LogEntry {
     pub recipient_name: Option<String>,
     pub body: String,
     pub created_at: DateTime<Utc>,
+}
+
+impl LogEntry {
+    /// Who the entry is from and for, for [`Addressed::visible_to`].
+    pub fn addressed(&self) -> Addressed<'_> {
+        Addressed { kind: self.kind, sender: &self.sender_id, recipient: self.recipient_id.as_deref(), state: None }
+    }
 }
 
 /// A log entry before the store gives it its sequence number.
