@@ -14,6 +14,7 @@ use rmcp::transport::streamable_http_server::session::local::LocalSessionManager
 use rmcp::transport::streamable_http_server::{StreamableHttpServerConfig, StreamableHttpService};
 use tokio_util::sync::CancellationToken;
 
+use crate::app_state::AppState;
 use crate::config::Config;
 use crate::direct_calls::{self, DirectCalls};
 use crate::front::ClientAddr;
@@ -21,13 +22,6 @@ use crate::mcp::RelayTools;
 use crate::relay::Relay;
 use crate::sessions::BoundedSessions;
 use crate::{daemon_api, sse};
-
-#[derive(Clone)]
-pub struct AppState {
-    pub relay: Arc<Relay>,
-    pub shutdown: CancellationToken,
-    pub heartbeat: Duration,
-}
 
 pub fn router(relay: Arc<Relay>, config: &Config, shutdown: CancellationToken) -> Router {
     let mut local = LocalSessionManager::default();

@@ -29,7 +29,7 @@ use relay_proto::PeerReceipt;
 use serde::Deserialize;
 use serde_json::json;
 
-use crate::app::AppState;
+use crate::app_state::AppState;
 use crate::error::RelayError;
 use crate::front::ClientAddr;
 use crate::relay::{Audience, Caller, RegisterRequest};

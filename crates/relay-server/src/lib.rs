@@ -3,21 +3,22 @@
 //! [`run`] serves a [`Config`] on a bound listener until `shutdown` is cancelled; the binary
 //! and the tests both use it.
 
-pub mod app;
+mod app;
+mod app_state;
 pub mod clock;
 pub mod config;
-pub mod daemon_api;
-pub mod direct_calls;
-pub mod error;
-pub mod front;
-pub mod live;
-pub mod mcp;
-pub mod metrics;
-pub mod rate;
-pub mod relay;
-pub mod secrets;
-pub mod sessions;
-pub mod sse;
+mod daemon_api;
+mod direct_calls;
+mod error;
+mod front;
+mod live;
+mod mcp;
+mod metrics;
+mod rate;
+mod relay;
+mod secrets;
+mod sessions;
+mod sse;
 pub mod store;
 
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -28,7 +29,8 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 pub use config::{Config, ConfigError};
-pub use relay::Relay;
+pub use error::RelayError;
+pub use relay::{Caller, Limits, RegisterRequest, Relay};
 
 /// Locks `mutex`, also after a holder panicked: every critical section in this crate leaves
 /// what it guards whole at each step (an insert, a counter, a whole list), so a panic

@@ -31,7 +31,7 @@ use tokio::sync::broadcast::{self, error::RecvError};
 use tokio::time::{Instant, Sleep};
 use tokio_util::sync::WaitForCancellationFutureOwned;
 
-use crate::app::AppState;
+use crate::app_state::AppState;
 use crate::error::RelayError;
 use crate::live::Live;
 use crate::relay::{Audience, Relay};

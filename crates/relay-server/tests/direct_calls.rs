@@ -99,6 +99,7 @@ fn registration(dir: &str) -> Call {
 }
 
 /// Every reply of one run, labelled, against a fresh server.
+// (long: the list of requests compared is the test; split, it would be harder to audit)
 async fn run(server: &TestServer) -> Vec<(&'static str, (u16, String, String))> {
     let alice = register(server, "/src/alice").await;
     let bob = register(server, "/src/bob").await;

@@ -4,7 +4,7 @@ mod support;
 
 use std::time::Duration;
 
-use relay_server::relay::Caller;
+use relay_server::Caller;
 use serde_json::json;
 use support::*;
 

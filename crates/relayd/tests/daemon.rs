@@ -580,6 +580,7 @@ async fn a_pane_lists_peers_sends_and_asks_message_status_through_relayd() {
     server.shutdown.cancel();
 }
 
+// (long: one outage scenario, step by step)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn receipts_for_a_server_that_hangs_or_is_away_hold_up_no_other_server() {
     let (here, away) = (server().await, server().await);
@@ -671,7 +672,7 @@ async fn receipts_for_a_server_that_hangs_or_is_away_hold_up_no_other_server() {
     let back = server_on(bind_again(addr).await);
     // someone else made "locked" first on the new server, with another key: relayd cannot
     // register pane %4 again (it is told why in its log), and the other panes go on
-    let other = relay_server::relay::RegisterRequest {
+    let other = relay_server::RegisterRequest {
         group_id: "locked".into(),
         hostname: "elsewhere".into(),
         working_directory: "/x".into(),

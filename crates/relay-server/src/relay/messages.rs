@@ -1,0 +1,139 @@
+//! Sending: broadcasts and DMs, stored then published to the live streams in order.
+
+use super::*;
+
+pub const MAX_IDEMPOTENCY_KEY_CHARS: usize = 128;
+
+impl Relay {
+    /// Broadcasts `text`. With a `key` used before by the same peer, nothing new is sent: the
+    /// answer is the earlier message (so a client that retries after a lost answer sends once).
+    pub fn send_message(&self, caller: &Caller, text: &str, group: Option<&str>, key: Option<&str>) -> Result<Sent> {
+        let from = self.peer_in(caller, group)?;
+        validate::message(text, self.limits.max_message_bytes)?;
+        // everyone active but the sender
+        let recipients = self.store.active_members(&from.group_id)?.saturating_sub(1);
+        self.send(self.message_entry(&from, None, text, key)?, recipients)
+    }
+
+    pub fn send_dm(&self, caller: &Caller, to: &str, text: &str, key: Option<&str>) -> Result<Sent> {
+        let own = self.active_peers(caller)?;
+        if own.is_empty() {
+            return Err(RelayError::NotRegistered);
+        }
+        if own.iter().any(|p| p.peer_id == to) {
+            return Err(RelayError::DmToSelf);
+        }
+        let mut reachable = Vec::new();
+        for mine in &own {
+            reachable.extend(self.store.peers_in_group(&mine.group_id)?.into_iter().filter(|p| is_other_member(p, mine)));
+        }
+        let target = resolve_peer(to, &reachable)?;
+        let from = own.into_iter().find(|p| p.group_id == target.group_id).expect("reachable peers share a group");
+        validate::message(text, self.limits.max_message_bytes)?;
+        self.send(self.message_entry(&from, Some(target), text, key)?, 1)
+    }
+
+    /// Stores and publishes a message, or answers with the earlier one of the same key.
+    fn send(&self, entry: NewEntry, recipients: usize) -> Result<Sent> {
+        // a retry costs no rate token (checked again where it counts, under the live lock)
+        if let Some(earlier) = self.earlier_send(&entry)? {
+            return Ok(Sent { repeated: true, ..sent(Arc::new(earlier), recipients) });
+        }
+        self.take_rate_token(&entry.sender_id)?;
+        let (stored, repeated) = self.publish(entry)?;
+        Ok(Sent { repeated, ..sent(stored, recipients) })
+    }
+
+    /// The message the sender already sent with `entry`'s key; an error if that key went
+    /// with another text or addressee.
+    fn earlier_send(&self, entry: &NewEntry) -> Result<Option<LogEntry>> {
+        let Some(key) = &entry.idempotency_key else { return Ok(None) };
+        let Some(earlier) = self.store.entry_by_key(&entry.sender_id, key)? else { return Ok(None) };
+        if earlier.body != entry.body || earlier.recipient_id != entry.recipient_id {
+            return Err(RelayError::BadArgument {
+                field: "idempotency_key",
+                reason: format!("{key:?} was already used for another message ({}); use a new key for each message", earlier.id),
+            });
+        }
+        Ok(Some(earlier))
+    }
+
+    fn message_entry(&self, from: &PeerRecord, to: Option<&PeerRecord>, text: &str, key: Option<&str>) -> Result<NewEntry> {
+        if let Some(key) = key {
+            validate::single_line("idempotency_key", key, MAX_IDEMPOTENCY_KEY_CHARS)?;
+        }
+        Ok(NewEntry {
+            group_id: from.group_id.clone(),
+            id: secrets::new_id("m_"),
+            kind: if to.is_some() { EventKind::Dm } else { EventKind::Message },
+            sender_id: from.peer_id.clone(),
+            sender_name: from.display_name.clone(),
+            recipient_id: to.map(|p| p.peer_id.clone()),
+            recipient_name: to.map(|p| p.display_name.clone()),
+            body: text.to_owned(),
+            created_at: self.clock.now(),
+            idempotency_key: key.map(str::to_owned),
+        })
+    }
+
+    /// Commits the entry, then hands it to the group's live streams, in sequence order;
+    /// with `true` when it repeated an earlier send of the same key (nothing committed).
+    pub(super) fn publish(&self, entry: NewEntry) -> Result<(Arc<LogEntry>, bool)> {
+        let mut live = lock(&self.live);
+        if let Some(earlier) = self.earlier_send(&entry)? {
+            return Ok((Arc::new(earlier), true));
+        }
+        let stored = Arc::new(self.store.append(entry)?);
+        if let Some(tx) = live.get(&stored.group_id) {
+            let mut recent = lock(&self.recent);
+            let entry = recent.keep(LiveEntry { entry: stored.clone(), frames: Default::default() });
+            self.metrics.live_bytes(recent.held());
+            if tx.send(Live::Entry(entry)).is_err() {
+                live.remove(&stored.group_id);
+            }
+        }
+        if let Some(kind) = stored.kind.message_kind() {
+            self.metrics.message(kind);
+        }
+        Ok((stored, false))
+    }
+
+    /// Live entries of a group, and the sequence number they follow: every entry after it
+    /// arrives on the receiver, everything up to it is in the store.
+    pub fn subscribe(&self, group_id: &str) -> Result<(broadcast::Receiver<Live>, u64)> {
+        let mut live = lock(&self.live);
+        let head = self.store.head_seq(group_id)?;
+        let rx = match live.get(group_id) {
+            Some(tx) => tx.subscribe(),
+            None => {
+                let (tx, rx) = broadcast::channel(self.limits.stream_buffer.max(1));
+                live.insert(group_id.to_owned(), tx);
+                rx
+            }
+        };
+        Ok((rx, head))
+    }
+
+    fn take_rate_token(&self, peer_id: &str) -> Result<()> {
+        self.sends.take(&peer_id.to_owned()).map_err(|wait| RelayError::RateLimited {
+            per_second: self.sends.per_second,
+            burst: self.sends.burst,
+            retry_after_ms: millis(wait),
+        })
+    }
+}
+
+fn sent(entry: Arc<LogEntry>, recipients: usize) -> Sent {
+    let message = stored_message(&entry);
+    Sent {
+        message_id: message.id,
+        seq: message.seq,
+        group_id: message.group_id,
+        kind: message.kind,
+        from: message.sender,
+        to: message.recipient,
+        recipients,
+        sent_at: message.sent_at,
+        repeated: false,
+    }
+}
