@@ -48,7 +48,8 @@ pub async fn run_with(config: Config, notifier: Arc<dyn Notifier>, shutdown: Can
     let daemon = Daemon::new(config, state, socket_path.clone(), state_dir, notifier, shutdown.clone());
     daemon.resume();
     let saver = tokio::spawn(daemon.clone().save_in_background());
-    tokio::spawn(receipts::Outbox::run(daemon.clone()));
+    tokio::spawn(daemon.outbox().run(daemon.receipt_sender()));
+    tokio::spawn(daemon.clone().follow_upstreams());
     tracing::info!(socket = %socket_path.display(), "relayd listening");
     loop {
         use interprocess::local_socket::traits::tokio::Listener as _;

@@ -10,8 +10,7 @@ use futures::stream::FuturesUnordered;
 pub use relay_proto::PeerReceipt;
 use tokio::sync::Notify;
 
-use crate::daemon::Daemon;
-use crate::server_api::ApiError;
+use crate::server_api::{ApiError, Credentials, ServerApi};
 
 /// Receipts kept per server while it cannot be reached; the oldest go first past this.
 const QUEUE_LIMIT: usize = 10_000;
@@ -75,8 +74,9 @@ impl Outbox {
 
     /// Sends what is queued until shutdown, to every server at once, backing off from each
     /// server while it fails: a server that is away or slow holds up no other server.
-    pub async fn run(daemon: Arc<Daemon>) {
-        let outbox = daemon.outbox();
+    pub async fn run(self: Arc<Self>, sender: Sender) {
+        let outbox = &self;
+        let Sender { shutdown, reconnect_max, .. } = sender.clone();
         // servers that failed: the wait after their next failure, and when to try again
         let mut backoff: HashMap<String, (Duration, Instant)> = HashMap::new();
         let mut sending = FuturesUnordered::new();
@@ -90,21 +90,21 @@ impl Outbox {
             let ready = |server: &str| !busy.contains(server) && backoff.get(server).is_none_or(|(_, at)| *at <= now);
             for (server, batch) in outbox.take(ready) {
                 busy.insert(server.clone());
-                let daemon = daemon.clone();
+                let (sender, outbox) = (sender.clone(), self.clone());
                 sending.push(async move {
-                    let sent = send(&daemon, &server, batch).await;
+                    let sent = send(&sender, &outbox, &server, batch).await;
                     (server, sent)
                 });
             }
             let next_try = backoff.values().map(|(_, at)| *at).filter(|at| *at > now).min();
             tokio::select! {
-                _ = daemon.shutdown.cancelled() => return,
+                _ = shutdown.cancelled() => return,
                 Some((server, sent)) = sending.next(), if !sending.is_empty() => {
                     busy.remove(&server);
                     if sent {
                         backoff.remove(&server);
                     } else {
-                        let wait = backoff.get(&server).map_or(FIRST_RETRY, |(wait, _)| (*wait * 2).min(daemon.reconnect_max()));
+                        let wait = backoff.get(&server).map_or(FIRST_RETRY, |(wait, _)| (*wait * 2).min(reconnect_max));
                         backoff.insert(server, (wait, Instant::now() + wait));
                     }
                 }
@@ -115,15 +115,24 @@ impl Outbox {
     }
 }
 
+/// What the outbox sends with, and until when.
+#[derive(Clone)]
+pub struct Sender {
+    pub api: ServerApi,
+    pub credentials: Arc<dyn Credentials>,
+    pub shutdown: tokio_util::sync::CancellationToken,
+    /// The longest wait between attempts at one server.
+    pub reconnect_max: Duration,
+}
+
 /// Sends one batch; false if it went back in the queue to be tried again.
-async fn send(daemon: &Daemon, server: &str, batch: Vec<PeerReceipt>) -> bool {
-    let outbox = daemon.outbox();
-    let Some(token) = daemon.daemon_token(server) else {
+async fn send(sender: &Sender, outbox: &Outbox, server: &str, batch: Vec<PeerReceipt>) -> bool {
+    let Some(token) = sender.credentials.daemon_token(server) else {
         // not registered with that server (yet): keep them for when it is
         outbox.put_back(server, batch);
         return false;
     };
-    let retry = match daemon.api().report(server, &token, &batch).await {
+    let retry = match sender.api.report(server, &token, &batch).await {
         Ok(outcome) => {
             if let Some(rejected) = outcome["rejected"].as_array().filter(|r| !r.is_empty()) {
                 tracing::debug!(%server, ?rejected, "the server refused some receipts");

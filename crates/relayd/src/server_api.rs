@@ -7,9 +7,7 @@ use serde_json::{Value, json};
 use thiserror::Error;
 
 use relay_proto::local::SendRequest;
-use relay_proto::{MessageStatus, PeerInfo, Sent};
-
-use crate::receipts::PeerReceipt;
+use relay_proto::{MessageStatus, PeerInfo, PeerReceipt, Sent};
 
 /// The longest a request/response call (not an event stream) may take.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
@@ -46,6 +44,11 @@ pub struct Registration {
     /// misses nothing sent to the new peer. (Older servers do not say.)
     #[serde(default)]
     pub events_after: Option<u64>,
+}
+
+/// Where the daemon's credential for each server is read from (the daemon keeps them).
+pub trait Credentials: Send + Sync {
+    fn daemon_token(&self, server: &str) -> Option<String>;
 }
 
 #[derive(Clone)]

@@ -11,11 +11,10 @@ use relay_proto::Event;
 use relay_proto::event::HEARTBEAT_HEADER;
 use relay_proto::local::ConnectionState;
 use sse_stream::SseStream;
-use tokio::sync::Notify;
+use tokio::sync::{Notify, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
-use crate::daemon::Daemon;
-use crate::server_api::ApiError;
+use crate::server_api::{ApiError, Credentials, ServerApi};
 
 const FIRST_RETRY: Duration = Duration::from_millis(500);
 /// The heartbeat of a server that does not announce its own: relay-server's default.
@@ -32,6 +31,61 @@ pub fn backoff(attempt: u32, base: Duration, max: Duration) -> Duration {
     exp.mul_f64(0.5 + byte[0] as f64 / 510.0)
 }
 
+/// What a stream reads of the daemon's state when it (re)opens.
+pub trait Host: Credentials {
+    /// Where the group's stream resumes; `None` before it has a position (then from now).
+    fn resume_from(&self, server: &str, group: &str) -> Option<u64>;
+}
+
+/// What a stream tells the daemon, which owns the state: sent in order, one stream's at a
+/// time as they happen.
+#[derive(Debug)]
+pub struct Report {
+    pub server: String,
+    pub group: String,
+    pub news: News,
+}
+
+#[derive(Debug)]
+pub enum News {
+    State {
+        state: ConnectionState,
+        error: Option<String>,
+    },
+    /// A stream that had connected ended, and why.
+    Dropped(String),
+    /// The stream reached the server: what waits for it can go.
+    Reached,
+    Event(Box<Event>),
+    /// The server does not know the daemon's credential `refused` (it lost its data):
+    /// register again, and say when done.
+    Unauthorized {
+        refused: String,
+        done: oneshot::Sender<Result<(), ApiError>>,
+    },
+}
+
+/// One stream's standing: where it reads from, and where it reports.
+pub struct Upstream {
+    pub server: String,
+    pub group: String,
+    pub api: ServerApi,
+    pub host: Arc<dyn Host>,
+    pub reports: mpsc::Sender<Report>,
+    pub reconnect_max: Duration,
+}
+
+impl Upstream {
+    async fn tell(&self, news: News) {
+        // (the daemon gone means relayd is stopping: nothing left to tell)
+        let _ = self.reports.send(Report { server: self.server.clone(), group: self.group.clone(), news }).await;
+    }
+
+    fn state(&self, state: ConnectionState, error: Option<String>) -> impl std::future::Future<Output = ()> + '_ {
+        self.tell(News::State { state, error })
+    }
+}
+
 enum Ended {
     /// The server closed a stream that had worked: reconnect promptly.
     Closed,
@@ -41,22 +95,23 @@ enum Ended {
     Failed(String),
 }
 
-pub async fn run(daemon: Arc<Daemon>, server: String, group: String, cancel: CancellationToken, retry_now: Arc<Notify>) {
+pub async fn run(stream: Upstream, cancel: CancellationToken, retry_now: Arc<Notify>) {
+    let (server, group) = (&stream.server, &stream.group);
     let mut attempt: u32 = 0;
     let mut retry_hint: Option<Duration> = None;
     // whether the last attempt was made at once, on a credential that had just arrived
     let mut retried_at_once = false;
     loop {
-        daemon.set_upstream_state(&server, &group, ConnectionState::Connecting, None);
-        let credential = daemon.daemon_token(&server);
+        stream.state(ConnectionState::Connecting, None).await;
+        let credential = stream.host.daemon_token(server);
         let ended = tokio::select! {
             _ = cancel.cancelled() => return,
-            ended = read_stream(&daemon, &server, &group, &mut retry_hint, &mut attempt) => ended,
+            ended = read_stream(&stream, &mut retry_hint, &mut attempt) => ended,
         };
         // A new credential came during the attempt (this stream registered again, or another
         // did meanwhile): try it at once, but not twice in a row, so that a server refusing
         // every credential is not asked for one after another without pause.
-        let fresh = daemon.daemon_token(&server) != credential;
+        let fresh = stream.host.daemon_token(server) != credential;
         if fresh && !std::mem::replace(&mut retried_at_once, true) {
             tracing::info!(%server, %group, "the daemon has a new credential for this server; reconnecting at once");
             continue;
@@ -64,11 +119,11 @@ pub async fn run(daemon: Arc<Daemon>, server: String, group: String, cancel: Can
         retried_at_once = false;
         let error = match ended {
             Ended::Closed => {
-                daemon.note_drop(&server, &group, "the server ended the stream");
+                stream.tell(News::Dropped("the server ended the stream".into())).await;
                 None
             }
             Ended::Broke(e) => {
-                daemon.note_drop(&server, &group, &e);
+                stream.tell(News::Dropped(e.clone())).await;
                 Some(e)
             }
             Ended::Failed(e) => Some(e),
@@ -76,8 +131,8 @@ pub async fn run(daemon: Arc<Daemon>, server: String, group: String, cancel: Can
         if let Some(e) = &error {
             tracing::info!(%server, %group, error = %e, attempt, "upstream stream failed; will retry");
         }
-        daemon.set_upstream_state(&server, &group, ConnectionState::Retrying, error);
-        let delay = backoff(attempt, retry_hint.unwrap_or(FIRST_RETRY), daemon.reconnect_max());
+        stream.state(ConnectionState::Retrying, error).await;
+        let delay = backoff(attempt, retry_hint.unwrap_or(FIRST_RETRY), stream.reconnect_max);
         attempt = attempt.saturating_add(1);
         tokio::select! {
             _ = cancel.cancelled() => return,
@@ -89,25 +144,30 @@ pub async fn run(daemon: Arc<Daemon>, server: String, group: String, cancel: Can
     }
 }
 
-async fn read_stream(daemon: &Arc<Daemon>, server: &str, group: &str, retry_hint: &mut Option<Duration>, attempt: &mut u32) -> Ended {
-    let Some(token) = daemon.daemon_token(server) else {
+async fn read_stream(stream: &Upstream, retry_hint: &mut Option<Duration>, attempt: &mut u32) -> Ended {
+    let (server, group) = (stream.server.as_str(), stream.group.as_str());
+    let Some(token) = stream.host.daemon_token(server) else {
         return Ended::Failed("no credential for this server".into());
     };
-    let last = daemon.last_event_id(server, group);
-    let response = match daemon.api().events(server, &token, group, last, false).await {
+    let last = stream.host.resume_from(server, group);
+    let response = match stream.api.events(server, &token, group, last, false).await {
         Ok(r) => r,
         Err(e) if e.is_unauthorized() => {
             // the server forgot us (a fresh data dir, or --ephemeral): introduce ourselves again
-            if let Err(e) = daemon.reregister(server, &token).await {
-                return Ended::Failed(format!("cannot register again: {e}"));
+            let (done, registered) = oneshot::channel();
+            stream.tell(News::Unauthorized { refused: token, done }).await;
+            match registered.await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => return Ended::Failed(format!("cannot register again: {e}")),
+                Err(_) => return Ended::Failed("relayd is stopping".into()),
             }
             // the new credential makes `run` try again at once
             return Ended::Failed("the server did not know this daemon; registered again".into());
         }
         Err(e @ ApiError::Refused { .. }) | Err(e @ ApiError::Unreachable { .. }) => return Ended::Failed(e.to_string()),
     };
-    daemon.set_upstream_state(server, group, ConnectionState::Connected, None);
-    daemon.outbox().server_back(server);
+    stream.state(ConnectionState::Connected, None).await;
+    stream.tell(News::Reached).await;
     *attempt = 0;
     let limit = silence_limit(&response);
     let mut events = std::pin::pin!(SseStream::from_bytes_stream(until_silent(Box::pin(response.bytes_stream()), limit)));
@@ -121,7 +181,7 @@ async fn read_stream(daemon: &Arc<Daemon>, server: &str, group: &str, retry_hint
         }
         let Some(data) = sse.data else { continue };
         match serde_json::from_str::<Event>(&data) {
-            Ok(event) => daemon.on_event(server, group, event),
+            Ok(event) => stream.tell(News::Event(Box::new(event))).await,
             Err(e) => tracing::warn!(%server, %group, error = %e, "skipping an event that does not parse"),
         }
     }
