@@ -131,6 +131,7 @@ impl SseDecoder {
 /// another machine never puts on the server. So after each arrival this thread goes on
 /// polling, without sleeping, for `spin`: a burst of deliveries finds it awake, and only
 /// the burst's first has to wake it. It sleeps between bursts, so it costs its core little.
+// (long: one hot loop, kept in one piece so what it does per arrival is visible at once)
 #[cfg(target_os = "linux")]
 pub fn poll_streams(
     readers: Vec<SseReader>,

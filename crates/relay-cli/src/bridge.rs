@@ -54,14 +54,21 @@ pub async fn upstream(socket: &std::path::Path, pane: &str) -> Result<Upstream> 
     upstream_in(socket, pane, None).await
 }
 
+/// The pane has no peer (in the group asked for): `relay attach` has not run for it.
+#[derive(Debug, thiserror::Error)]
+#[error("pane {pane} is not attached to relay{}; run `relay attach {pane} --group GROUP`", group.as_ref().map(|g| format!(" in group {g}")).unwrap_or_default())]
+pub struct NotAttached {
+    pane: String,
+    group: Option<String>,
+}
+
 /// A connection to the server as the pane's peer in `group` (its first group's if None).
 pub async fn upstream_in(socket: &std::path::Path, pane: &str, group: Option<&str>) -> Result<Upstream> {
-    let credential = credentials(socket, pane).await?.into_iter().find(|c| group.is_none_or(|g| c.group == g)).with_context(|| {
-        format!(
-            "pane {pane} is not attached to relay{}; run `relay attach {pane} --group GROUP`",
-            group.map(|g| format!(" in group {g}")).unwrap_or_default()
-        )
-    })?;
+    let credential = credentials(socket, pane)
+        .await?
+        .into_iter()
+        .find(|c| group.is_none_or(|g| c.group == g))
+        .ok_or_else(|| NotAttached { pane: pane.to_owned(), group: group.map(str::to_owned) })?;
     let service = connect(&credential.server, Some(&credential.token)).await?;
     Ok(Upstream { service })
 }
@@ -144,7 +151,7 @@ impl Bridge {
             let pane = self.pane.as_deref().ok_or_else(|| self.not_attached())?;
             match upstream(&self.socket, pane).await {
                 Ok(u) => *guard = Some(u),
-                Err(e) if e.to_string().contains("not attached") => return Err(self.not_attached()),
+                Err(e) if e.is::<NotAttached>() => return Err(self.not_attached()),
                 Err(e) => return Err(format!("relay is unavailable: {e:#}")),
             }
         }

@@ -38,6 +38,7 @@ async fn call(client: &RunningService<RoleClient, ()>, tool: &str, args: serde_j
     call_tool(client, tool, args).await.unwrap()
 }
 
+// (long: one user's session, step by step, as a person would go through it)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn attach_two_agents_message_announce_read_and_detach() {
     let test = "attach_two_agents_message_announce_read_and_detach";

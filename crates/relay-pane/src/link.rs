@@ -36,6 +36,32 @@ pub enum Incoming {
     },
 }
 
+/// Questions and sends for relayd, each in a task of its own; their answers come back to
+/// the sidebar's loop as [`Incoming`].
+pub struct Link {
+    socket: PathBuf,
+    pane: String,
+    tx: mpsc::Sender<Incoming>,
+}
+
+impl Link {
+    pub fn new(socket: PathBuf, pane: String, tx: mpsc::Sender<Incoming>) -> Self {
+        Self { socket, pane, tx }
+    }
+
+    pub fn send_reply(&self, reply: deliver::AgentReply) {
+        tokio::spawn(send_reply(self.socket.clone(), self.pane.clone(), reply, self.tx.clone()));
+    }
+
+    pub fn confirm_unread(&self, due: deliver::renotify::Due) {
+        tokio::spawn(confirm_unread(self.socket.clone(), self.pane.clone(), due, self.tx.clone()));
+    }
+
+    pub fn tell_delivery(&self, path: DeliveryPath) {
+        tokio::spawn(tell_delivery(self.socket.clone(), self.pane.clone(), path));
+    }
+}
+
 /// One request on a connection of its own; relayd's error frames become errors.
 async fn ask(socket: &Path, request: Request) -> Result<Reply> {
     let exchange = async {
@@ -102,7 +128,7 @@ async fn load_peers(socket: PathBuf, pane: String, tx: mpsc::Sender<Incoming>) {
 }
 
 /// Tells relayd (for `relay status`) how this sidebar delivers.
-pub async fn tell_delivery(socket: PathBuf, pane: String, path: DeliveryPath) {
+async fn tell_delivery(socket: PathBuf, pane: String, path: DeliveryPath) {
     if let Err(e) = ask(&socket, Request::Delivery { pane, path }).await {
         tracing::debug!("could not tell relayd the delivery path: {e:#}");
     }
@@ -121,7 +147,7 @@ async fn settled_on_server(socket: &Path, pane: &str, event: &Event) -> Option<b
 /// Leaves out of `due` what the server says the agent has read (or its human holds, or
 /// failed) already: a receipt missed while relayd was reconnecting must not cause a
 /// reminder. When the server cannot be asked, the reminder goes out.
-pub async fn confirm_unread(socket: PathBuf, pane: String, mut due: deliver::renotify::Due, tx: mpsc::Sender<Incoming>) {
+async fn confirm_unread(socket: PathBuf, pane: String, mut due: deliver::renotify::Due, tx: mpsc::Sender<Incoming>) {
     let mut settled = Vec::new();
     for list in [&mut due.remind, &mut due.tell_human] {
         let mut unread = Vec::new();
@@ -139,7 +165,7 @@ pub async fn confirm_unread(socket: PathBuf, pane: String, mut due: deliver::ren
 
 /// Sends what the agent answered with `SendMessage` over relay: a DM back to the sender,
 /// or a message to the group.
-pub async fn send_reply(socket: PathBuf, pane: String, reply: deliver::AgentReply, tx: mpsc::Sender<Incoming>) {
+async fn send_reply(socket: PathBuf, pane: String, reply: deliver::AgentReply, tx: mpsc::Sender<Incoming>) {
     let (group, to, what) = match reply.target {
         ReplyTarget::Dm { group, peer_id, .. } => (group, Some(peer_id), "a DM"),
         ReplyTarget::Group { group } => (group, None, "a message to the group"),

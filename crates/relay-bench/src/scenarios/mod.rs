@@ -276,6 +276,7 @@ impl Arrivals {
 }
 
 /// One sender, `peers` open streams: latency from send to every delivery.
+// (long: a scenario is one timeline — set up, warm up, measure, check, report — read best whole)
 pub async fn fan_out(target: &Target, opts: &FanOut, cores: Cores, report: &mut Report) -> Result<()> {
     let anon = target.mcp(None).await?;
     let group = "bench-fanout";
@@ -406,6 +407,7 @@ pub async fn idle_streams(target: &Target, streams: usize, cpu_window: Duration,
 
 /// Panes attached in one group through one relayd: upstream connections (must be 1),
 /// relayd's memory idle and under load, and the latency from a send to each pane's event.
+// (long: a scenario is one timeline — set up, warm up, measure, check, report — read best whole)
 pub async fn daemon(target: &Target, panes: usize, messages: usize, report: &mut Report) -> Result<()> {
     use relay_local::client::Client;
     use relay_proto::local::{AttachRequest, Reply, Request};

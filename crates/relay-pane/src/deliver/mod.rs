@@ -21,7 +21,8 @@ use relay_proto::local::AgentInfo;
 use relay_proto::{DeliveryState, Event, Receipt};
 use tokio::sync::mpsc;
 
-use inbox::{Heard, Inbound, ReplySocket};
+pub use inbox::Heard;
+use inbox::{Inbound, ReplySocket};
 use notice::ReplyTarget;
 use relay_local::claude::{self as session, Session};
 

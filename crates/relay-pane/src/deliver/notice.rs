@@ -76,6 +76,7 @@ pub fn notices(events: &[Event], me: &str, is_reminder: &dyn Fn(&str) -> bool) -
     targets.into_iter().map(|(target, list)| notice(target, &list, me, is_reminder)).collect()
 }
 
+// (long: the notice is one text, written top to bottom as the agent reads it)
 fn notice(target: ReplyTarget, messages: &[&Event], me: &str, is_reminder: &dyn Fn(&str) -> bool) -> Notice {
     let n = messages.len();
     let plural = if n == 1 { "" } else { "s" };
