@@ -1,6 +1,6 @@
 """The adversarial probes behind README's "Reliability" figures, against a real relay-server.
 
-    python3 tests/python/probe_limits.py target/release/relay-server
+    python3 tests/python/probe_limits.py target/dist/relay-server
 
 Starts the server on 127.0.0.1 (a temporary data dir, a short client timeout so the run is
 quick), then measures and prints:
@@ -146,7 +146,7 @@ class Server:
 
 
 def main():
-    binary = sys.argv[1] if len(sys.argv) > 1 else "target/release/relay-server"
+    binary = sys.argv[1] if len(sys.argv) > 1 else "target/dist/relay-server"
     s = Server(binary)
     print(f"idle RSS {s.rss():.1f} MB")
     print(f"half-sent heads still open after {2 * CLIENT_TIMEOUT + 2} s: {half_heads(s.port)} of 2000")

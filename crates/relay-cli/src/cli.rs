@@ -111,16 +111,10 @@ pub struct AttachArgs {
     pub width: u32,
     /// When Claude Code will not let a message in through its inbox (refused, denied,
     /// expired), announce it by keystrokes instead ("keys"); by default relay only reports it
-    #[arg(long, default_value_t, value_parser = fallback_parser())]
+    #[arg(long, value_enum, default_value_t)]
     pub fallback: relay_local::fallback::Fallback,
     /// Let relay's MCP tools run without a permission prompt in Claude Code (adds
     /// "mcp__relay" to permissions.allow in its settings.json)
     #[arg(long)]
     pub allow_tools: bool,
-}
-
-/// `--fallback`, with its choices listed in `--help`.
-pub fn fallback_parser() -> impl clap::builder::TypedValueParser<Value = relay_local::fallback::Fallback> {
-    use clap::builder::TypedValueParser as _;
-    clap::builder::PossibleValuesParser::new(["none", "keys"]).map(|s| s.parse().expect("one of the possible values"))
 }

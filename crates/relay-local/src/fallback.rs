@@ -2,27 +2,14 @@
 //! `relay attach --fallback` chooses it and passes it on to `relay-pane --fallback`.
 
 use std::fmt;
-use std::str::FromStr;
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
 pub enum Fallback {
     /// Report it (the sender sees held or failed) and type nothing.
     #[default]
     None,
     /// Announce it by keystrokes into the pane.
     Keys,
-}
-
-impl FromStr for Fallback {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "none" => Ok(Self::None),
-            "keys" => Ok(Self::Keys),
-            other => Err(format!("unknown fallback {other:?}: none or keys")),
-        }
-    }
 }
 
 impl fmt::Display for Fallback {
@@ -40,9 +27,10 @@ mod tests {
 
     #[test]
     fn reads_what_it_writes() {
-        for f in [Fallback::None, Fallback::Keys] {
-            assert_eq!(f.to_string().parse::<Fallback>(), Ok(f));
+        use clap::ValueEnum;
+        for f in Fallback::value_variants() {
+            assert_eq!(Fallback::from_str(&f.to_string(), false), Ok(*f), "the sidebar reads what relay attach writes");
         }
-        assert!("type".parse::<Fallback>().unwrap_err().contains("none or keys"));
+        assert!(Fallback::from_str("type", false).is_err());
     }
 }

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::{Result, anyhow, bail};
 use relay_local::client::Client;
-use relay_proto::local::{AgentInfo, Attachment, DeliveryPath, Reply, Request, SendRequest};
+use relay_proto::local::{AgentInfo, Attachment, DeliveryPath, ErrorCode, Reply, Request, SendRequest};
 use relay_proto::{Event, EventKind};
 use tokio::sync::mpsc;
 
@@ -16,8 +16,9 @@ use crate::deliver;
 use crate::deliver::notice::ReplyTarget;
 
 const CLIENT_NAME: &str = "relay-pane";
-/// How long relayd gets to answer a question (it may have to ask the server).
-const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long relayd gets to answer a question: longer than it gives a server (30 s, and
+/// 10 s to connect), so its own answer, even an error, arrives first.
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(45);
 
 /// What the link brings to the sidebar's loop.
 pub enum Incoming {
@@ -67,6 +68,9 @@ async fn ask(socket: &Path, request: Request) -> Result<Reply> {
     let exchange = async {
         let mut client = Client::connect(socket, CLIENT_NAME).await?;
         match client.request(&request).await? {
+            Reply::Error { code: ErrorCode::UnknownRequest, message } => {
+                Err(anyhow!("relayd is older than this sidebar and cannot answer ({message}); restart relayd"))
+            }
             Reply::Error { message, .. } => Err(anyhow!(message)),
             reply => Ok(reply),
         }
@@ -117,8 +121,8 @@ async fn subscribe_once(socket: &Path, pane: &str, since: &mut BTreeMap<String, 
 async fn load_peers(socket: PathBuf, pane: String, tx: mpsc::Sender<Incoming>) {
     let peers = match ask(&socket, Request::Peers { pane }).await {
         Ok(Reply::Peers { peers, .. }) => peers,
-        Ok(other) => return tracing::debug!("unexpected reply to peers: {other:?}"),
-        Err(e) => return tracing::debug!("cannot list peers: {e:#}"),
+        Ok(other) => return tracing::warn!("unexpected reply to peers: {other:?}"),
+        Err(e) => return tracing::warn!("cannot list peers: {e:#}"),
     };
     let mut by_group: BTreeMap<String, BTreeMap<String, PeerRow>> = BTreeMap::new();
     for p in peers {

@@ -14,7 +14,6 @@ use std::time::Duration;
 
 use anyhow::Result;
 use clap::Parser;
-use clap::builder::TypedValueParser as _;
 use crossterm::event::{Event as TermEvent, EventStream};
 use futures::StreamExt;
 use relay_local::fallback::Fallback;
@@ -40,7 +39,7 @@ struct Args {
     no_deliver: bool,
     /// When Claude Code will not let a message in (refused, denied, expired), type an
     /// announcement into the pane instead: "keys". The default reports and types nothing.
-    #[arg(long, default_value_t, value_parser = clap::builder::PossibleValuesParser::new(["none", "keys"]).map(|s| s.parse::<Fallback>().expect("a possible value")))]
+    #[arg(long, value_enum, default_value_t)]
     fallback: Fallback,
     /// Type only after the agent's pane has shown no change for this long (milliseconds)
     #[arg(long, env = "RELAY_QUIET_MS", default_value_t = 250)]

@@ -14,7 +14,9 @@ use crate::delivery::{MessageStatus, Receipt};
 use crate::event::Event;
 use crate::model::{PeerInfo, Sent};
 
-/// Bumped on any change an older peer could not read.
+/// Bumped when a frame both sides know changes so that an older peer would misread it. A new
+/// request is not such a change: an older daemon answers it with [`ErrorCode::UnknownRequest`]
+/// and the connection goes on.
 pub const PROTOCOL_VERSION: u32 = 1;
 /// The longest frame either side accepts, newline excluded.
 pub const MAX_FRAME_BYTES: usize = 256 * 1024;

@@ -34,6 +34,7 @@ use crate::error::RelayError;
 use crate::front::ClientAddr;
 use crate::relay::{Audience, Caller, RegisterRequest};
 use crate::sse::{self, StreamParams, bearer_token};
+use crate::store::PeerRecord;
 
 #[derive(Deserialize)]
 pub struct NewDaemon {
@@ -112,7 +113,7 @@ pub async fn remove_peer(State(state): State<AppState>, headers: HeaderMap, Path
     };
     match state.relay.daemon_leave(&daemon_id, &peer_id) {
         Ok(Some(left)) => Json(left).into_response(),
-        Ok(None) => (StatusCode::NOT_FOUND, Json(json!({"error": "this daemon registered no such peer"}))).into_response(),
+        Ok(None) => no_such_peer(),
         Err(e) => error(e),
     }
 }
@@ -135,14 +136,18 @@ pub async fn group_events(
     sse::open(&state, Audience::Daemon(daemon_id), &group_id, &headers, &params).unwrap_or_else(|rejection| rejection)
 }
 
-/// One of this daemon's own peers, as the caller its requests act for.
-fn own_peer(state: &AppState, headers: &HeaderMap, peer_id: &str) -> Result<Caller, Response> {
+/// One of this daemon's own peers (still in its group), and a caller acting as it.
+fn own_peer(state: &AppState, headers: &HeaderMap, peer_id: &str) -> Result<(PeerRecord, Caller), Response> {
     let daemon_id = daemon(state, headers)?;
     match state.relay.daemon_peer(&daemon_id, peer_id) {
-        Ok(Some(caller)) => Ok(caller),
-        Ok(None) => Err((StatusCode::NOT_FOUND, Json(json!({"error": "this daemon registered no such peer"}))).into_response()),
+        Ok(Some(found)) => Ok(found),
+        Ok(None) => Err(no_such_peer()),
         Err(e) => Err(error(e)),
     }
+}
+
+fn no_such_peer() -> Response {
+    (StatusCode::NOT_FOUND, Json(json!({"error": "this daemon registered no such peer"}))).into_response()
 }
 
 fn reply<T: serde::Serialize>(outcome: Result<T, RelayError>) -> Response {
@@ -152,9 +157,10 @@ fn reply<T: serde::Serialize>(outcome: Result<T, RelayError>) -> Response {
     }
 }
 
+/// `list_peers` as the peer: its own group's members.
 pub async fn peer_list_peers(State(state): State<AppState>, headers: HeaderMap, Path(peer_id): Path<String>) -> Response {
     match own_peer(&state, &headers, &peer_id) {
-        Ok(caller) => reply(state.relay.list_peers(&caller, None).map(|peers| json!({"peers": peers}))),
+        Ok((peer, caller)) => reply(state.relay.list_peers(&caller, Some(&peer.group_id)).map(|peers| json!({"peers": peers}))),
         Err(rejection) => rejection,
     }
 }
@@ -165,7 +171,7 @@ pub async fn peer_message_status(
     Path((peer_id, message_id)): Path<(String, String)>,
 ) -> Response {
     match own_peer(&state, &headers, &peer_id) {
-        Ok(caller) => reply(state.relay.message_status(&caller, &message_id)),
+        Ok((_, caller)) => reply(state.relay.message_status(&caller, &message_id)),
         Err(rejection) => rejection,
     }
 }
@@ -180,20 +186,21 @@ pub struct PeerSend {
     idempotency_key: Option<String>,
 }
 
+/// A send as the peer, within its own group only.
 pub async fn peer_send(
     State(state): State<AppState>,
     headers: HeaderMap,
     Path(peer_id): Path<String>,
     Json(body): Json<PeerSend>,
 ) -> Response {
-    let caller = match own_peer(&state, &headers, &peer_id) {
-        Ok(caller) => caller,
+    let (peer, caller) = match own_peer(&state, &headers, &peer_id) {
+        Ok(found) => found,
         Err(rejection) => return rejection,
     };
-    let key = body.idempotency_key.as_deref().filter(|k| !k.is_empty());
+    let (group, key) = (Some(peer.group_id.as_str()), body.idempotency_key.as_deref().filter(|k| !k.is_empty()));
     reply(match body.to.as_deref() {
-        Some(to) => state.relay.send_dm(&caller, to, &body.message, key),
-        None => state.relay.send_message(&caller, &body.message, None, key),
+        Some(to) => state.relay.send_dm(&caller, group, to, &body.message, key),
+        None => state.relay.send_message(&caller, &body.message, group, key),
     })
 }
 

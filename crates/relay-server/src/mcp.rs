@@ -357,7 +357,7 @@ impl RelayTools {
         let started = Instant::now();
         let outcome = self
             .caller(credentials, args.auth.token.as_deref())
-            .and_then(|c| self.relay.send_dm(&c, &args.to, &args.message, given(&args.idempotency_key)));
+            .and_then(|c| self.relay.send_dm(&c, None, &args.to, &args.message, given(&args.idempotency_key)));
         self.finish("send_dm", started, outcome, |s| {
             let to = s.to.as_ref().map_or("?", |p| p.name.as_str());
             format!("DM sent to {to} in group {} as message {}.", s.group_id, s.message_id)

@@ -300,9 +300,7 @@ impl GroupStream {
                     true
                 }
                 // only DMs to the peers this daemon registered: never another machine's
-                EventKind::Dm => {
-                    entry.recipient_id.as_deref().is_some_and(|to| self.daemon_owns(daemon_id, to) && entry.addressed().visible_to(to))
-                }
+                EventKind::Dm => entry.recipient_id.as_deref().is_some_and(|to| self.daemon_owns(daemon_id, to)),
                 EventKind::Receipt | EventKind::Unknown => false,
             },
         };

@@ -211,6 +211,18 @@ async fn a_daemon_acts_only_for_its_own_peers() {
         http.get(as_peer(pane_id, &format!("/messages/{id}"))).bearer_auth(&d.token).send().await.unwrap().json().await.unwrap();
     assert_eq!(status["recipients"][0]["peer"]["peer_id"], mate_id, "{status}");
 
+    // the pane's agent joined another group with the pane's token: the daemon still acts
+    // for the peer in its own group only
+    let agent = server.client(Some(pane["token"].as_str().unwrap())).await;
+    agent.ok("register", json!({"group_id": "elsewhere", "hostname": "box", "working_directory": "/pane"})).await;
+    let peers: Value = http.get(as_peer(pane_id, "/peers")).bearer_auth(&d.token).send().await.unwrap().json().await.unwrap();
+    assert!(peers["peers"].as_array().unwrap().iter().all(|p| p["group_id"] == "team"), "{peers}");
+    let resp =
+        http.post(as_peer(pane_id, "/messages")).bearer_auth(&d.token).json(&json!({"message": "to the team"})).send().await.unwrap();
+    assert_eq!(resp.status(), 200, "a broadcast needs no group to be named");
+    let sent: Value = resp.json().await.unwrap();
+    assert_eq!(sent["group_id"], "team");
+
     // the other daemon's credential is no one's for this peer: 404, nothing sent
     for resp in [
         http.get(as_peer(pane_id, "/peers")).bearer_auth(&other.token).send().await.unwrap(),

@@ -30,6 +30,9 @@ pub enum DaemonError {
     Socket(#[from] socket::SocketError),
     #[error("{0}")]
     State(String),
+    /// Something that should not happen did; relayd stops so its service manager restarts it.
+    #[error("{0}")]
+    Internal(String),
 }
 
 /// Runs the daemon until `shutdown` is cancelled (or a client asks it to stop).
@@ -49,12 +52,21 @@ pub async fn run_with(config: Config, notifier: Arc<dyn Notifier>, shutdown: Can
     daemon.resume();
     let saver = tokio::spawn(daemon.clone().save_in_background());
     tokio::spawn(daemon.outbox().run(daemon.receipt_sender()));
-    tokio::spawn(daemon.clone().follow_upstreams());
+    let mut follower = tokio::spawn(daemon.clone().follow_upstreams());
     tracing::info!(socket = %socket_path.display(), "relayd listening");
+    let mut outcome = Ok(());
     loop {
         use interprocess::local_socket::traits::tokio::Listener as _;
         tokio::select! {
+            biased;
             _ = shutdown.cancelled() => break,
+            // every event passes through it: without it relayd would look alive and do nothing
+            ended = &mut follower => {
+                tracing::error!(?ended, "relayd stopped applying what its upstream streams report; stopping");
+                outcome = Err(DaemonError::Internal("the task applying upstream reports ended".into()));
+                shutdown.cancel();
+                break;
+            }
             accepted = listener.accept() => match accepted {
                 Ok(stream) => { tokio::spawn(control::serve(daemon.clone(), stream)); }
                 Err(e) => tracing::warn!(error = %e, "accepting a control connection failed"),
@@ -64,5 +76,5 @@ pub async fn run_with(config: Config, notifier: Arc<dyn Notifier>, shutdown: Can
     drop(listener); // removes the socket file
     let _ = saver.await; // writes the final state
     tracing::info!("relayd stopped");
-    Ok(())
+    outcome
 }

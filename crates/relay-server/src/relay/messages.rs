@@ -15,8 +15,10 @@ impl Relay {
         self.send(self.message_entry(&from, None, text, key)?, recipients)
     }
 
-    pub fn send_dm(&self, caller: &Caller, to: &str, text: &str, key: Option<&str>) -> Result<Sent> {
-        let own = self.active_peers(caller)?;
+    /// A DM to `to`, from the caller's peer in a group they share (in `group` only, when given).
+    pub fn send_dm(&self, caller: &Caller, group: Option<&str>, to: &str, text: &str, key: Option<&str>) -> Result<Sent> {
+        let mut own = self.active_peers(caller)?;
+        own.retain(|p| group.is_none_or(|g| p.group_id == g));
         if own.is_empty() {
             return Err(RelayError::NotRegistered);
         }

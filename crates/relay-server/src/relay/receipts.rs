@@ -93,7 +93,7 @@ impl Relay {
         let mut outcome = ReceiptOutcome::default();
         for r in receipts {
             let reject = |why: &str| serde_json::json!({"message_id": r.message_id, "peer_id": r.peer_id, "error": why});
-            let Some(peer) = self.store.peer(&r.peer_id)?.filter(|p| p.daemon_id.as_deref() == Some(daemon_id)) else {
+            let Some(peer) = self.registered_by(daemon_id, &r.peer_id)? else {
                 outcome.rejected.push(reject("this daemon registered no such peer"));
                 continue;
             };

@@ -89,7 +89,7 @@ impl Relay {
 
     /// Removes a peer the daemon registered from its group.
     pub fn daemon_leave(&self, daemon_id: &str, peer_id: &str) -> Result<Option<Left>> {
-        let Some(peer) = self.store.peer(peer_id)?.filter(|p| p.daemon_id.as_deref() == Some(daemon_id)) else {
+        let Some(peer) = self.registered_by(daemon_id, peer_id)? else {
             return Ok(None);
         };
         if peer.left_at.is_some() {
@@ -99,11 +99,19 @@ impl Relay {
         self.leave_group(&caller, &peer.group_id).map(Some)
     }
 
-    /// The peer `peer_id` as a caller, when this daemon registered it and it is still in
-    /// its group: a daemon acts for its own peers with its own credential.
-    pub fn daemon_peer(&self, daemon_id: &str, peer_id: &str) -> Result<Option<Caller>> {
-        let peer = self.store.peer(peer_id)?.filter(|p| p.daemon_id.as_deref() == Some(daemon_id) && p.left_at.is_none());
-        Ok(peer.map(|p| Caller { principal: p.principal_id, token: String::new() }))
+    /// The peer `peer_id`, when this daemon registered it (left or not).
+    pub(super) fn registered_by(&self, daemon_id: &str, peer_id: &str) -> Result<Option<PeerRecord>> {
+        Ok(self.store.peer(peer_id)?.filter(|p| p.daemon_id.as_deref() == Some(daemon_id)))
+    }
+
+    /// The peer `peer_id` and a caller for it, when this daemon registered it and it is still
+    /// in its group: a daemon acts for its own peers, in their own group, with its credential.
+    pub fn daemon_peer(&self, daemon_id: &str, peer_id: &str) -> Result<Option<(PeerRecord, Caller)>> {
+        let peer = self.registered_by(daemon_id, peer_id)?.filter(|p| p.left_at.is_none());
+        Ok(peer.map(|p| {
+            let caller = Caller { principal: p.principal_id, token: String::new() };
+            (p, caller)
+        }))
     }
 
     /// The caller holding `token`.

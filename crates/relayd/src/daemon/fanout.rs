@@ -11,6 +11,9 @@ impl Daemon {
         let receipt = event.kind == EventKind::Receipt;
         {
             let mut inner = lock(&self.inner);
+            if !inner.upstreams.contains_key(&key) {
+                return; // reported before its group was detached: no one here wants it
+            }
             // receipts are not in the log: no position of their own
             if !receipt {
                 let last = inner.state.last_event_ids.entry(key.clone()).or_default();
