@@ -49,26 +49,16 @@ pub async fn credentials(socket: &std::path::Path, pane: &str) -> Result<Vec<Cre
     }
 }
 
-/// A connection to the server as the pane's peer (its first group's).
-pub async fn upstream(socket: &std::path::Path, pane: &str) -> Result<Upstream> {
-    upstream_in(socket, pane, None).await
-}
-
-/// The pane has no peer (in the group asked for): `relay attach` has not run for it.
+/// The pane has no peer: `relay attach` has not run for it.
 #[derive(Debug, thiserror::Error)]
-#[error("pane {pane} is not attached to relay{}; run `relay attach {pane} --group GROUP`", group.as_ref().map(|g| format!(" in group {g}")).unwrap_or_default())]
+#[error("pane {pane} is not attached to relay; run `relay attach {pane} --group GROUP`")]
 pub struct NotAttached {
     pane: String,
-    group: Option<String>,
 }
 
-/// A connection to the server as the pane's peer in `group` (its first group's if None).
-pub async fn upstream_in(socket: &std::path::Path, pane: &str, group: Option<&str>) -> Result<Upstream> {
-    let credential = credentials(socket, pane)
-        .await?
-        .into_iter()
-        .find(|c| group.is_none_or(|g| c.group == g))
-        .ok_or_else(|| NotAttached { pane: pane.to_owned(), group: group.map(str::to_owned) })?;
+/// A connection to the server as the pane's peer (its first group's).
+pub async fn upstream(socket: &std::path::Path, pane: &str) -> Result<Upstream> {
+    let credential = credentials(socket, pane).await?.into_iter().next().ok_or_else(|| NotAttached { pane: pane.to_owned() })?;
     let service = connect(&credential.server, Some(&credential.token)).await?;
     Ok(Upstream { service })
 }
@@ -76,18 +66,7 @@ pub async fn upstream_in(socket: &std::path::Path, pane: &str, group: Option<&st
 /// Calls a relay tool as the pane's peer, once: `{"text", "structured"}` of its result, or
 /// the tool's error as an error.
 pub async fn call_as_pane(socket: &std::path::Path, pane: &str, tool: &str, args: serde_json::Value) -> Result<serde_json::Value> {
-    call_in_group(socket, pane, None, tool, args).await
-}
-
-/// [`call_as_pane`] as the pane's peer in `group`.
-pub async fn call_in_group(
-    socket: &std::path::Path,
-    pane: &str,
-    group: Option<&str>,
-    tool: &str,
-    args: serde_json::Value,
-) -> Result<serde_json::Value> {
-    let upstream = upstream_in(socket, pane, group).await?;
+    let upstream = upstream(socket, pane).await?;
     let params = CallToolRequestParams::new(tool.to_owned()).with_arguments(args.as_object().cloned().unwrap_or_default());
     let result = upstream.service.call_tool(params).await.with_context(|| format!("{tool} failed"));
     let _ = upstream.service.cancel().await;

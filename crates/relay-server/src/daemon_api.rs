@@ -216,8 +216,5 @@ pub async fn report_receipts(State(state): State<AppState>, headers: HeaderMap, 
     };
     let relay = state.relay.clone();
     let outcome = tokio::task::spawn_blocking(move || relay.daemon_receipts(&daemon_id, &body.receipts)).await;
-    match outcome.expect("receipts do not panic") {
-        Ok(outcome) => Json(outcome).into_response(),
-        Err(e) => error(e),
-    }
+    reply(outcome.expect("receipts do not panic"))
 }

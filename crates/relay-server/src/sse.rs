@@ -312,8 +312,8 @@ impl GroupStream {
     }
 
     fn daemon_owns(&self, daemon_id: &str, peer_id: &str) -> bool {
-        match self.relay.store().peer(peer_id) {
-            Ok(peer) => peer.and_then(|p| p.daemon_id).as_deref() == Some(daemon_id),
+        match self.relay.registered_by(daemon_id, peer_id) {
+            Ok(peer) => peer.is_some(),
             Err(e) => {
                 tracing::error!(error = %e, "cannot look up a DM's recipient; withholding it");
                 false

@@ -81,8 +81,8 @@ impl Upstream {
         let _ = self.reports.send(Report { server: self.server.clone(), group: self.group.clone(), news }).await;
     }
 
-    fn state(&self, state: ConnectionState, error: Option<String>) -> impl std::future::Future<Output = ()> + '_ {
-        self.tell(News::State { state, error })
+    async fn state(&self, state: ConnectionState, error: Option<String>) {
+        self.tell(News::State { state, error }).await
     }
 }
 

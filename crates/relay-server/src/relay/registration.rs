@@ -100,7 +100,7 @@ impl Relay {
     }
 
     /// The peer `peer_id`, when this daemon registered it (left or not).
-    pub(super) fn registered_by(&self, daemon_id: &str, peer_id: &str) -> Result<Option<PeerRecord>> {
+    pub fn registered_by(&self, daemon_id: &str, peer_id: &str) -> Result<Option<PeerRecord>> {
         Ok(self.store.peer(peer_id)?.filter(|p| p.daemon_id.as_deref() == Some(daemon_id)))
     }
 
@@ -168,7 +168,7 @@ impl Relay {
                 true
             }
         };
-        let caller = self.token_holder(caller, &req, existing.as_ref())?;
+        let caller = self.token_holder(caller, &req, existing.as_ref(), now)?;
         let new_peer = existing.is_none();
         let (peer, announce) = self.peer_to_save(&req, existing, &caller, now)?;
         self.store.save_peer(&peer)?;
@@ -189,7 +189,13 @@ impl Relay {
     /// Who the registered peer belongs to: `caller`, unless it already has another peer in the
     /// group (a token stands for one agent: at most one peer per group), else a new principal
     /// with a token of its own. Taking over `existing` needs its own token or daemon.
-    fn token_holder(&self, caller: Option<&Caller>, req: &RegisterRequest, existing: Option<&PeerRecord>) -> Result<Caller> {
+    fn token_holder(
+        &self,
+        caller: Option<&Caller>,
+        req: &RegisterRequest,
+        existing: Option<&PeerRecord>,
+        now: DateTime<Utc>,
+    ) -> Result<Caller> {
         // host, directory and name are visible to every member: registering with them is no
         // proof of being that peer. Only its own token, or the daemon that registered it, is.
         if let Some(peer) = existing {
@@ -207,7 +213,7 @@ impl Relay {
             }
         }
         let token = secrets::new_token();
-        let principal = self.store.create_principal(&secrets::token_hash(&token), self.clock.now())?;
+        let principal = self.store.create_principal(&secrets::token_hash(&token), now)?;
         Ok(Caller { principal, token })
     }
 
