@@ -4,6 +4,7 @@
 pub mod claude;
 pub mod desktop;
 pub mod mcp;
+pub mod nats;
 pub mod sse;
 pub mod tmux;
 

@@ -73,7 +73,7 @@ impl Config {
     }
 
     pub fn hostname(&self) -> String {
-        self.hostname.clone().unwrap_or_else(system_hostname)
+        self.hostname.clone().unwrap_or_else(relay_util::system_hostname)
     }
 
     /// Trailing slashes and a `/mcp` suffix name the same server.
@@ -147,17 +147,6 @@ fn server_in(text: &str) -> Option<String> {
     table.get("server")?.as_str().map(str::to_owned)
 }
 
-pub fn system_hostname() -> String {
-    let mut buf = [0u8; 256];
-    // SAFETY: the buffer is valid for its length; gethostname NUL-terminates within it.
-    let ok = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) } == 0;
-    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
-    match std::str::from_utf8(&buf[..end]) {
-        Ok(name) if ok && !name.is_empty() => name.to_owned(),
-        _ => "localhost".to_owned(),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -203,6 +192,6 @@ mod tests {
     fn server_urls_normalize() {
         assert_eq!(Config::normalize_server("http://h:1/mcp/"), "http://h:1");
         assert_eq!(Config::normalize_server("https://h/"), "https://h");
-        assert!(!system_hostname().is_empty());
+        assert!(!relay_util::system_hostname().is_empty());
     }
 }

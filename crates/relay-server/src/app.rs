@@ -63,7 +63,16 @@ pub fn router(relay: Arc<Relay>, config: &Config, shutdown: CancellationToken) -
         router = router.layer(middleware::from_fn(client_behind_proxy));
     }
     // after the layers: load balancers probe by IP
-    router.route("/healthz", get(|| async { "ok\n" })).with_state(state)
+    router.route("/healthz", get(healthz)).with_state(state)
+}
+
+/// "ok" while this node can serve; 503 and why when its store cannot (a cluster node that
+/// lost JetStream), so a load balancer sends clients elsewhere.
+async fn healthz(State(state): State<AppState>) -> Response {
+    match state.relay.store().unhealthy() {
+        None => "ok\n".into_response(),
+        Some(why) => (StatusCode::SERVICE_UNAVAILABLE, format!("unhealthy: {why}\n")).into_response(),
+    }
 }
 
 async fn metrics(State(state): State<AppState>) -> Response {

@@ -51,6 +51,52 @@ pub struct Config {
     /// Answer plainly well-formed stateless `tools/call` requests without rmcp's
     /// per-request service (see `direct_calls`); off sends every request through rmcp.
     pub direct_tool_calls: bool,
+    /// Run as one node of a cluster whose state lives in NATS JetStream.
+    pub cluster: ClusterConfig,
+}
+
+/// `[cluster]`: where the cluster's state lives. Without `nats` the server is a single node
+/// on SQLite (or memory).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// NATS server URLs (`nats://host:4222`); any one reachable is enough to start.
+    pub nats: Vec<String>,
+    /// Copies JetStream keeps of each stream and bucket; 3 survives the loss of one NATS
+    /// server. Only applies when they are created (see `relay-server cluster check`).
+    pub replicas: usize,
+    /// This node's name in presence and logs [default: host name and process id].
+    pub node_name: Option<String>,
+    /// Seconds a node's presence outlives its last refresh: how long a node that died
+    /// still shows its streams' peers online.
+    pub presence_ttl_secs: u64,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        Self { nats: Vec::new(), replicas: 3, node_name: None, presence_ttl_secs: 30 }
+    }
+}
+
+impl ClusterConfig {
+    pub fn enabled(&self) -> bool {
+        !self.nats.is_empty()
+    }
+
+    /// This node's name: the configured one, else host name and process id (unique while
+    /// the process lives, which is all presence needs).
+    pub fn node(&self) -> String {
+        self.node_name.clone().unwrap_or_else(|| format!("{}-{}", relay_util::system_hostname(), std::process::id()))
+    }
+
+    pub fn nats_options(&self) -> crate::store::nats::NatsOptions {
+        crate::store::nats::NatsOptions {
+            urls: self.nats.clone(),
+            replicas: self.replicas,
+            node: self.node(),
+            presence_ttl: std::time::Duration::from_secs(self.presence_ttl_secs),
+        }
+    }
 }
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8765";
@@ -80,6 +126,7 @@ impl Default for Config {
             unused_session_secs: 60,
             synchronous: Synchronous::Normal,
             direct_tool_calls: true,
+            cluster: ClusterConfig::default(),
         }
     }
 }
@@ -137,6 +184,15 @@ impl Config {
             return Err(ConfigError::Invalid(
                 "client_timeout_secs must be more than half of heartbeat_secs (heartbeats keep streams open)".into(),
             ));
+        }
+        if self.cluster.enabled() && self.ephemeral {
+            return Err(ConfigError::Invalid("--ephemeral and --nats exclude each other: a cluster keeps its state in NATS".into()));
+        }
+        if self.cluster.enabled() && !(1..=5).contains(&self.cluster.replicas) {
+            return Err(ConfigError::Invalid("cluster.replicas must be between 1 and 5 (JetStream's limit)".into()));
+        }
+        if self.cluster.enabled() && self.cluster.presence_ttl_secs < 3 {
+            return Err(ConfigError::Invalid("cluster.presence_ttl_secs must be at least 3".into()));
         }
         if self.max_request_bytes < self.max_message_bytes {
             return Err(ConfigError::Invalid("max_request_bytes must be at least max_message_bytes".into()));
@@ -199,6 +255,10 @@ pub struct Args {
     /// Seconds between heartbeat comments on event streams [default: 15]
     #[arg(long, env = "RELAY_HEARTBEAT_SECS")]
     pub heartbeat_secs: Option<u64>,
+    /// Run as a cluster node on these NATS JetStream servers (comma-separated URLs)
+    /// instead of SQLite; see docs/cluster.md
+    #[arg(long, env = "RELAY_NATS", value_delimiter = ',', conflicts_with_all = ["data_dir", "ephemeral"])]
+    pub nats: Vec<String>,
     /// TOML config file [default: ~/.config/relay/server.toml when present]
     #[arg(long, short = 'c', env = "RELAY_CONFIG")]
     pub config: Option<PathBuf>,
@@ -243,6 +303,9 @@ impl Args {
         }
         if let Some(v) = self.heartbeat_secs {
             config.heartbeat_secs = v;
+        }
+        if !self.nats.is_empty() {
+            config.cluster.nats = self.nats;
         }
         config
     }

@@ -51,6 +51,9 @@ pub enum ServerError {
 
 /// Opens the store the config asks for.
 pub fn open_store(config: &Config) -> Result<Arc<dyn store::Store>, ServerError> {
+    if config.cluster.enabled() {
+        return Ok(Arc::new(store::nats::NatsStore::open(config.cluster.nats_options())?));
+    }
     if config.ephemeral {
         return Ok(Arc::new(store::MemoryStore::new()));
     }
@@ -65,7 +68,13 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
     config.check(addr)?;
     let store = open_store(&config)?;
     let relay = Arc::new(Relay::new(store, Arc::new(clock::SystemClock), config.limits()));
-    let storage = if config.ephemeral { "memory (ephemeral)".to_owned() } else { config.data_dir()?.display().to_string() };
+    let storage = if config.cluster.enabled() {
+        format!("NATS JetStream at {} (node {})", config.cluster.nats.join(","), config.cluster.node())
+    } else if config.ephemeral {
+        "memory (ephemeral)".to_owned()
+    } else {
+        config.data_dir()?.display().to_string()
+    };
     tracing::info!(%addr, %storage, "relay-server listening; MCP at http://{addr}/mcp");
     serve(relay, &config, listener, shutdown).await
 }

@@ -6,15 +6,22 @@
 //! channel carries weak references, and the messages themselves are kept by [`Recent`]: the
 //! newest entries server-wide, within `live_buffer_bytes` and [`RECENT_FOR`]. A reader that
 //! meets an entry no longer kept reads it from the store instead.
+//!
+//! On a single node the sender hands each new entry to [`Fanout::entry`] as it commits it.
+//! In a cluster every node, the sender's included, learns of new entries and receipts by
+//! following the shared store ([`Store::follow`]), so each group's streams see one order.
 
-use std::collections::VecDeque;
-use std::sync::{Arc, OnceLock, Weak};
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use tokio::sync::broadcast;
 
+use crate::lock;
+use crate::metrics::Metrics;
 use crate::relay::ReceiptNote;
-use crate::store::LogEntry;
+use crate::store::{Following, GroupNews, LogEntry, Store, StoreError};
 
 /// Entries older than this are left to the store: a stream that keeps up took them long ago.
 pub const RECENT_FOR: Duration = Duration::from_secs(10);
@@ -86,6 +93,111 @@ impl Recent {
     /// Bytes the kept entries may come to.
     pub fn held(&self) -> usize {
         self.held
+    }
+}
+
+/// Every group with open streams on this node, and what they are sent.
+pub struct Fanout {
+    channels: Mutex<HashMap<String, Channel>>,
+    /// The new entries the channels refer to (taken inside `channels`).
+    recent: Mutex<Recent>,
+    metrics: Arc<Metrics>,
+    buffer: usize,
+}
+
+struct Channel {
+    tx: broadcast::Sender<Live>,
+    /// The newest entry sent: a store that follows may repeat older ones after a reconnect.
+    last_seq: u64,
+    /// Present while a shared store feeds this channel; dropping it stops the feed.
+    _following: Option<Following>,
+}
+
+/// The channels, locked: the single-node sender holds this across its commit so entries
+/// leave in sequence order.
+pub struct Channels<'a> {
+    fanout: &'a Fanout,
+    map: MutexGuard<'a, HashMap<String, Channel>>,
+}
+
+impl Fanout {
+    pub fn new(buffer: usize, live_buffer_bytes: usize, metrics: Arc<Metrics>) -> Arc<Self> {
+        Arc::new(Self { channels: Mutex::default(), recent: Mutex::new(Recent::new(live_buffer_bytes)), metrics, buffer: buffer.max(1) })
+    }
+
+    pub fn lock(&self) -> Channels<'_> {
+        Channels { fanout: self, map: lock(&self.channels) }
+    }
+
+    /// A receiver of the group's live events, and the sequence number they follow: every
+    /// entry after it arrives on the receiver, everything up to it is in the store.
+    pub fn subscribe(self: &Arc<Self>, store: &dyn Store, group_id: &str) -> Result<(broadcast::Receiver<Live>, u64), StoreError> {
+        let mut channels = self.lock();
+        let head = store.head_seq(group_id)?;
+        if let Some(channel) = channels.map.get(group_id) {
+            return Ok((channel.tx.subscribe(), head));
+        }
+        let (tx, rx) = broadcast::channel(self.buffer);
+        let news: Arc<dyn GroupNews> = Arc::new(News { fanout: Arc::downgrade(self) });
+        let following = if store.shared() { Some(store.follow(group_id, head, news)?) } else { None };
+        channels.map.insert(group_id.to_owned(), Channel { tx, last_seq: head, _following: following });
+        Ok((rx, head))
+    }
+
+    /// Lets go of a group no stream listens to any longer (and stops following it).
+    pub fn release(&self, group_id: &str) {
+        let mut channels = self.lock();
+        if channels.map.get(group_id).is_some_and(|c| c.tx.receiver_count() == 0) {
+            channels.map.remove(group_id);
+        }
+    }
+
+    /// Sends a receipt to the group's streams on this node.
+    pub fn receipt(&self, group_id: &str, note: Arc<ReceiptNote>) {
+        if let Some(channel) = self.lock().map.get(group_id) {
+            let _ = channel.tx.send(Live::Receipt(note));
+        }
+    }
+}
+
+impl Channels<'_> {
+    /// Sends a new entry to its group's streams on this node, unless they had it already.
+    pub fn entry(&mut self, entry: Arc<LogEntry>) {
+        let Some(channel) = self.map.get_mut(&entry.group_id) else { return };
+        if entry.seq <= channel.last_seq {
+            return;
+        }
+        channel.last_seq = entry.seq;
+        let reference = {
+            let mut recent = lock(&self.fanout.recent);
+            let reference = recent.keep(LiveEntry { entry: entry.clone(), frames: Default::default() });
+            self.fanout.metrics.live_bytes(recent.held());
+            reference
+        };
+        if channel.tx.send(Live::Entry(reference)).is_err() {
+            self.map.remove(&entry.group_id);
+        }
+    }
+}
+
+/// What a shared store tells this node about a group it follows.
+struct News {
+    fanout: Weak<Fanout>,
+}
+
+impl GroupNews for News {
+    fn entry(&self, entry: LogEntry) {
+        if let Some(fanout) = self.fanout.upgrade() {
+            fanout.lock().entry(Arc::new(entry));
+        }
+    }
+
+    fn note(&self, group_id: &str, note: &[u8]) {
+        let Some(fanout) = self.fanout.upgrade() else { return };
+        match serde_json::from_slice::<ReceiptNote>(note) {
+            Ok(note) => fanout.receipt(group_id, Arc::new(note)),
+            Err(e) => tracing::warn!(error = %e, group_id, "dropping a receipt note another node shared"),
+        }
     }
 }
 

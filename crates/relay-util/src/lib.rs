@@ -131,6 +131,18 @@ pub fn write_atomically(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result
     std::fs::rename(&tmp, path)
 }
 
+/// This machine's host name ("localhost" when it has none).
+pub fn system_hostname() -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: the buffer is valid for its length; gethostname NUL-terminates within it.
+    let ok = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) } == 0;
+    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    match std::str::from_utf8(&buf[..end]) {
+        Ok(name) if ok && !name.is_empty() => name.to_owned(),
+        _ => "localhost".to_owned(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -80,19 +80,16 @@ impl Relay {
 
     /// Commits the entry, then hands it to the group's live streams, in sequence order;
     /// with `true` when it repeated an earlier send of the same key (nothing committed).
+    /// A shared store hands it to them itself (see `live`), so a cluster node commits
+    /// without holding the streams up.
     pub(super) fn publish(&self, entry: NewEntry) -> Result<(Arc<LogEntry>, bool)> {
-        let mut live = lock(&self.live);
+        let mut channels = (!self.store.shared()).then(|| self.fanout.lock());
         if let Some(earlier) = self.earlier_send(&entry)? {
             return Ok((Arc::new(earlier), true));
         }
         let stored = Arc::new(self.store.append(entry)?);
-        if let Some(tx) = live.get(&stored.group_id) {
-            let mut recent = lock(&self.recent);
-            let entry = recent.keep(LiveEntry { entry: stored.clone(), frames: Default::default() });
-            self.metrics.live_bytes(recent.held());
-            if tx.send(Live::Entry(entry)).is_err() {
-                live.remove(&stored.group_id);
-            }
+        if let Some(channels) = &mut channels {
+            channels.entry(stored.clone());
         }
         if let Some(kind) = stored.kind.message_kind() {
             self.metrics.message(kind);
@@ -103,17 +100,7 @@ impl Relay {
     /// Live entries of a group, and the sequence number they follow: every entry after it
     /// arrives on the receiver, everything up to it is in the store.
     pub fn subscribe(&self, group_id: &str) -> Result<(broadcast::Receiver<Live>, u64)> {
-        let mut live = lock(&self.live);
-        let head = self.store.head_seq(group_id)?;
-        let rx = match live.get(group_id) {
-            Some(tx) => tx.subscribe(),
-            None => {
-                let (tx, rx) = broadcast::channel(self.limits.stream_buffer.max(1));
-                live.insert(group_id.to_owned(), tx);
-                rx
-            }
-        };
-        Ok((rx, head))
+        Ok(self.fanout.subscribe(&*self.store, group_id)?)
     }
 
     fn take_rate_token(&self, peer_id: &str) -> Result<()> {

@@ -24,7 +24,7 @@ use tokio::sync::broadcast;
 
 use crate::clock::Clock;
 use crate::error::RelayError;
-use crate::live::{Live, LiveEntry, Recent};
+use crate::live::{Fanout, Live};
 use crate::lock;
 use crate::metrics::Metrics;
 use crate::rate::Buckets;
@@ -86,11 +86,9 @@ pub struct Relay {
     store: Arc<dyn Store>,
     clock: Arc<dyn Clock>,
     limits: Limits,
-    pub metrics: Metrics,
-    /// Held while appending and publishing, so live events leave in sequence order.
-    live: Mutex<HashMap<String, broadcast::Sender<Live>>>,
-    /// The new entries the live channels refer to (taken inside `live`).
-    recent: Mutex<Recent>,
+    pub metrics: Arc<Metrics>,
+    /// The groups with open streams on this node, and what they are sent.
+    fanout: Arc<Fanout>,
     /// Held while a delivery state moves, so two reports cannot both move it.
     delivering: Mutex<()>,
     /// Held for a whole registration: no two can race to create the same peer or group.
@@ -113,12 +111,12 @@ const WRONG_KEYS_PER_MINUTE: u32 = 10;
 
 impl Relay {
     pub fn new(store: Arc<dyn Store>, clock: Arc<dyn Clock>, limits: Limits) -> Self {
+        let metrics = Arc::new(Metrics::default());
         Self {
             store,
             clock,
-            metrics: Metrics::default(),
-            live: Mutex::default(),
-            recent: Mutex::new(Recent::new(limits.live_buffer_bytes)),
+            fanout: Fanout::new(limits.stream_buffer, limits.live_buffer_bytes, metrics.clone()),
+            metrics,
             delivering: Mutex::default(),
             registering: Mutex::default(),
             reading: Mutex::default(),

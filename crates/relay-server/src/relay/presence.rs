@@ -38,15 +38,23 @@ impl Relay {
         Ok(out)
     }
 
-    /// A peer is online while it has an event stream open, or its daemon has one for its group.
+    /// A peer is online while it has an event stream open, or its daemon has one for its
+    /// group, on any node.
     fn is_online(&self, peer: &PeerRecord) -> bool {
         let streams = lock(&self.streams);
-        let open = |key: &str| streams.get(key).is_some_and(|n| *n > 0);
+        let open = |key: &str| streams.get(key).is_some_and(|n| *n > 0) || self.store.online_elsewhere(key);
         open(&peer.peer_id) || peer.daemon_id.as_ref().is_some_and(|d| open(&daemon_stream_key(d, &peer.group_id)))
     }
 
     pub fn stream_opened(&self, audience: &Audience, group_id: &str) {
-        *lock(&self.streams).entry(audience.presence_key(group_id)).or_default() += 1;
+        let key = audience.presence_key(group_id);
+        let mut streams = lock(&self.streams);
+        let count = streams.entry(key.clone()).or_default();
+        *count += 1;
+        if *count == 1 {
+            self.store.set_online(&key, true);
+        }
+        drop(streams);
         self.metrics.stream_opened(audience.is_daemon());
         if let Audience::Peer(peer_id) = audience {
             let _ = self.store.touch_peer(peer_id, self.clock.now());
@@ -61,6 +69,7 @@ impl Relay {
                 *n -= 1;
                 if *n == 0 {
                     streams.remove(&key);
+                    self.store.set_online(&key, false);
                 }
             }
         }
@@ -68,10 +77,7 @@ impl Relay {
         if let Audience::Peer(peer_id) = audience {
             let _ = self.store.touch_peer(peer_id, self.clock.now());
         }
-        let mut live = lock(&self.live);
-        if live.get(group_id).is_some_and(|tx| tx.receiver_count() == 0) {
-            live.remove(group_id);
-        }
+        self.fanout.release(group_id);
     }
 }
 

@@ -14,7 +14,7 @@ pub struct ReceiptOutcome {
 
 /// A receipt on its way to the streams of the message's sender, and (read, held, failed) of
 /// the recipient whose copy it is, so its pane knows when a reminder is no longer needed.
-#[derive(Debug)]
+#[derive(Debug, Serialize, Deserialize)]
 pub struct ReceiptNote {
     pub event: Event,
     /// The message's sender and the recipient: the only peers that see the receipt.
@@ -81,9 +81,12 @@ impl Relay {
             detail,
         };
         let peers = [message.sender_id.clone(), recipient.peer_id.clone()];
-        let note = Live::Receipt(Arc::new(ReceiptNote { event, peers, daemons }));
-        if let Some(tx) = lock(&self.live).get(&message.group_id) {
-            let _ = tx.send(note);
+        let note = ReceiptNote { event, peers, daemons };
+        if self.store.shared() {
+            // every node's streams, this one's included, hear it through the store
+            self.store.share(&message.group_id, serde_json::to_vec(&note).expect("notes serialize"));
+        } else {
+            self.fanout.receipt(&message.group_id, Arc::new(note));
         }
         Ok(true)
     }

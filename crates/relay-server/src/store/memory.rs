@@ -38,6 +38,8 @@ impl MemoryStore {
     }
 }
 
+impl super::Shared for MemoryStore {}
+
 impl Store for MemoryStore {
     fn group(&self, group_id: &str) -> Result<Option<GroupRecord>> {
         Ok(self.lock().groups.get(group_id).cloned())
@@ -163,7 +165,7 @@ impl Store for MemoryStore {
         // seq n sits at index n-1
         let start = (q.after_seq as usize).min(log.len());
         let end = q.up_to_seq.map_or(log.len(), |s| (s as usize).min(log.len())).max(start);
-        let matching = log[start..end].iter().filter(|e| matches(q, e));
+        let matching = log[start..end].iter().filter(|e| q.matches(e));
         let out = if q.newest_first { matching.rev().take(q.limit).cloned().collect() } else { matching.take(q.limit).cloned().collect() };
         Ok(out)
     }
@@ -197,16 +199,6 @@ impl Store for MemoryStore {
     }
 }
 
-fn matches(q: &LogQuery, e: &LogEntry) -> bool {
-    q.kinds.as_ref().is_none_or(|k| k.contains(&e.kind))
-        && q.since.is_none_or(|t| e.created_at >= t)
-        && q.until.is_none_or(|t| e.created_at <= t)
-        && q.dm_between.as_ref().is_none_or(|(a, b)| {
-            let (from, to) = (e.sender_id.as_str(), e.recipient_id.as_deref().unwrap_or(""));
-            (from == a && to == b) || (from == b && to == a)
-        })
-}
-
 #[cfg(test)]
 mod tests {
     use super::super::contract;
@@ -231,6 +223,7 @@ mod tests {
     fn log() {
         contract::log(&MemoryStore::new());
         contract::idempotency_keys(&MemoryStore::new());
+        contract::long_logs(&MemoryStore::new());
     }
 
     #[test]

@@ -1,15 +1,20 @@
 //! Durable state behind one narrow trait: SQLite by default ([`sqlite`]), memory for
 //! `--ephemeral` ([`memory`]).
 //!
-//! The trait speaks in whole operations (append an entry, save a peer) so a replicated
-//! backend can take its place later. Callers serialize writes to one group (see
-//! `relay::Relay`), so implementations need not order concurrent appends themselves.
+//! The trait speaks in whole operations (append an entry, save a peer), so the cluster's
+//! NATS JetStream backend ([`nats`]) takes the same place. A single node's store has no
+//! other writers; a shared one says so ([`Store::shared`]) and tells each node what the
+//! others did ([`Store::follow`]), and what they see online.
 
 pub mod memory;
+pub mod nats;
 pub mod sqlite;
+
+use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 use relay_proto::{Addressed, DeliveryState, EventKind};
+use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 pub use memory::MemoryStore;
@@ -29,12 +34,16 @@ pub enum StoreError {
     InUse { path: String },
     #[error("cannot start the WAL checkpoint thread: {0}")]
     Checkpointer(std::io::Error),
+    #[error("NATS JetStream: {0}")]
+    Nats(String),
+    #[error("stored data is damaged: {0}")]
+    Corrupt(String),
 }
 
 pub type Result<T> = std::result::Result<T, StoreError>;
 
 /// A group as stored.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GroupRecord {
     pub group_id: String,
     /// Argon2 PHC string of the join key, when the group has one.
@@ -46,7 +55,7 @@ pub struct GroupRecord {
 pub type PrincipalId = i64;
 
 /// A peer as stored.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PeerRecord {
     pub peer_id: String,
     pub group_id: String,
@@ -108,7 +117,7 @@ pub struct NewEntry {
 }
 
 /// Where one recipient's copy of a message is. A recipient with no record is `stored`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DeliveryRecord {
     pub message_id: String,
     pub peer_id: String,
@@ -135,7 +144,21 @@ pub struct LogQuery {
     pub limit: usize,
 }
 
-pub trait Store: Send + Sync + 'static {
+impl LogQuery {
+    /// Whether `e` passes the filters (kinds, time range, DM thread); sequence bounds and
+    /// the limit are the reader's to apply.
+    pub fn matches(&self, e: &LogEntry) -> bool {
+        self.kinds.as_ref().is_none_or(|k| k.contains(&e.kind))
+            && self.since.is_none_or(|t| e.created_at >= t)
+            && self.until.is_none_or(|t| e.created_at <= t)
+            && self.dm_between.as_ref().is_none_or(|(a, b)| {
+                let (from, to) = (e.sender_id.as_str(), e.recipient_id.as_deref().unwrap_or(""));
+                (from == a && to == b) || (from == b && to == a)
+            })
+    }
+}
+
+pub trait Store: Shared + Send + Sync + 'static {
     fn group(&self, group_id: &str) -> Result<Option<GroupRecord>>;
     /// Fails with [`StoreError::Conflict`] when the group exists.
     fn create_group(&self, group: &GroupRecord) -> Result<()>;
@@ -184,6 +207,51 @@ pub trait Store: Send + Sync + 'static {
     fn deliveries(&self, message_id: &str) -> Result<Vec<DeliveryRecord>>;
     /// Inserts or replaces the record of (message, peer).
     fn save_delivery(&self, record: &DeliveryRecord) -> Result<()>;
+}
+
+/// What a shared store tells a node about a group the node follows.
+pub trait GroupNews: Send + Sync + 'static {
+    /// An entry some node appended, in sequence order. After a reconnect the same entry
+    /// may come again; the receiver drops what it has seen.
+    fn entry(&self, entry: LogEntry);
+    /// A note a node shared for the group ([`Store::share`]), this node's own included.
+    fn note(&self, group_id: &str, note: &[u8]);
+}
+
+/// Following a group: it stops when this is dropped.
+pub type Following = Box<dyn std::any::Any + Send + Sync>;
+
+/// The parts of [`Store`] only a store shared by several nodes needs; a single node's
+/// store keeps the defaults (nobody else writes, nobody else holds streams).
+pub trait Shared {
+    /// Whether other nodes append to this store: then each new entry reaches the live
+    /// streams through [`Store::follow`], the appending node's own included.
+    fn shared(&self) -> bool {
+        false
+    }
+    /// Calls `news` with every entry of the group after `after_seq`, and every note shared
+    /// for it, until the returned value is dropped.
+    fn follow(&self, group_id: &str, after_seq: u64, news: Arc<dyn GroupNews>) -> Result<Following> {
+        let _ = (group_id, after_seq, news);
+        Err(StoreError::Nats("this store is not shared".into()))
+    }
+    /// Hands `note` to every node following the group (at most once; nothing is kept).
+    fn share(&self, group_id: &str, note: Vec<u8>) {
+        let _ = (group_id, note);
+    }
+    /// This node holds a stream for `key` (a peer, or a daemon's group), or no longer does.
+    fn set_online(&self, key: &str, online: bool) {
+        let _ = (key, online);
+    }
+    /// Whether another node holds a stream for `key`.
+    fn online_elsewhere(&self, key: &str) -> bool {
+        let _ = key;
+        false
+    }
+    /// Why the store cannot serve now, if it cannot (for `/healthz`).
+    fn unhealthy(&self) -> Option<String> {
+        None
+    }
 }
 
 /// Runs the same behavioural tests against every store.
@@ -351,17 +419,19 @@ pub(crate) mod contract {
         assert_eq!(store.entry_by_key("a", "k-1").unwrap().map(|e| e.id), Some("m1".into()));
     }
 
+    /// Sequence numbers rise within a group; a shared store's are not consecutive.
     pub fn log(store: &dyn Store) {
         assert_eq!(store.head_seq("g").unwrap(), 0);
         let e1 = store.append(entry("g", "m1", EventKind::Message, "a", None, 1)).unwrap();
-        assert_eq!(e1.seq, 1);
-        store.append(entry("g", "m2", EventKind::Dm, "a", Some("b"), 2)).unwrap();
-        store.append(entry("g", "m3", EventKind::Dm, "b", Some("a"), 3)).unwrap();
+        assert!(e1.seq >= 1);
+        let m2 = store.append(entry("g", "m2", EventKind::Dm, "a", Some("b"), 2)).unwrap().seq;
+        let m3 = store.append(entry("g", "m3", EventKind::Dm, "b", Some("a"), 3)).unwrap().seq;
         store.append(entry("g", "m4", EventKind::Dm, "a", Some("c"), 4)).unwrap();
-        store.append(entry("other", "o1", EventKind::Message, "z", None, 4)).unwrap();
-        store.append(entry("g", "j5", EventKind::PeerJoined, "d", None, 5)).unwrap();
-        assert_eq!(store.head_seq("g").unwrap(), 5);
-        assert_eq!(store.head_seq("other").unwrap(), 1);
+        let o1 = store.append(entry("other", "o1", EventKind::Message, "z", None, 4)).unwrap().seq;
+        let j5 = store.append(entry("g", "j5", EventKind::PeerJoined, "d", None, 5)).unwrap().seq;
+        assert!(e1.seq < m2 && m2 < m3 && m3 < j5);
+        assert_eq!(store.head_seq("g").unwrap(), j5);
+        assert_eq!(store.head_seq("other").unwrap(), o1);
 
         let ids = |q: LogQuery| store.entries(&q).unwrap().into_iter().map(|e| e.id).collect::<Vec<_>>();
         let all = LogQuery { group_id: "g".into(), limit: 100, ..Default::default() };
@@ -370,7 +440,7 @@ pub(crate) mod contract {
             store.entries(&all).unwrap()[1],
             LogEntry {
                 group_id: "g".into(),
-                seq: 2,
+                seq: m2,
                 id: "m2".into(),
                 kind: EventKind::Dm,
                 sender_id: "a".into(),
@@ -381,17 +451,37 @@ pub(crate) mod contract {
                 created_at: t(2),
             }
         );
-        assert_eq!(ids(LogQuery { after_seq: 3, ..all.clone() }), vec!["m4", "j5"]);
-        assert_eq!(ids(LogQuery { up_to_seq: Some(2), ..all.clone() }), vec!["m1", "m2"]);
+        assert_eq!(ids(LogQuery { after_seq: m3, ..all.clone() }), vec!["m4", "j5"]);
+        assert_eq!(ids(LogQuery { up_to_seq: Some(m2), ..all.clone() }), vec!["m1", "m2"]);
         assert_eq!(ids(LogQuery { limit: 2, ..all.clone() }), vec!["m1", "m2"]);
         assert_eq!(ids(LogQuery { limit: 2, newest_first: true, ..all.clone() }), vec!["j5", "m4"]);
+        assert_eq!(ids(LogQuery { newest_first: true, after_seq: m2, up_to_seq: Some(j5 - 1), ..all.clone() }), vec!["m4", "m3"]);
         assert_eq!(ids(LogQuery { kinds: Some(vec![EventKind::Dm]), ..all.clone() }), vec!["m2", "m3", "m4"]);
         assert_eq!(ids(LogQuery { since: Some(t(2)), until: Some(t(3)), ..all.clone() }), vec!["m2", "m3"]);
         let thread = LogQuery { dm_between: Some(("b".into(), "a".into())), ..all.clone() };
         assert_eq!(ids(thread), vec!["m2", "m3"]);
-        assert_eq!(store.entry_by_id("m3").unwrap().map(|e| (e.group_id, e.seq)), Some(("g".into(), 3)));
+        assert_eq!(store.entry_by_id("m3").unwrap().map(|e| (e.group_id, e.seq)), Some(("g".into(), m3)));
         assert_eq!(store.entry_by_id("o1").unwrap().map(|e| e.group_id), Some("other".into()));
         assert_eq!(store.entry_by_id("nope").unwrap(), None);
+    }
+
+    /// More entries than one read returns, in order, with none lost at the page edges.
+    pub fn long_logs(store: &dyn Store) {
+        let mut seqs = Vec::new();
+        for i in 0..600 {
+            let group = if i % 3 == 0 { "noise" } else { "long" };
+            let e = store.append(entry(group, &format!("long{i}"), EventKind::Message, "a", None, i)).unwrap();
+            if group == "long" {
+                seqs.push(e.seq);
+            }
+        }
+        let all = LogQuery { group_id: "long".into(), limit: 10_000, ..Default::default() };
+        let read: Vec<u64> = store.entries(&all).unwrap().iter().map(|e| e.seq).collect();
+        assert_eq!(read, seqs);
+        let tail: Vec<u64> = store.entries(&LogQuery { after_seq: seqs[299], ..all.clone() }).unwrap().iter().map(|e| e.seq).collect();
+        assert_eq!(tail, seqs[300..]);
+        let newest: Vec<u64> = store.entries(&LogQuery { newest_first: true, limit: 3, ..all }).unwrap().iter().map(|e| e.seq).collect();
+        assert_eq!(newest, [seqs[399], seqs[398], seqs[397]]);
     }
 
     pub fn deliveries(store: &dyn Store) {

@@ -458,6 +458,8 @@ fn log_row(r: &Row<'_>) -> rusqlite::Result<LogEntry> {
     })
 }
 
+impl super::Shared for SqliteStore {}
+
 impl Store for SqliteStore {
     fn group(&self, group_id: &str) -> Result<Option<GroupRecord>> {
         let conn = self.conn();
@@ -757,6 +759,7 @@ mod tests {
     fn log() {
         contract::log(&SqliteStore::open_in_memory().unwrap());
         contract::idempotency_keys(&SqliteStore::open_in_memory().unwrap());
+        contract::long_logs(&SqliteStore::open_in_memory().unwrap());
     }
 
     #[test]

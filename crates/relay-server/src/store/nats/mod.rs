@@ -1,0 +1,720 @@
+//! The cluster's store: every node keeps its state in NATS JetStream, so any node serves
+//! any client and a node can die with nothing lost.
+//!
+//! | what | where | key / subject |
+//! |---|---|---|
+//! | group logs | stream `RELAY_LOG` | `relay.log.<group>` (sequence = SSE id) |
+//! | groups | bucket `relay_groups` | group |
+//! | token holders | bucket `relay_principals` | sha256(token), hex |
+//! | daemons | bucket `relay_daemons` | sha256(token), hex |
+//! | peers | bucket `relay_peers` (mirrored in memory by every node) | peer |
+//! | message index | bucket `relay_messages` | `id.<message>`, `key.<sender>.<sha256(key)>` |
+//! | delivery states | bucket `relay_deliveries` | message (all its recipients in one value) |
+//! | open streams | bucket `relay_presence` | `<peer or daemon/group>.<node>` |
+//! | live nodes | bucket `relay_nodes`, entries expire | node |
+//!
+//! Receipts reach other nodes' streams as plain NATS messages on `relay.note.<group>`:
+//! their state is in `relay_deliveries`; the note only saves a reader the asking.
+//! Names that are not plain `[A-Za-z0-9_-]` are hex-encoded behind a `=`.
+
+mod bridge;
+mod log;
+mod peers;
+mod presence;
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::{self, kv, stream};
+use async_nats::{Client, HeaderMap, ServerAddr};
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
+use futures::StreamExt;
+use sha2::{Digest, Sha256};
+use tokio_util::sync::CancellationToken;
+
+use super::{
+    DeliveryRecord, Following, GroupNews, GroupRecord, LogEntry, LogQuery, NewEntry, PeerRecord, PrincipalId, Result, Shared, Store,
+    StoreError,
+};
+use crate::lock;
+use bridge::Bridge;
+use peers::PeerMirror;
+use presence::Presence;
+
+pub const LOG_STREAM: &str = "RELAY_LOG";
+pub const BUCKETS: [&str; 8] = [
+    "relay_groups",
+    "relay_principals",
+    "relay_daemons",
+    "relay_peers",
+    "relay_messages",
+    "relay_deliveries",
+    "relay_presence",
+    "relay_nodes",
+];
+
+/// How long a node keeps trying to reach NATS and set up its streams when it starts.
+const STARTUP: Duration = Duration::from_secs(60);
+/// How long one JetStream request may take.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a read waits for this node's peer mirror to reach another node's write.
+const MIRROR_WAIT: Duration = Duration::from_secs(2);
+
+/// Where the cluster's NATS is and how this node takes part.
+#[derive(Debug, Clone)]
+pub struct NatsOptions {
+    pub urls: Vec<String>,
+    pub replicas: usize,
+    pub node: String,
+    pub presence_ttl: Duration,
+}
+
+pub struct NatsStore {
+    bridge: Bridge,
+    inner: Arc<Inner>,
+    stop: CancellationToken,
+}
+
+struct Inner {
+    client: Client,
+    js: jetstream::Context,
+    log: stream::Stream,
+    groups: kv::Store,
+    principals: kv::Store,
+    daemons: kv::Store,
+    peers: kv::Store,
+    messages: kv::Store,
+    deliveries: kv::Store,
+    mirror: Mutex<PeerMirror>,
+    presence: Presence,
+}
+
+pub(crate) fn nats_error(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Nats(e.to_string())
+}
+
+/// A name as a NATS subject token or key part: itself when plain, else `=` and its hex.
+pub(crate) fn subject_token(name: &str) -> String {
+    if !name.is_empty() && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
+        name.to_owned()
+    } else {
+        format!("={}", hex::encode(name))
+    }
+}
+
+fn json<T: serde::Serialize>(value: &T) -> Bytes {
+    serde_json::to_vec(value).expect("records serialize").into()
+}
+
+fn parse<T: serde::de::DeserializeOwned>(what: &str, bytes: &[u8]) -> Result<T> {
+    serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt(format!("{what}: {e}")))
+}
+
+impl NatsStore {
+    /// Connects, creates the streams and buckets that are missing (with `replicas`
+    /// copies), loads the peers and starts following their changes. Keeps trying for a
+    /// minute while NATS starts or elects its leaders.
+    pub fn open(options: NatsOptions) -> Result<Self> {
+        let bridge = Bridge::new()?;
+        let stop = CancellationToken::new();
+        let inner = bridge.call(Inner::connect(options, stop.clone()))?;
+        Ok(Self { bridge, inner, stop })
+    }
+
+    fn call<T: Send + 'static, F>(&self, work: impl FnOnce(Arc<Inner>) -> F) -> Result<T>
+    where
+        F: Future<Output = Result<T>> + Send + 'static,
+    {
+        self.bridge.call(work(self.inner.clone()))
+    }
+
+    /// Peers read from memory; `fresh` first waits until the mirror holds every change
+    /// made so far, on any node.
+    fn mirror<T>(&self, fresh: bool, read: impl Fn(&PeerMirror) -> T) -> Result<T> {
+        if fresh {
+            self.call(|inner| async move { inner.catch_up().await })?;
+        }
+        Ok(read(&lock(&self.inner.mirror)))
+    }
+}
+
+impl Drop for NatsStore {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+impl Inner {
+    async fn connect(options: NatsOptions, stop: CancellationToken) -> Result<Arc<Self>> {
+        let servers = server_addrs(&options.urls)?;
+        let deadline = Instant::now() + STARTUP;
+        let mut last_error = String::new();
+        while Instant::now() < deadline {
+            match Self::try_connect(&options, servers.clone(), &stop).await {
+                Ok(inner) => return Ok(inner),
+                Err(e) => {
+                    if last_error != e.to_string() {
+                        tracing::warn!(error = %e, "cannot set up the cluster's NATS yet; retrying");
+                        last_error = e.to_string();
+                    }
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+            }
+        }
+        Err(StoreError::Nats(format!("gave up after {}s: {last_error}", STARTUP.as_secs())))
+    }
+
+    async fn try_connect(options: &NatsOptions, servers: Vec<ServerAddr>, stop: &CancellationToken) -> Result<Arc<Self>> {
+        let client = async_nats::ConnectOptions::new()
+            .name(format!("relay-server {}", options.node))
+            .connection_timeout(Duration::from_secs(5))
+            .request_timeout(Some(REQUEST_TIMEOUT))
+            .connect(servers)
+            .await
+            .map_err(|e| StoreError::Nats(format!("cannot connect to {}: {e}", options.urls.join(","))))?;
+        let mut js = jetstream::new(client.clone());
+        js.set_timeout(REQUEST_TIMEOUT);
+        let log = js
+            .get_or_create_stream(stream::Config {
+                name: LOG_STREAM.into(),
+                description: Some("relay: every group's log, one subject per group".into()),
+                subjects: vec!["relay.log.>".into()],
+                num_replicas: options.replicas,
+                storage: stream::StorageType::File,
+                allow_direct: true,
+                duplicate_window: Duration::from_secs(120),
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| StoreError::Nats(format!("cannot create the stream {LOG_STREAM}: {e}")))?;
+        let bucket = |name: &'static str, storage, max_age| {
+            let js = js.clone();
+            let replicas = options.replicas;
+            async move {
+                js.create_or_update_key_value(kv::Config {
+                    bucket: name.into(),
+                    history: 1,
+                    num_replicas: replicas,
+                    storage,
+                    max_age,
+                    ..Default::default()
+                })
+                .await
+                .map_err(|e| StoreError::Nats(format!("cannot create the bucket {name}: {e}")))
+            }
+        };
+        let file = stream::StorageType::File;
+        let memory = stream::StorageType::Memory;
+        let inner = Arc::new(Self {
+            groups: bucket("relay_groups", file, Duration::ZERO).await?,
+            principals: bucket("relay_principals", file, Duration::ZERO).await?,
+            daemons: bucket("relay_daemons", file, Duration::ZERO).await?,
+            peers: bucket("relay_peers", file, Duration::ZERO).await?,
+            messages: bucket("relay_messages", file, Duration::ZERO).await?,
+            deliveries: bucket("relay_deliveries", file, Duration::ZERO).await?,
+            presence: Presence::start(
+                bucket("relay_presence", memory, Duration::ZERO).await?,
+                bucket("relay_nodes", memory, options.presence_ttl).await?,
+                options.node.clone(),
+                options.presence_ttl,
+                stop.clone(),
+            )
+            .await?,
+            mirror: Mutex::default(),
+            client,
+            js,
+            log,
+        });
+        inner.clone().follow_peers(stop.clone()).await?;
+        Ok(inner)
+    }
+
+    /// Loads the peers bucket into the mirror, then applies each change as it comes.
+    async fn follow_peers(self: Arc<Self>, stop: CancellationToken) -> Result<()> {
+        let head = self.peers_head().await?;
+        let mut watch = self.peers.watch_with_history(">").await.map_err(nats_error)?;
+        // the history first, so the node starts with every peer
+        while lock(&self.mirror).revision() < head {
+            match tokio::time::timeout(REQUEST_TIMEOUT, watch.next()).await {
+                Ok(Some(Ok(entry))) => self.apply_peer(&entry)?,
+                Ok(Some(Err(e))) => return Err(nats_error(e)),
+                Ok(None) | Err(_) => return Err(StoreError::Nats("loading the peers stopped short".into())),
+            }
+        }
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    () = stop.cancelled() => return,
+                    next = watch.next() => match next {
+                        Some(Ok(entry)) => {
+                            if let Err(e) = self.apply_peer(&entry) {
+                                tracing::error!(error = %e, key = entry.key, "ignoring a peer record");
+                            }
+                        }
+                        Some(Err(e)) => tracing::warn!(error = %e, "following the peers bucket"),
+                        None => {
+                            tracing::error!("the peers bucket's watch ended; this node's peer list goes stale");
+                            return;
+                        }
+                    },
+                }
+            }
+        });
+        Ok(())
+    }
+
+    fn apply_peer(&self, entry: &kv::Entry) -> Result<()> {
+        let mut mirror = lock(&self.mirror);
+        match entry.operation {
+            kv::Operation::Put => mirror.apply(parse("peer record", &entry.value)?, entry.revision),
+            // peers are never deleted, only marked as left
+            kv::Operation::Delete | kv::Operation::Purge => mirror.seen(entry.revision),
+        }
+        Ok(())
+    }
+
+    async fn peers_head(&self) -> Result<u64> {
+        let status = self.peers.status().await.map_err(nats_error)?;
+        Ok(status.info.state.last_sequence)
+    }
+
+    /// Waits until the mirror holds every peer change made so far.
+    async fn catch_up(&self) -> Result<()> {
+        let head = self.peers_head().await?;
+        let deadline = Instant::now() + MIRROR_WAIT;
+        while lock(&self.mirror).revision() < head {
+            if Instant::now() > deadline {
+                return Err(StoreError::Nats("this node's peer list is behind the cluster's".into()));
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        Ok(())
+    }
+
+    async fn save_peer(&self, peer: PeerRecord) -> Result<()> {
+        let revision = self.peers.put(subject_token(&peer.peer_id), json(&peer)).await.map_err(nats_error)?;
+        lock(&self.mirror).apply(peer, revision);
+        Ok(())
+    }
+
+    /// Changes one peer's record in place, retrying when another node changed it first.
+    async fn update_peer(&self, peer_id: &str, change: impl Fn(&mut PeerRecord)) -> Result<()> {
+        let key = subject_token(peer_id);
+        loop {
+            let Some(entry) = self.peers.entry(&key).await.map_err(nats_error)? else { return Ok(()) };
+            if entry.operation != kv::Operation::Put {
+                return Ok(());
+            }
+            let mut peer: PeerRecord = parse("peer record", &entry.value)?;
+            change(&mut peer);
+            match self.peers.update(&key, json(&peer), entry.revision).await {
+                Ok(revision) => {
+                    lock(&self.mirror).apply(peer, revision);
+                    return Ok(());
+                }
+                Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => continue,
+                Err(e) => return Err(nats_error(e)),
+            }
+        }
+    }
+
+    async fn append(&self, entry: NewEntry) -> Result<LogEntry> {
+        let mut headers = HeaderMap::new();
+        // a retried publish (or a retried send with the same key) is stored once
+        let dedupe = match &entry.idempotency_key {
+            Some(key) => format!("key:{}:{}", entry.sender_id, hex::encode(Sha256::digest(key.as_bytes()))),
+            None => entry.id.clone(),
+        };
+        headers.insert("Nats-Msg-Id", dedupe.as_str());
+        let ack = self
+            .js
+            .publish_with_headers(log::subject(&entry.group_id), headers, log::encode(&entry))
+            .await
+            .map_err(nats_error)?
+            .await
+            .map_err(|e| StoreError::Nats(format!("the log did not confirm the write: {e}")))?;
+        let stored = if ack.duplicate { self.entry_at(ack.sequence).await? } else { None };
+        let stored = match stored {
+            Some(earlier) => earlier,
+            None => log::decode(ack.sequence, &log::encode(&entry))?,
+        };
+        // the indexes follow the log: a node that dies in between leaves an entry that only
+        // its group's readers find, until the sender retries with its key
+        let location = format!("{}/{}", stored.group_id, stored.seq);
+        self.messages.put(format!("id.{}", subject_token(&stored.id)), location.into()).await.map_err(nats_error)?;
+        if let Some(key) = &entry.idempotency_key {
+            self.messages.put(key_index(&entry.sender_id, key), stored.id.clone().into()).await.map_err(nats_error)?;
+        }
+        Ok(stored)
+    }
+
+    async fn entry_at(&self, seq: u64) -> Result<Option<LogEntry>> {
+        match self.log.direct_get(seq).await {
+            Ok(message) => Ok(Some(log::decode(message.sequence, &message.payload)?)),
+            Err(e) if e.kind() == stream::DirectGetErrorKind::NotFound => Ok(None),
+            Err(e) => Err(nats_error(e)),
+        }
+    }
+
+    async fn entry_by_id(&self, id: &str) -> Result<Option<LogEntry>> {
+        let Some(location) = self.messages.get(format!("id.{}", subject_token(id))).await.map_err(nats_error)? else {
+            return Ok(None);
+        };
+        let location = String::from_utf8_lossy(&location).into_owned();
+        let seq = location.rsplit('/').next().and_then(|s| s.parse().ok());
+        let seq = seq.ok_or_else(|| StoreError::Corrupt(format!("message index of {id}: {location}")))?;
+        Ok(self.entry_at(seq).await?.filter(|e| e.id == id))
+    }
+
+    async fn deliveries(&self, message_id: &str) -> Result<(Vec<DeliveryRecord>, u64)> {
+        match self.deliveries.entry(subject_token(message_id)).await.map_err(nats_error)? {
+            Some(entry) if entry.operation == kv::Operation::Put => Ok((parse("delivery records", &entry.value)?, entry.revision)),
+            _ => Ok((Vec::new(), 0)),
+        }
+    }
+
+    /// Replaces one recipient's record among the message's, retrying when another node
+    /// changed them first.
+    async fn save_delivery(&self, record: DeliveryRecord) -> Result<()> {
+        let key = subject_token(&record.message_id);
+        loop {
+            let (mut records, revision) = self.deliveries(&record.message_id).await?;
+            records.retain(|r| r.peer_id != record.peer_id);
+            records.push(record.clone());
+            let written = if revision == 0 {
+                self.deliveries
+                    .create(&key, json(&records))
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| (e.kind() == kv::CreateErrorKind::AlreadyExists, e.to_string()))
+            } else {
+                self.deliveries
+                    .update(&key, json(&records), revision)
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| (e.kind() == kv::UpdateErrorKind::WrongLastRevision, e.to_string()))
+            };
+            match written {
+                Ok(()) => return Ok(()),
+                Err((true, _)) => continue,
+                Err((false, e)) => return Err(StoreError::Nats(e)),
+            }
+        }
+    }
+}
+
+/// The servers to connect to; a URL that cannot work is an error at once, not after a
+/// minute of retries. Commas separate URLs within an entry too.
+fn server_addrs(urls: &[String]) -> Result<Vec<ServerAddr>> {
+    let urls: Vec<&str> = urls.iter().flat_map(|u| u.split(',')).map(str::trim).filter(|u| !u.is_empty()).collect();
+    if urls.is_empty() {
+        return Err(StoreError::Nats("no NATS server URL given".into()));
+    }
+    urls.iter().map(|u| u.parse::<ServerAddr>().map_err(|e| StoreError::Nats(format!("invalid NATS URL {u:?}: {e}")))).collect()
+}
+
+fn key_index(sender_id: &str, key: &str) -> String {
+    format!("key.{}.{}", subject_token(sender_id), hex::encode(Sha256::digest(key.as_bytes())))
+}
+
+/// Creates `key` in `bucket`; an existing key is a [`StoreError::Conflict`] named `what`.
+async fn create(bucket: &kv::Store, key: String, value: Bytes, what: String) -> Result<()> {
+    match bucket.create(key, value).await {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => Err(StoreError::Conflict(what)),
+        Err(e) => Err(nats_error(e)),
+    }
+}
+
+impl Store for NatsStore {
+    fn group(&self, group_id: &str) -> Result<Option<GroupRecord>> {
+        let key = subject_token(group_id);
+        self.call(|inner| async move {
+            let value = inner.groups.get(key).await.map_err(nats_error)?;
+            value.map(|v| parse("group record", &v)).transpose()
+        })
+    }
+
+    fn create_group(&self, group: &GroupRecord) -> Result<()> {
+        let (key, value, what) = (subject_token(&group.group_id), json(group), format!("group {}", group.group_id));
+        self.call(|inner| async move { create(&inner.groups, key, value, what).await })
+    }
+
+    fn create_principal(&self, token_hash: &[u8; 32], _at: DateTime<Utc>) -> Result<PrincipalId> {
+        let key = hex::encode(token_hash);
+        self.call(|inner| async move {
+            // no counter to share: a random id, positive so it reads like the others
+            let mut bytes = [0u8; 8];
+            getrandom::fill(&mut bytes).map_err(|e| StoreError::Nats(format!("no randomness: {e}")))?;
+            let id = (i64::from_le_bytes(bytes) & i64::MAX).max(1);
+            create(&inner.principals, key, id.to_string().into(), "token".into()).await?;
+            Ok(id)
+        })
+    }
+
+    fn principal_by_token(&self, token_hash: &[u8; 32]) -> Result<Option<PrincipalId>> {
+        let key = hex::encode(token_hash);
+        self.call(|inner| async move {
+            let Some(value) = inner.principals.get(key).await.map_err(nats_error)? else { return Ok(None) };
+            let id = String::from_utf8_lossy(&value).parse().map_err(|_| StoreError::Corrupt("a principal id".into()))?;
+            Ok(Some(id))
+        })
+    }
+
+    fn create_daemon(&self, daemon_id: &str, token_hash: &[u8; 32], _hostname: &str, _at: DateTime<Utc>) -> Result<()> {
+        let (key, value) = (hex::encode(token_hash), Bytes::from(daemon_id.to_owned()));
+        self.call(|inner| async move { create(&inner.daemons, key, value, "daemon token".into()).await })
+    }
+
+    fn daemon_by_token(&self, token_hash: &[u8; 32]) -> Result<Option<String>> {
+        let key = hex::encode(token_hash);
+        self.call(|inner| async move {
+            let value = inner.daemons.get(key).await.map_err(nats_error)?;
+            Ok(value.map(|v| String::from_utf8_lossy(&v).into_owned()))
+        })
+    }
+
+    fn peer(&self, peer_id: &str) -> Result<Option<PeerRecord>> {
+        if let Some((peer, _)) = self.mirror(false, |m| m.peer(peer_id))? {
+            return Ok(Some(peer));
+        }
+        // perhaps registered through another node a moment ago
+        Ok(self.mirror(true, |m| m.peer(peer_id))?.map(|(peer, _)| peer))
+    }
+
+    fn peer_by_origin(
+        &self,
+        group_id: &str,
+        hostname: &str,
+        working_directory: &str,
+        requested_name: Option<&str>,
+    ) -> Result<Option<PeerRecord>> {
+        self.mirror(true, |m| m.by_origin(group_id, hostname, working_directory, requested_name))
+    }
+
+    fn peers_in_group(&self, group_id: &str) -> Result<Vec<PeerRecord>> {
+        self.mirror(false, |m| m.in_group(group_id))
+    }
+
+    fn peers_of_principal(&self, principal: PrincipalId) -> Result<Vec<PeerRecord>> {
+        // a token's peers decide what every call may do: never from a stale list
+        self.mirror(true, |m| m.of_principal(principal))
+    }
+
+    fn save_peer(&self, peer: &PeerRecord) -> Result<()> {
+        let peer = peer.clone();
+        self.call(|inner| async move { inner.save_peer(peer).await })
+    }
+
+    fn set_read_seq(&self, peer_id: &str, seq: u64) -> Result<()> {
+        let peer_id = peer_id.to_owned();
+        self.call(|inner| async move { inner.update_peer(&peer_id, |p| p.read_seq = seq).await })
+    }
+
+    fn touch_peer(&self, peer_id: &str, at: DateTime<Utc>) -> Result<()> {
+        let peer_id = peer_id.to_owned();
+        self.call(|inner| async move { inner.update_peer(&peer_id, |p| p.last_seen = at).await })
+    }
+
+    fn append(&self, entry: NewEntry) -> Result<LogEntry> {
+        self.call(|inner| async move { inner.append(entry).await })
+    }
+
+    fn head_seq(&self, group_id: &str) -> Result<u64> {
+        let group_id = group_id.to_owned();
+        self.call(|inner| async move { Ok(log::last_at_or_before(&inner.client, &group_id, None).await?.map_or(0, |(seq, _)| seq)) })
+    }
+
+    fn entries(&self, query: &LogQuery) -> Result<Vec<LogEntry>> {
+        let query = query.clone();
+        self.call(|inner| async move { log::entries(&inner.client, &query).await })
+    }
+
+    fn entry_by_id(&self, id: &str) -> Result<Option<LogEntry>> {
+        let id = id.to_owned();
+        self.call(|inner| async move { inner.entry_by_id(&id).await })
+    }
+
+    fn entry_by_key(&self, sender_id: &str, key: &str) -> Result<Option<LogEntry>> {
+        let index = key_index(sender_id, key);
+        self.call(|inner| async move {
+            let Some(id) = inner.messages.get(index).await.map_err(nats_error)? else { return Ok(None) };
+            inner.entry_by_id(&String::from_utf8_lossy(&id)).await
+        })
+    }
+
+    fn delivery(&self, message_id: &str, peer_id: &str) -> Result<Option<DeliveryRecord>> {
+        Ok(self.deliveries(message_id)?.into_iter().find(|r| r.peer_id == peer_id))
+    }
+
+    fn deliveries(&self, message_id: &str) -> Result<Vec<DeliveryRecord>> {
+        let message_id = message_id.to_owned();
+        self.call(|inner| async move { Ok(inner.deliveries(&message_id).await?.0) })
+    }
+
+    fn save_delivery(&self, record: &DeliveryRecord) -> Result<()> {
+        let record = record.clone();
+        self.call(|inner| async move { inner.save_delivery(record).await })
+    }
+}
+
+impl Shared for NatsStore {
+    fn shared(&self) -> bool {
+        true
+    }
+
+    fn follow(&self, group_id: &str, after_seq: u64, news: Arc<dyn GroupNews>) -> Result<Following> {
+        let stop = self.stop.child_token();
+        self.bridge.handle().spawn(follow_group(self.inner.clone(), group_id.to_owned(), after_seq, news, stop.clone()));
+        Ok(Box::new(stop.drop_guard()))
+    }
+
+    fn share(&self, group_id: &str, note: Vec<u8>) {
+        let (client, subject) = (self.inner.client.clone(), note_subject(group_id));
+        self.bridge.handle().spawn(async move {
+            if let Err(e) = client.publish(subject, note.into()).await {
+                tracing::warn!(error = %e, "cannot share a receipt with the other nodes");
+            }
+        });
+    }
+
+    fn set_online(&self, key: &str, online: bool) {
+        self.inner.presence.set(key, online);
+    }
+
+    fn online_elsewhere(&self, key: &str) -> bool {
+        self.inner.presence.online_elsewhere(key)
+    }
+
+    fn unhealthy(&self) -> Option<String> {
+        let checked = self.call(|inner| async move {
+            let mut log = inner.log.clone();
+            log.info().await.map(|_| ()).map_err(|e| StoreError::Nats(format!("JetStream does not answer: {e}")))
+        });
+        checked.err().map(|e| e.to_string())
+    }
+}
+
+fn note_subject(group_id: &str) -> String {
+    format!("relay.note.{}", subject_token(group_id))
+}
+
+/// Hands `news` every entry of the group after `last`, and every note shared for it, until
+/// `stop`; starts over from the last entry handed on whenever NATS fails under it.
+async fn follow_group(inner: Arc<Inner>, group_id: String, mut last: u64, news: Arc<dyn GroupNews>, stop: CancellationToken) {
+    let mut retry = Duration::from_millis(50);
+    while !stop.is_cancelled() {
+        let ended = follow_once(&inner, &group_id, &mut last, &*news, &stop).await;
+        if stop.is_cancelled() {
+            return;
+        }
+        if let Err(e) = ended {
+            tracing::warn!(error = %e, group_id, "following the group's log failed; starting again");
+        }
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(retry) => {}
+        }
+        retry = (retry * 2).min(Duration::from_secs(2));
+    }
+}
+
+async fn follow_once(inner: &Inner, group_id: &str, last: &mut u64, news: &dyn GroupNews, stop: &CancellationToken) -> Result<()> {
+    use jetstream::consumer::{DeliverPolicy, pull::OrderedConfig};
+    let mut notes = inner.client.subscribe(note_subject(group_id)).await.map_err(nats_error)?;
+    let consumer = inner
+        .log
+        .create_consumer(OrderedConfig {
+            filter_subject: log::subject(group_id),
+            deliver_policy: DeliverPolicy::ByStartSequence { start_sequence: *last + 1 },
+            ..Default::default()
+        })
+        .await
+        .map_err(nats_error)?;
+    let mut entries = consumer.messages().await.map_err(nats_error)?;
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return Ok(()),
+            next = entries.next() => match next {
+                Some(Ok(message)) => {
+                    let seq = message.info().map_err(nats_error)?.stream_sequence;
+                    if seq > *last {
+                        news.entry(log::decode(seq, &message.payload)?);
+                        *last = seq;
+                    }
+                }
+                Some(Err(e)) => return Err(nats_error(e)),
+                None => return Err(StoreError::Nats("the log's consumer ended".into())),
+            },
+            note = notes.next() => match note {
+                Some(note) => news.note(group_id, &note.payload),
+                None => return Err(StoreError::Nats("the notes subscription ended".into())),
+            },
+        }
+    }
+}
+
+/// The store contract against a real NATS server (skipped, by name, where none is
+/// installed outside CI).
+#[cfg(test)]
+mod tests {
+    use super::super::contract;
+    use super::*;
+    use relay_e2e::nats::NatsCluster;
+
+    fn store(test: &str) -> Option<(NatsStore, NatsCluster)> {
+        let cluster = NatsCluster::start(test, 1)?;
+        let options =
+            NatsOptions { urls: vec![cluster.urls()], replicas: 1, node: "test-node".into(), presence_ttl: Duration::from_secs(30) };
+        Some((NatsStore::open(options).expect("open the NATS store"), cluster))
+    }
+
+    #[test]
+    fn groups() {
+        let Some((store, _nats)) = store("nats::groups") else { return };
+        contract::groups(&store);
+    }
+
+    #[test]
+    fn principals_and_peers() {
+        let Some((store, _nats)) = store("nats::principals_and_peers") else { return };
+        contract::principals_and_peers(&store);
+    }
+
+    #[test]
+    fn peer_lists_follow_writes() {
+        let Some((store, _nats)) = store("nats::peer_lists_follow_writes") else { return };
+        contract::peer_lists_follow_writes(&store);
+    }
+
+    #[test]
+    fn log() {
+        let Some((store, _nats)) = store("nats::log") else { return };
+        contract::log(&store);
+        contract::idempotency_keys(&store);
+        contract::long_logs(&store);
+    }
+
+    #[test]
+    fn deliveries() {
+        let Some((store, _nats)) = store("nats::deliveries") else { return };
+        contract::deliveries(&store);
+    }
+
+    #[test]
+    fn nats_urls_are_checked_at_once() {
+        assert_eq!(server_addrs(&["nats://a:4222,nats://b:4222".into(), "nats://c".into()]).unwrap().len(), 3);
+        let err = server_addrs(&["nats://a:42x".into()]).unwrap_err().to_string();
+        assert!(err.contains("invalid NATS URL \"nats://a:42x\""), "{err}");
+        assert!(server_addrs(&[" , ".into()]).is_err());
+    }
+
+    #[test]
+    fn names_become_safe_tokens() {
+        assert_eq!(subject_token("team-a_1"), "team-a_1");
+        assert_eq!(subject_token("a.b"), "=612e62");
+        assert_eq!(subject_token(""), "=");
+        assert_ne!(subject_token("=612e62"), subject_token("a.b"));
+    }
+}

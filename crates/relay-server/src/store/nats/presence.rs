@@ -1,0 +1,145 @@
+//! Who holds an event stream on which node. A node writes a key when its first stream for
+//! a peer (or a daemon's group) opens and deletes it when the last one closes, so writes
+//! follow streams, not time. Separately each node refreshes its own entry in `relay_nodes`,
+//! whose entries expire: a node that died without deleting its keys stops counting once
+//! its entry is older than the TTL, and the survivors sweep its keys away.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_nats::jetstream::kv;
+use chrono::{DateTime, Utc};
+use futures::StreamExt;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::super::Result;
+use super::{nats_error, subject_token};
+use crate::lock;
+
+pub struct Presence {
+    changes: mpsc::UnboundedSender<(String, bool)>,
+    view: Arc<Mutex<View>>,
+    node: String,
+    ttl: Duration,
+}
+
+/// What this node knows of every node's streams.
+#[derive(Default)]
+struct View {
+    /// Key token → nodes holding a stream for it.
+    keys: HashMap<String, HashSet<String>>,
+    /// Node token → when it last said it is alive.
+    nodes: HashMap<String, DateTime<Utc>>,
+}
+
+impl View {
+    fn alive(&self, node: &str, ttl: Duration) -> bool {
+        self.nodes.get(node).is_some_and(|at| Utc::now().signed_duration_since(*at).to_std().unwrap_or_default() < ttl)
+    }
+}
+
+impl Presence {
+    pub async fn start(keys: kv::Store, nodes: kv::Store, node: String, ttl: Duration, stop: CancellationToken) -> Result<Self> {
+        let node = subject_token(&node);
+        let view = Arc::new(Mutex::new(View::default()));
+        nodes.put(&node, "".into()).await.map_err(nats_error)?;
+        let key_watch = keys.watch_with_history(">").await.map_err(nats_error)?;
+        let node_watch = nodes.watch_with_history(">").await.map_err(nats_error)?;
+        tokio::spawn(follow(key_watch, view.clone(), stop.clone(), |view, entry| {
+            let Some((key, holder)) = entry.key.rsplit_once('.') else { return };
+            let holders = view.keys.entry(key.to_owned()).or_default();
+            if entry.operation == kv::Operation::Put {
+                holders.insert(holder.to_owned());
+            } else {
+                holders.remove(holder);
+                if holders.is_empty() {
+                    view.keys.remove(key);
+                }
+            }
+        }));
+        tokio::spawn(follow(node_watch, view.clone(), stop.clone(), |view, entry| {
+            if entry.operation == kv::Operation::Put {
+                view.nodes.insert(entry.key.clone(), DateTime::from_timestamp_nanos(entry.created.unix_timestamp_nanos() as i64));
+            } else {
+                view.nodes.remove(&entry.key);
+            }
+        }));
+        let (changes, rx) = mpsc::unbounded_channel();
+        tokio::spawn(write(keys, nodes, rx, node.clone(), ttl, view.clone(), stop));
+        Ok(Self { changes, view, node, ttl })
+    }
+
+    pub fn set(&self, key: &str, online: bool) {
+        let _ = self.changes.send((subject_token(key), online));
+    }
+
+    pub fn online_elsewhere(&self, key: &str) -> bool {
+        let view = lock(&self.view);
+        let holders = view.keys.get(&subject_token(key));
+        holders.is_some_and(|nodes| nodes.iter().any(|n| *n != self.node && view.alive(n, self.ttl)))
+    }
+}
+
+async fn follow(mut watch: kv::Watch, view: Arc<Mutex<View>>, stop: CancellationToken, apply: impl Fn(&mut View, &kv::Entry)) {
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            next = watch.next() => match next {
+                Some(Ok(entry)) => apply(&mut lock(&view), &entry),
+                Some(Err(e)) => tracing::warn!(error = %e, "following presence"),
+                None => {
+                    tracing::error!("the presence watch ended; other nodes' streams no longer count here");
+                    return;
+                }
+            },
+        }
+    }
+}
+
+/// Writes this node's changes in order, says it is alive every third of the TTL, and
+/// sweeps away the keys of nodes that died.
+async fn write(
+    keys: kv::Store,
+    nodes: kv::Store,
+    mut changes: mpsc::UnboundedReceiver<(String, bool)>,
+    node: String,
+    ttl: Duration,
+    view: Arc<Mutex<View>>,
+    stop: CancellationToken,
+) {
+    let mut heartbeat = tokio::time::interval(ttl / 3);
+    let mut sweep = tokio::time::interval(ttl);
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => {
+                // leaving cleanly: this node's streams are gone with it
+                let _ = nodes.delete(&node).await;
+                return;
+            }
+            change = changes.recv() => {
+                let Some((key, online)) = change else { return };
+                let entry = format!("{key}.{node}");
+                let written = if online { keys.put(&entry, "".into()).await.map(|_| ()).map_err(nats_error) } else { keys.delete(&entry).await.map_err(nats_error) };
+                if let Err(e) = written {
+                    tracing::warn!(error = %e, key, online, "cannot record presence");
+                }
+            }
+            _ = heartbeat.tick() => {
+                if let Err(e) = nodes.put(&node, "".into()).await {
+                    tracing::warn!(error = %e, "cannot say this node is alive");
+                }
+            }
+            _ = sweep.tick() => {
+                let dead: Vec<String> = {
+                    let view = lock(&view);
+                    view.keys.iter().flat_map(|(key, holders)| holders.iter().filter(|n| **n != node && !view.alive(n, ttl)).map(move |n| format!("{key}.{n}"))).collect()
+                };
+                for entry in dead {
+                    let _ = keys.delete(&entry).await;
+                }
+            }
+        }
+    }
+}
