@@ -1,27 +1,32 @@
 //! relay-server as a cluster: two real relay-server processes on a real three-node NATS
 //! JetStream cluster. A client may reach either node; every node serves everyone.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use relay_e2e::ServerProcess;
-use relay_e2e::mcp::{Client, Mode};
+use relay_e2e::mcp::{Client, Mode, call_once};
 use relay_e2e::nats::NatsCluster;
+use relay_e2e::proxy::Proxy;
 use relay_e2e::sse::{EventStream, Sse};
 use serde_json::{Value, json};
 
 struct Cluster {
     nodes: Vec<ServerProcess>,
-    _nats: NatsCluster,
+    nats: NatsCluster,
 }
 
 impl Cluster {
+    /// A three-node NATS cluster and `relay_nodes` relay-servers on it, with send limits
+    /// out of the way.
     fn start(test: &str, relay_nodes: usize) -> Option<Self> {
+        Self::start_with(test, relay_nodes, &["--rate-burst", "10000", "--rate-per-second", "10000"])
+    }
+
+    fn start_with(test: &str, relay_nodes: usize, args: &[&str]) -> Option<Self> {
         let nats = NatsCluster::start(test, 3)?;
         let urls = nats.urls();
-        let nodes = (0..relay_nodes)
-            .map(|_| ServerProcess::start(0, &["--nats", &urls, "--rate-burst", "10000", "--rate-per-second", "10000"]))
-            .collect();
-        Some(Self { nodes, _nats: nats })
+        let nodes = (0..relay_nodes).map(|_| ServerProcess::start(0, &[&["--nats", &urls], args].concat())).collect();
+        Some(Self { nodes, nats })
     }
 
     fn mcp(&self, node: usize) -> String {
@@ -53,6 +58,12 @@ async fn next_message(stream: &mut EventStream) -> Sse {
             return event;
         }
     }
+}
+
+/// The texts of the messages a tool answered with (an inbox, a history).
+fn message_texts(reply: &Value) -> Vec<String> {
+    let messages = reply["messages"].as_array().map(Vec::as_slice).unwrap_or_default();
+    messages.iter().map(|m| m["text"].as_str().unwrap_or_default().to_owned()).collect()
 }
 
 /// What a peer's stream shows of a message (peers get a preview; the text is in the inbox).
@@ -98,15 +109,12 @@ async fn any_node_serves_anyone_and_streams_resume_on_another_node() {
     let inbox = bob.ok("read_new_messages", json!({})).await;
     let read: Vec<&str> = inbox["messages"].as_array().unwrap().iter().map(|m| m["text"].as_str().unwrap()).collect();
     assert_eq!(read, ["hello from node 1", "missed 0", "missed 1", "missed 2", "after the resume"]);
-    let texts = |history: &Value| -> Vec<String> {
-        history["messages"].as_array().unwrap().iter().map(|m| m["text"].as_str().unwrap().to_owned()).collect()
-    };
     let history = alice.ok("get_history", json!({"limit": 10})).await;
-    assert_eq!(texts(&history), ["hello from node 1", "missed 0", "missed 1", "missed 2", "after the resume"]);
+    assert_eq!(message_texts(&history), ["hello from node 1", "missed 0", "missed 1", "missed 2", "after the resume"]);
     let alice_on_two = Client::connect(&cluster.mcp(1), a["token"].as_str(), Mode::Stateless).await;
     assert_eq!(alice_on_two.ok("get_history", json!({"limit": 10})).await["messages"], history["messages"]);
     let thread = alice_on_two.ok("get_history", json!({"with_peer": b["peer_id"], "filter": "than"})).await;
-    assert_eq!(texts(&thread), ["thanks"]);
+    assert_eq!(message_texts(&thread), ["thanks"]);
     let status = alice.ok("message_status", json!({"message_id": sent["message_id"]})).await;
     assert_eq!(status["recipients"][0]["state"], "read", "{status}");
 
@@ -114,4 +122,247 @@ async fn any_node_serves_anyone_and_streams_resume_on_another_node() {
         let health = reqwest::get(node.url("/healthz")).await.unwrap();
         assert_eq!(health.status(), 200);
     }
+}
+
+/// Reads `want` messages from a peer's stream at `url`, reconnecting with `Last-Event-ID`
+/// whenever the stream ends or cannot open: (SSE id, preview) of each, as they came.
+async fn read_through(url: String, token: String, want: usize) -> (Vec<(u64, String)>, usize) {
+    let deadline = Instant::now() + Duration::from_secs(180);
+    let (mut got, mut last, mut opened) = (Vec::new(), None, 0);
+    while got.len() < want {
+        assert!(Instant::now() < deadline, "{url}: {} of {want} messages after 3 minutes", got.len());
+        let stream = EventStream::try_open(&url, Some(&token), last).await;
+        let Some(mut stream) = stream.ok().filter(|s| s.status == 200) else {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        };
+        opened += 1;
+        while got.len() < want {
+            let Some(event) = stream.next(Duration::from_secs(20)).await else { break };
+            if !matches!(event.event.as_deref(), Some("message" | "dm")) {
+                continue;
+            }
+            let seq: u64 = event.id.as_deref().and_then(|id| id.parse().ok()).expect("messages carry their sequence number");
+            got.push((seq, preview(&event).to_owned()));
+            last = Some(seq);
+        }
+    }
+    (got, opened)
+}
+
+/// Sends until the relay says sent, retrying a failure with the same idempotency key;
+/// returns how many tries failed.
+async fn send_surely(http: &reqwest::Client, url: &str, token: &str, text: &str, key: &str) -> usize {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut failures = 0;
+    loop {
+        match call_once(http, url, Some(token), "send_message", json!({"message": text, "idempotency_key": key})).await {
+            Ok(sent) if sent["message_id"].is_string() => return failures,
+            Ok(odd) => panic!("send_message answered {odd}"),
+            Err(e) => {
+                assert!(Instant::now() < deadline, "{text} not sent after a minute: {e}");
+                failures += 1;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+/// A group under load through the proxy: `TOTAL` messages from one sender while two peers
+/// listen through the proxy; `disrupt` runs before message `i` is sent. Every listener
+/// must see every message once, in order, and its inbox must agree.
+async fn under_load(test: &str, disrupt: impl Fn(usize, &mut Cluster)) {
+    const TOTAL: usize = 5_000;
+    let Some(mut cluster) = Cluster::start(test, 3) else { return };
+    let addrs: Vec<_> = cluster.nodes.iter().map(|n| n.addr).collect();
+    let Some(proxy) = Proxy::start(test, &addrs) else { return };
+    let http = reqwest::Client::new();
+    let mcp = proxy.url("/mcp");
+    let register = |dir: &str| {
+        let args = json!({"group_id": "load", "hostname": "box", "working_directory": dir});
+        let (http, mcp) = (http.clone(), mcp.clone());
+        async move { call_once(&http, &mcp, None, "register", args).await.expect("register through the proxy") }
+    };
+    let alice = register("/src/alice").await;
+    let mut readers = Vec::new();
+    for dir in ["/src/bob", "/src/carol"] {
+        let reg = register(dir).await;
+        let url = proxy.url(&format!("/notifications/load/{}", reg["peer_id"].as_str().unwrap()));
+        readers.push((reg.clone(), tokio::spawn(read_through(url, reg["token"].as_str().unwrap().to_owned(), TOTAL))));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let token = alice["token"].as_str().unwrap();
+    let mut failures = 0;
+    for i in 0..TOTAL {
+        disrupt(i, &mut cluster);
+        failures += send_surely(&http, &mcp, token, &format!("m{i}"), &format!("k{i}")).await;
+    }
+    eprintln!("{test}: {TOTAL} sent through the proxy; {failures} tries failed and were retried");
+
+    let expected: Vec<String> = (0..TOTAL).map(|i| format!("m{i}")).collect();
+    for (reg, reader) in readers {
+        let (got, opened) = reader.await.unwrap();
+        let previews: Vec<&String> = got.iter().map(|(_, p)| p).collect();
+        assert_eq!(previews.len(), TOTAL);
+        assert!(previews.iter().zip(&expected).all(|(a, b)| *a == b), "{} saw the messages out of order or twice", reg["peer_id"]);
+        assert!(got.windows(2).all(|w| w[0].0 < w[1].0), "ids rise");
+        eprintln!("{test}: {} saw every message once, in order, over {opened} connection(s)", reg["peer_id"]);
+        // the inbox agrees with the stream
+        let mut inbox = Vec::new();
+        loop {
+            let read = call_once(&http, &mcp, reg["token"].as_str(), "read_new_messages", json!({})).await.expect("read");
+            let page = message_texts(&read);
+            if page.is_empty() {
+                break;
+            }
+            inbox.extend(page);
+        }
+        assert_eq!(inbox, expected);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_a_relay_node_and_a_nats_node_mid_load_loses_nothing() {
+    under_load("cluster::killing_nodes_mid_load", |i, cluster| {
+        if i == 1_000 {
+            cluster.nodes[0].kill_hard();
+        }
+        if i == 2_500 {
+            cluster.nats.kill(1);
+        }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rolling_restart_of_every_relay_node_under_load_loses_nothing() {
+    let urls = std::sync::OnceLock::new();
+    under_load("cluster::rolling_restart", |i, cluster| {
+        let urls = urls.get_or_init(|| cluster.nats.urls());
+        if i > 0 && i % 1_200 == 0 && i / 1_200 <= cluster.nodes.len() {
+            let n = i / 1_200 - 1;
+            let port = cluster.nodes[n].addr.port();
+            assert!(cluster.nodes[n].stop().success(), "node {n} stops cleanly");
+            cluster.nodes[n] = ServerProcess::start(port, &["--nats", urls, "--rate-burst", "10000", "--rate-per-second", "10000"]);
+        }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_nats_quorum_sends_fail_plainly_and_nothing_is_lost() {
+    let Some(mut cluster) = Cluster::start("cluster::no_quorum", 1) else { return };
+    let (alice, _) = cluster.peer(0, "q", "/src/alice").await;
+    let (bob, _) = cluster.peer(0, "q", "/src/bob").await;
+    alice.ok("send_message", json!({"message": "before"})).await;
+    cluster.nats.kill(1);
+    cluster.nats.kill(2);
+    let err = alice.err("send_message", json!({"message": "during", "idempotency_key": "d1"})).await;
+    eprintln!("without quorum: {err}");
+    assert!(err.contains("NATS") || err.contains("JetStream"), "the error says what is missing: {err}");
+    let health = reqwest::get(cluster.nodes[0].url("/healthz")).await.unwrap();
+    assert_eq!(health.status(), 503, "a node without JetStream says so");
+    cluster.nats.start_node(1);
+    cluster.nats.start_node(2);
+    // once NATS is back the same send goes through, once
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let sent = loop {
+        let result = alice.call("send_message", json!({"message": "during", "idempotency_key": "d1"})).await;
+        if result.is_error != Some(true) {
+            break result.structured_content.unwrap();
+        }
+        assert!(Instant::now() < deadline, "sends never came back: {}", relay_e2e::mcp::text(&result));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    eprintln!("after quorum returned: repeated={}", sent["repeated"]);
+    let texts = message_texts(&bob.ok("read_new_messages", json!({})).await);
+    assert_eq!(texts, ["before", "during"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peers_send_limit_holds_across_nodes() {
+    let Some(cluster) = Cluster::start_with("cluster::send_limit", 2, &["--rate-burst", "5", "--rate-per-second", "0.01"]) else {
+        return;
+    };
+    let (on_one, a) = cluster.peer(0, "limits", "/src/alice").await;
+    cluster.peer(1, "limits", "/src/bob").await;
+    let on_two = Client::connect(&cluster.mcp(1), a["token"].as_str(), Mode::Stateless).await;
+    for i in 0..5 {
+        let node = if i % 2 == 0 { &on_one } else { &on_two };
+        node.ok("send_message", json!({"message": format!("burst {i}")})).await;
+    }
+    // the burst is spent on both nodes together, not on each
+    for node in [&on_one, &on_two] {
+        let err = node.err("send_message", json!({"message": "one too many"})).await;
+        assert!(err.contains("rate") || err.contains("too many"), "{err}");
+    }
+}
+
+/// Runs `relay-server` with `args` to completion: (success, stdout and stderr).
+fn relay_server(args: &[&str]) -> (bool, String) {
+    let out = std::process::Command::new(relay_e2e::binary("relay-server"))
+        .args(args)
+        .env_remove("RELAY_CONFIG")
+        .env("RUST_LOG", "warn")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("run relay-server");
+    (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_single_servers_data_moves_into_a_cluster_and_clients_resume() {
+    let test = "cluster::migrate";
+    let Some(nats) = NatsCluster::start(test, 3) else { return };
+    let data = tempfile::tempdir().unwrap();
+    let dir = data.path().to_str().unwrap();
+
+    // a single server on SQLite, used for a while
+    let mut single = ServerProcess::start(0, &["--data-dir", dir]);
+    let anon = Client::connect(&single.url("/mcp"), None, Mode::Stateless).await;
+    let alice = anon.ok("register", json!({"group_id": "old", "hostname": "box", "working_directory": "/src/alice"})).await;
+    let bob = anon.ok("register", json!({"group_id": "old", "hostname": "box", "working_directory": "/src/bob"})).await;
+    let (a, b) = (alice["token"].as_str().unwrap(), bob["token"].as_str().unwrap());
+    let alice_client = Client::connect(&single.url("/mcp"), Some(a), Mode::Stateless).await;
+    let bob_client = Client::connect(&single.url("/mcp"), Some(b), Mode::Stateless).await;
+    let first = alice_client.ok("send_message", json!({"message": "one", "idempotency_key": "k1"})).await;
+    alice_client.ok("send_message", json!({"message": "two"})).await;
+    assert_eq!(bob_client.ok("read_new_messages", json!({})).await["messages"].as_array().unwrap().len(), 2);
+    let dm = alice_client.ok("send_dm", json!({"to": bob["peer_id"], "message": "three"})).await;
+    alice_client.ok("send_message", json!({"message": "four"})).await;
+    // bob's stream had seen up to "two" when the server stopped
+    let seen_two = first["seq"].as_u64().unwrap() + 1;
+    drop((alice_client, bob_client, anon));
+    assert!(single.stop().success());
+
+    let (ok, out) = relay_server(&["migrate", "--from", dir, "--to", &nats.urls()]);
+    assert!(ok, "migrate failed: {out}");
+    assert!(out.contains("copied 1 group(s), 6 entries, 2 peer(s), 2 token(s)"), "{out}");
+    // only into an empty cluster
+    let (ok, out) = relay_server(&["migrate", "--from", dir, "--to", &nats.urls()]);
+    assert!(!ok && out.contains("empty one only"), "{out}");
+
+    let node = ServerProcess::start(0, &["--nats", &nats.urls()]);
+    let alice_client = Client::connect(&node.url("/mcp"), Some(a), Mode::Stateless).await;
+    let bob_client = Client::connect(&node.url("/mcp"), Some(b), Mode::Stateless).await;
+    alice_client.ok("send_message", json!({"message": "five"})).await;
+    // the old tokens, the read cursor and the idempotency keys came along
+    let unread = message_texts(&bob_client.ok("read_new_messages", json!({})).await);
+    assert_eq!(unread, ["three", "four", "five"]);
+    let again = alice_client.ok("send_message", json!({"message": "one", "idempotency_key": "k1"})).await;
+    assert_eq!((again["repeated"].as_bool(), &again["message_id"]), (Some(true), &first["message_id"]));
+    let status = alice_client.ok("message_status", json!({"message_id": dm["message_id"]})).await;
+    assert_eq!(status["recipients"][0]["state"], "read", "{status}");
+    // a stream resumed from an id the single server gave gets exactly what it missed
+    let path = format!("/notifications/old/{}", bob["peer_id"].as_str().unwrap());
+    let mut stream = EventStream::open(&node.url(&path), Some(b), Some(seen_two)).await;
+    for text in ["three", "four", "five"] {
+        assert_eq!(preview(&next_message(&mut stream).await), text);
+    }
+
+    // and the cluster checks out
+    let (ok, out) = relay_server(&["cluster", "check", "--nats", &nats.urls()]);
+    assert!(ok, "{out}");
+    assert!(out.contains("ok   stream RELAY_LOG: 3 replica(s), 3 wanted; 7 message(s)"), "{out}");
 }

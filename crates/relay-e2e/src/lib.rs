@@ -5,6 +5,7 @@ pub mod claude;
 pub mod desktop;
 pub mod mcp;
 pub mod nats;
+pub mod proxy;
 pub mod sse;
 pub mod tmux;
 

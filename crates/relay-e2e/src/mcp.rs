@@ -65,3 +65,35 @@ impl Client {
 pub fn text(result: &CallToolResult) -> String {
     result.content.iter().filter_map(|c| c.as_text().map(|t| t.text.clone())).collect::<Vec<_>>().join("\n")
 }
+
+/// One stateless `tools/call` over plain HTTP, for tests where a connection may break
+/// mid-call (a node killed behind a proxy): the tool's structured result, or why it failed,
+/// a tool error and a broken connection alike.
+pub async fn call_once(http: &reqwest::Client, url: &str, token: Option<&str>, tool: &str, args: Value) -> Result<Value, String> {
+    let body = serde_json::json!({"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {
+        "name": tool, "arguments": args, "_meta": {
+            "io.modelcontextprotocol/protocolVersion": "2026-07-28",
+            "io.modelcontextprotocol/clientInfo": {"name": "relay-e2e", "version": "0.1"},
+            "io.modelcontextprotocol/clientCapabilities": {}}}});
+    let mut request = http
+        .post(url)
+        .header("accept", "application/json, text/event-stream")
+        .header("mcp-protocol-version", "2026-07-28")
+        .header("mcp-method", "tools/call")
+        .header("mcp-name", tool)
+        .json(&body);
+    if let Some(token) = token {
+        request = request.bearer_auth(token);
+    }
+    let response = request.send().await.map_err(|e| format!("request failed: {e}"))?;
+    let status = response.status();
+    let text = response.text().await.map_err(|e| format!("reply cut short: {e}"))?;
+    // a reply framed as one SSE event carries the JSON on its data line
+    let json = text.lines().find_map(|l| l.strip_prefix("data:")).unwrap_or(&text);
+    let reply: Value = serde_json::from_str(json.trim()).map_err(|_| format!("{status}: {text}"))?;
+    match &reply["result"] {
+        Value::Null => Err(format!("{status}: {reply}")),
+        result if result["isError"] == true => Err(result["content"][0]["text"].as_str().unwrap_or_default().to_owned()),
+        result => Ok(result["structuredContent"].clone()),
+    }
+}

@@ -23,6 +23,11 @@ pub struct EventStream {
 
 impl EventStream {
     pub async fn open(url: &str, token: Option<&str>, last_event_id: Option<u64>) -> Self {
+        Self::try_open(url, token, last_event_id).await.unwrap_or_else(|e| panic!("open {url}: {e}"))
+    }
+
+    /// For tests that open streams while servers come and go.
+    pub async fn try_open(url: &str, token: Option<&str>, last_event_id: Option<u64>) -> reqwest::Result<Self> {
         let mut req = reqwest::Client::new().get(url).header("accept", "text/event-stream");
         if let Some(t) = token {
             req = req.bearer_auth(t);
@@ -30,10 +35,10 @@ impl EventStream {
         if let Some(id) = last_event_id {
             req = req.header("last-event-id", id.to_string());
         }
-        let resp = req.send().await.unwrap();
+        let resp = req.send().await?;
         let status = resp.status();
         let body = status.is_success().then(|| resp.bytes_stream().boxed());
-        Self { status, body, buf: String::new(), comments: 0 }
+        Ok(Self { status, body, buf: String::new(), comments: 0 })
     }
 
     /// The next event with data, or None when the stream ends or `wait` passes.

@@ -3,7 +3,7 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
-use clap::Parser;
+use clap::{Parser, Subcommand};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
@@ -185,8 +185,11 @@ impl Config {
                 "client_timeout_secs must be more than half of heartbeat_secs (heartbeats keep streams open)".into(),
             ));
         }
-        if self.cluster.enabled() && self.ephemeral {
-            return Err(ConfigError::Invalid("--ephemeral and --nats exclude each other: a cluster keeps its state in NATS".into()));
+        if self.cluster.enabled() && (self.ephemeral || self.data_dir.is_some()) {
+            return Err(ConfigError::Invalid(
+                "--nats excludes --ephemeral and --data-dir: a cluster keeps its state in NATS (relay-server migrate copies a data dir there)"
+                    .into(),
+            ));
         }
         if self.cluster.enabled() && !(1..=5).contains(&self.cluster.replicas) {
             return Err(ConfigError::Invalid("cluster.replicas must be between 1 and 5 (JetStream's limit)".into()));
@@ -257,14 +260,42 @@ pub struct Args {
     pub heartbeat_secs: Option<u64>,
     /// Run as a cluster node on these NATS JetStream servers (comma-separated URLs)
     /// instead of SQLite; see docs/cluster.md
-    #[arg(long, env = "RELAY_NATS", value_delimiter = ',', conflicts_with_all = ["data_dir", "ephemeral"])]
+    #[arg(long, env = "RELAY_NATS", value_delimiter = ',', global = true)]
     pub nats: Vec<String>,
     /// TOML config file [default: ~/.config/relay/server.toml when present]
-    #[arg(long, short = 'c', env = "RELAY_CONFIG")]
+    #[arg(long, short = 'c', env = "RELAY_CONFIG", global = true)]
     pub config: Option<PathBuf>,
     /// More logging (-v debug, -vv trace); RUST_LOG overrides
-    #[arg(short, long, action = clap::ArgAction::Count)]
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
     pub verbose: u8,
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Operate a cluster of relay-server nodes on NATS JetStream (see docs/cluster.md)
+    Cluster {
+        #[command(subcommand)]
+        action: ClusterCommand,
+    },
+    /// Copy a single server's SQLite data into an empty cluster's NATS JetStream (stop
+    /// every relay-server first)
+    Migrate {
+        /// The single server's data directory (the one holding relay.sqlite3)
+        #[arg(long)]
+        from: PathBuf,
+        /// The cluster's NATS servers (comma-separated URLs)
+        #[arg(long, value_delimiter = ',', required = true)]
+        to: Vec<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ClusterCommand {
+    /// Check that this node reaches NATS and that the streams and buckets are there,
+    /// replicated as configured, with their replicas current; exits 1 if not
+    Check,
 }
 
 impl Args {
@@ -345,6 +376,18 @@ mod tests {
         assert!(Config { insecure: true, ..Config::default() }.check(public).is_ok());
         assert!(Config::default().check("127.0.0.1:1".parse().unwrap()).is_ok());
         assert!(Config::default().check("[::1]:1".parse().unwrap()).is_ok());
+    }
+
+    #[test]
+    fn the_command_line_is_well_formed() {
+        use clap::CommandFactory;
+        Args::command().debug_assert();
+        let args = Args::parse_from(["relay-server", "cluster", "check", "--nats", "nats://a:4222,nats://b:4222"]);
+        assert!(matches!(args.command, Some(Command::Cluster { action: ClusterCommand::Check })));
+        let config = args.apply(Config::default());
+        assert_eq!(config.cluster.nats, ["nats://a:4222", "nats://b:4222"]);
+        let with_dir = Config { data_dir: Some("/tmp/x".into()), ..config };
+        assert!(with_dir.check("127.0.0.1:1".parse().unwrap()).unwrap_err().to_string().contains("--data-dir"));
     }
 
     #[test]

@@ -54,7 +54,7 @@ pub enum RelayError {
     UnknownMessage(String),
     #[error("invalid {field}: {reason}")]
     BadArgument { field: &'static str, reason: String },
-    #[error("the relay's storage failed; nothing was changed. ({0})")]
+    #[error("the relay's storage failed: {0}")]
     Storage(#[from] StoreError),
 }
 

@@ -61,6 +61,30 @@ pub fn open_store(config: &Config) -> Result<Arc<dyn store::Store>, ServerError>
     Ok(Arc::new(store::SqliteStore::open_dir(&dir, config.synchronous)?))
 }
 
+/// `relay-server cluster check`: what this node's `[cluster]` settings find in NATS.
+pub async fn cluster_check(config: &Config) -> Result<store::nats::check::CheckReport, ServerError> {
+    if !config.cluster.enabled() {
+        return Err(ConfigError::Invalid("no cluster to check: pass --nats URLS or set [cluster] nats in the config".into()).into());
+    }
+    Ok(store::nats::check::check(&config.cluster.nats_options()).await?)
+}
+
+/// `relay-server migrate`: copies the SQLite data in `from` into the cluster at `to`.
+pub fn migrate(
+    config: &Config,
+    from: &std::path::Path,
+    to: Vec<String>,
+    progress: &mut dyn FnMut(&str),
+) -> Result<store::migrate::Migrated, ServerError> {
+    if !from.join(store::sqlite::DB_FILE).is_file() {
+        return Err(ConfigError::Invalid(format!("{} holds no relay database ({})", from.display(), store::sqlite::DB_FILE)).into());
+    }
+    let source = store::SqliteStore::open_dir(from, config.synchronous)?;
+    let cluster = config::ClusterConfig { nats: to, ..config.cluster.clone() };
+    let target = store::nats::NatsStore::open(cluster.nats_options())?;
+    Ok(store::migrate::migrate(&source, &target, progress)?)
+}
+
 /// Serves until `shutdown` is cancelled, then lets open requests finish and ends every
 /// event stream.
 pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationToken) -> Result<(), ServerError> {

@@ -115,6 +115,10 @@ pub fn open(
         Some(Ok(Ok(seq))) => Some(seq),
         Some(_) => return Err(reject(StatusCode::BAD_REQUEST, "Last-Event-ID must be a sequence number")),
     };
+    let last_event_id = match last_event_id {
+        Some(id) => Some(relay.resume_point(group_id, id).map_err(internal)?),
+        None => None,
+    };
     let (rx, head) = relay.subscribe(group_id).map_err(internal)?;
     let after = last_event_id.unwrap_or(head).min(head);
     relay.stream_opened(&audience, group_id);

@@ -103,8 +103,21 @@ impl Relay {
         Ok(self.fanout.subscribe(&*self.store, group_id)?)
     }
 
+    /// The sequence number a client's `Last-Event-ID` for the group means today (a group
+    /// copied by `relay-server migrate` was renumbered).
+    pub fn resume_point(&self, group_id: &str, last_event_id: u64) -> Result<u64> {
+        Ok(self.store.group(group_id)?.map_or(last_event_id, |g| g.resume_point(last_event_id)))
+    }
+
+    /// A send token of the peer's: from the cluster's shared buckets when the store is
+    /// shared (a peer may send through every node), else from this node's.
     fn take_rate_token(&self, peer_id: &str) -> Result<()> {
-        self.sends.take(&peer_id.to_owned()).map_err(|wait| RelayError::RateLimited {
+        let taken = if self.store.shared() {
+            self.store.take_token(&format!("send.{peer_id}"), self.sends.per_second, self.sends.burst)?
+        } else {
+            self.sends.take(&peer_id.to_owned())
+        };
+        taken.map_err(|wait| RelayError::RateLimited {
             per_second: self.sends.per_second,
             burst: self.sends.burst,
             retry_after_ms: millis(wait),

@@ -163,7 +163,12 @@ impl Relay {
                 if self.limits.require_join_keys && req.join_key.is_none() {
                     return Err(RelayError::JoinKeyNeededToCreate);
                 }
-                let record = GroupRecord { group_id: req.group_id.clone(), join_key_hash: checked.hash_for_new_group, created_at: now };
+                let record = GroupRecord {
+                    group_id: req.group_id.clone(),
+                    join_key_hash: checked.hash_for_new_group,
+                    created_at: now,
+                    renumbered: None,
+                };
                 self.store.create_group(&record)?;
                 true
             }

@@ -7,6 +7,7 @@
 //! others did ([`Store::follow`]), and what they see online.
 
 pub mod memory;
+pub mod migrate;
 pub mod nats;
 pub mod sqlite;
 
@@ -22,7 +23,7 @@ pub use sqlite::SqliteStore;
 
 #[derive(Debug, Error)]
 pub enum StoreError {
-    #[error("database error: {0}")]
+    #[error("database error: {0}; nothing was changed")]
     Sqlite(#[from] rusqlite::Error),
     #[error("cannot open the data directory {path}: {source}")]
     DataDir { path: String, source: std::io::Error },
@@ -34,8 +35,12 @@ pub enum StoreError {
     InUse { path: String },
     #[error("cannot start the WAL checkpoint thread: {0}")]
     Checkpointer(std::io::Error),
-    #[error("NATS JetStream: {0}")]
+    #[error("NATS JetStream: {0}; nothing was changed")]
     Nats(String),
+    #[error(
+        "NATS JetStream did not confirm the write ({0}): it may be stored or not; send again with the same idempotency_key to have it stored once"
+    )]
+    Unconfirmed(String),
     #[error("stored data is damaged: {0}")]
     Corrupt(String),
 }
@@ -49,6 +54,29 @@ pub struct GroupRecord {
     /// Argon2 PHC string of the join key, when the group has one.
     pub join_key_hash: Option<String>,
     pub created_at: DateTime<Utc>,
+    /// Set when the group's log was copied from another store under new sequence numbers
+    /// (`relay-server migrate`): clients may still resume from an old one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub renumbered: Option<Renumbered>,
+}
+
+/// How a copied log's old sequence numbers map to its new ones.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Renumbered {
+    /// The old log's last sequence number: every new one is above it.
+    pub up_to: u64,
+    /// Old sequence number + `offset` = new sequence number.
+    pub offset: u64,
+}
+
+impl GroupRecord {
+    /// The sequence number a client's `Last-Event-ID` means today.
+    pub fn resume_point(&self, last_event_id: u64) -> u64 {
+        match self.renumbered {
+            Some(r) if last_event_id <= r.up_to => last_event_id + r.offset,
+            _ => last_event_id,
+        }
+    }
 }
 
 /// Holder of a token: one agent, which may be a peer in several groups.
@@ -248,6 +276,13 @@ pub trait Shared {
         let _ = key;
         false
     }
+    /// Takes a token from `key`'s bucket shared by every node (`per_second`, `burst` at
+    /// most); `Ok(Err(wait))` when none is left. A single node keeps its buckets in memory
+    /// and never asks.
+    fn take_token(&self, key: &str, per_second: f64, burst: u32) -> Result<std::result::Result<(), std::time::Duration>> {
+        let _ = (key, per_second, burst);
+        Ok(Ok(()))
+    }
     /// Why the store cannot serve now, if it cannot (for `/healthz`).
     fn unhealthy(&self) -> Option<String> {
         None
@@ -299,14 +334,14 @@ pub(crate) mod contract {
 
     pub fn groups(store: &dyn Store) {
         assert_eq!(store.group("g").unwrap(), None);
-        let g = GroupRecord { group_id: "g".into(), join_key_hash: Some("$argon2id$x".into()), created_at: t(1) };
+        let g = GroupRecord { group_id: "g".into(), join_key_hash: Some("$argon2id$x".into()), created_at: t(1), renumbered: None };
         store.create_group(&g).unwrap();
         assert_eq!(store.group("g").unwrap(), Some(g.clone()));
         assert!(matches!(store.create_group(&g), Err(StoreError::Conflict(_))));
     }
 
     pub fn principals_and_peers(store: &dyn Store) {
-        let g = GroupRecord { group_id: "g".into(), join_key_hash: None, created_at: t(0) };
+        let g = GroupRecord { group_id: "g".into(), join_key_hash: None, created_at: t(0), renumbered: None };
         store.create_group(&g).unwrap();
         let a = store.create_principal(&[1; 32], t(0)).unwrap();
         let b = store.create_principal(&[2; 32], t(0)).unwrap();
@@ -361,7 +396,7 @@ pub(crate) mod contract {
     /// them in memory must forget them on each kind of write).
     pub fn peer_lists_follow_writes(store: &dyn Store) {
         for g in ["g", "h"] {
-            store.create_group(&GroupRecord { group_id: g.into(), join_key_hash: None, created_at: t(0) }).unwrap();
+            store.create_group(&GroupRecord { group_id: g.into(), join_key_hash: None, created_at: t(0), renumbered: None }).unwrap();
         }
         let a = store.create_principal(&[1; 32], t(0)).unwrap();
         let b = store.create_principal(&[2; 32], t(0)).unwrap();

@@ -389,6 +389,52 @@ impl SqliteStore {
     }
 }
 
+/// Everything a data directory holds but the logs (read those with [`Store::entries`]),
+/// for `relay-server migrate`.
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    pub groups: Vec<GroupRecord>,
+    pub principals: Vec<([u8; 32], PrincipalId, DateTime<Utc>)>,
+    /// (daemon id, token hash, host name, created)
+    pub daemons: Vec<(String, [u8; 32], String, DateTime<Utc>)>,
+    pub peers: Vec<PeerRecord>,
+    pub deliveries: Vec<DeliveryRecord>,
+    /// Message id → the idempotency key its sender gave it.
+    pub keys: HashMap<String, String>,
+}
+
+fn hash32(bytes: Vec<u8>) -> rusqlite::Result<[u8; 32]> {
+    bytes.try_into().map_err(|_| rusqlite::Error::InvalidColumnType(0, "token_hash".into(), rusqlite::types::Type::Blob))
+}
+
+impl SqliteStore {
+    pub fn snapshot(&self) -> Result<Snapshot> {
+        let conn = self.conn();
+        let all = |sql: &str| conn.prepare(sql);
+        let groups = all("SELECT group_id, join_key_hash, created_at FROM groups ORDER BY group_id")?
+            .query_map([], |r| {
+                Ok(GroupRecord { group_id: r.get(0)?, join_key_hash: r.get(1)?, created_at: time(r.get(2)?), renumbered: None })
+            })?
+            .collect::<rusqlite::Result<_>>()?;
+        let principals = all("SELECT token_hash, principal_id, created_at FROM principals ORDER BY principal_id")?
+            .query_map([], |r| Ok((hash32(r.get(0)?)?, r.get(1)?, time(r.get(2)?))))?
+            .collect::<rusqlite::Result<_>>()?;
+        let daemons = all("SELECT daemon_id, token_hash, hostname, created_at FROM daemons ORDER BY daemon_id")?
+            .query_map([], |r| Ok((r.get(0)?, hash32(r.get(1)?)?, r.get(2)?, time(r.get(3)?))))?
+            .collect::<rusqlite::Result<_>>()?;
+        let peers = all(&format!("SELECT {PEER_COLUMNS} FROM peers ORDER BY peer_id"))?
+            .query_map([], peer_row)?
+            .collect::<rusqlite::Result<_>>()?;
+        let deliveries = all(&format!("SELECT {DELIVERY_COLUMNS} FROM deliveries ORDER BY message_id, peer_id"))?
+            .query_map([], delivery_row)?
+            .collect::<rusqlite::Result<_>>()?;
+        let keys = all("SELECT id, idempotency_key FROM log WHERE idempotency_key IS NOT NULL")?
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+            .collect::<rusqlite::Result<_>>()?;
+        Ok(Snapshot { groups, principals, daemons, peers, deliveries, keys })
+    }
+}
+
 fn migrate(conn: &mut Connection, path: &Path) -> Result<()> {
     let known = MIGRATIONS.len() as i64;
     let found: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
@@ -465,7 +511,9 @@ impl Store for SqliteStore {
         let conn = self.conn();
         let mut stmt = conn.prepare_cached("SELECT group_id, join_key_hash, created_at FROM groups WHERE group_id = ?1")?;
         let row = stmt
-            .query_row([group_id], |r| Ok(GroupRecord { group_id: r.get(0)?, join_key_hash: r.get(1)?, created_at: time(r.get(2)?) }))
+            .query_row([group_id], |r| {
+                Ok(GroupRecord { group_id: r.get(0)?, join_key_hash: r.get(1)?, created_at: time(r.get(2)?), renumbered: None })
+            })
             .optional()?;
         Ok(row)
     }
@@ -834,7 +882,7 @@ mod tests {
     #[test]
     fn peer_lists_stay_under_their_cap() {
         let store = SqliteStore::open_in_memory().unwrap();
-        store.create_group(&GroupRecord { group_id: "g".into(), join_key_hash: None, created_at: Utc::now() }).unwrap();
+        store.create_group(&GroupRecord { group_id: "g".into(), join_key_hash: None, created_at: Utc::now(), renumbered: None }).unwrap();
         let principal = store.create_principal(&[1; 32], Utc::now()).unwrap();
         let peer = |id: &str| PeerRecord {
             peer_id: id.into(),

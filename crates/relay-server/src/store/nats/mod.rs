@@ -12,12 +12,14 @@
 //! | delivery states | bucket `relay_deliveries` | message (all its recipients in one value) |
 //! | open streams | bucket `relay_presence` | `<peer or daemon/group>.<node>` |
 //! | live nodes | bucket `relay_nodes`, entries expire | node |
+//! | send limits | bucket `relay_rates`, idle entries expire | `send.<peer>` |
 //!
 //! Receipts reach other nodes' streams as plain NATS messages on `relay.note.<group>`:
 //! their state is in `relay_deliveries`; the note only saves a reader the asking.
 //! Names that are not plain `[A-Za-z0-9_-]` are hex-encoded behind a `=`.
 
 mod bridge;
+pub mod check;
 mod log;
 mod peers;
 mod presence;
@@ -43,7 +45,7 @@ use peers::PeerMirror;
 use presence::Presence;
 
 pub const LOG_STREAM: &str = "RELAY_LOG";
-pub const BUCKETS: [&str; 8] = [
+pub const BUCKETS: [&str; 9] = [
     "relay_groups",
     "relay_principals",
     "relay_daemons",
@@ -52,7 +54,10 @@ pub const BUCKETS: [&str; 8] = [
     "relay_deliveries",
     "relay_presence",
     "relay_nodes",
+    "relay_rates",
 ];
+/// A send limit's bucket left alone this long is full again anyway: it may go.
+const RATES_KEPT: Duration = Duration::from_secs(3600);
 
 /// How long a node keeps trying to reach NATS and set up its streams when it starts.
 const STARTUP: Duration = Duration::from_secs(60);
@@ -86,12 +91,17 @@ struct Inner {
     peers: kv::Store,
     messages: kv::Store,
     deliveries: kv::Store,
+    rates: kv::Store,
     mirror: Mutex<PeerMirror>,
     presence: Presence,
 }
 
 pub(crate) fn nats_error(e: impl std::fmt::Display) -> StoreError {
-    StoreError::Nats(e.to_string())
+    let text = e.to_string();
+    if text.contains("no responders") {
+        return StoreError::Nats(format!("no JetStream answers (no quorum, or no NATS server reachable): {text}"));
+    }
+    StoreError::Nats(text)
 }
 
 /// A name as a NATS subject token or key part: itself when plain, else `=` and its hex.
@@ -136,6 +146,37 @@ impl NatsStore {
             self.call(|inner| async move { inner.catch_up().await })?;
         }
         Ok(read(&lock(&self.inner.mirror)))
+    }
+}
+
+/// For `relay-server migrate`, which fills an empty cluster with nothing else running.
+impl NatsStore {
+    /// Whether the cluster holds no relay data yet.
+    pub fn is_empty(&self) -> Result<bool> {
+        self.call(|inner| async move {
+            let mut log = inner.log.clone();
+            let entries = log.info().await.map_err(nats_error)?.state.messages;
+            let groups = inner.groups.status().await.map_err(nats_error)?.info.state.messages;
+            let peers = inner.peers.status().await.map_err(nats_error)?.info.state.messages;
+            Ok(entries + groups + peers == 0)
+        })
+    }
+
+    /// Makes the log's next sequence number `next` (or keeps it, when it is past that).
+    pub fn start_log_at(&self, next: u64) -> Result<()> {
+        self.call(|inner| async move {
+            let mut log = inner.log.clone();
+            if log.info().await.map_err(nats_error)?.state.last_sequence + 1 < next {
+                log.purge().sequence(next).await.map_err(nats_error)?;
+            }
+            Ok(())
+        })
+    }
+
+    /// Stores a token holder under the id it had.
+    pub fn import_principal(&self, token_hash: &[u8; 32], id: PrincipalId) -> Result<()> {
+        let key = hex::encode(token_hash);
+        self.call(|inner| async move { create(&inner.principals, key, id.to_string().into(), "token".into()).await })
     }
 }
 
@@ -213,6 +254,7 @@ impl Inner {
             peers: bucket("relay_peers", file, Duration::ZERO).await?,
             messages: bucket("relay_messages", file, Duration::ZERO).await?,
             deliveries: bucket("relay_deliveries", file, Duration::ZERO).await?,
+            rates: bucket("relay_rates", memory, RATES_KEPT).await?,
             presence: Presence::start(
                 bucket("relay_presence", memory, Duration::ZERO).await?,
                 bucket("relay_nodes", memory, options.presence_ttl).await?,
@@ -333,7 +375,7 @@ impl Inner {
             .await
             .map_err(nats_error)?
             .await
-            .map_err(|e| StoreError::Nats(format!("the log did not confirm the write: {e}")))?;
+            .map_err(|e| StoreError::Unconfirmed(e.to_string()))?;
         let stored = if ack.duplicate { self.entry_at(ack.sequence).await? } else { None };
         let stored = match stored {
             Some(earlier) => earlier,
@@ -412,6 +454,48 @@ fn server_addrs(urls: &[String]) -> Result<Vec<ServerAddr>> {
         return Err(StoreError::Nats("no NATS server URL given".into()));
     }
     urls.iter().map(|u| u.parse::<ServerAddr>().map_err(|e| StoreError::Nats(format!("invalid NATS URL {u:?}: {e}")))).collect()
+}
+
+/// A token bucket as the cluster shares it.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct SharedBucket {
+    tokens: f64,
+    at: DateTime<Utc>,
+}
+
+impl Inner {
+    async fn take_token(&self, key: &str, per_second: f64, burst: u32) -> Result<std::result::Result<(), Duration>> {
+        let key = subject_token(key);
+        loop {
+            let entry = self.rates.entry(&key).await.map_err(nats_error)?.filter(|e| e.operation == kv::Operation::Put);
+            let now = Utc::now();
+            let bucket = match &entry {
+                Some(e) => parse::<SharedBucket>("send limit", &e.value)?,
+                None => SharedBucket { tokens: f64::from(burst), at: now },
+            };
+            let elapsed = now.signed_duration_since(bucket.at).to_std().unwrap_or_default().as_secs_f64();
+            let tokens = (bucket.tokens + elapsed * per_second).min(f64::from(burst));
+            if tokens < 1.0 {
+                return Ok(Err(Duration::from_secs_f64((1.0 - tokens) / per_second)));
+            }
+            let value = json(&SharedBucket { tokens: tokens - 1.0, at: now });
+            let written = match &entry {
+                Some(e) => self
+                    .rates
+                    .update(&key, value, e.revision)
+                    .await
+                    .map(drop)
+                    .map_err(|e| e.kind() == kv::UpdateErrorKind::WrongLastRevision),
+                None => self.rates.create(&key, value).await.map(drop).map_err(|e| e.kind() == kv::CreateErrorKind::AlreadyExists),
+            };
+            match written {
+                Ok(()) => return Ok(Ok(())),
+                // another node took one first: count again
+                Err(true) => continue,
+                Err(false) => return Err(StoreError::Nats(format!("cannot update the send limit of {key}"))),
+            }
+        }
+    }
 }
 
 fn key_index(sender_id: &str, key: &str) -> String {
@@ -585,6 +669,11 @@ impl Shared for NatsStore {
 
     fn online_elsewhere(&self, key: &str) -> bool {
         self.inner.presence.online_elsewhere(key)
+    }
+
+    fn take_token(&self, key: &str, per_second: f64, burst: u32) -> Result<std::result::Result<(), Duration>> {
+        let key = key.to_owned();
+        self.call(|inner| async move { inner.take_token(&key, per_second, burst).await })
     }
 
     fn unhealthy(&self) -> Option<String> {
