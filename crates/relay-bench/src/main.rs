@@ -49,8 +49,8 @@ struct Args {
     /// Streams in the idle scenario [default: 10000; quick: 500]
     #[arg(long)]
     streams: Option<usize>,
-    /// Run only these scenarios (repeatable): tools, fan-out, daemon, end-to-end,
-    /// claude-inbox, idle
+    /// Run only these scenarios (repeatable): tools, fan-out, fan-out-1000, saturation,
+    /// daemon, end-to-end, claude-inbox, idle, cluster
     #[arg(long, value_parser = SCENARIOS)]
     only: Vec<String>,
     /// Where to write the JSON figures
@@ -58,7 +58,7 @@ struct Args {
     out: PathBuf,
 }
 
-const SCENARIOS: [&str; 6] = ["tools", "fan-out", "daemon", "end-to-end", "claude-inbox", "idle"];
+const SCENARIOS: [&str; 9] = ["tools", "fan-out", "fan-out-1000", "saturation", "daemon", "end-to-end", "claude-inbox", "idle", "cluster"];
 
 #[tokio::main]
 async fn main() -> Result<()> {
@@ -165,9 +165,10 @@ async fn run_scenarios(args: &Args, target: &Target, http: &reqwest::Client, rep
     }
     if runs("fan-out") {
         let fan = FanOut {
+            label: "fan-out",
             peers: args.peers.unwrap_or(if quick { 20 } else { 100 }),
             messages: args.messages.unwrap_or(if quick { 40 } else { 300 }),
-            rate_per_second: 100.0,
+            rate_per_second: Some(100.0),
         };
         let split = CoreSplit::plan().unwrap_or_else(|e| {
             eprintln!("relay-bench: the cores this process may use are unknown ({e}); the fan-out shares them");
@@ -187,6 +188,32 @@ async fn run_scenarios(args: &Args, target: &Target, http: &reqwest::Client, rep
             }
         }
     }
+    // a group of 1,000 (10 messages a second: 10,000 deliveries a second)
+    if runs("fan-out-1000") {
+        let fan = FanOut {
+            label: "fan-out 1000",
+            peers: if quick { 100 } else { 1000 },
+            messages: if quick { 20 } else { 100 },
+            rate_per_second: Some(10.0),
+        };
+        let outcome = scenarios::fan_out(target, &fan, Cores::Single, report).await;
+        record(report, "fan-out 1000", outcome);
+    }
+    // 100 streams and no pacing: the most deliveries a second
+    if runs("saturation") {
+        let fan = FanOut {
+            label: "saturation",
+            peers: if quick { 20 } else { 100 },
+            messages: if quick { 200 } else { 3000 },
+            rate_per_second: None,
+        };
+        let outcome = scenarios::fan_out(target, &fan, Cores::Single, report).await;
+        record(report, "saturation", outcome);
+    }
+    if runs("cluster") {
+        let outcome = cluster(http, quick, report).await;
+        record(report, "cluster", outcome);
+    }
     if runs("daemon") {
         let outcome = scenarios::daemon(target, 20, if quick { 20 } else { 200 }, report).await;
         record(report, "daemon", outcome);
@@ -205,6 +232,35 @@ async fn run_scenarios(args: &Args, target: &Target, http: &reqwest::Client, rep
         let outcome = scenarios::idle_streams(target, streams, window, report).await;
         record(report, "idle", outcome);
     }
+}
+
+/// Three NATS servers and two relay nodes on this machine (sharing its cores with the
+/// bench): tool calls through one node, and the fan-out with half the streams on each.
+async fn cluster(http: &reqwest::Client, quick: bool, report: &mut Report) -> Result<()> {
+    let Some(nats) = relay_e2e::nats::NatsCluster::start("relay-bench cluster", 3) else {
+        eprintln!("relay-bench: no nats-server (tests/run installs one): the cluster scenario is skipped");
+        return Ok(());
+    };
+    let urls = nats.urls();
+    let limits = ["--rate-per-second", "1000000000", "--rate-burst", "4000000000"];
+    let nodes: Vec<relay_e2e::ServerProcess> =
+        (0..2).map(|_| relay_e2e::ServerProcess::start(0, &[&["--nats", &urls], &limits[..]].concat())).collect();
+    let targets: Vec<Target> =
+        nodes.iter().map(|n| Target::new(http.clone(), format!("http://{}", n.addr), Some(n.pid()), Vec::new())).collect();
+    let anon = targets[0].mcp(None).await?;
+    let peer = scenarios::register(&anon, "bench-cluster-tools", "/bench/caller").await?;
+    let (sequential, duration) = (if quick { 100 } else { 1000 }, Duration::from_secs(if quick { 2 } else { 10 }));
+    let load = |tool: &str, args: Value| ToolLoad { tool: tool.to_owned(), args, sequential, concurrency: 32, duration };
+    scenarios::tool_calls(&targets[0], Some(&peer.token), &load("list_peers", json!({})), report, "cluster list_peers", false).await?;
+    let message = json!({"message": "a benchmark message of modest size"});
+    scenarios::tool_calls(&targets[0], Some(&peer.token), &load("send_message", message), report, "cluster send_message", false).await?;
+    let fan = FanOut {
+        label: "cluster fan-out",
+        peers: if quick { 20 } else { 100 },
+        messages: if quick { 40 } else { 300 },
+        rate_per_second: Some(100.0),
+    };
+    scenarios::fan_out_across(&targets, &fan, Cores::Single, report).await
 }
 
 /// The fan-out against a server of its own, started on its share of the cores, while the

@@ -85,7 +85,7 @@ pub async fn call_once(http: &reqwest::Client, url: &str, token: Option<&str>, t
     if let Some(token) = token {
         request = request.bearer_auth(token);
     }
-    let response = request.send().await.map_err(|e| format!("request failed: {e}"))?;
+    let response = request.send().await.map_err(|e| format!("request failed: {e} ({:?})", std::error::Error::source(&e)))?;
     let status = response.status();
     let text = response.text().await.map_err(|e| format!("reply cut short: {e}"))?;
     // a reply framed as one SSE event carries the JSON on its data line

@@ -18,8 +18,8 @@ pub fn haproxy(test: &str) -> Option<PathBuf> {
 
 pub struct Proxy {
     pub addr: SocketAddr,
-    _child: KillOnDrop,
-    _dir: tempfile::TempDir,
+    child: KillOnDrop,
+    dir: tempfile::TempDir,
 }
 
 impl Proxy {
@@ -39,13 +39,14 @@ impl Proxy {
         );
         let config_path = dir.path().join("haproxy.cfg");
         std::fs::write(&config_path, config).expect("write haproxy.cfg");
+        let log = std::fs::File::create(dir.path().join("haproxy.log")).expect("haproxy's log file");
         let child = Command::new(bin)
             .arg("-f")
             .arg(&config_path)
             .arg("-db")
             .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stdout(log.try_clone().expect("log file"))
+            .stderr(log)
             .spawn()
             .expect("spawn haproxy");
         let child = KillOnDrop(child);
@@ -54,10 +55,21 @@ impl Proxy {
             assert!(Instant::now() < deadline, "haproxy never listened on {port}");
             std::thread::sleep(Duration::from_millis(20));
         }
-        Some(Self { addr: ([127, 0, 0, 1], port).into(), _child: child, _dir: dir })
+        Some(Self { addr: ([127, 0, 0, 1], port).into(), child, dir })
     }
 
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.addr)
+    }
+}
+
+impl Drop for Proxy {
+    /// A failing test shows what HAProxy said, and whether it was still running.
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let exited = self.child.0.try_wait().ok().flatten();
+            let log = std::fs::read_to_string(self.dir.path().join("haproxy.log")).unwrap_or_default();
+            eprintln!("haproxy on {}: {}; its log:\n{log}", self.addr, exited.map_or("still running".into(), |s| format!("exited, {s}")));
+        }
     }
 }

@@ -132,10 +132,17 @@ impl Fanout {
     /// A receiver of the group's live events, and the sequence number they follow: every
     /// entry after it arrives on the receiver, everything up to it is in the store.
     pub fn subscribe(self: &Arc<Self>, store: &dyn Store, group_id: &str) -> Result<(broadcast::Receiver<Live>, u64), StoreError> {
+        // A shared store is asked before the lock is taken: its follower takes the lock on
+        // the NATS client's thread, which an answer through that store would wait for.
+        let shared_head = if store.shared() { Some(store.head_seq(group_id)?) } else { None };
         let mut channels = self.lock();
-        let head = store.head_seq(group_id)?;
+        let head = match shared_head {
+            Some(head) => head,
+            None => store.head_seq(group_id)?,
+        };
         if let Some(channel) = channels.map.get(group_id) {
-            return Ok((channel.tx.subscribe(), head));
+            // (a replica may know an older head than this node has already sent on)
+            return Ok((channel.tx.subscribe(), head.max(channel.last_seq)));
         }
         let (tx, rx) = broadcast::channel(self.buffer);
         let news: Arc<dyn GroupNews> = Arc::new(News { fanout: Arc::downgrade(self) });

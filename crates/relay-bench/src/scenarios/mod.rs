@@ -20,6 +20,7 @@ pub use claude::claude_inbox;
 pub use end_to_end::end_to_end;
 
 /// What the scenarios run against.
+#[derive(Clone)]
 pub struct Target {
     pub http: reqwest::Client,
     /// `http://host:port`
@@ -225,9 +226,13 @@ impl Drop for Readers {
 }
 
 pub struct FanOut {
+    /// The scenario's name in the report.
+    pub label: &'static str,
     pub peers: usize,
     pub messages: usize,
-    pub rate_per_second: f64,
+    /// Sends a second; `None`: each as soon as the last was answered (to find the most
+    /// deliveries a second the server makes).
+    pub rate_per_second: Option<f64>,
 }
 
 /// Where the server and the bench run during a fan-out (see `cores`).
@@ -276,10 +281,17 @@ impl Arrivals {
 }
 
 /// One sender, `peers` open streams: latency from send to every delivery.
-// (long: a scenario is one timeline — set up, warm up, measure, check, report — read best whole)
 pub async fn fan_out(target: &Target, opts: &FanOut, cores: Cores, report: &mut Report) -> Result<()> {
+    fan_out_across(std::slice::from_ref(target), opts, cores, report).await
+}
+
+/// The fan-out with the streams spread over `targets` (a cluster's nodes), the sender on
+/// the first: latency to the streams on the sender's node and on the others, apart.
+// (long: a scenario is one timeline — set up, warm up, measure, check, report — read best whole)
+pub async fn fan_out_across(targets: &[Target], opts: &FanOut, cores: Cores, report: &mut Report) -> Result<()> {
+    let target = &targets[0];
     let anon = target.mcp(None).await?;
-    let group = "bench-fanout";
+    let group = &format!("bench-{}", opts.label.replace([' ', ','], "-"));
     let sender = register(&anon, group, "/bench/sender").await?;
     let mut peers = Vec::with_capacity(opts.peers);
     for i in 0..opts.peers {
@@ -291,35 +303,41 @@ pub async fn fan_out(target: &Target, opts: &FanOut, cores: Cores, report: &mut 
     let arrivals = Arc::new(Mutex::new(Arrivals::with_room_for(expected)));
     let received = || arrivals.lock().unwrap().events.len();
     let mut readers = Vec::with_capacity(peers.len());
-    for peer in &peers {
-        readers.push(connect_stream(target, peer).await?);
+    for (i, peer) in peers.iter().enumerate() {
+        readers.push(connect_stream(&targets[i % targets.len()], peer).await?);
     }
     let streams = Readers::start(readers, cores, &arrivals);
     let mcp = target.mcp(Some(&sender.token)).await?;
-    let (interval, messages) = (Duration::from_secs_f64(1.0 / opts.rate_per_second), opts.messages);
+    let (pace, messages) = (opts.rate_per_second, opts.messages);
     let first_send = Instant::now();
     let cpu = procstat::CpuMeter::start(target.pid);
     // on a worker, beside the HTTP client's connection task, not handed across threads
     let sent_at = tokio::spawn(async move {
         let mut sent_at = Vec::with_capacity(messages);
-        let mut tick = tokio::time::interval(interval);
+        let mut tick = pace.map(|rate| tokio::time::interval(Duration::from_secs_f64(1.0 / rate)));
         // after a stall, keep the spacing rather than sending the missed ones back to back
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        if let Some(tick) = &mut tick {
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        }
         for n in 0..messages {
-            tick.tick().await;
+            if let Some(tick) = &mut tick {
+                tick.tick().await;
+            }
             sent_at.push(Instant::now());
             mcp.call_tool("send_message", &json!({"message": format!("fan {n}")})).await?;
         }
         anyhow::Ok(sent_at)
     })
     .await??;
-    let deadline = Instant::now() + Duration::from_secs(15);
+    let deadline = Instant::now() + Duration::from_secs(30);
     while received() < expected && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let cpu_per_delivery = cpu.per(received());
     drop(streams);
     let mut lat = Vec::with_capacity(expected);
+    // with several nodes: the streams on the sender's node, and the rest
+    let (mut same_node, mut other_node) = (Vec::new(), Vec::new());
     // per send: its first and its last delivery
     let mut per_send: Vec<Option<(f64, f64)>> = vec![None; opts.messages];
     let mut last_delivery = first_send;
@@ -334,6 +352,7 @@ pub async fn fan_out(target: &Target, opts: &FanOut, cores: Cores, report: &mut 
             }
             let ms = at.duration_since(*sent).as_secs_f64() * 1000.0;
             lat.push(ms);
+            if stream % targets.len() == 0 { &mut same_node } else { &mut other_node }.push(ms);
             per_send[n] = Some(per_send[n].map_or((ms, ms), |(first, last)| (first.min(ms), last.max(ms))));
             last_delivery = last_delivery.max(at);
         }
@@ -341,16 +360,25 @@ pub async fn fan_out(target: &Target, opts: &FanOut, cores: Cores, report: &mut 
     let (mut firsts, mut spreads): (Vec<f64>, Vec<f64>) = per_send.iter().flatten().map(|(first, last)| (*first, last - first)).unzip();
     let got = lat.len();
     let p99 = quantile(&mut lat, 0.99);
-    let label = if cores.held_to_target() { "fan-out" } else { "fan-out, cores shared" };
+    let label = if cores.held_to_target() { opts.label } else { "fan-out, cores shared" };
     report.add(label, "streams", opts.peers as f64, "streams");
+    if targets.len() > 1 {
+        report.add(label, "nodes", targets.len() as f64, "nodes");
+        report.add(label, "sending node: send → delivery p50", quantile(&mut same_node, 0.5), "ms");
+        report.add(label, "sending node: send → delivery p99", quantile(&mut same_node, 0.99), "ms");
+        report.add(label, "other node: send → delivery p50", quantile(&mut other_node, 0.5), "ms");
+        let p99 = quantile(&mut other_node, 0.99);
+        report.goal(label, "other node: send → delivery p99", p99, "ms", (Goal::AtMost(10.0), "≤ 10 (100 msg/s × 100)"), None);
+    }
     if let Cores::Own { server, bench } = cores {
         report.add(label, "server's cores", server as f64, "cores");
         report.add(label, "bench's cores", bench as f64, "cores");
     }
     report.add(label, "send → delivery p50", quantile(&mut lat, 0.5), "ms");
-    if cores.held_to_target() {
+    if cores.held_to_target() && targets.len() == 1 && opts.rate_per_second.is_some() {
         let original = (opts.peers == 100).then_some("80–92 ms (one send)");
-        report.goal(label, "send → delivery p99", p99, "ms", (Goal::AtMost(2.0), "≤ 2 (100)"), original);
+        let goal = if opts.peers >= 1000 { (Goal::AtMost(5.0), "≤ 5 (1,000)") } else { (Goal::AtMost(2.0), "≤ 2 (100)") };
+        report.goal(label, "send → delivery p99", p99, "ms", goal, original);
     } else {
         report.add(label, "send → delivery p99", p99, "ms");
     }
@@ -358,7 +386,12 @@ pub async fn fan_out(target: &Target, opts: &FanOut, cores: Cores, report: &mut 
     // where the time goes: reaching the first stream, then the rest of them
     report.add(label, "send → first delivery p50", quantile(&mut firsts, 0.5), "ms");
     report.add(label, "first → last delivery p50", quantile(&mut spreads, 0.5), "ms");
-    report.add(label, "deliveries/s", got as f64 / last_delivery.duration_since(first_send).as_secs_f64().max(1e-9), "events/s");
+    let per_second = got as f64 / last_delivery.duration_since(first_send).as_secs_f64().max(1e-9);
+    if opts.rate_per_second.is_none() {
+        report.goal(label, "deliveries/s", per_second, "events/s", (Goal::AtLeast(300_000.0), "≥ 300,000"), None);
+    } else {
+        report.add(label, "deliveries/s", per_second, "events/s");
+    }
     report.add(label, "lost", (expected - got.min(expected)) as f64, "events");
     report.add(label, "duplicates", duplicates as f64, "events");
     add_cpu(report, label, cpu_per_delivery, ["server CPU per delivery", "bench client CPU per delivery"]);
@@ -481,7 +514,7 @@ pub async fn daemon(target: &Target, panes: usize, messages: usize, report: &mut
         }
     }
     let expected = panes * messages;
-    let deadline = Instant::now() + Duration::from_secs(15);
+    let deadline = Instant::now() + Duration::from_secs(30);
     while received.load(Ordering::Relaxed) < expected && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }

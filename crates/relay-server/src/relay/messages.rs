@@ -51,12 +51,7 @@ impl Relay {
     fn earlier_send(&self, entry: &NewEntry) -> Result<Option<LogEntry>> {
         let Some(key) = &entry.idempotency_key else { return Ok(None) };
         let Some(earlier) = self.store.entry_by_key(&entry.sender_id, key)? else { return Ok(None) };
-        if earlier.body != entry.body || earlier.recipient_id != entry.recipient_id {
-            return Err(RelayError::BadArgument {
-                field: "idempotency_key",
-                reason: format!("{key:?} was already used for another message ({}); use a new key for each message", earlier.id),
-            });
-        }
+        same_message(key, &earlier, &entry.body, entry.recipient_id.as_deref())?;
         Ok(Some(earlier))
     }
 
@@ -87,7 +82,16 @@ impl Relay {
         if let Some(earlier) = self.earlier_send(&entry)? {
             return Ok((Arc::new(earlier), true));
         }
+        // a shared store may find the key's earlier message itself (sent at the same moment
+        // through another node) and answer with that
+        let keyed = entry.idempotency_key.clone().map(|key| (key, entry.id.clone(), entry.body.clone(), entry.recipient_id.clone()));
         let stored = Arc::new(self.store.append(entry)?);
+        if let Some((key, id, body, to)) = keyed
+            && stored.id != id
+        {
+            same_message(&key, &stored, &body, to.as_deref())?;
+            return Ok((stored, true));
+        }
         if let Some(channels) = &mut channels {
             channels.entry(stored.clone());
         }
@@ -123,6 +127,17 @@ impl Relay {
             retry_after_ms: millis(wait),
         })
     }
+}
+
+/// A send repeated with `key` must be the same message as the key's earlier one.
+fn same_message(key: &str, earlier: &LogEntry, body: &str, recipient: Option<&str>) -> Result<()> {
+    if earlier.body != body || earlier.recipient_id.as_deref() != recipient {
+        return Err(RelayError::BadArgument {
+            field: "idempotency_key",
+            reason: format!("{key:?} was already used for another message ({}); use a new key for each message", earlier.id),
+        });
+    }
+    Ok(())
 }
 
 fn sent(entry: Arc<LogEntry>, recipients: usize) -> Sent {

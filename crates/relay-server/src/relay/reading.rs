@@ -42,7 +42,6 @@ impl Relay {
     /// moves their cursors past what it returns.
     pub fn read_new_messages(&self, caller: &Caller, limit: Option<usize>) -> Result<Inbox> {
         let limit = limit.unwrap_or(DEFAULT_READ_LIMIT).clamp(1, MAX_HISTORY_LIMIT);
-        let _reading = lock(&self.reading);
         let peers = self.active_peers(caller)?;
         if peers.is_empty() {
             return Err(RelayError::NotRegistered);
@@ -71,14 +70,18 @@ impl Relay {
         all.truncate(limit);
 
         let now = self.clock.now();
+        let mut moved = vec![true; found.len()];
         for (i, (peer, entries, scanned_to)) in found.iter().enumerate() {
             let taken: Vec<u64> = all.iter().filter(|(j, _)| *j == i).map(|(_, e)| e.seq).collect();
             let cursor = if taken.len() == entries.len() { *scanned_to } else { taken.iter().copied().max().unwrap_or(peer.read_seq) };
             if cursor != peer.read_seq {
-                self.store.set_read_seq(&peer.peer_id, cursor)?;
+                // a concurrent read (on any node) moved it first and returns these itself;
+                // what it did not reach stays unread for the next call
+                moved[i] = self.store.advance_read_seq(&peer.peer_id, peer.read_seq, cursor)?;
             }
             self.store.touch_peer(&peer.peer_id, now)?;
         }
+        all.retain(|(i, _)| moved[*i]);
         for (i, entry) in &all {
             // the cursor has moved: a failed mark must not lose the messages it returns
             if let Err(e) = self.record_delivery(&found[*i].0, entry, DeliveryState::Read, None) {

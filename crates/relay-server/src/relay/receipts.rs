@@ -52,10 +52,6 @@ impl Relay {
             return Err(RelayError::UnknownMessage(message.id.clone()));
         }
         let _delivering = lock(&self.delivering);
-        let current = self.store.delivery(&message.id, &recipient.peer_id)?.map_or(DeliveryState::Stored, |d| d.state);
-        if !current.can_move_to(state) {
-            return Ok(false);
-        }
         let now = self.clock.now();
         let record = DeliveryRecord {
             message_id: message.id.clone(),
@@ -64,7 +60,9 @@ impl Relay {
             detail: detail.clone(),
             updated_at: now,
         };
-        self.store.save_delivery(&record)?;
+        if !self.store.advance_delivery(&record)? {
+            return Ok(false);
+        }
         let sender_daemon = self.store.peer(&message.sender_id)?.and_then(|p| p.daemon_id);
         let daemons = [sender_daemon, recipient.daemon_id.clone()];
         let event = Event {

@@ -118,11 +118,14 @@ impl Store for MemoryStore {
         Ok(())
     }
 
-    fn set_read_seq(&self, peer_id: &str, seq: u64) -> Result<()> {
-        if let Some(p) = self.lock().peers.get_mut(peer_id) {
-            p.read_seq = seq;
+    fn advance_read_seq(&self, peer_id: &str, from: u64, to: u64) -> Result<bool> {
+        match self.lock().peers.get_mut(peer_id) {
+            Some(p) if p.read_seq == from => {
+                p.read_seq = to;
+                Ok(true)
+            }
+            _ => Ok(false),
         }
-        Ok(())
     }
 
     fn touch_peer(&self, peer_id: &str, at: DateTime<Utc>) -> Result<()> {

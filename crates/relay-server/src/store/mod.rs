@@ -217,7 +217,9 @@ pub trait Store: Shared + Send + Sync + 'static {
     fn peers_of_principal(&self, principal: PrincipalId) -> Result<Vec<PeerRecord>>;
     /// Inserts or replaces the peer with this id.
     fn save_peer(&self, peer: &PeerRecord) -> Result<()>;
-    fn set_read_seq(&self, peer_id: &str, seq: u64) -> Result<()>;
+    /// Moves the peer's read cursor from `from` to `to`; `false` (nothing changed) when it
+    /// is no longer at `from`: another reader, perhaps on another node, moved it first.
+    fn advance_read_seq(&self, peer_id: &str, from: u64, to: u64) -> Result<bool>;
     fn touch_peer(&self, peer_id: &str, at: DateTime<Utc>) -> Result<()>;
 
     /// Appends to the group's log and returns the entry with its sequence number. Durable
@@ -235,6 +237,17 @@ pub trait Store: Shared + Send + Sync + 'static {
     fn deliveries(&self, message_id: &str) -> Result<Vec<DeliveryRecord>>;
     /// Inserts or replaces the record of (message, peer).
     fn save_delivery(&self, record: &DeliveryRecord) -> Result<()>;
+    /// Saves `record` if its state is a move forward from the one stored (see
+    /// [`DeliveryState::can_move_to`]); whether it did. A single node's callers hold a lock
+    /// around this; a shared store checks and writes in one compare-and-set.
+    fn advance_delivery(&self, record: &DeliveryRecord) -> Result<bool> {
+        let current = self.delivery(&record.message_id, &record.peer_id)?.map_or(DeliveryState::Stored, |d| d.state);
+        if !current.can_move_to(record.state) {
+            return Ok(false);
+        }
+        self.save_delivery(record)?;
+        Ok(true)
+    }
 }
 
 /// What a shared store tells a node about a group the node follows.
@@ -386,7 +399,8 @@ pub(crate) mod contract {
         store.save_peer(&via_daemon).unwrap();
         assert_eq!(store.peer("p4").unwrap().unwrap().daemon_id.as_deref(), Some("d1"));
 
-        store.set_read_seq("p2", 7).unwrap();
+        assert!(store.advance_read_seq("p2", 0, 7).unwrap());
+        assert!(!store.advance_read_seq("p2", 0, 9).unwrap(), "the cursor moved on: a second reader at 0 loses");
         store.touch_peer("p2", t(9)).unwrap();
         let p2 = store.peer("p2").unwrap().unwrap();
         assert_eq!((p2.read_seq, p2.last_seen), (7, t(9)));
@@ -407,7 +421,7 @@ pub(crate) mod contract {
         };
         assert_eq!(read(store), (vec![p1.clone()], vec![p1.clone()], 1));
 
-        store.set_read_seq("p1", 7).unwrap();
+        assert!(store.advance_read_seq("p1", 0, 7).unwrap());
         store.touch_peer("p1", t(9)).unwrap();
         let (mine, group, active) = read(store);
         assert_eq!((mine[0].read_seq, mine[0].last_seen, active), (7, t(9), 1));
@@ -438,7 +452,7 @@ pub(crate) mod contract {
 
         // unknown peers change nothing and are no error
         store.touch_peer("nobody", t(11)).unwrap();
-        store.set_read_seq("nobody", 1).unwrap();
+        assert!(!store.advance_read_seq("nobody", 0, 1).unwrap());
         assert_eq!(store.peers_in_group("h").unwrap()[0].last_seen, moved.last_seen);
     }
 
@@ -538,5 +552,10 @@ pub(crate) mod contract {
         all.sort_by(|x, y| x.peer_id.cmp(&y.peer_id));
         assert_eq!(all, vec![read, record("c", DeliveryState::Held, 2)]);
         assert!(store.deliveries("m2").unwrap().is_empty());
+        // states only move forward
+        assert!(!store.advance_delivery(&record("b", DeliveryState::Delivered, 4)).unwrap(), "read stays read");
+        assert_eq!(store.delivery("m1", "b").unwrap().map(|d| d.state), Some(DeliveryState::Read));
+        assert!(store.advance_delivery(&record("d", DeliveryState::Delivered, 4)).unwrap());
+        assert!(store.advance_delivery(&record("d", DeliveryState::Read, 5)).unwrap());
     }
 }

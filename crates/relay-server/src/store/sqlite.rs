@@ -225,7 +225,7 @@ impl Drop for Checkpointer {
 /// The two peer lists nearly every tool call reads (the caller's peers, a group's peers),
 /// kept in memory: reading them from SQLite was most of what a cheap call cost. This
 /// process alone uses the database (EXCLUSIVE locking), so every change to a peer comes
-/// through `save_peer` (which forgets every list) or `set_read_seq` and `touch_peer` (which
+/// through `save_peer` (which forgets every list) or `advance_read_seq` and `touch_peer` (which
 /// make the same change to the lists that hold the peer).
 #[derive(Default)]
 struct PeerLists {
@@ -376,7 +376,8 @@ impl SqliteStore {
 
     /// Runs `update`, a statement on peer `peer_id` returning its principal and group, then
     /// makes the same `change` to the lists in memory.
-    fn update_peer(&self, update: &str, params: impl rusqlite::Params, peer_id: &str, change: impl Fn(&mut PeerRecord)) -> Result<()> {
+    /// Whether a row changed.
+    fn update_peer(&self, update: &str, params: impl rusqlite::Params, peer_id: &str, change: impl Fn(&mut PeerRecord)) -> Result<bool> {
         let conn = self.conn();
         let mut stmt = conn.prepare_cached(update)?;
         // stepped to the end: the commit happens there, and its failure must not be lost
@@ -385,7 +386,7 @@ impl SqliteStore {
         if let Some((principal, group_id)) = touched.first() {
             self.peer_lists().amend(*principal, group_id, peer_id, change);
         }
-        Ok(())
+        Ok(!touched.is_empty())
     }
 }
 
@@ -631,12 +632,12 @@ impl Store for SqliteStore {
         Ok(())
     }
 
-    fn set_read_seq(&self, peer_id: &str, seq: u64) -> Result<()> {
+    fn advance_read_seq(&self, peer_id: &str, from: u64, to: u64) -> Result<bool> {
         self.update_peer(
-            "UPDATE peers SET read_seq = ?2 WHERE peer_id = ?1 RETURNING principal_id, group_id",
-            params![peer_id, seq as i64],
+            "UPDATE peers SET read_seq = ?3 WHERE peer_id = ?1 AND read_seq = ?2 RETURNING principal_id, group_id",
+            params![peer_id, from as i64, to as i64],
             peer_id,
-            |p| p.read_seq = seq,
+            |p| p.read_seq = to,
         )
     }
 
@@ -649,6 +650,7 @@ impl Store for SqliteStore {
             peer_id,
             |p| p.last_seen = at,
         )
+        .map(drop)
     }
 
     fn append(&self, e: NewEntry) -> Result<LogEntry> {

@@ -5,6 +5,7 @@
 use std::time::Duration;
 
 use async_nats::Client;
+use async_nats::jetstream::stream;
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use futures::StreamExt;
@@ -118,7 +119,11 @@ pub async fn last_at_or_before(client: &Client, group_id: &str, up_to: Option<u6
 }
 
 /// Reads the entries `query` asks for.
-pub async fn entries(client: &Client, q: &LogQuery) -> Result<Vec<LogEntry>> {
+///
+/// Pages come from any replica, which may lag the leader by a moment. A reader that
+/// names where it must get to (`up_to_seq`: an entry it saw live, the head it was given)
+/// asks the leader whether anything lies between the page's end and that point.
+pub async fn entries(client: &Client, log: &stream::Stream, q: &LogQuery) -> Result<Vec<LogEntry>> {
     let mut out = Vec::new();
     if q.limit == 0 {
         return Ok(out);
@@ -146,8 +151,22 @@ pub async fn entries(client: &Client, q: &LogQuery) -> Result<Vec<LogEntry>> {
     let mut next = q.after_seq + 1;
     loop {
         let request = serde_json::json!({ "seq": next, "next_by_subj": subject, "batch": PAGE });
-        let page = direct_batch(client, request).await?;
+        let mut page = direct_batch(client, request).await?;
         let full = page.len() == PAGE;
+        let mut lagged = false;
+        if !full && let Some(up_to) = q.up_to_seq.filter(|up_to| page.last().map_or(next, |(seq, _)| seq + 1) <= *up_to) {
+            let after = page.last().map_or(next, |(seq, _)| seq + 1);
+            match log.raw_message_builder().sequence(after).next_by_subject(subject.clone()).send().await {
+                Ok(message) if message.sequence <= up_to => {
+                    // the replica lags: this page is not the end
+                    page.push((message.sequence, message.payload));
+                    lagged = true;
+                }
+                Ok(_) => {}
+                Err(e) if e.kind() == stream::RawMessageErrorKind::NoMessageFound => {}
+                Err(e) => return Err(nats_error(e)),
+            }
+        }
         for (seq, payload) in page {
             if q.up_to_seq.is_some_and(|up_to| seq > up_to) {
                 return Ok(out);
@@ -161,7 +180,7 @@ pub async fn entries(client: &Client, q: &LogQuery) -> Result<Vec<LogEntry>> {
             }
             next = seq + 1;
         }
-        if !full {
+        if !full && !lagged {
             return Ok(out);
         }
     }

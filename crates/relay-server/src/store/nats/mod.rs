@@ -32,6 +32,7 @@ use async_nats::{Client, HeaderMap, ServerAddr};
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use futures::StreamExt;
+use relay_proto::DeliveryState;
 use sha2::{Digest, Sha256};
 use tokio_util::sync::CancellationToken;
 
@@ -63,6 +64,11 @@ const RATES_KEPT: Duration = Duration::from_secs(3600);
 const STARTUP: Duration = Duration::from_secs(60);
 /// How long one JetStream request may take.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long `/healthz` waits for JetStream to take a write.
+const HEALTH_TIMEOUT: Duration = Duration::from_secs(2);
+/// A message id not (yet) in the index is looked up again this often, this long apart.
+const INDEX_WAITS: usize = 3;
+const INDEX_WAIT: Duration = Duration::from_millis(20);
 /// How long a read waits for this node's peer mirror to reach another node's write.
 const MIRROR_WAIT: Duration = Duration::from_secs(2);
 
@@ -98,8 +104,8 @@ struct Inner {
 
 pub(crate) fn nats_error(e: impl std::fmt::Display) -> StoreError {
     let text = e.to_string();
-    if text.contains("no responders") {
-        return StoreError::Nats(format!("no JetStream answers (no quorum, or no NATS server reachable): {text}"));
+    if text.contains("no responders") || text.contains("timed out") {
+        return StoreError::Nats(format!("JetStream does not answer (no quorum, or no NATS server reachable): {text}"));
     }
     StoreError::Nats(text)
 }
@@ -230,20 +236,9 @@ impl Inner {
             .await
             .map_err(|e| StoreError::Nats(format!("cannot create the stream {LOG_STREAM}: {e}")))?;
         let bucket = |name: &'static str, storage, max_age| {
-            let js = js.clone();
-            let replicas = options.replicas;
-            async move {
-                js.create_or_update_key_value(kv::Config {
-                    bucket: name.into(),
-                    history: 1,
-                    num_replicas: replicas,
-                    storage,
-                    max_age,
-                    ..Default::default()
-                })
-                .await
-                .map_err(|e| StoreError::Nats(format!("cannot create the bucket {name}: {e}")))
-            }
+            let config =
+                kv::Config { bucket: name.into(), history: 1, num_replicas: options.replicas, storage, max_age, ..Default::default() };
+            open_bucket(js.clone(), config)
         };
         let file = stream::StorageType::File;
         let memory = stream::StorageType::Memory;
@@ -308,10 +303,10 @@ impl Inner {
 
     fn apply_peer(&self, entry: &kv::Entry) -> Result<()> {
         let mut mirror = lock(&self.mirror);
-        match entry.operation {
-            kv::Operation::Put => mirror.apply(parse("peer record", &entry.value)?, entry.revision),
-            // peers are never deleted, only marked as left
-            kv::Operation::Delete | kv::Operation::Purge => mirror.seen(entry.revision),
+        mirror.seen(entry.revision);
+        // (peers are never deleted, only marked as left)
+        if entry.operation == kv::Operation::Put {
+            mirror.apply(parse("peer record", &entry.value)?, entry.revision);
         }
         Ok(())
     }
@@ -334,28 +329,56 @@ impl Inner {
         Ok(())
     }
 
-    async fn save_peer(&self, peer: PeerRecord) -> Result<()> {
-        let revision = self.peers.put(subject_token(&peer.peer_id), json(&peer)).await.map_err(nats_error)?;
-        lock(&self.mirror).apply(peer, revision);
-        Ok(())
-    }
-
-    /// Changes one peer's record in place, retrying when another node changed it first.
-    async fn update_peer(&self, peer_id: &str, change: impl Fn(&mut PeerRecord)) -> Result<()> {
-        let key = subject_token(peer_id);
+    /// Writes a whole peer record. The caller read it from this node's mirror, which may
+    /// miss another node's move of the read cursor or last-seen time a moment ago: those
+    /// only ever rise, and the later of each is kept.
+    async fn save_peer(&self, mut peer: PeerRecord) -> Result<()> {
+        let key = subject_token(&peer.peer_id);
         loop {
-            let Some(entry) = self.peers.entry(&key).await.map_err(nats_error)? else { return Ok(()) };
-            if entry.operation != kv::Operation::Put {
-                return Ok(());
-            }
-            let mut peer: PeerRecord = parse("peer record", &entry.value)?;
-            change(&mut peer);
-            match self.peers.update(&key, json(&peer), entry.revision).await {
+            let current = self.peers.entry(&key).await.map_err(nats_error)?.filter(|e| e.operation == kv::Operation::Put);
+            let written = match &current {
+                Some(entry) => {
+                    let stored: PeerRecord = parse("peer record", &entry.value)?;
+                    peer.read_seq = peer.read_seq.max(stored.read_seq);
+                    peer.last_seen = peer.last_seen.max(stored.last_seen);
+                    let update = self.peers.update(&key, json(&peer), entry.revision).await;
+                    update.map_err(|e| (lost_race(&e, e.kind() == kv::UpdateErrorKind::WrongLastRevision), e.to_string()))
+                }
+                None => {
+                    let create = self.peers.create(&key, json(&peer)).await;
+                    create.map_err(|e| (lost_race(&e, e.kind() == kv::CreateErrorKind::AlreadyExists), e.to_string()))
+                }
+            };
+            match written {
                 Ok(revision) => {
                     lock(&self.mirror).apply(peer, revision);
                     return Ok(());
                 }
-                Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => continue,
+                Err((true, _)) => continue,
+                Err((false, e)) => return Err(StoreError::Nats(e)),
+            }
+        }
+    }
+
+    /// Changes one peer's record in place if `change` says so (`true`), retrying when
+    /// another node changed it first; whether it changed.
+    async fn update_peer(&self, peer_id: &str, change: impl Fn(&mut PeerRecord) -> bool) -> Result<bool> {
+        let key = subject_token(peer_id);
+        loop {
+            let Some(entry) = self.peers.entry(&key).await.map_err(nats_error)? else { return Ok(false) };
+            if entry.operation != kv::Operation::Put {
+                return Ok(false);
+            }
+            let mut peer: PeerRecord = parse("peer record", &entry.value)?;
+            if !change(&mut peer) {
+                return Ok(false);
+            }
+            match self.peers.update(&key, json(&peer), entry.revision).await {
+                Ok(revision) => {
+                    lock(&self.mirror).apply(peer, revision);
+                    return Ok(true);
+                }
+                Err(e) if lost_race(&e, e.kind() == kv::UpdateErrorKind::WrongLastRevision) => continue,
                 Err(e) => return Err(nats_error(e)),
             }
         }
@@ -381,28 +404,49 @@ impl Inner {
             Some(earlier) => earlier,
             None => log::decode(ack.sequence, &log::encode(&entry))?,
         };
-        // the indexes follow the log: a node that dies in between leaves an entry that only
-        // its group's readers find, until the sender retries with its key
+        // The indexes follow the log. The entry is sent once stored, so an index that cannot
+        // be written is no reason to say otherwise: its message is then found in its group's
+        // log and streams, not by id (a send retried with its key writes the index again).
         let location = format!("{}/{}", stored.group_id, stored.seq);
-        self.messages.put(format!("id.{}", subject_token(&stored.id)), location.into()).await.map_err(nats_error)?;
+        let mut indexes = vec![(format!("id.{}", subject_token(&stored.id)), Bytes::from(location))];
         if let Some(key) = &entry.idempotency_key {
-            self.messages.put(key_index(&entry.sender_id, key), stored.id.clone().into()).await.map_err(nats_error)?;
+            indexes.push((key_index(&entry.sender_id, key), stored.id.clone().into()));
+        }
+        for (key, value) in indexes {
+            if let Err(e) = self.messages.put(&key, value).await {
+                tracing::error!(error = %e, key, "a stored message's index was not written");
+            }
         }
         Ok(stored)
     }
 
+    /// The entry at `seq`: from any replica, and from the leader when a replica has not
+    /// got it yet (an index can name an entry a moment old).
     async fn entry_at(&self, seq: u64) -> Result<Option<LogEntry>> {
         match self.log.direct_get(seq).await {
+            Ok(message) => return Ok(Some(log::decode(message.sequence, &message.payload)?)),
+            Err(e) if e.kind() == stream::DirectGetErrorKind::NotFound => {}
+            Err(e) => return Err(nats_error(e)),
+        }
+        match self.log.get_raw_message(seq).await {
             Ok(message) => Ok(Some(log::decode(message.sequence, &message.payload)?)),
-            Err(e) if e.kind() == stream::DirectGetErrorKind::NotFound => Ok(None),
+            Err(e) if e.kind() == stream::RawMessageErrorKind::NoMessageFound => Ok(None),
             Err(e) => Err(nats_error(e)),
         }
     }
 
     async fn entry_by_id(&self, id: &str) -> Result<Option<LogEntry>> {
-        let Some(location) = self.messages.get(format!("id.{}", subject_token(id))).await.map_err(nats_error)? else {
-            return Ok(None);
-        };
+        let key = format!("id.{}", subject_token(id));
+        let mut location = self.messages.get(&key).await.map_err(nats_error)?;
+        // a message other nodes already stream is indexed a moment after it is stored
+        for _ in 0..INDEX_WAITS {
+            if location.is_some() {
+                break;
+            }
+            tokio::time::sleep(INDEX_WAIT).await;
+            location = self.messages.get(&key).await.map_err(nats_error)?;
+        }
+        let Some(location) = location else { return Ok(None) };
         let location = String::from_utf8_lossy(&location).into_owned();
         let seq = location.rsplit('/').next().and_then(|s| s.parse().ok());
         let seq = seq.ok_or_else(|| StoreError::Corrupt(format!("message index of {id}: {location}")))?;
@@ -416,12 +460,16 @@ impl Inner {
         }
     }
 
-    /// Replaces one recipient's record among the message's, retrying when another node
-    /// changed them first.
-    async fn save_delivery(&self, record: DeliveryRecord) -> Result<()> {
+    /// Replaces one recipient's record among the message's if `forward_only` allows (its
+    /// state moves forward), retrying when another node changed them first; whether it did.
+    async fn save_delivery(&self, record: DeliveryRecord, forward_only: bool) -> Result<bool> {
         let key = subject_token(&record.message_id);
         loop {
             let (mut records, revision) = self.deliveries(&record.message_id).await?;
+            let current = records.iter().find(|r| r.peer_id == record.peer_id).map_or(DeliveryState::Stored, |r| r.state);
+            if forward_only && !current.can_move_to(record.state) {
+                return Ok(false);
+            }
             records.retain(|r| r.peer_id != record.peer_id);
             records.push(record.clone());
             let written = if revision == 0 {
@@ -429,21 +477,39 @@ impl Inner {
                     .create(&key, json(&records))
                     .await
                     .map(|_| ())
-                    .map_err(|e| (e.kind() == kv::CreateErrorKind::AlreadyExists, e.to_string()))
+                    .map_err(|e| (lost_race(&e, e.kind() == kv::CreateErrorKind::AlreadyExists), e.to_string()))
             } else {
                 self.deliveries
                     .update(&key, json(&records), revision)
                     .await
                     .map(|_| ())
-                    .map_err(|e| (e.kind() == kv::UpdateErrorKind::WrongLastRevision, e.to_string()))
+                    .map_err(|e| (lost_race(&e, e.kind() == kv::UpdateErrorKind::WrongLastRevision), e.to_string()))
             };
             match written {
-                Ok(()) => return Ok(()),
+                Ok(()) => return Ok(true),
                 Err((true, _)) => continue,
                 Err((false, e)) => return Err(StoreError::Nats(e)),
             }
         }
     }
+}
+
+/// Opens a bucket, creating it when missing. Its reads go to the stream's leader: a
+/// replica may lag a write another node made a moment ago, and a registration, a
+/// compare-and-set or a message's status must see it.
+async fn open_bucket(js: jetstream::Context, config: kv::Config) -> Result<kv::Store> {
+    let name = config.bucket.clone();
+    let failed = |e: &dyn std::fmt::Display| StoreError::Nats(format!("cannot open the bucket {name}: {e}"));
+    if js.get_key_value(&name).await.is_err() {
+        js.create_key_value(config).await.map_err(|e| failed(&e))?;
+    }
+    let mut stream = js.get_stream(format!("KV_{name}")).await.map_err(|e| failed(&e))?;
+    let mut stream_config = stream.info().await.map_err(|e| failed(&e))?.config.clone();
+    if stream_config.allow_direct {
+        stream_config.allow_direct = false;
+        js.update_stream(stream_config).await.map_err(|e| failed(&e))?;
+    }
+    js.get_key_value(&name).await.map_err(|e| failed(&e))
 }
 
 /// The servers to connect to; a URL that cannot work is an error at once, not after a
@@ -485,8 +551,13 @@ impl Inner {
                     .update(&key, value, e.revision)
                     .await
                     .map(drop)
-                    .map_err(|e| e.kind() == kv::UpdateErrorKind::WrongLastRevision),
-                None => self.rates.create(&key, value).await.map(drop).map_err(|e| e.kind() == kv::CreateErrorKind::AlreadyExists),
+                    .map_err(|e| lost_race(&e, e.kind() == kv::UpdateErrorKind::WrongLastRevision)),
+                None => self
+                    .rates
+                    .create(&key, value)
+                    .await
+                    .map(drop)
+                    .map_err(|e| lost_race(&e, e.kind() == kv::CreateErrorKind::AlreadyExists)),
             };
             match written {
                 Ok(()) => return Ok(Ok(())),
@@ -502,11 +573,18 @@ fn key_index(sender_id: &str, key: &str) -> String {
     format!("key.{}.{}", subject_token(sender_id), hex::encode(Sha256::digest(key.as_bytes())))
 }
 
+/// Whether a compare-and-set failed because another writer came first (`kind_says`), or
+/// the JetStream leader refused it for the same reason under a code the client library
+/// does not map (10164, "wrong last sequence", seen when two nodes write one key at once).
+fn lost_race(e: &dyn std::fmt::Display, kind_says: bool) -> bool {
+    kind_says || e.to_string().contains("wrong last sequence")
+}
+
 /// Creates `key` in `bucket`; an existing key is a [`StoreError::Conflict`] named `what`.
 async fn create(bucket: &kv::Store, key: String, value: Bytes, what: String) -> Result<()> {
     match bucket.create(key, value).await {
         Ok(_) => Ok(()),
-        Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => Err(StoreError::Conflict(what)),
+        Err(e) if lost_race(&e, e.kind() == kv::CreateErrorKind::AlreadyExists) => Err(StoreError::Conflict(what)),
         Err(e) => Err(nats_error(e)),
     }
 }
@@ -591,14 +669,32 @@ impl Store for NatsStore {
         self.call(|inner| async move { inner.save_peer(peer).await })
     }
 
-    fn set_read_seq(&self, peer_id: &str, seq: u64) -> Result<()> {
+    fn advance_read_seq(&self, peer_id: &str, from: u64, to: u64) -> Result<bool> {
         let peer_id = peer_id.to_owned();
-        self.call(|inner| async move { inner.update_peer(&peer_id, |p| p.read_seq = seq).await })
+        self.call(|inner| async move {
+            inner
+                .update_peer(&peer_id, |p| {
+                    let at = p.read_seq == from;
+                    if at {
+                        p.read_seq = to;
+                    }
+                    at
+                })
+                .await
+        })
     }
 
     fn touch_peer(&self, peer_id: &str, at: DateTime<Utc>) -> Result<()> {
         let peer_id = peer_id.to_owned();
-        self.call(|inner| async move { inner.update_peer(&peer_id, |p| p.last_seen = at).await })
+        self.call(|inner| async move {
+            inner
+                .update_peer(&peer_id, |p| {
+                    p.last_seen = at;
+                    true
+                })
+                .await
+        })
+        .map(drop)
     }
 
     fn append(&self, entry: NewEntry) -> Result<LogEntry> {
@@ -612,7 +708,7 @@ impl Store for NatsStore {
 
     fn entries(&self, query: &LogQuery) -> Result<Vec<LogEntry>> {
         let query = query.clone();
-        self.call(|inner| async move { log::entries(&inner.client, &query).await })
+        self.call(|inner| async move { log::entries(&inner.client, &inner.log, &query).await })
     }
 
     fn entry_by_id(&self, id: &str) -> Result<Option<LogEntry>> {
@@ -639,7 +735,12 @@ impl Store for NatsStore {
 
     fn save_delivery(&self, record: &DeliveryRecord) -> Result<()> {
         let record = record.clone();
-        self.call(|inner| async move { inner.save_delivery(record).await })
+        self.call(|inner| async move { inner.save_delivery(record, false).await }).map(drop)
+    }
+
+    fn advance_delivery(&self, record: &DeliveryRecord) -> Result<bool> {
+        let record = record.clone();
+        self.call(|inner| async move { inner.save_delivery(record, true).await })
     }
 }
 
@@ -677,9 +778,12 @@ impl Shared for NatsStore {
     }
 
     fn unhealthy(&self) -> Option<String> {
+        // a write, not a read: a lone NATS server that lost its peers still answers reads
         let checked = self.call(|inner| async move {
-            let mut log = inner.log.clone();
-            log.info().await.map(|_| ()).map_err(|e| StoreError::Nats(format!("JetStream does not answer: {e}")))
+            match tokio::time::timeout(HEALTH_TIMEOUT, inner.presence.beat()).await {
+                Ok(beat) => beat,
+                Err(_) => Err(StoreError::Nats(format!("JetStream took no write within {}s (no quorum?)", HEALTH_TIMEOUT.as_secs()))),
+            }
         });
         checked.err().map(|e| e.to_string())
     }
@@ -729,7 +833,11 @@ async fn follow_once(inner: &Inner, group_id: &str, last: &mut u64, news: &dyn G
                 Some(Ok(message)) => {
                     let seq = message.info().map_err(nats_error)?.stream_sequence;
                     if seq > *last {
-                        news.entry(log::decode(seq, &message.payload)?);
+                        // one damaged entry must not stop the group's live feed
+                        match log::decode(seq, &message.payload) {
+                            Ok(entry) => news.entry(entry),
+                            Err(e) => tracing::error!(error = %e, group_id, "skipping a log entry"),
+                        }
                         *last = seq;
                     }
                 }

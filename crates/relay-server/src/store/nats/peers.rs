@@ -16,7 +16,9 @@ pub struct PeerMirror {
     by_group: HashMap<String, BTreeSet<String>>,
     by_principal: HashMap<PrincipalId, BTreeSet<String>>,
     by_origin: HashMap<Origin, String>,
-    /// The bucket's newest change this mirror has applied.
+    /// The bucket's newest change the watch has brought: every change up to it is here.
+    /// (This node's own writes are applied at once but do not move it: changes from other
+    /// nodes below them may still be on their way.)
     revision: u64,
 }
 
@@ -29,14 +31,13 @@ impl PeerMirror {
         self.revision
     }
 
-    /// Notes that the bucket was read up to `revision` (changes to other keys included).
+    /// Notes that the watch has brought every change up to `revision`.
     pub fn seen(&mut self, revision: u64) {
         self.revision = self.revision.max(revision);
     }
 
     /// Applies a record at `revision`, unless a newer one of the same peer is here already.
     pub fn apply(&mut self, peer: PeerRecord, revision: u64) {
-        self.seen(revision);
         if let Some((old, old_revision)) = self.peers.get(&peer.peer_id) {
             if *old_revision >= revision {
                 return;

@@ -2,14 +2,18 @@
 //! a peer (or a daemon's group) opens and deletes it when the last one closes, so writes
 //! follow streams, not time. Separately each node refreshes its own entry in `relay_nodes`,
 //! whose entries expire: a node that died without deleting its keys stops counting once
-//! its entry is older than the TTL, and the survivors sweep its keys away.
+//! its entry is older than the TTL, and the survivors sweep its keys away. Ages are taken
+//! from this node's own clock (when the watch brought the entry), so clock skew between
+//! machines cannot make a live node look dead. Each sweep also puts this node's own keys
+//! right (a write that failed, or keys left by an earlier process of the same name).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use tokio::time::Instant;
+
 use async_nats::jetstream::kv;
-use chrono::{DateTime, Utc};
 use futures::StreamExt;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -20,6 +24,7 @@ use crate::lock;
 
 pub struct Presence {
     changes: mpsc::UnboundedSender<(String, bool)>,
+    nodes: kv::Store,
     view: Arc<Mutex<View>>,
     node: String,
     ttl: Duration,
@@ -30,13 +35,13 @@ pub struct Presence {
 struct View {
     /// Key token → nodes holding a stream for it.
     keys: HashMap<String, HashSet<String>>,
-    /// Node token → when it last said it is alive.
-    nodes: HashMap<String, DateTime<Utc>>,
+    /// Node token → when this node last heard it say it is alive.
+    nodes: HashMap<String, Instant>,
 }
 
 impl View {
     fn alive(&self, node: &str, ttl: Duration) -> bool {
-        self.nodes.get(node).is_some_and(|at| Utc::now().signed_duration_since(*at).to_std().unwrap_or_default() < ttl)
+        self.nodes.get(node).is_some_and(|at| at.elapsed() < ttl)
     }
 }
 
@@ -61,14 +66,20 @@ impl Presence {
         }));
         tokio::spawn(follow(node_watch, view.clone(), stop.clone(), |view, entry| {
             if entry.operation == kv::Operation::Put {
-                view.nodes.insert(entry.key.clone(), DateTime::from_timestamp_nanos(entry.created.unix_timestamp_nanos() as i64));
+                view.nodes.insert(entry.key.clone(), Instant::now());
             } else {
                 view.nodes.remove(&entry.key);
             }
         }));
         let (changes, rx) = mpsc::unbounded_channel();
-        tokio::spawn(write(keys, nodes, rx, node.clone(), ttl, view.clone(), stop));
-        Ok(Self { changes, view, node, ttl })
+        tokio::spawn(write(keys, nodes.clone(), rx, node.clone(), ttl, view.clone(), stop));
+        Ok(Self { changes, nodes, view, node, ttl })
+    }
+
+    /// Says this node is alive: a write JetStream takes only with a quorum of its
+    /// servers, so it also tells whether this node can serve.
+    pub async fn beat(&self) -> Result<()> {
+        self.nodes.put(&self.node, "".into()).await.map(drop).map_err(nats_error)
     }
 
     pub fn set(&self, key: &str, online: bool) {
@@ -110,7 +121,9 @@ async fn write(
     stop: CancellationToken,
 ) {
     let mut heartbeat = tokio::time::interval(ttl / 3);
-    let mut sweep = tokio::time::interval(ttl);
+    // the first sweep waits until the watches have brought every node's word
+    let mut sweep = tokio::time::interval_at(Instant::now() + ttl, ttl);
+    let mut mine: HashSet<String> = HashSet::new();
     loop {
         tokio::select! {
             () = stop.cancelled() => {
@@ -120,11 +133,12 @@ async fn write(
             }
             change = changes.recv() => {
                 let Some((key, online)) = change else { return };
-                let entry = format!("{key}.{node}");
-                let written = if online { keys.put(&entry, "".into()).await.map(|_| ()).map_err(nats_error) } else { keys.delete(&entry).await.map_err(nats_error) };
-                if let Err(e) = written {
-                    tracing::warn!(error = %e, key, online, "cannot record presence");
+                if online {
+                    mine.insert(key.clone());
+                } else {
+                    mine.remove(&key);
                 }
+                record(&keys, &format!("{key}.{node}"), online).await;
             }
             _ = heartbeat.tick() => {
                 if let Err(e) = nodes.put(&node, "".into()).await {
@@ -132,14 +146,33 @@ async fn write(
                 }
             }
             _ = sweep.tick() => {
-                let dead: Vec<String> = {
+                let (dead, wrong): (Vec<String>, Vec<(String, bool)>) = {
                     let view = lock(&view);
-                    view.keys.iter().flat_map(|(key, holders)| holders.iter().filter(|n| **n != node && !view.alive(n, ttl)).map(move |n| format!("{key}.{n}"))).collect()
+                    let dead = view
+                        .keys
+                        .iter()
+                        .flat_map(|(key, holders)| holders.iter().filter(|n| **n != node && !view.alive(n, ttl)).map(move |n| format!("{key}.{n}")))
+                        .collect();
+                    let held_here = |key: &String| view.keys.get(key).is_some_and(|h| h.contains(&node));
+                    let stale = view.keys.keys().filter(|k| held_here(k) && !mine.contains(*k)).map(|k| (k.clone(), false));
+                    let missing = mine.iter().filter(|k| !held_here(k)).map(|k| (k.clone(), true));
+                    (dead, stale.chain(missing).collect())
                 };
                 for entry in dead {
                     let _ = keys.delete(&entry).await;
                 }
+                for (key, online) in wrong {
+                    record(&keys, &format!("{key}.{node}"), online).await;
+                }
             }
         }
+    }
+}
+
+async fn record(keys: &kv::Store, entry: &str, online: bool) {
+    let written =
+        if online { keys.put(entry, "".into()).await.map(drop).map_err(nats_error) } else { keys.delete(entry).await.map_err(nats_error) };
+    if let Err(e) = written {
+        tracing::warn!(error = %e, entry, online, "cannot record presence (the next sweep tries again)");
     }
 }
