@@ -150,6 +150,35 @@ async fn read_through(url: String, token: String, want: usize) -> (Vec<(u64, Str
     (got, opened)
 }
 
+/// Attaches a pane to relayd's group "load" and reads its events until `want` messages
+/// came: (sequence number, preview) of each.
+async fn read_pane(socket: std::path::PathBuf, want: usize) -> Vec<(u64, String)> {
+    use relay_local::client::Client as Local;
+    use relay_proto::local::{AttachRequest, Reply, Request};
+    relay_e2e::wait_until("relayd's socket", Duration::from_secs(20), || socket.exists());
+    let attach = AttachRequest { pane: "%7".into(), group: "load".into(), working_directory: "/src/pane".into(), ..Default::default() };
+    let mut control = Local::connect(&socket, "cluster-test").await.expect("relayd's socket");
+    let reply = control.request(&Request::Attach(attach)).await.expect("attach");
+    assert!(matches!(reply, Reply::Attached { .. }), "attach: {reply:?}");
+    let mut events = Local::connect(&socket, "cluster-test").await.expect("relayd's socket");
+    let reply = events.request(&Request::Subscribe { pane: "%7".into(), since: Default::default() }).await.expect("subscribe");
+    assert!(matches!(reply, Reply::Subscribed { .. }), "subscribe: {reply:?}");
+    let deadline = Instant::now() + Duration::from_secs(180);
+    let mut got = Vec::new();
+    while got.len() < want {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let reply = tokio::time::timeout(left, events.next()).await;
+        let reply =
+            reply.unwrap_or_else(|_| panic!("relayd's pane: {} of {want} messages after 3 minutes", got.len())).expect("relayd's socket");
+        if let Reply::Event { event, .. } = reply
+            && event.kind == relay_proto::EventKind::Message
+        {
+            got.push((event.seq, event.preview));
+        }
+    }
+    got
+}
+
 /// Sends until the relay says sent, retrying a failure with the same idempotency key;
 /// returns how many tries failed.
 async fn send_surely(http: &reqwest::Client, url: &str, token: &str, text: &str, key: &str) -> usize {
@@ -193,6 +222,11 @@ async fn under_load(test: &str, disrupt: impl Fn(usize, &mut Cluster)) {
         let url = proxy.url(&format!("/notifications/load/{}", reg["peer_id"].as_str().unwrap()));
         readers.push((reg.clone(), tokio::spawn(read_through(url, reg["token"].as_str().unwrap().to_owned(), TOTAL))));
     }
+    // and a relayd on this machine, its pane in the group, reaching the cluster through the proxy
+    let relayd_home = tempfile::tempdir().unwrap();
+    let (_relayd, socket) =
+        relay_e2e::spawn_relayd(relayd_home.path(), &proxy.url(""), &["--no-notifications"], &[], std::process::Stdio::null());
+    let pane = tokio::spawn(read_pane(socket, TOTAL));
     tokio::time::sleep(Duration::from_millis(300)).await;
 
     let token = alice["token"].as_str().unwrap();
@@ -204,6 +238,10 @@ async fn under_load(test: &str, disrupt: impl Fn(usize, &mut Cluster)) {
     eprintln!("{test}: {TOTAL} sent through the proxy; {failures} tries failed and were retried");
 
     let expected: Vec<String> = (0..TOTAL).map(|i| format!("m{i}")).collect();
+    let got = pane.await.unwrap();
+    assert!(got.iter().map(|(_, p)| p).eq(expected.iter()), "relayd's pane saw the messages out of order or twice");
+    assert!(got.windows(2).all(|w| w[0].0 < w[1].0), "ids rise");
+    eprintln!("{test}: relayd's pane saw every message once, in order");
     for (reg, reader) in readers {
         let (got, opened) = reader.await.unwrap();
         let previews: Vec<&String> = got.iter().map(|(_, p)| p).collect();
@@ -338,6 +376,22 @@ async fn two_nodes_reading_one_inbox_at_once_never_return_a_message_twice() {
     }
     all.sort_by_key(|t| t[1..].parse::<usize>().unwrap());
     assert_eq!(all, (0..SENT).map(|i| format!("r{i}")).collect::<Vec<_>>(), "each message exactly once between the two");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_python_sdk_passes_its_interop_run_through_a_proxy_in_both_modes() {
+    let test = "cluster::python_interop";
+    let Some(python) = relay_e2e::python_with_mcp(test) else { return };
+    let Some(cluster) = Cluster::start(test, 2) else { return };
+    let addrs: Vec<_> = cluster.nodes.iter().map(|n| n.addr).collect();
+    let Some(proxy) = Proxy::start(test, &addrs) else { return };
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/python/interop.py");
+    for mode in ["auto", "legacy"] {
+        let out = std::process::Command::new(&python).arg(script).arg(proxy.url("")).arg(mode).output().expect("run python");
+        let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert!(out.status.success(), "python interop ({mode}) through the cluster failed:\n{stdout}\n{stderr}");
+        assert!(stdout.contains(&format!("ok: python mcp interop, mode={mode}")), "{stdout}");
+    }
 }
 
 /// Runs `relay-server` with `args` to completion: (success, stdout and stderr).

@@ -1,6 +1,7 @@
 //! A real reverse proxy (HAProxy, from Debian) in front of several relay-server nodes, so
 //! clients do not know which node they reach. It checks `/healthz`, retries a connection
-//! a dead node refuses on another, and streams `text/event-stream` without buffering.
+//! a dead node refuses on another, streams `text/event-stream` without buffering, and keeps
+//! an MCP session (older protocol versions) on the node that made it.
 
 use std::net::{SocketAddr, TcpListener};
 use std::path::PathBuf;
@@ -35,6 +36,8 @@ impl Proxy {
              \x20   option redispatch\n    retries 3\n\
              frontend relay\n    bind 127.0.0.1:{port}\n    default_backend nodes\n\
              backend nodes\n    balance roundrobin\n    option httpchk GET /healthz\n    http-check expect status 200\n\
+             \x20   stick-table type string len 128 size 100k expire 1h\n\
+             \x20   stick match req.hdr(mcp-session-id)\n    stick store-response res.hdr(mcp-session-id)\n\
              \x20   default-server inter 300ms fall 2 rise 2\n{servers}"
         );
         let config_path = dir.path().join("haproxy.cfg");
