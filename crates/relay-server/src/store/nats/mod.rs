@@ -24,6 +24,7 @@ mod log;
 mod peers;
 mod presence;
 
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -59,6 +60,8 @@ pub const BUCKETS: [&str; 9] = [
 ];
 /// A send limit's bucket left alone this long is full again anyway: it may go.
 const RATES_KEPT: Duration = Duration::from_secs(3600);
+/// Send limits a node remembers its last write of before it lets go of the idle ones.
+const RATE_SLOTS_KEPT: usize = 100_000;
 
 /// How long a node keeps trying to reach NATS and set up its streams when it starts.
 const STARTUP: Duration = Duration::from_secs(60);
@@ -98,6 +101,8 @@ struct Inner {
     messages: kv::Store,
     deliveries: kv::Store,
     rates: kv::Store,
+    /// Per send limit: what this node last wrote of it, and its turn to take.
+    rate_slots: Mutex<HashMap<String, RateSlot>>,
     mirror: Mutex<PeerMirror>,
     presence: Presence,
 }
@@ -250,6 +255,7 @@ impl Inner {
             messages: bucket("relay_messages", file, Duration::ZERO).await?,
             deliveries: bucket("relay_deliveries", file, Duration::ZERO).await?,
             rates: bucket("relay_rates", memory, RATES_KEPT).await?,
+            rate_slots: Mutex::default(),
             presence: Presence::start(
                 bucket("relay_presence", memory, Duration::ZERO).await?,
                 bucket("relay_nodes", memory, options.presence_ttl).await?,
@@ -412,11 +418,12 @@ impl Inner {
         if let Some(key) = &entry.idempotency_key {
             indexes.push((key_index(&entry.sender_id, key), stored.id.clone().into()));
         }
-        for (key, value) in indexes {
+        let writes = indexes.into_iter().map(|(key, value)| async move {
             if let Err(e) = self.messages.put(&key, value).await {
                 tracing::error!(error = %e, key, "a stored message's index was not written");
             }
-        }
+        });
+        futures::future::join_all(writes).await;
         Ok(stored)
     }
 
@@ -522,6 +529,8 @@ fn server_addrs(urls: &[String]) -> Result<Vec<ServerAddr>> {
     urls.iter().map(|u| u.parse::<ServerAddr>().map_err(|e| StoreError::Nats(format!("invalid NATS URL {u:?}: {e}")))).collect()
 }
 
+type RateSlot = Arc<tokio::sync::Mutex<Option<(SharedBucket, u64)>>>;
+
 /// A token bucket as the cluster shares it.
 #[derive(serde::Serialize, serde::Deserialize)]
 struct SharedBucket {
@@ -530,38 +539,50 @@ struct SharedBucket {
 }
 
 impl Inner {
+    /// Takes a token from the shared bucket by compare-and-set. A node's own takes of one
+    /// key queue here, each starting from the revision the last one wrote, so a busy peer
+    /// costs one round trip a send rather than a storm of lost races; another node's take
+    /// in between only costs a fresh read.
     async fn take_token(&self, key: &str, per_second: f64, burst: u32) -> Result<std::result::Result<(), Duration>> {
         let key = subject_token(key);
+        let slot = {
+            let mut slots = lock(&self.rate_slots);
+            if slots.len() > RATE_SLOTS_KEPT {
+                // only what the bucket itself holds is forgotten: the next take reads it
+                slots.retain(|_, slot| Arc::strong_count(slot) > 1);
+            }
+            slots.entry(key.clone()).or_default().clone()
+        };
+        let mut known = slot.lock().await;
         loop {
-            let entry = self.rates.entry(&key).await.map_err(nats_error)?.filter(|e| e.operation == kv::Operation::Put);
-            let now = Utc::now();
-            let bucket = match &entry {
-                Some(e) => parse::<SharedBucket>("send limit", &e.value)?,
-                None => SharedBucket { tokens: f64::from(burst), at: now },
+            let (bucket, revision) = match known.take() {
+                Some(known) => known,
+                None => match self.rates.entry(&key).await.map_err(nats_error)?.filter(|e| e.operation == kv::Operation::Put) {
+                    Some(e) => (parse::<SharedBucket>("send limit", &e.value)?, e.revision),
+                    None => (SharedBucket { tokens: f64::from(burst), at: Utc::now() }, 0),
+                },
             };
+            let now = Utc::now();
             let elapsed = now.signed_duration_since(bucket.at).to_std().unwrap_or_default().as_secs_f64();
             let tokens = (bucket.tokens + elapsed * per_second).min(f64::from(burst));
             if tokens < 1.0 {
+                *known = Some((bucket, revision));
                 return Ok(Err(Duration::from_secs_f64((1.0 - tokens) / per_second)));
             }
-            let value = json(&SharedBucket { tokens: tokens - 1.0, at: now });
-            let written = match &entry {
-                Some(e) => self
-                    .rates
-                    .update(&key, value, e.revision)
-                    .await
-                    .map(drop)
-                    .map_err(|e| lost_race(&e, e.kind() == kv::UpdateErrorKind::WrongLastRevision)),
-                None => self
-                    .rates
-                    .create(&key, value)
-                    .await
-                    .map(drop)
-                    .map_err(|e| lost_race(&e, e.kind() == kv::CreateErrorKind::AlreadyExists)),
+            let taken = SharedBucket { tokens: tokens - 1.0, at: now };
+            let written = if revision == 0 {
+                let created = self.rates.create(&key, json(&taken)).await;
+                created.map_err(|e| lost_race(&e, e.kind() == kv::CreateErrorKind::AlreadyExists))
+            } else {
+                let updated = self.rates.update(&key, json(&taken), revision).await;
+                updated.map_err(|e| lost_race(&e, e.kind() == kv::UpdateErrorKind::WrongLastRevision))
             };
             match written {
-                Ok(()) => return Ok(Ok(())),
-                // another node took one first: count again
+                Ok(revision) => {
+                    *known = Some((taken, revision));
+                    return Ok(Ok(()));
+                }
+                // another node took one first: read the bucket afresh and count again
                 Err(true) => continue,
                 Err(false) => return Err(StoreError::Nats(format!("cannot update the send limit of {key}"))),
             }
