@@ -25,9 +25,9 @@ use axum::body::Body;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use relay_proto::{Event, EventKind, PeerRef, validate};
-use tokio::sync::broadcast::{self, error::RecvError};
+use tokio::sync::broadcast::{self, error::RecvError, error::TryRecvError};
 use tokio::time::{Instant, Sleep};
 use tokio_util::sync::WaitForCancellationFutureOwned;
 
@@ -161,6 +161,19 @@ pub fn internal(e: RelayError) -> Response {
     reject(StatusCode::INTERNAL_SERVER_ERROR, "the relay's storage failed")
 }
 
+/// A batch of frames grows to about this many bytes before it is written.
+const BATCH_BYTES: usize = 64 * 1024;
+
+/// What one live event comes to for a stream.
+enum Step {
+    Frame(Bytes),
+    /// Nothing for this stream; the next event.
+    Next,
+    /// Read from the store first (the stream fell behind the memory).
+    Replay,
+    End,
+}
+
 struct GroupStream {
     relay: Arc<Relay>,
     audience: Audience,
@@ -187,10 +200,47 @@ struct GroupStream {
 }
 
 impl GroupStream {
+    /// The next write: a frame, and with it every further frame already waiting (up to
+    /// [`BATCH_BYTES`]), so a busy stream costs one wake-up and one write per batch rather
+    /// than per event.
     async fn next_frame(&mut self) -> Option<Bytes> {
-        let frame = self.next().await?;
+        let first = self.next().await?;
         self.last_write = Instant::now();
-        Some(frame)
+        let mut batch: Option<BytesMut> = None;
+        while batch.as_ref().map_or(first.len(), |b| b.len()) < BATCH_BYTES {
+            let Some(frame) = self.next_ready() else { break };
+            batch.get_or_insert_with(|| BytesMut::from(&first[..])).extend_from_slice(&frame);
+        }
+        Some(batch.map_or(first, BytesMut::freeze))
+    }
+
+    /// A frame that is ready now (replayed, or live and still in memory), without waiting.
+    fn next_ready(&mut self) -> Option<Bytes> {
+        loop {
+            if self.done {
+                return None;
+            }
+            if let Some(entry) = self.backlog.pop_front() {
+                match self.deliver(&entry, None) {
+                    Some(frame) => return Some(frame),
+                    None => continue,
+                }
+            }
+            if self.once || self.replayed_to < self.replay_until {
+                return None;
+            }
+            let received = match self.rx.try_recv() {
+                Ok(live) => Ok(live),
+                Err(TryRecvError::Empty) => return None,
+                Err(TryRecvError::Lagged(n)) => Err(RecvError::Lagged(n)),
+                Err(TryRecvError::Closed) => Err(RecvError::Closed),
+            };
+            match self.on_live(received) {
+                Step::Frame(frame) => return Some(frame),
+                Step::Next => continue,
+                Step::Replay | Step::End => return None,
+            }
+        }
     }
 
     async fn next(&mut self) -> Option<Bytes> {
@@ -218,7 +268,7 @@ impl GroupStream {
             if self.once {
                 return None;
             }
-            let entry = tokio::select! {
+            tokio::select! {
                 () = self.shutdown.as_mut() => return None,
                 () = self.alarm.as_mut() => {
                     let (now, due) = (Instant::now(), self.last_write + self.heartbeat);
@@ -229,39 +279,50 @@ impl GroupStream {
                     self.alarm.as_mut().reset(due);
                     continue;
                 }
-                received = self.rx.recv() => match received {
-                    Ok(Live::Entry(live)) => match live.entry.upgrade() {
-                        Some(entry) => entry,
-                        None if live.seq <= self.last_sent => continue,
-                        None => {
-                            // no longer in memory (this stream fell behind): from the store,
-                            // up to the group's head (one read, not one per entry missed)
-                            let head = self.relay.store().head_seq(&self.group_id).unwrap_or(live.seq);
-                            (self.replayed_to, self.replay_until) = (self.last_sent, head.max(live.seq));
-                            self.relay.metrics.replayed_from_store();
-                            continue;
-                        }
-                    },
-                    Ok(Live::Receipt(note)) => {
-                        if note.is_for(&self.audience) {
-                            // no SSE id: receipts are not in the log, and do not move Last-Event-ID
-                            let data = serde_json::to_string(&note.event).expect("events serialize");
-                            return Some(sse_frame(EventKind::Receipt, None, &data));
-                        }
-                        continue;
-                    }
-                    Err(RecvError::Lagged(_)) => {
-                        tracing::info!(audience = ?self.audience, "event stream fell behind; closing it (the client can resume)");
-                        self.relay.metrics.stream_dropped_slow();
-                        return None;
-                    }
-                    Err(RecvError::Closed) => return None,
+                received = self.rx.recv() => match self.on_live(received) {
+                    Step::Frame(frame) => return Some(frame),
+                    Step::Next | Step::Replay => continue,
+                    Step::End => return None,
                 },
-            };
-            if entry.entry.seq > self.last_sent
-                && let Some(frame) = self.deliver(&entry.entry, Some(&entry.frames))
-            {
-                return Some(frame);
+            }
+        }
+    }
+
+    /// What a live event means for this stream.
+    fn on_live(&mut self, received: Result<Live, RecvError>) -> Step {
+        match received {
+            Ok(Live::Entry(live)) => match live.entry.upgrade() {
+                Some(entry) if entry.entry.seq > self.last_sent => match self.deliver(&entry.entry, Some(&entry.frames)) {
+                    Some(frame) => Step::Frame(frame),
+                    None if self.done => Step::End,
+                    None => Step::Next,
+                },
+                Some(_) => Step::Next,
+                None if live.seq <= self.last_sent => Step::Next,
+                None => {
+                    // no longer in memory (this stream fell behind): from the store, up to
+                    // the group's head (one read, not one per entry missed)
+                    let head = self.relay.store().head_seq(&self.group_id).unwrap_or(live.seq);
+                    (self.replayed_to, self.replay_until) = (self.last_sent, head.max(live.seq));
+                    self.relay.metrics.replayed_from_store();
+                    Step::Replay
+                }
+            },
+            Ok(Live::Receipt(note)) if note.is_for(&self.audience) => {
+                // no SSE id: receipts are not in the log, and do not move Last-Event-ID
+                let data = serde_json::to_string(&note.event).expect("events serialize");
+                Step::Frame(sse_frame(EventKind::Receipt, None, &data))
+            }
+            Ok(Live::Receipt(_)) => Step::Next,
+            Err(RecvError::Lagged(_)) => {
+                tracing::info!(audience = ?self.audience, "event stream fell behind; closing it (the client can resume)");
+                self.relay.metrics.stream_dropped_slow();
+                self.done = true;
+                Step::End
+            }
+            Err(RecvError::Closed) => {
+                self.done = true;
+                Step::End
             }
         }
     }
