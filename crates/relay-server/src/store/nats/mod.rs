@@ -17,12 +17,20 @@
 //! Receipts reach other nodes' streams as plain NATS messages on `relay.note.<group>`:
 //! their state is in `relay_deliveries`; the note only saves a reader the asking.
 //! Names that are not plain `[A-Za-z0-9_-]` are hex-encoded behind a `=`.
+//!
+//! Here: the store itself. `log` reads the group logs, `peers` is the in-memory copy of
+//! the peers bucket, `follow` feeds this node's streams, `presence` and `rates` are the
+//! shared presence and send limits, `buckets` opens buckets, `bridge` joins the synchronous
+//! trait to the asynchronous client, and `check` is `relay-server cluster check`.
 
 mod bridge;
+mod buckets;
 pub mod check;
+mod follow;
 mod log;
 mod peers;
 mod presence;
+mod rates;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -43,8 +51,11 @@ use super::{
 };
 use crate::lock;
 use bridge::Bridge;
+use buckets::{create, lost_race, open_bucket};
+use follow::{follow_group, note_subject};
 use peers::PeerMirror;
 use presence::Presence;
+use rates::RateSlot;
 
 pub const LOG_STREAM: &str = "RELAY_LOG";
 pub const BUCKETS: [&str; 9] = [
@@ -60,8 +71,6 @@ pub const BUCKETS: [&str; 9] = [
 ];
 /// A send limit's bucket left alone this long is full again anyway: it may go.
 const RATES_KEPT: Duration = Duration::from_secs(3600);
-/// Send limits a node remembers its last write of before it lets go of the idle ones.
-const RATE_SLOTS_KEPT: usize = 100_000;
 
 /// How long a node keeps trying to reach NATS and set up its streams when it starts.
 const STARTUP: Duration = Duration::from_secs(60);
@@ -501,24 +510,6 @@ impl Inner {
     }
 }
 
-/// Opens a bucket, creating it when missing. Its reads go to the stream's leader: a
-/// replica may lag a write another node made a moment ago, and a registration, a
-/// compare-and-set or a message's status must see it.
-async fn open_bucket(js: jetstream::Context, config: kv::Config) -> Result<kv::Store> {
-    let name = config.bucket.clone();
-    let failed = |e: &dyn std::fmt::Display| StoreError::Nats(format!("cannot open the bucket {name}: {e}"));
-    if js.get_key_value(&name).await.is_err() {
-        js.create_key_value(config).await.map_err(|e| failed(&e))?;
-    }
-    let mut stream = js.get_stream(format!("KV_{name}")).await.map_err(|e| failed(&e))?;
-    let mut stream_config = stream.info().await.map_err(|e| failed(&e))?.config.clone();
-    if stream_config.allow_direct {
-        stream_config.allow_direct = false;
-        js.update_stream(stream_config).await.map_err(|e| failed(&e))?;
-    }
-    js.get_key_value(&name).await.map_err(|e| failed(&e))
-}
-
 /// The servers to connect to; a URL that cannot work is an error at once, not after a
 /// minute of retries. Commas separate URLs within an entry too.
 fn server_addrs(urls: &[String]) -> Result<Vec<ServerAddr>> {
@@ -529,85 +520,8 @@ fn server_addrs(urls: &[String]) -> Result<Vec<ServerAddr>> {
     urls.iter().map(|u| u.parse::<ServerAddr>().map_err(|e| StoreError::Nats(format!("invalid NATS URL {u:?}: {e}")))).collect()
 }
 
-type RateSlot = Arc<tokio::sync::Mutex<Option<(SharedBucket, u64)>>>;
-
-/// A token bucket as the cluster shares it.
-#[derive(serde::Serialize, serde::Deserialize)]
-struct SharedBucket {
-    tokens: f64,
-    at: DateTime<Utc>,
-}
-
-impl Inner {
-    /// Takes a token from the shared bucket by compare-and-set. A node's own takes of one
-    /// key queue here, each starting from the revision the last one wrote, so a busy peer
-    /// costs one round trip a send rather than a storm of lost races; another node's take
-    /// in between only costs a fresh read.
-    async fn take_token(&self, key: &str, per_second: f64, burst: u32) -> Result<std::result::Result<(), Duration>> {
-        let key = subject_token(key);
-        let slot = {
-            let mut slots = lock(&self.rate_slots);
-            if slots.len() > RATE_SLOTS_KEPT {
-                // only what the bucket itself holds is forgotten: the next take reads it
-                slots.retain(|_, slot| Arc::strong_count(slot) > 1);
-            }
-            slots.entry(key.clone()).or_default().clone()
-        };
-        let mut known = slot.lock().await;
-        loop {
-            let (bucket, revision) = match known.take() {
-                Some(known) => known,
-                None => match self.rates.entry(&key).await.map_err(nats_error)?.filter(|e| e.operation == kv::Operation::Put) {
-                    Some(e) => (parse::<SharedBucket>("send limit", &e.value)?, e.revision),
-                    None => (SharedBucket { tokens: f64::from(burst), at: Utc::now() }, 0),
-                },
-            };
-            let now = Utc::now();
-            let elapsed = now.signed_duration_since(bucket.at).to_std().unwrap_or_default().as_secs_f64();
-            let tokens = (bucket.tokens + elapsed * per_second).min(f64::from(burst));
-            if tokens < 1.0 {
-                *known = Some((bucket, revision));
-                return Ok(Err(Duration::from_secs_f64((1.0 - tokens) / per_second)));
-            }
-            let taken = SharedBucket { tokens: tokens - 1.0, at: now };
-            let written = if revision == 0 {
-                let created = self.rates.create(&key, json(&taken)).await;
-                created.map_err(|e| lost_race(&e, e.kind() == kv::CreateErrorKind::AlreadyExists))
-            } else {
-                let updated = self.rates.update(&key, json(&taken), revision).await;
-                updated.map_err(|e| lost_race(&e, e.kind() == kv::UpdateErrorKind::WrongLastRevision))
-            };
-            match written {
-                Ok(revision) => {
-                    *known = Some((taken, revision));
-                    return Ok(Ok(()));
-                }
-                // another node took one first: read the bucket afresh and count again
-                Err(true) => continue,
-                Err(false) => return Err(StoreError::Nats(format!("cannot update the send limit of {key}"))),
-            }
-        }
-    }
-}
-
 fn key_index(sender_id: &str, key: &str) -> String {
     format!("key.{}.{}", subject_token(sender_id), hex::encode(Sha256::digest(key.as_bytes())))
-}
-
-/// Whether a compare-and-set failed because another writer came first (`kind_says`), or
-/// the JetStream leader refused it for the same reason under a code the client library
-/// does not map (10164, "wrong last sequence", seen when two nodes write one key at once).
-fn lost_race(e: &dyn std::fmt::Display, kind_says: bool) -> bool {
-    kind_says || e.to_string().contains("wrong last sequence")
-}
-
-/// Creates `key` in `bucket`; an existing key is a [`StoreError::Conflict`] named `what`.
-async fn create(bucket: &kv::Store, key: String, value: Bytes, what: String) -> Result<()> {
-    match bucket.create(key, value).await {
-        Ok(_) => Ok(()),
-        Err(e) if lost_race(&e, e.kind() == kv::CreateErrorKind::AlreadyExists) => Err(StoreError::Conflict(what)),
-        Err(e) => Err(nats_error(e)),
-    }
 }
 
 impl Store for NatsStore {
@@ -807,69 +721,6 @@ impl Shared for NatsStore {
             }
         });
         checked.err().map(|e| e.to_string())
-    }
-}
-
-fn note_subject(group_id: &str) -> String {
-    format!("relay.note.{}", subject_token(group_id))
-}
-
-/// Hands `news` every entry of the group after `last`, and every note shared for it, until
-/// `stop`; starts over from the last entry handed on whenever NATS fails under it.
-async fn follow_group(inner: Arc<Inner>, group_id: String, mut last: u64, news: Arc<dyn GroupNews>, stop: CancellationToken) {
-    let mut retry = Duration::from_millis(50);
-    while !stop.is_cancelled() {
-        let ended = follow_once(&inner, &group_id, &mut last, &*news, &stop).await;
-        if stop.is_cancelled() {
-            return;
-        }
-        if let Err(e) = ended {
-            tracing::warn!(error = %e, group_id, "following the group's log failed; starting again");
-        }
-        tokio::select! {
-            () = stop.cancelled() => return,
-            () = tokio::time::sleep(retry) => {}
-        }
-        retry = (retry * 2).min(Duration::from_secs(2));
-    }
-}
-
-async fn follow_once(inner: &Inner, group_id: &str, last: &mut u64, news: &dyn GroupNews, stop: &CancellationToken) -> Result<()> {
-    use jetstream::consumer::{DeliverPolicy, pull::OrderedConfig};
-    let mut notes = inner.client.subscribe(note_subject(group_id)).await.map_err(nats_error)?;
-    let consumer = inner
-        .log
-        .create_consumer(OrderedConfig {
-            filter_subject: log::subject(group_id),
-            deliver_policy: DeliverPolicy::ByStartSequence { start_sequence: *last + 1 },
-            ..Default::default()
-        })
-        .await
-        .map_err(nats_error)?;
-    let mut entries = consumer.messages().await.map_err(nats_error)?;
-    loop {
-        tokio::select! {
-            () = stop.cancelled() => return Ok(()),
-            next = entries.next() => match next {
-                Some(Ok(message)) => {
-                    let seq = message.info().map_err(nats_error)?.stream_sequence;
-                    if seq > *last {
-                        // one damaged entry must not stop the group's live feed
-                        match log::decode(seq, &message.payload) {
-                            Ok(entry) => news.entry(entry),
-                            Err(e) => tracing::error!(error = %e, group_id, "skipping a log entry"),
-                        }
-                        *last = seq;
-                    }
-                }
-                Some(Err(e)) => return Err(nats_error(e)),
-                None => return Err(StoreError::Nats("the log's consumer ended".into())),
-            },
-            note = notes.next() => match note {
-                Some(note) => news.note(group_id, &note.payload),
-                None => return Err(StoreError::Nats("the notes subscription ended".into())),
-            },
-        }
     }
 }
 
