@@ -118,7 +118,7 @@ struct Inner {
 
 pub(crate) fn nats_error(e: impl std::fmt::Display) -> StoreError {
     let text = e.to_string();
-    if text.contains("no responders") || text.contains("timed out") {
+    if text.contains("no responders") || text.contains("timed out") || text.contains("temporarily unavailable") {
         return StoreError::Nats(format!("JetStream does not answer (no quorum, or no NATS server reachable): {text}"));
     }
     StoreError::Nats(text)
