@@ -71,6 +71,8 @@ pub enum Command {
         #[arg(long, env = "TMUX_PANE")]
         pane: Option<String>,
     },
+    /// Open the console in a browser: a one-time sign-in link for you on a relay-server
+    Console(ConsoleArgs),
     /// Install or remove relayd as a user service (systemd or launchd)
     Service {
         #[command(subcommand)]
@@ -117,4 +119,27 @@ pub struct AttachArgs {
     /// "mcp__relay" to permissions.allow in its settings.json)
     #[arg(long)]
     pub allow_tools: bool,
+}
+
+#[derive(Debug, clap::Args)]
+#[group(multiple = false)]
+pub struct ConsoleArgs {
+    /// relay-server URL [default: relayd's configured server]
+    #[arg(long, env = "RELAY_SERVER")]
+    pub server: Option<String>,
+    /// Your name in the console, the first time [default: your login name]
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Print the link; do not open a browser
+    #[arg(long)]
+    pub no_open: bool,
+    /// End every console session of yours on the server (every browser signs in again)
+    #[arg(long)]
+    pub sign_out_everywhere: bool,
+    /// Print a one-time code that lets another machine's relayd act for you (its agents show in your console)
+    #[arg(long)]
+    pub pair: bool,
+    /// Redeem a code from `relay console --pair` on your other machine
+    #[arg(long, value_name = "CODE")]
+    pub pair_with: Option<String>,
 }

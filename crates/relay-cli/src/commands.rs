@@ -1,12 +1,13 @@
-//! The small commands: status, peers, send, dm, history, service, completions.
+//! The small commands: status, peers, send, dm, history, console, service, completions.
 
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
-use relay_proto::local::{Reply, Request, Status};
+use relay_proto::local::{ConsoleAction, Reply, Request, Status};
 use serde_json::json;
 
 use crate::bridge::call_as_pane;
+use crate::cli::ConsoleArgs;
 use crate::daemon::{self, sibling_binary};
 
 pub async fn status(socket: &Path, as_json: bool) -> Result<()> {
@@ -80,6 +81,63 @@ pub async fn history(socket: &Path, pane: Option<String>, group: Option<String>,
     let out = call_as_pane(socket, &pane_or_env(pane)?, "get_history", json!({"group_id": group, "limit": limit})).await?;
     print!("{}", out["text"].as_str().unwrap_or_default());
     Ok(())
+}
+
+/// `relay console`: asks relayd for a sign-in link (or a pairing, or a sign-out) and opens
+/// the link in a browser, or prints it where there is none.
+pub async fn console(socket: &Path, args: ConsoleArgs) -> Result<()> {
+    let action = if args.sign_out_everywhere {
+        ConsoleAction::SignOutEverywhere
+    } else if args.pair {
+        ConsoleAction::Pair
+    } else if let Some(code) = args.pair_with {
+        ConsoleAction::Join { code }
+    } else {
+        let name = args.name.or_else(|| std::env::var("USER").ok()).filter(|n| !n.trim().is_empty());
+        ConsoleAction::SignIn { name }
+    };
+    let mut client = daemon::connect_or_start(socket).await?;
+    let request = Request::Console { server: args.server, action: action.clone() };
+    let Reply::Console { server, human, url, code, expires_at } = daemon::request(&mut client, &request).await? else {
+        bail!("unexpected reply from relayd")
+    };
+    let until = expires_at.map(|t| t.format("%H:%M UTC").to_string()).unwrap_or_default();
+    match action {
+        ConsoleAction::SignOutEverywhere => println!("Every console session of {human} on {server} has ended."),
+        ConsoleAction::Pair => {
+            let code = code.context("the server sent no code")?;
+            println!(
+                "On your other machine, run:\n\n    relay console --server {server} --pair-with {code}\n\n(works once, until {until})"
+            );
+        }
+        ConsoleAction::Join { .. } => println!("This machine's agents on {server} now show in {human}'s console."),
+        ConsoleAction::SignIn { .. } => {
+            let url = url.context("the server sent no link")?;
+            let opened = !args.no_open && open_browser(&url);
+            if opened {
+                println!("Opened the console for {human} in your browser (the link works once, until {until}).");
+            } else {
+                println!("Sign in to the console as {human} (works once, until {until}):\n\n    {url}");
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Opens `url` in the desktop's browser; false where there is none (a server over SSH).
+fn open_browser(url: &str) -> bool {
+    let headless = cfg!(target_os = "linux") && std::env::var_os("DISPLAY").is_none() && std::env::var_os("WAYLAND_DISPLAY").is_none();
+    if headless {
+        return false;
+    }
+    let opener = if cfg!(target_os = "macos") { "open" } else { "xdg-open" };
+    std::process::Command::new(opener)
+        .arg(url)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
 }
 
 const SYSTEMD_UNIT: &str = include_str!("../../../systemd/relayd.service");

@@ -16,6 +16,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Dm { peer, text, pane } => commands::dm(&socket, pane, peer, text).await,
         Command::History { group, pane, limit } => commands::history(&socket, pane, group, limit).await,
         Command::Mcp { pane } => bridge::serve(socket, pane).await,
+        Command::Console(args) => commands::console(&socket, args).await,
         Command::Service { action } => commands::service(matches!(action, ServiceAction::Install)),
         Command::Completions { shell } => {
             clap_complete::generate(shell, &mut Cli::command(), "relay", &mut std::io::stdout());

@@ -317,6 +317,7 @@ mod tests {
             seq: 1,
             group: "team".into(),
             sender: PeerRef { peer_id: format!("p_{sender}"), name: sender.into() },
+            sender_kind: Default::default(),
             recipient: None,
             preview: preview.into(),
             time: Utc::now(),

@@ -509,6 +509,7 @@ mod tests {
             seq: 1,
             group: "g".into(),
             sender: PeerRef { peer_id: from.into(), name: format!("box:{from}") },
+            sender_kind: Default::default(),
             recipient: None,
             preview: "hi".into(),
             time: Utc::now(),

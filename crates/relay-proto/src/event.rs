@@ -4,7 +4,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 use crate::delivery::DeliveryState;
-use crate::model::{MessageKind, PeerRef};
+use crate::model::{MessageKind, PeerKind, PeerRef};
 
 /// Response header of a daemon's event stream: the server's heartbeat interval in
 /// milliseconds. A stream silent for much longer than that is dead, whatever TCP says.
@@ -76,6 +76,9 @@ pub struct Event {
     pub group: String,
     /// Who sent the message, or who joined or left.
     pub sender: PeerRef,
+    /// A human (writing from the console) rather than an agent; omitted for agents.
+    #[serde(default, skip_serializing_if = "PeerKind::is_agent")]
+    pub sender_kind: PeerKind,
     /// The addressee of a DM.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub recipient: Option<PeerRef>,

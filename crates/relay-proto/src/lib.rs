@@ -17,5 +17,5 @@ pub mod validate;
 
 pub use delivery::{Addressed, DeliveryState, MessageStatus, PeerReceipt, Receipt, RecipientStatus};
 pub use event::{Event, EventKind};
-pub use model::{MessageKind, PeerInfo, PeerRef, Sent, StoredMessage};
+pub use model::{MessageKind, PeerInfo, PeerKind, PeerRef, Sent, StoredMessage};
 pub use validate::ValidationError;

@@ -80,7 +80,31 @@ pub enum Request {
     },
     /// A message sent as the pane's peer in a group.
     Send(SendRequest),
+    /// The console of a server (the daemon's default when absent), for this user's identity
+    /// there: a sign-in link, a pairing code, or every session ended.
+    Console {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        server: Option<String>,
+        action: ConsoleAction,
+    },
     Shutdown,
+}
+
+/// What [`Request::Console`] asks for.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "action", rename_all = "snake_case")]
+pub enum ConsoleAction {
+    /// A one-time sign-in link, named `name` when the identity is new.
+    SignIn {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        name: Option<String>,
+    },
+    /// Every console session of the identity ends (cookies stop working everywhere).
+    SignOutEverywhere,
+    /// A one-time code another machine's relayd redeems to act for the same human.
+    Pair,
+    /// Redeems a code from [`ConsoleAction::Pair`]: this relayd's agents become that human's.
+    Join { code: String },
 }
 
 /// What [`Request::Send`] sends, and where.
@@ -272,6 +296,21 @@ pub enum Reply {
     },
     Sent {
         sent: Sent,
+    },
+    /// What a [`Request::Console`] came to.
+    Console {
+        server: String,
+        /// The human the console shows (their display name).
+        human: String,
+        /// A sign-in link ([`ConsoleAction::SignIn`]).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        url: Option<String>,
+        /// A pairing code ([`ConsoleAction::Pair`]).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        code: Option<String>,
+        /// When the link or code stops working.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        expires_at: Option<chrono::DateTime<chrono::Utc>>,
     },
     ShuttingDown,
     /// Something for a subscribed pane: a message, a DM, a peer coming or going.

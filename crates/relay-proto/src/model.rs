@@ -69,11 +69,36 @@ pub struct PeerRef {
     pub name: String,
 }
 
+/// Who a peer is: an agent (the default), or a human, signed in to the console.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PeerKind {
+    #[default]
+    Agent,
+    Human,
+}
+
+impl PeerKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PeerKind::Agent => "agent",
+            PeerKind::Human => "human",
+        }
+    }
+
+    pub fn is_agent(&self) -> bool {
+        *self == PeerKind::Agent
+    }
+}
+
 /// One peer as `list_peers` returns it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PeerInfo {
     pub peer_id: String,
     pub display_name: String,
+    /// An agent, or a human watching the group in the console. (Older servers do not say.)
+    #[serde(default)]
+    pub kind: PeerKind,
     pub group_id: String,
     pub hostname: String,
     pub working_directory: String,

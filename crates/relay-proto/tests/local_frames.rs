@@ -23,6 +23,7 @@ fn peer_info(git_branch: Option<&str>) -> PeerInfo {
     PeerInfo {
         peer_id: "p_2".into(),
         display_name: "box:web".into(),
+        kind: Default::default(),
         group_id: "g".into(),
         hostname: "box".into(),
         working_directory: "/web".into(),
@@ -131,6 +132,11 @@ fn every_request_round_trips() {
             text: "hi".into(),
             idempotency_key: Some("k".into()),
         }),
+        Request::Console { server: None, action: ConsoleAction::SignIn { name: None } },
+        Request::Console { server: Some("https://relay.example".into()), action: ConsoleAction::SignIn { name: Some("Ann".into()) } },
+        Request::Console { server: None, action: ConsoleAction::SignOutEverywhere },
+        Request::Console { server: None, action: ConsoleAction::Pair },
+        Request::Console { server: None, action: ConsoleAction::Join { code: "ABCD-1234".into() } },
         Request::Shutdown,
     ] {
         round_trip_request(r);
@@ -145,6 +151,7 @@ fn every_reply_round_trips() {
         seq: 1,
         group: "g".into(),
         sender: PeerRef { peer_id: "p_2".into(), name: "box:web".into() },
+        sender_kind: Default::default(),
         recipient: None,
         preview: "hello".into(),
         time: Utc.with_ymd_and_hms(2026, 11, 25, 12, 0, 0).unwrap(),
@@ -176,6 +183,14 @@ fn every_reply_round_trips() {
         },
         Reply::Reported { pane: "%3".into(), queued: 2 },
         Reply::Agent { pane: "%3".into(), agent: agent() },
+        Reply::Console {
+            server: "s".into(),
+            human: "Ann".into(),
+            url: Some("s/console/sign-in/x".into()),
+            code: None,
+            expires_at: Some(at()),
+        },
+        Reply::Console { server: "s".into(), human: "Ann".into(), url: None, code: None, expires_at: None },
         Reply::ShuttingDown,
         Reply::Event { pane: "%3".into(), event },
         Reply::Peers { pane: "%3".into(), peers: vec![peer_info(None), peer_info(Some("main"))] },

@@ -1,7 +1,7 @@
 //! Every wire type round-trips, and what earlier versions sent keeps parsing.
 
 use chrono::{TimeZone, Utc};
-use relay_proto::{DeliveryState, Event, EventKind, MessageKind, PeerInfo, PeerRef, Receipt, RecipientStatus, StoredMessage};
+use relay_proto::{DeliveryState, Event, EventKind, MessageKind, PeerInfo, PeerKind, PeerRef, Receipt, RecipientStatus, StoredMessage};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
@@ -25,6 +25,7 @@ fn every_event_kind_round_trips() {
             seq: 7,
             group: "g".into(),
             sender: peer(1),
+            sender_kind: if kind == EventKind::Dm { PeerKind::Human } else { PeerKind::Agent },
             recipient: (kind == EventKind::Dm || receipt).then(|| peer(2)),
             preview: "hi".into(),
             time: Utc.with_ymd_and_hms(2026, 11, 25, 12, 0, 0).unwrap(),
@@ -37,6 +38,7 @@ fn every_event_kind_round_trips() {
         assert_eq!(json["kind"], kind.as_str());
         assert_eq!(json.get("recipient").is_some(), kind == EventKind::Dm || receipt);
         assert_eq!(json.get("state").is_some(), receipt, "only receipts carry a state");
+        assert_eq!(json.get("sender_kind").is_some(), kind == EventKind::Dm, "agents, the usual senders, go unsaid");
     }
 }
 
@@ -58,10 +60,11 @@ fn messages_and_peers_round_trip() {
         });
         assert_eq!(serde_json::to_value(kind).unwrap(), kind.as_str());
     }
-    for git_branch in [None, Some("main".to_owned())] {
+    for (git_branch, kind) in [(None, PeerKind::Human), (Some("main".to_owned()), PeerKind::Agent)] {
         round_trip(&PeerInfo {
             peer_id: "p_1".into(),
             display_name: "host:dir".into(),
+            kind,
             group_id: "g".into(),
             hostname: "host".into(),
             working_directory: "/dir".into(),

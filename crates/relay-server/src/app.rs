@@ -21,7 +21,7 @@ use crate::front::ClientAddr;
 use crate::mcp::RelayTools;
 use crate::relay::Relay;
 use crate::sessions::BoundedSessions;
-use crate::{daemon_api, sse};
+use crate::{console, daemon_api, sse};
 
 pub fn router(relay: Arc<Relay>, config: &Config, shutdown: CancellationToken) -> Router {
     let mut local = LocalSessionManager::default();
@@ -56,6 +56,11 @@ pub fn router(relay: Arc<Relay>, config: &Config, shutdown: CancellationToken) -
         .route("/v1/peers/{peer_id}/messages/{message_id}", get(daemon_api::peer_message_status))
         .route("/v1/groups/{group_id}/events", get(daemon_api::group_events))
         .route("/v1/receipts", post(daemon_api::report_receipts))
+        .route("/v1/console/sign-in", post(daemon_api::console_sign_in))
+        .route("/v1/console/sign-out-everywhere", post(daemon_api::console_sign_out_everywhere))
+        .route("/v1/console/pairings", post(daemon_api::console_pairing))
+        .route("/v1/console/join", post(daemon_api::console_join))
+        .merge(console::routes())
         .route("/metrics", get(metrics))
         .layer(middleware::from_fn_with_state(hosts, check_host));
     // (a layer only where it has work: every request would pass through it)

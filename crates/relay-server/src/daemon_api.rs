@@ -17,6 +17,8 @@
 //! - `POST /v1/receipts` (daemon token) `{"receipts": [{peer_id, message_id, state, detail?}]}`
 //!   → `{"moved", "unchanged", "rejected": [{message_id, error}]}`: where the daemon's peers
 //!   got with messages sent to them
+//! - `POST /v1/console/sign-in`, `/v1/console/sign-out-everywhere`, `/v1/console/pairings`,
+//!   `/v1/console/join` (daemon token): the console for the daemon's human (see below)
 
 // Handlers answer early with a ready HTTP response as their `Err`, as axum handlers do.
 #![allow(clippy::result_large_err)]
@@ -217,4 +219,73 @@ pub async fn report_receipts(State(state): State<AppState>, headers: HeaderMap, 
     let relay = state.relay.clone();
     let outcome = tokio::task::spawn_blocking(move || relay.daemon_receipts(&daemon_id, &body.receipts)).await;
     reply(outcome.expect("receipts do not panic"))
+}
+
+#[derive(Deserialize, Default)]
+pub struct ConsoleRequest {
+    /// The human's name, when the daemon has no human yet.
+    #[serde(default)]
+    name: Option<String>,
+    /// A pairing code ([`console_join`]).
+    #[serde(default)]
+    code: Option<String>,
+}
+
+/// The daemon's human, answered from a blocking console call.
+async fn console_call(
+    state: &AppState,
+    headers: &HeaderMap,
+    status: StatusCode,
+    work: impl FnOnce(&crate::Relay, &str) -> Result<serde_json::Value, RelayError> + Send + 'static,
+) -> Response {
+    let daemon_id = match daemon(state, headers) {
+        Ok(d) => d,
+        Err(rejection) => return rejection,
+    };
+    let relay = state.relay.clone();
+    match tokio::task::spawn_blocking(move || work(&relay, &daemon_id)).await.expect("console calls do not panic") {
+        Ok(body) => (status, Json(body)).into_response(),
+        Err(e) => error(e),
+    }
+}
+
+/// `POST /v1/console/sign-in` `{name?}` → `{human, path, expires_at}`: a one-time sign-in
+/// link (the server's URL + `path`) for the daemon's human, made when new.
+pub async fn console_sign_in(State(state): State<AppState>, headers: HeaderMap, body: Option<Json<ConsoleRequest>>) -> Response {
+    let Json(body) = body.unwrap_or_default();
+    console_call(&state, &headers, StatusCode::CREATED, move |relay, daemon_id| {
+        let (human, secret, expires_at) = relay.console_sign_in_link(daemon_id, body.name.as_deref())?;
+        Ok(json!({"human": human.name, "path": format!("/console/sign-in/{secret}"), "expires_at": expires_at}))
+    })
+    .await
+}
+
+/// `POST /v1/console/sign-out-everywhere` → `{human}`: every console session of the
+/// daemon's human ends.
+pub async fn console_sign_out_everywhere(State(state): State<AppState>, headers: HeaderMap) -> Response {
+    console_call(&state, &headers, StatusCode::OK, |relay, daemon_id| {
+        let human = relay.console_sign_out_everywhere(daemon_id)?;
+        Ok(json!({"human": human.map(|h| h.name)}))
+    })
+    .await
+}
+
+/// `POST /v1/console/pairings` `{name?}` → `{human, code, expires_at}`: a one-time code
+/// another daemon redeems to act for the same human.
+pub async fn console_pairing(State(state): State<AppState>, headers: HeaderMap, body: Option<Json<ConsoleRequest>>) -> Response {
+    let Json(body) = body.unwrap_or_default();
+    console_call(&state, &headers, StatusCode::CREATED, move |relay, daemon_id| {
+        let (human, code, expires_at) = relay.console_pairing(daemon_id, body.name.as_deref())?;
+        Ok(json!({"human": human.name, "code": code, "expires_at": expires_at}))
+    })
+    .await
+}
+
+/// `POST /v1/console/join` `{code}` → `{human}`: the daemon now acts for the code's human.
+pub async fn console_join(State(state): State<AppState>, headers: HeaderMap, Json(body): Json<ConsoleRequest>) -> Response {
+    console_call(&state, &headers, StatusCode::OK, move |relay, daemon_id| {
+        let human = relay.console_join(daemon_id, body.code.as_deref().unwrap_or_default())?;
+        Ok(json!({"human": human.name}))
+    })
+    .await
 }

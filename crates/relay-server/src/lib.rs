@@ -7,6 +7,7 @@ mod app;
 mod app_state;
 pub mod clock;
 pub mod config;
+mod console;
 mod daemon_api;
 mod direct_calls;
 mod error;

@@ -220,6 +220,7 @@ mod tests {
             kind: relay_proto::EventKind::Message,
             sender_id: "p_1".into(),
             sender_name: "box:a".into(),
+            sender_kind: Default::default(),
             recipient_id: None,
             recipient_name: None,
             body: "x".repeat(body),

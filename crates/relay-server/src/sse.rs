@@ -310,7 +310,10 @@ impl GroupStream {
             },
             Ok(Live::Receipt(note)) if note.is_for(&self.audience) => {
                 // no SSE id: receipts are not in the log, and do not move Last-Event-ID
-                let data = serde_json::to_string(&note.event).expect("events serialize");
+                let data = match &self.audience {
+                    Audience::Human(_) => crate::console::receipt_fragment(&note.event),
+                    _ => serde_json::to_string(&note.event).expect("events serialize"),
+                };
                 Step::Frame(sse_frame(EventKind::Receipt, None, &data))
             }
             Ok(Live::Receipt(_)) => Step::Next,
@@ -368,6 +371,13 @@ impl GroupStream {
                 EventKind::Dm => entry.recipient_id.as_deref().is_some_and(|to| self.daemon_owns(daemon_id, to)),
                 EventKind::Receipt | EventKind::Unknown => false,
             },
+            Audience::Human(view) => {
+                let visible = view.sees(&self.relay, entry);
+                if entry.kind == EventKind::PeerLeft && entry.sender_id == view.peer.peer_id {
+                    self.done = true; // the human left the group
+                }
+                return visible.then(|| sse_frame(entry.kind, Some(entry.seq), &crate::console::entry_fragment(entry, &view.peer.peer_id)));
+            }
         };
         let with_text = self.audience.is_daemon();
         visible.then(|| match shared {
@@ -406,6 +416,7 @@ pub fn event_payload(entry: &LogEntry, with_text: bool) -> Event {
         seq: entry.seq,
         group: entry.group_id.clone(),
         sender: PeerRef { peer_id: entry.sender_id.clone(), name: entry.sender_name.clone() },
+        sender_kind: entry.sender_kind,
         recipient: entry
             .recipient_id
             .as_ref()

@@ -95,6 +95,7 @@ impl Connection<'_> {
             Request::Peers { pane } => self.daemon.peers(&pane).await,
             Request::MessageStatus { pane, group, message_id } => self.daemon.message_status(&pane, &group, &message_id).await,
             Request::Send(req) => self.daemon.send(req).await,
+            Request::Console { server, action } => self.daemon.console(server, action).await,
             Request::Shutdown => Ok(Reply::ShuttingDown),
             Request::Subscribe { .. } => unreachable!("handled by run"),
         };

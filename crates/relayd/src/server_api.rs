@@ -6,7 +6,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use thiserror::Error;
 
-use relay_proto::local::SendRequest;
+use relay_proto::local::{ConsoleAction, SendRequest};
 use relay_proto::{MessageStatus, PeerInfo, PeerReceipt, Sent};
 
 /// The longest a request/response call (not an event stream) may take.
@@ -32,6 +32,21 @@ impl ApiError {
     pub fn is_refusal_of_the_request(&self) -> bool {
         matches!(self, ApiError::Refused { status, .. } if (400..500).contains(status) && ![401, 408, 429].contains(status))
     }
+}
+
+/// What the server answers a console request with.
+#[derive(Debug, Clone, Deserialize)]
+pub struct ConsoleAnswer {
+    /// The human's name (none when signing out a daemon that never had one).
+    #[serde(default)]
+    pub human: Option<String>,
+    /// A sign-in link's path on the server.
+    #[serde(default)]
+    pub path: Option<String>,
+    #[serde(default)]
+    pub code: Option<String>,
+    #[serde(default)]
+    pub expires_at: Option<chrono::DateTime<chrono::Utc>>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -163,6 +178,19 @@ impl ServerApi {
     pub async fn send_as(&self, server: &str, daemon_token: &str, peer_id: &str, req: &SendRequest) -> Result<Sent, ApiError> {
         let body = json!({"message": req.text, "to": req.to, "idempotency_key": req.idempotency_key});
         let request = self.http.post(format!("{server}/v1/peers/{peer_id}/messages")).bearer_auth(daemon_token).json(&body);
+        self.typed(server, request).await
+    }
+
+    /// The console for this daemon's human: what `action` asks (see relay-server's
+    /// `/v1/console/…`), as the server answers it.
+    pub async fn console(&self, server: &str, daemon_token: &str, action: &ConsoleAction) -> Result<ConsoleAnswer, ApiError> {
+        let (path, body) = match action {
+            ConsoleAction::SignIn { name } => ("sign-in", json!({"name": name})),
+            ConsoleAction::SignOutEverywhere => ("sign-out-everywhere", json!({})),
+            ConsoleAction::Pair => ("pairings", json!({})),
+            ConsoleAction::Join { code } => ("join", json!({"code": code})),
+        };
+        let request = self.http.post(format!("{server}/v1/console/{path}")).bearer_auth(daemon_token).json(&body);
         self.typed(server, request).await
     }
 

@@ -36,7 +36,10 @@ pub fn announcement(events: &[Event], is_reminder: &dyn Fn(&str) -> bool) -> Opt
     groups.dedup();
     let mut senders: Vec<String> = Vec::new();
     for e in &messages {
-        let s = sanitize(&e.sender.name);
+        let mut s = sanitize(&e.sender.name);
+        if e.sender_kind == relay_proto::PeerKind::Human {
+            s.push_str(" (human)");
+        }
         if !senders.contains(&s) {
             senders.push(s);
         }
@@ -253,6 +256,7 @@ mod tests {
             seq: 1,
             group: group.into(),
             sender: PeerRef { peer_id: "p".into(), name: sender.into() },
+            sender_kind: Default::default(),
             recipient: None,
             preview: "rm -rf / # never typed".into(),
             time: Utc::now(),

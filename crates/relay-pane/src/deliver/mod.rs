@@ -466,6 +466,7 @@ mod tests {
             seq: 1,
             group: "team".into(),
             sender: PeerRef { peer_id: "p_alice".into(), name: "alice".into() },
+            sender_kind: Default::default(),
             recipient: Some(PeerRef { peer_id: "p_me".into(), name: "me".into() }),
             preview: text.into(),
             time: Utc::now(),

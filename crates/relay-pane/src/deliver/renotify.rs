@@ -109,6 +109,7 @@ mod tests {
             seq: 1,
             group: "g".into(),
             sender: PeerRef { peer_id: from.into(), name: from.into() },
+            sender_kind: Default::default(),
             recipient: None,
             preview: String::new(),
             time: Utc::now(),

@@ -65,6 +65,7 @@ impl Relay {
             kind: if to.is_some() { EventKind::Dm } else { EventKind::Message },
             sender_id: from.peer_id.clone(),
             sender_name: from.display_name.clone(),
+            sender_kind: from.kind,
             recipient_id: to.map(|p| p.peer_id.clone()),
             recipient_name: to.map(|p| p.display_name.clone()),
             body: text.to_owned(),

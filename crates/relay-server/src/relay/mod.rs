@@ -2,6 +2,7 @@
 //! the live fan-out. The MCP tools (`mcp`) and the event streams (`sse`) are thin layers
 //! over this.
 
+mod console;
 mod messages;
 mod presence;
 mod reading;
@@ -16,8 +17,8 @@ use std::sync::{Arc, Mutex};
 
 use chrono::{DateTime, Utc};
 use relay_proto::{
-    Addressed, DeliveryState, Event, EventKind, MessageKind, MessageStatus, PeerInfo, PeerReceipt, PeerRef, RecipientStatus, Sent,
-    StoredMessage, validate,
+    Addressed, DeliveryState, Event, EventKind, MessageKind, MessageStatus, PeerInfo, PeerKind, PeerReceipt, PeerRef, RecipientStatus,
+    Sent, StoredMessage, validate,
 };
 use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
@@ -34,6 +35,7 @@ use crate::store::{DeliveryRecord, GroupRecord, LogEntry, LogQuery, NewEntry, Pe
 type Result<T> = std::result::Result<T, RelayError>;
 use tokens::TokenCache;
 
+pub use console::{Human, HumanView, Session, TimelineQuery};
 pub use presence::Audience;
 pub use reading::{HistoryRequest, Inbox, is_for, stored_message};
 pub use receipts::ReceiptNote;

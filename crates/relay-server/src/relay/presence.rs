@@ -25,6 +25,7 @@ impl Relay {
                     online: self.is_online(&p),
                     peer_id: p.peer_id,
                     display_name: p.display_name,
+                    kind: p.kind,
                     group_id: p.group_id,
                     hostname: p.hostname,
                     working_directory: p.working_directory,
@@ -88,6 +89,8 @@ pub enum Audience {
     Peer(String),
     /// A daemon: every broadcast of the group, DMs to the peers it registered, membership.
     Daemon(String),
+    /// A human in the console: what [`HumanView::sees`], rendered as HTML.
+    Human(Box<super::HumanView>),
 }
 
 impl Audience {
@@ -95,6 +98,7 @@ impl Audience {
         match self {
             Audience::Peer(peer_id) => peer_id.clone(),
             Audience::Daemon(daemon_id) => daemon_stream_key(daemon_id, group_id),
+            Audience::Human(view) => view.peer.peer_id.clone(),
         }
     }
 

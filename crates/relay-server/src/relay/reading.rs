@@ -117,6 +117,34 @@ impl Relay {
         }
     }
 
+    /// The newest `limit` entries of `query` that pass `keep`, oldest first, read newest
+    /// first page by page; and whether older ones pass too.
+    pub(super) fn newest(&self, mut query: LogQuery, limit: usize, keep: impl Fn(&LogEntry) -> bool) -> Result<(Vec<LogEntry>, bool)> {
+        query.newest_first = true;
+        query.limit = PAGE;
+        let mut kept: Vec<LogEntry> = Vec::new();
+        let mut more = false;
+        'pages: loop {
+            let page = self.store.entries(&query)?;
+            let exhausted = page.len() < PAGE;
+            for entry in page {
+                query.up_to_seq = Some(entry.seq.saturating_sub(1));
+                if keep(&entry) {
+                    if kept.len() == limit {
+                        more = true;
+                        break 'pages;
+                    }
+                    kept.push(entry);
+                }
+            }
+            if exhausted || query.up_to_seq == Some(0) {
+                break;
+            }
+        }
+        kept.reverse();
+        Ok((kept, more))
+    }
+
     fn already_read(&self, message_id: &str, peer_id: &str) -> bool {
         matches!(self.store.delivery(message_id, peer_id), Ok(Some(d)) if d.state == DeliveryState::Read)
     }
@@ -125,15 +153,7 @@ impl Relay {
     pub fn history(&self, caller: &Caller, req: HistoryRequest) -> Result<History> {
         let me = self.peer_in(caller, req.group_id.as_deref())?;
         let limit = req.limit.unwrap_or(DEFAULT_HISTORY_LIMIT).clamp(1, MAX_HISTORY_LIMIT);
-        let filter = match &req.filter {
-            Some(f) => Some(
-                regex::RegexBuilder::new(f)
-                    .size_limit(MAX_REGEX_BYTES)
-                    .build()
-                    .map_err(|e| RelayError::BadArgument { field: "filter", reason: e.to_string() })?,
-            ),
-            None => None,
-        };
+        let filter = req.filter.as_deref().map(text_filter).transpose()?;
         let since = req.start_time.as_deref().map(|t| parse_time("start_time", t)).transpose()?;
         let until = req.end_time.as_deref().map(|t| parse_time("end_time", t)).transpose()?;
         let with = match &req.with_peer {
@@ -152,27 +172,7 @@ impl Relay {
             }
             None => query.kinds = Some(vec![EventKind::Message]),
         }
-        // Newest first, page by page, until `limit` match.
-        let mut kept: Vec<LogEntry> = Vec::new();
-        let mut truncated = false;
-        'pages: loop {
-            let page = self.store.entries(&query)?;
-            let exhausted = page.len() < PAGE;
-            for entry in page {
-                query.up_to_seq = Some(entry.seq.saturating_sub(1));
-                if filter.as_ref().is_none_or(|re| re.is_match(&entry.body)) {
-                    if kept.len() == limit {
-                        truncated = true;
-                        break 'pages;
-                    }
-                    kept.push(entry);
-                }
-            }
-            if exhausted || query.up_to_seq == Some(0) {
-                break;
-            }
-        }
-        kept.reverse();
+        let (kept, truncated) = self.newest(query, limit, |e| filter.as_ref().is_none_or(|re| re.is_match(&e.body)))?;
         let mut messages = Vec::with_capacity(kept.len());
         for entry in &kept {
             let mut message = stored_message(entry);
@@ -188,6 +188,14 @@ impl Relay {
             truncated,
         })
     }
+}
+
+/// A history filter: a regular expression, kept small (it comes from agents' input).
+pub(super) fn text_filter(pattern: &str) -> Result<regex::Regex> {
+    regex::RegexBuilder::new(pattern)
+        .size_limit(MAX_REGEX_BYTES)
+        .build()
+        .map_err(|e| RelayError::BadArgument { field: "filter", reason: e.to_string() })
 }
 
 /// Whether `peer_id` should receive this message: a broadcast by someone else, or a DM to it.

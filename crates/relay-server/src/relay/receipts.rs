@@ -34,6 +34,8 @@ impl ReceiptNote {
                 .iter()
                 .zip(&self.daemons)
                 .any(|(peer, daemon)| daemon.as_deref() == Some(daemon_id.as_str()) && addressed.visible_to(peer)),
+            // the marks on the human's own messages
+            Audience::Human(view) => addressed.recipient == Some(view.peer.peer_id.as_str()),
         }
     }
 }
@@ -71,6 +73,7 @@ impl Relay {
             seq: message.seq,
             group: message.group_id.clone(),
             sender: PeerRef { peer_id: recipient.peer_id.clone(), name: recipient.display_name.clone() },
+            sender_kind: recipient.kind,
             recipient: Some(PeerRef { peer_id: message.sender_id.clone(), name: message.sender_name.clone() }),
             preview: format!("{} {state}", recipient.display_name),
             time: now,

@@ -246,6 +246,7 @@ impl Relay {
             group_id: req.group_id.clone(),
             principal_id: caller.principal,
             display_name: self.free_display_name(req)?,
+            kind: PeerKind::Agent,
             requested_name: req.name.clone(),
             hostname: req.hostname.clone(),
             working_directory: req.working_directory.clone(),
@@ -287,7 +288,7 @@ impl Relay {
     }
 
     /// `name`, or `host:last-dir`, made unique in the group with a numeric suffix.
-    fn free_display_name(&self, req: &RegisterRequest) -> Result<String> {
+    pub(super) fn free_display_name(&self, req: &RegisterRequest) -> Result<String> {
         let base = match &req.name {
             Some(name) => name.clone(),
             None => {
@@ -353,13 +354,14 @@ fn clean_and_validate(req: &mut RegisterRequest) -> Result<()> {
 }
 
 /// A peer joining or leaving, as a log entry.
-fn membership_entry(peer: &PeerRecord, kind: EventKind, at: DateTime<Utc>) -> NewEntry {
+pub(super) fn membership_entry(peer: &PeerRecord, kind: EventKind, at: DateTime<Utc>) -> NewEntry {
     NewEntry {
         group_id: peer.group_id.clone(),
         id: secrets::new_id("e_"),
         kind,
         sender_id: peer.peer_id.clone(),
         sender_name: peer.display_name.clone(),
+        sender_kind: peer.kind,
         recipient_id: None,
         recipient_name: None,
         body: String::new(),

@@ -26,6 +26,8 @@ struct Inner {
     keys: HashMap<(String, String), String>,
     /// Message id → peer id → record.
     deliveries: HashMap<String, BTreeMap<String, DeliveryRecord>>,
+    /// (space, key) → value.
+    records: HashMap<(String, String), Vec<u8>>,
 }
 
 impl MemoryStore {
@@ -113,6 +115,10 @@ impl Store for MemoryStore {
         Ok(self.lock().peers.values().filter(|p| p.principal_id == principal).cloned().collect())
     }
 
+    fn peers_of_daemon(&self, daemon_id: &str) -> Result<Vec<PeerRecord>> {
+        Ok(self.lock().peers.values().filter(|p| p.daemon_id.as_deref() == Some(daemon_id)).cloned().collect())
+    }
+
     fn save_peer(&self, peer: &PeerRecord) -> Result<()> {
         self.lock().peers.insert(peer.peer_id.clone(), peer.clone());
         Ok(())
@@ -148,6 +154,7 @@ impl Store for MemoryStore {
             kind: entry.kind,
             sender_id: entry.sender_id,
             sender_name: entry.sender_name,
+            sender_kind: entry.sender_kind,
             recipient_id: entry.recipient_id,
             recipient_name: entry.recipient_name,
             body: entry.body,
@@ -200,6 +207,19 @@ impl Store for MemoryStore {
         inner.deliveries.entry(record.message_id.clone()).or_default().insert(record.peer_id.clone(), record.clone());
         Ok(())
     }
+
+    fn record(&self, space: &str, key: &str) -> Result<Option<Vec<u8>>> {
+        Ok(self.lock().records.get(&(space.to_owned(), key.to_owned())).cloned())
+    }
+
+    fn put_record(&self, space: &str, key: &str, value: &[u8], _expires: Option<DateTime<Utc>>) -> Result<()> {
+        self.lock().records.insert((space.to_owned(), key.to_owned()), value.to_vec());
+        Ok(())
+    }
+
+    fn take_record(&self, space: &str, key: &str) -> Result<Option<Vec<u8>>> {
+        Ok(self.lock().records.remove(&(space.to_owned(), key.to_owned())))
+    }
 }
 
 #[cfg(test)]
@@ -232,5 +252,10 @@ mod tests {
     #[test]
     fn deliveries() {
         contract::deliveries(&MemoryStore::new());
+    }
+
+    #[test]
+    fn records() {
+        contract::records(&MemoryStore::new());
     }
 }

@@ -67,6 +67,9 @@ pub fn migrate(from: &SqliteStore, to: &NatsStore, progress: &mut dyn FnMut(&str
         to.save_delivery(record)?;
         done.deliveries += 1;
     }
+    for (space, key, value, expires) in &snapshot.records {
+        to.put_record(space, key, value, *expires)?;
+    }
     Ok(done)
 }
 
@@ -85,6 +88,7 @@ fn copy_log(from: &SqliteStore, to: &NatsStore, group_id: &str, keys: &HashMap<S
                 kind: e.kind,
                 sender_id: e.sender_id.clone(),
                 sender_name: e.sender_name.clone(),
+                sender_kind: e.sender_kind,
                 recipient_id: e.recipient_id.clone(),
                 recipient_name: e.recipient_name.clone(),
                 body: e.body.clone(),

@@ -14,7 +14,7 @@ pub mod sqlite;
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
-use relay_proto::{Addressed, DeliveryState, EventKind};
+use relay_proto::{Addressed, DeliveryState, EventKind, PeerKind};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
@@ -89,6 +89,9 @@ pub struct PeerRecord {
     pub group_id: String,
     pub principal_id: PrincipalId,
     pub display_name: String,
+    /// An agent, or a human in the console.
+    #[serde(default, skip_serializing_if = "PeerKind::is_agent")]
+    pub kind: PeerKind,
     /// The `name` asked for at registration; part of the peer's identity with host and dir.
     pub requested_name: Option<String>,
     pub hostname: String,
@@ -114,6 +117,7 @@ pub struct LogEntry {
     pub kind: EventKind,
     pub sender_id: String,
     pub sender_name: String,
+    pub sender_kind: PeerKind,
     pub recipient_id: Option<String>,
     pub recipient_name: Option<String>,
     pub body: String,
@@ -135,6 +139,7 @@ pub struct NewEntry {
     pub kind: EventKind,
     pub sender_id: String,
     pub sender_name: String,
+    pub sender_kind: PeerKind,
     pub recipient_id: Option<String>,
     pub recipient_name: Option<String>,
     pub body: String,
@@ -215,6 +220,8 @@ pub trait Store: Shared + Send + Sync + 'static {
         Ok(self.peers_in_group(group_id)?.iter().filter(|p| p.left_at.is_none()).count())
     }
     fn peers_of_principal(&self, principal: PrincipalId) -> Result<Vec<PeerRecord>>;
+    /// Every peer registered through the daemon, left ones included.
+    fn peers_of_daemon(&self, daemon_id: &str) -> Result<Vec<PeerRecord>>;
     /// Inserts or replaces the peer with this id.
     fn save_peer(&self, peer: &PeerRecord) -> Result<()>;
     /// Moves the peer's read cursor from `from` to `to`; `false` (nothing changed) when it
@@ -248,6 +255,15 @@ pub trait Store: Shared + Send + Sync + 'static {
         self.save_delivery(record)?;
         Ok(true)
     }
+
+    /// A small record kept under `space` and `key`: the console's humans, sign-in links and
+    /// sessions. Whoever reads one checks its expiry (the store's may lag).
+    fn record(&self, space: &str, key: &str) -> Result<Option<Vec<u8>>>;
+    /// Inserts or replaces a record; the store may forget it once `expires` has passed.
+    fn put_record(&self, space: &str, key: &str, value: &[u8], expires: Option<DateTime<Utc>>) -> Result<()>;
+    /// Removes a record and returns what it held: of several callers taking the same one at
+    /// once, exactly one gets it (a one-time link is used once).
+    fn take_record(&self, space: &str, key: &str) -> Result<Option<Vec<u8>>>;
 }
 
 /// What a shared store tells a node about a group the node follows.
@@ -318,6 +334,7 @@ pub(crate) mod contract {
             group_id: group.into(),
             principal_id: principal,
             display_name: format!("h:{dir}"),
+            kind: PeerKind::Agent,
             requested_name: None,
             hostname: "h".into(),
             working_directory: format!("/src/{dir}"),
@@ -337,6 +354,7 @@ pub(crate) mod contract {
             kind,
             sender_id: from.into(),
             sender_name: format!("name-{from}"),
+            sender_kind: if from == "human" { PeerKind::Human } else { PeerKind::Agent },
             recipient_id: to.map(Into::into),
             recipient_name: to.map(|t| format!("name-{t}")),
             body: format!("body of {id}"),
@@ -374,6 +392,7 @@ pub(crate) mod contract {
         let mut named = peer("p3", "g", a, "api");
         named.requested_name = Some("alice".into());
         named.display_name = "alice".into();
+        named.kind = PeerKind::Human;
         store.save_peer(&named).unwrap();
         assert_eq!(store.peer_by_origin("g", "h", "/src/api", Some("alice")).unwrap(), Some(named));
 
@@ -398,6 +417,8 @@ pub(crate) mod contract {
         via_daemon.daemon_id = Some("d1".into());
         store.save_peer(&via_daemon).unwrap();
         assert_eq!(store.peer("p4").unwrap().unwrap().daemon_id.as_deref(), Some("d1"));
+        assert_eq!(ids(store.peers_of_daemon("d1").unwrap()), vec!["p4"]);
+        assert!(store.peers_of_daemon("d2").unwrap().is_empty());
 
         assert!(store.advance_read_seq("p2", 0, 7).unwrap());
         assert!(!store.advance_read_seq("p2", 0, 9).unwrap(), "the cursor moved on: a second reader at 0 loses");
@@ -494,6 +515,7 @@ pub(crate) mod contract {
                 kind: EventKind::Dm,
                 sender_id: "a".into(),
                 sender_name: "name-a".into(),
+                sender_kind: PeerKind::Agent,
                 recipient_id: Some("b".into()),
                 recipient_name: Some("name-b".into()),
                 body: "body of m2".into(),
@@ -512,6 +534,10 @@ pub(crate) mod contract {
         assert_eq!(store.entry_by_id("m3").unwrap().map(|e| (e.group_id, e.seq)), Some(("g".into(), m3)));
         assert_eq!(store.entry_by_id("o1").unwrap().map(|e| e.group_id), Some("other".into()));
         assert_eq!(store.entry_by_id("nope").unwrap(), None);
+
+        store.append(entry("g", "h6", EventKind::Message, "human", None, 6)).unwrap();
+        assert_eq!(store.entry_by_id("h6").unwrap().map(|e| e.sender_kind), Some(PeerKind::Human));
+        assert_eq!(store.entry_by_id("m3").unwrap().map(|e| e.sender_kind), Some(PeerKind::Agent));
     }
 
     /// More entries than one read returns, in order, with none lost at the page edges.
@@ -531,6 +557,22 @@ pub(crate) mod contract {
         assert_eq!(tail, seqs[300..]);
         let newest: Vec<u64> = store.entries(&LogQuery { newest_first: true, limit: 3, ..all }).unwrap().iter().map(|e| e.seq).collect();
         assert_eq!(newest, [seqs[399], seqs[398], seqs[397]]);
+    }
+
+    /// Records are kept per space and key, replaced whole, and taken by one caller only.
+    pub fn records(store: &dyn Store) {
+        assert_eq!(store.record("humans", "h1").unwrap(), None);
+        store.put_record("humans", "h1", b"ann", None).unwrap();
+        store.put_record("links", "h1", b"a link", Some(t(60))).unwrap();
+        assert_eq!(store.record("humans", "h1").unwrap().as_deref(), Some(&b"ann"[..]));
+        assert_eq!(store.record("links", "h1").unwrap().as_deref(), Some(&b"a link"[..]));
+        store.put_record("humans", "h1", b"ann b.", None).unwrap();
+        assert_eq!(store.record("humans", "h1").unwrap().as_deref(), Some(&b"ann b."[..]));
+        assert_eq!(store.take_record("links", "h1").unwrap().as_deref(), Some(&b"a link"[..]));
+        assert_eq!(store.take_record("links", "h1").unwrap(), None, "taken once");
+        assert_eq!(store.record("links", "h1").unwrap(), None);
+        assert_eq!(store.take_record("links", "nothing").unwrap(), None);
+        assert_eq!(store.record("humans", "h1").unwrap().as_deref(), Some(&b"ann b."[..]), "another space is untouched");
     }
 
     pub fn deliveries(store: &dyn Store) {

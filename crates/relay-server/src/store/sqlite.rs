@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 use chrono::{DateTime, TimeZone, Utc};
-use relay_proto::{DeliveryState, EventKind};
+use relay_proto::{DeliveryState, EventKind, PeerKind};
 use rusqlite::{Connection, OptionalExtension, Row, params};
 
 use crate::lock;
@@ -106,6 +106,20 @@ const MIGRATIONS: &[&str] = &[
     r#"
     ALTER TABLE log ADD COLUMN idempotency_key TEXT;
     CREATE UNIQUE INDEX log_by_idempotency_key ON log(sender_id, idempotency_key) WHERE idempotency_key IS NOT NULL;
+    "#,
+    // 8: humans in the console: peers and senders of a kind (NULL: an agent), and the
+    // console's small records (humans, sign-in links, sessions)
+    r#"
+    ALTER TABLE peers ADD COLUMN kind TEXT;
+    ALTER TABLE log ADD COLUMN sender_kind TEXT;
+    CREATE INDEX peers_by_daemon ON peers(daemon_id) WHERE daemon_id IS NOT NULL;
+    CREATE TABLE records (
+        space       TEXT NOT NULL,
+        key         TEXT NOT NULL,
+        value       BLOB NOT NULL,
+        expires_at  INTEGER,
+        PRIMARY KEY (space, key)
+    ) WITHOUT ROWID;
     "#,
 ];
 
@@ -402,7 +416,11 @@ pub struct Snapshot {
     pub deliveries: Vec<DeliveryRecord>,
     /// Message id → the idempotency key its sender gave it.
     pub keys: HashMap<String, String>,
+    pub records: Vec<StoredRecord>,
 }
+
+/// A console record as the store keeps it: (space, key, value, expires).
+pub type StoredRecord = (String, String, Vec<u8>, Option<DateTime<Utc>>);
 
 fn hash32(bytes: Vec<u8>) -> rusqlite::Result<[u8; 32]> {
     bytes.try_into().map_err(|_| rusqlite::Error::InvalidColumnType(0, "token_hash".into(), rusqlite::types::Type::Blob))
@@ -432,7 +450,10 @@ impl SqliteStore {
         let keys = all("SELECT id, idempotency_key FROM log WHERE idempotency_key IS NOT NULL")?
             .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
             .collect::<rusqlite::Result<_>>()?;
-        Ok(Snapshot { groups, principals, daemons, peers, deliveries, keys })
+        let records = all("SELECT space, key, value, expires_at FROM records ORDER BY space, key")?
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get::<_, Option<i64>>(3)?.map(time))))?
+            .collect::<rusqlite::Result<_>>()?;
+        Ok(Snapshot { groups, principals, daemons, peers, deliveries, keys, records })
     }
 }
 
@@ -468,7 +489,19 @@ fn kind_from(name: &str) -> EventKind {
 }
 
 const PEER_COLUMNS: &str = "peer_id, group_id, principal_id, display_name, requested_name, hostname, \
-     working_directory, git_branch, joined_at, last_seen, left_at, read_seq, daemon_id";
+     working_directory, git_branch, joined_at, last_seen, left_at, read_seq, daemon_id, kind";
+
+/// A kind as its column keeps it: NULL for an agent, as every row before kinds were.
+fn kind_column(kind: PeerKind) -> Option<&'static str> {
+    (!kind.is_agent()).then(|| kind.as_str())
+}
+
+fn kind_of(column: Option<String>) -> PeerKind {
+    match column.as_deref() {
+        Some("human") => PeerKind::Human,
+        _ => PeerKind::Agent,
+    }
+}
 
 fn peer_row(r: &Row<'_>) -> rusqlite::Result<PeerRecord> {
     Ok(PeerRecord {
@@ -485,10 +518,11 @@ fn peer_row(r: &Row<'_>) -> rusqlite::Result<PeerRecord> {
         left_at: r.get::<_, Option<i64>>(10)?.map(time),
         read_seq: r.get::<_, i64>(11)? as u64,
         daemon_id: r.get(12)?,
+        kind: kind_of(r.get(13)?),
     })
 }
 
-const LOG_COLUMNS: &str = "group_id, seq, id, kind, sender_id, sender_name, recipient_id, recipient_name, body, created_at";
+const LOG_COLUMNS: &str = "group_id, seq, id, kind, sender_id, sender_name, recipient_id, recipient_name, body, created_at, sender_kind";
 
 fn log_row(r: &Row<'_>) -> rusqlite::Result<LogEntry> {
     Ok(LogEntry {
@@ -502,6 +536,7 @@ fn log_row(r: &Row<'_>) -> rusqlite::Result<LogEntry> {
         recipient_name: r.get(7)?,
         body: r.get(8)?,
         created_at: time(r.get(9)?),
+        sender_kind: kind_of(r.get(10)?),
     })
 }
 
@@ -606,13 +641,19 @@ impl Store for SqliteStore {
         self.load_peers("principal_id", principal, |lists, rows| lists.keep_for_principal(principal, rows))
     }
 
+    fn peers_of_daemon(&self, daemon_id: &str) -> Result<Vec<PeerRecord>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached(&format!("SELECT {PEER_COLUMNS} FROM peers WHERE daemon_id = ?1 ORDER BY peer_id"))?;
+        Ok(stmt.query_map([daemon_id], peer_row)?.collect::<rusqlite::Result<_>>()?)
+    }
+
     fn save_peer(&self, p: &PeerRecord) -> Result<()> {
         let conn = self.conn();
         // a replaced row may have moved between principals and groups, or (same origin,
         // another peer_id) been deleted: every list is forgotten, whatever the outcome
         self.peer_lists().forget_all();
         let mut stmt = conn.prepare_cached(&format!(
-            "INSERT OR REPLACE INTO peers ({PEER_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)"
+            "INSERT OR REPLACE INTO peers ({PEER_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)"
         ))?;
         stmt.execute(params![
             p.peer_id,
@@ -628,6 +669,7 @@ impl Store for SqliteStore {
             p.left_at.map(micros),
             p.read_seq as i64,
             p.daemon_id,
+            kind_column(p.kind),
         ])?;
         Ok(())
     }
@@ -658,8 +700,8 @@ impl Store for SqliteStore {
         // One statement, so the sequence number and the row commit together.
         let mut stmt = conn.prepare_cached(
             "INSERT INTO log (group_id, seq, id, kind, sender_id, sender_name, recipient_id, recipient_name, body, created_at,
-                              idempotency_key)
-             VALUES (?1, (SELECT ifnull(max(seq), 0) + 1 FROM log WHERE group_id = ?1), ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)
+                              idempotency_key, sender_kind)
+             VALUES (?1, (SELECT ifnull(max(seq), 0) + 1 FROM log WHERE group_id = ?1), ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)
              RETURNING seq",
         )?;
         let row = params![
@@ -672,7 +714,8 @@ impl Store for SqliteStore {
             e.recipient_name,
             e.body,
             micros(e.created_at),
-            e.idempotency_key
+            e.idempotency_key,
+            kind_column(e.sender_kind)
         ];
         // stepped to the end, where the commit happens (query_row would drop its error)
         let seqs: Vec<i64> = stmt.query_map(row, |r| r.get(0))?.collect::<rusqlite::Result<_>>()?;
@@ -684,6 +727,7 @@ impl Store for SqliteStore {
             kind: e.kind,
             sender_id: e.sender_id,
             sender_name: e.sender_name,
+            sender_kind: e.sender_kind,
             recipient_id: e.recipient_id,
             recipient_name: e.recipient_name,
             body: e.body,
@@ -764,6 +808,28 @@ impl Store for SqliteStore {
         stmt.execute(params![d.message_id, d.peer_id, d.state.as_str(), d.detail, micros(d.updated_at)])?;
         Ok(())
     }
+
+    fn record(&self, space: &str, key: &str) -> Result<Option<Vec<u8>>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached("SELECT value FROM records WHERE space = ?1 AND key = ?2")?;
+        Ok(stmt.query_row([space, key], |r| r.get(0)).optional()?)
+    }
+
+    fn put_record(&self, space: &str, key: &str, value: &[u8], expires: Option<DateTime<Utc>>) -> Result<()> {
+        let conn = self.conn();
+        // expired records go as new ones come: never many, and no timer to keep
+        conn.prepare_cached("DELETE FROM records WHERE expires_at < ?1")?.execute([micros(Utc::now())])?;
+        let mut stmt = conn.prepare_cached("INSERT OR REPLACE INTO records (space, key, value, expires_at) VALUES (?1, ?2, ?3, ?4)")?;
+        stmt.execute(params![space, key, value, expires.map(micros)])?;
+        Ok(())
+    }
+
+    fn take_record(&self, space: &str, key: &str) -> Result<Option<Vec<u8>>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached("DELETE FROM records WHERE space = ?1 AND key = ?2 RETURNING value")?;
+        let taken: Vec<Vec<u8>> = stmt.query_map([space, key], |r| r.get(0))?.collect::<rusqlite::Result<_>>()?;
+        Ok(taken.into_iter().next())
+    }
 }
 
 const DELIVERY_COLUMNS: &str = "message_id, peer_id, state, detail, updated_at";
@@ -788,6 +854,11 @@ mod tests {
     #[test]
     fn groups() {
         contract::groups(&SqliteStore::open_in_memory().unwrap());
+    }
+
+    #[test]
+    fn records() {
+        contract::records(&SqliteStore::open_in_memory().unwrap());
     }
 
     #[test]
@@ -821,7 +892,7 @@ mod tests {
             contract::log(&store);
         }
         let store = SqliteStore::open_dir(&data, Synchronous::Full).unwrap();
-        assert_eq!(store.head_seq("g").unwrap(), 5);
+        assert_eq!(store.head_seq("g").unwrap(), 6);
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;
@@ -847,6 +918,7 @@ mod tests {
                     kind: EventKind::Message,
                     sender_id: "a".into(),
                     sender_name: "a".into(),
+                    sender_kind: PeerKind::Agent,
                     recipient_id: None,
                     recipient_name: None,
                     body: "x".repeat(2000),
@@ -891,6 +963,7 @@ mod tests {
             group_id: "g".into(),
             principal_id: principal,
             display_name: id.into(),
+            kind: PeerKind::Agent,
             requested_name: None,
             hostname: "h".into(),
             working_directory: format!("/{id}"),

@@ -1,5 +1,6 @@
 //! The daemon's state and logic: attachments, upstream streams, fan-out to subscribed panes.
 
+mod console;
 mod fanout;
 mod registration;
 mod requests;

@@ -96,7 +96,7 @@ impl Daemon {
     }
 
     /// The daemon's token on `server`, asking the server for one the first time.
-    async fn credential(&self, server: &str) -> Result<String, Failure> {
+    pub(super) async fn credential(&self, server: &str) -> Result<String, Failure> {
         match self.daemon_token(server) {
             Some(token) => Ok(token),
             None => self.new_credential(server).await,

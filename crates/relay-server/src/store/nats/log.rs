@@ -9,7 +9,7 @@ use async_nats::jetstream::stream;
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use futures::StreamExt;
-use relay_proto::EventKind;
+use relay_proto::{EventKind, PeerKind};
 use serde::{Deserialize, Serialize};
 
 use super::super::{LogEntry, LogQuery, NewEntry, Result, StoreError};
@@ -32,6 +32,8 @@ struct Wire {
     kind: EventKind,
     sender_id: String,
     sender_name: String,
+    #[serde(default, skip_serializing_if = "PeerKind::is_agent")]
+    sender_kind: PeerKind,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     recipient_id: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -47,6 +49,7 @@ pub fn encode(entry: &NewEntry) -> Bytes {
         kind: entry.kind,
         sender_id: entry.sender_id.clone(),
         sender_name: entry.sender_name.clone(),
+        sender_kind: entry.sender_kind,
         recipient_id: entry.recipient_id.clone(),
         recipient_name: entry.recipient_name.clone(),
         body: entry.body.clone(),
@@ -64,6 +67,7 @@ pub fn decode(seq: u64, payload: &[u8]) -> Result<LogEntry> {
         kind: w.kind,
         sender_id: w.sender_id,
         sender_name: w.sender_name,
+        sender_kind: w.sender_kind,
         recipient_id: w.recipient_id,
         recipient_name: w.recipient_name,
         body: w.body,

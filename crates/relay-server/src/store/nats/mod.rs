@@ -13,6 +13,7 @@
 //! | open streams | bucket `relay_presence` | `<peer or daemon/group>.<node>` |
 //! | live nodes | bucket `relay_nodes`, entries expire | node |
 //! | send limits | bucket `relay_rates`, idle entries expire | `send.<peer>` |
+//! | console records (humans, sign-in links, sessions) | bucket `relay_console` | `<space>.<key>` |
 //!
 //! Receipts reach other nodes' streams as plain NATS messages on `relay.note.<group>`:
 //! their state is in `relay_deliveries`; the note only saves a reader the asking.
@@ -109,6 +110,7 @@ struct Inner {
     peers: kv::Store,
     messages: kv::Store,
     deliveries: kv::Store,
+    console: kv::Store,
     rates: kv::Store,
     /// Per send limit: what this node last wrote of it, and its turn to take.
     rate_slots: Mutex<HashMap<String, RateSlot>>,
@@ -263,6 +265,7 @@ impl Inner {
             peers: bucket("relay_peers", file, Duration::ZERO).await?,
             messages: bucket("relay_messages", file, Duration::ZERO).await?,
             deliveries: bucket("relay_deliveries", file, Duration::ZERO).await?,
+            console: bucket("relay_console", file, Duration::ZERO).await?,
             rates: bucket("relay_rates", memory, RATES_KEPT).await?,
             rate_slots: Mutex::default(),
             presence: Presence::start(
@@ -599,6 +602,10 @@ impl Store for NatsStore {
         self.mirror(true, |m| m.of_principal(principal))
     }
 
+    fn peers_of_daemon(&self, daemon_id: &str) -> Result<Vec<PeerRecord>> {
+        self.mirror(true, |m| m.of_daemon(daemon_id))
+    }
+
     fn save_peer(&self, peer: &PeerRecord) -> Result<()> {
         let peer = peer.clone();
         self.call(|inner| async move { inner.save_peer(peer).await })
@@ -677,6 +684,38 @@ impl Store for NatsStore {
         let record = record.clone();
         self.call(|inner| async move { inner.save_delivery(record, true).await })
     }
+
+    // (the bucket has no per-key expiry: expired records stay until replaced or taken, and
+    // their readers, who check expiry, ignore them)
+    fn record(&self, space: &str, key: &str) -> Result<Option<Vec<u8>>> {
+        let key = record_key(space, key);
+        self.call(|inner| async move { Ok(inner.console.get(key).await.map_err(nats_error)?.map(|v| v.to_vec())) })
+    }
+
+    fn put_record(&self, space: &str, key: &str, value: &[u8], _expires: Option<DateTime<Utc>>) -> Result<()> {
+        let (key, value) = (record_key(space, key), Bytes::copy_from_slice(value));
+        self.call(|inner| async move { inner.console.put(key, value).await.map(drop).map_err(nats_error) })
+    }
+
+    fn take_record(&self, space: &str, key: &str) -> Result<Option<Vec<u8>>> {
+        let key = record_key(space, key);
+        self.call(|inner| async move {
+            let Some(entry) = inner.console.entry(key.clone()).await.map_err(nats_error)? else { return Ok(None) };
+            if entry.operation != kv::Operation::Put {
+                return Ok(None);
+            }
+            // only the taker whose purge finds the revision it read gets the value
+            match inner.console.purge_expect_revision(&key, Some(entry.revision)).await {
+                Ok(()) => Ok(Some(entry.value.to_vec())),
+                Err(e) if lost_race(&e, false) => Ok(None),
+                Err(e) => Err(nats_error(e)),
+            }
+        })
+    }
+}
+
+fn record_key(space: &str, key: &str) -> String {
+    format!("{}.{}", subject_token(space), subject_token(key))
 }
 
 impl Shared for NatsStore {
@@ -769,6 +808,12 @@ mod tests {
     fn deliveries() {
         let Some((store, _nats)) = store("nats::deliveries") else { return };
         contract::deliveries(&store);
+    }
+
+    #[test]
+    fn records() {
+        let Some((store, _nats)) = store("nats::records") else { return };
+        contract::records(&store);
     }
 
     #[test]

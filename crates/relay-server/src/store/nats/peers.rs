@@ -81,6 +81,11 @@ impl PeerMirror {
         self.collect(self.by_principal.get(&principal))
     }
 
+    /// (Rare: the console asks, per page; a scan of the mirror, no index to keep.)
+    pub fn of_daemon(&self, daemon_id: &str) -> Vec<PeerRecord> {
+        self.peers.values().filter(|(p, _)| p.daemon_id.as_deref() == Some(daemon_id)).map(|(p, _)| p.clone()).collect()
+    }
+
     fn collect(&self, ids: Option<&BTreeSet<String>>) -> Vec<PeerRecord> {
         ids.into_iter().flatten().filter_map(|id| self.peers.get(id)).map(|(p, _)| p.clone()).collect()
     }
