@@ -122,7 +122,6 @@ pub struct AttachArgs {
 }
 
 #[derive(Debug, clap::Args)]
-#[group(multiple = false)]
 pub struct ConsoleArgs {
     /// relay-server URL [default: relayd's configured server]
     #[arg(long, env = "RELAY_SERVER")]
@@ -134,12 +133,12 @@ pub struct ConsoleArgs {
     #[arg(long)]
     pub no_open: bool,
     /// End every console session of yours on the server (every browser signs in again)
-    #[arg(long)]
+    #[arg(long, conflicts_with_all = ["pair", "pair_with", "no_open"])]
     pub sign_out_everywhere: bool,
     /// Print a one-time code that lets another machine's relayd act for you (its agents show in your console)
-    #[arg(long)]
+    #[arg(long, conflicts_with_all = ["pair_with", "no_open"])]
     pub pair: bool,
     /// Redeem a code from `relay console --pair` on your other machine
-    #[arg(long, value_name = "CODE")]
+    #[arg(long, value_name = "CODE", conflicts_with = "no_open")]
     pub pair_with: Option<String>,
 }

@@ -86,14 +86,15 @@ pub async fn history(socket: &Path, pane: Option<String>, group: Option<String>,
 /// `relay console`: asks relayd for a sign-in link (or a pairing, or a sign-out) and opens
 /// the link in a browser, or prints it where there is none.
 pub async fn console(socket: &Path, args: ConsoleArgs) -> Result<()> {
+    // the name a new human gets (a link or a pairing may be the first thing asked)
+    let name = args.name.or_else(|| std::env::var("USER").ok()).filter(|n| !n.trim().is_empty());
     let action = if args.sign_out_everywhere {
         ConsoleAction::SignOutEverywhere
     } else if args.pair {
-        ConsoleAction::Pair
+        ConsoleAction::Pair { name }
     } else if let Some(code) = args.pair_with {
         ConsoleAction::Join { code }
     } else {
-        let name = args.name.or_else(|| std::env::var("USER").ok()).filter(|n| !n.trim().is_empty());
         ConsoleAction::SignIn { name }
     };
     let mut client = daemon::connect_or_start(socket).await?;
@@ -104,7 +105,7 @@ pub async fn console(socket: &Path, args: ConsoleArgs) -> Result<()> {
     let until = expires_at.map(|t| t.format("%H:%M UTC").to_string()).unwrap_or_default();
     match action {
         ConsoleAction::SignOutEverywhere => println!("Every console session of {human} on {server} has ended."),
-        ConsoleAction::Pair => {
+        ConsoleAction::Pair { .. } => {
             let code = code.context("the server sent no code")?;
             println!(
                 "On your other machine, run:\n\n    relay console --server {server} --pair-with {code}\n\n(works once, until {until})"

@@ -54,6 +54,13 @@ pub fn claude_code(test: &str) -> Option<PathBuf> {
     require(test, "the Claude Code CLI (RELAY_TEST_CLAUDE)", found)
 }
 
+/// Chromium for the console's browser tests, with Playwright beside it in the venv
+/// (`tests/run` sets `RELAY_TEST_CHROMIUM` when both are there).
+pub fn chromium(test: &str) -> Option<PathBuf> {
+    let found = std::env::var_os("RELAY_TEST_CHROMIUM").map(PathBuf::from).filter(|p| p.exists());
+    require(test, "chromium and Playwright (RELAY_TEST_CHROMIUM)", found)
+}
+
 /// Set to 1, these keep Claude Code off the network and quiet (no telemetry, updates,
 /// error reports or marketplace installs).
 pub const CLAUDE_QUIET_ENV: [&str; 5] = [

@@ -101,8 +101,12 @@ pub enum ConsoleAction {
     },
     /// Every console session of the identity ends (cookies stop working everywhere).
     SignOutEverywhere,
-    /// A one-time code another machine's relayd redeems to act for the same human.
-    Pair,
+    /// A one-time code another machine's relayd redeems to act for the same human (named
+    /// `name` when new).
+    Pair {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        name: Option<String>,
+    },
     /// Redeems a code from [`ConsoleAction::Pair`]: this relayd's agents become that human's.
     Join { code: String },
 }

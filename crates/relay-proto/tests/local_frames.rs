@@ -135,7 +135,7 @@ fn every_request_round_trips() {
         Request::Console { server: None, action: ConsoleAction::SignIn { name: None } },
         Request::Console { server: Some("https://relay.example".into()), action: ConsoleAction::SignIn { name: Some("Ann".into()) } },
         Request::Console { server: None, action: ConsoleAction::SignOutEverywhere },
-        Request::Console { server: None, action: ConsoleAction::Pair },
+        Request::Console { server: None, action: ConsoleAction::Pair { name: None } },
         Request::Console { server: None, action: ConsoleAction::Join { code: "ABCD-1234".into() } },
         Request::Shutdown,
     ] {

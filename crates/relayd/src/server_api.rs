@@ -187,7 +187,7 @@ impl ServerApi {
         let (path, body) = match action {
             ConsoleAction::SignIn { name } => ("sign-in", json!({"name": name})),
             ConsoleAction::SignOutEverywhere => ("sign-out-everywhere", json!({})),
-            ConsoleAction::Pair => ("pairings", json!({})),
+            ConsoleAction::Pair { name } => ("pairings", json!({"name": name})),
             ConsoleAction::Join { code } => ("join", json!({"code": code})),
         };
         let request = self.http.post(format!("{server}/v1/console/{path}")).bearer_auth(daemon_token).json(&body);

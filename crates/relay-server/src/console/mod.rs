@@ -38,6 +38,7 @@ const CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; img-
 
 const SCRIPT: &str = include_str!("assets/console.js");
 const STYLE: &str = include_str!("assets/console.css");
+const ICON: &str = include_str!("assets/icon.svg");
 
 pub fn routes() -> Router<AppState> {
     Router::new()
@@ -373,6 +374,7 @@ async fn asset(Path((version, file)): Path<(String, String)>) -> Response {
     let (body, kind) = match file.as_str() {
         "console.js" => (SCRIPT, "text/javascript; charset=utf-8"),
         "console.css" => (STYLE, "text/css; charset=utf-8"),
+        "icon.svg" => (ICON, "image/svg+xml"),
         _ => return StatusCode::NOT_FOUND.into_response(),
     };
     // an older or newer version's path gets today's file, but is not cached for long

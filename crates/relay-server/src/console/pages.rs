@@ -23,6 +23,7 @@ fn layout(title: &str, body: Markup) -> Markup {
                 meta name="viewport" content="width=device-width, initial-scale=1";
                 title { (visible(title)) " · relay console" }
                 link rel="stylesheet" href={ "/console/assets/" (ASSET_VERSION) "/console.css" };
+                link rel="icon" href={ "/console/assets/" (ASSET_VERSION) "/icon.svg" } type="image/svg+xml";
                 script src={ "/console/assets/" (ASSET_VERSION) "/console.js" } defer {}
             }
             body { (body) }

@@ -62,6 +62,7 @@
     events.onopen = () => {
       state.textContent = "live";
       main.dataset.stream = "open";
+      refreshPeers(); // the human is online now too
     };
     events.onerror = () => {
       state.textContent = "reconnecting…";
