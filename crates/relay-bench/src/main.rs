@@ -50,7 +50,7 @@ struct Args {
     #[arg(long)]
     streams: Option<usize>,
     /// Run only these scenarios (repeatable): tools, fan-out, fan-out-1000, saturation,
-    /// daemon, end-to-end, claude-inbox, idle, cluster
+    /// daemon, end-to-end, claude-inbox, idle, cluster, console
     #[arg(long, value_parser = SCENARIOS)]
     only: Vec<String>,
     /// Where to write the JSON figures
@@ -58,7 +58,8 @@ struct Args {
     out: PathBuf,
 }
 
-const SCENARIOS: [&str; 9] = ["tools", "fan-out", "fan-out-1000", "saturation", "daemon", "end-to-end", "claude-inbox", "idle", "cluster"];
+const SCENARIOS: [&str; 10] =
+    ["tools", "fan-out", "fan-out-1000", "saturation", "daemon", "end-to-end", "claude-inbox", "idle", "cluster", "console"];
 
 #[tokio::main]
 async fn main() -> Result<()> {
@@ -225,6 +226,10 @@ async fn run_scenarios(args: &Args, target: &Target, http: &reqwest::Client, rep
     if runs("claude-inbox") {
         let outcome = scenarios::claude_inbox(if quick { 3 } else { 20 }, report).await;
         record(report, "claude inbox", outcome);
+    }
+    if runs("console") {
+        let outcome = scenarios::console(target, if quick { 20 } else { 100 }, report).await;
+        record(report, "console", outcome);
     }
     if runs("idle") {
         let streams = args.streams.unwrap_or(if quick { 500 } else { 10_000 });

@@ -1,6 +1,7 @@
 //! The scenarios. Each adds its figures to the report and says whether it completed.
 
 mod claude;
+mod console;
 mod end_to_end;
 
 use std::collections::{HashMap, HashSet};
@@ -17,6 +18,7 @@ use crate::report::{Goal, Report, quantile};
 use crate::sse_reader::SseReader;
 
 pub use claude::claude_inbox;
+pub use console::console;
 pub use end_to_end::end_to_end;
 
 /// What the scenarios run against.
