@@ -67,6 +67,19 @@ fn a_human_watches_and_talks_to_agents_on_two_machines_in_a_browser() {
     }
     let pane = |name: &str| panes[name].0.clone();
 
+    // alice's sidebar says her Claude Code session is busy (a stand-in agent has none, so the
+    // frame a sidebar sends is sent here): relayd passes it on for the console's peers panel
+    let busy = relay_proto::local::Request::Delivery {
+        pane: pane("alice"),
+        path: relay_proto::local::DeliveryPath::Inbox,
+        activity: Some("busy".into()),
+    };
+    tokio::runtime::Runtime::new().unwrap().block_on(async {
+        let mut client = relay_local::client::Client::connect(&laptop.socket, "console test").await.unwrap();
+        let noted = client.request(&busy).await.unwrap();
+        assert!(matches!(noted, relay_proto::local::Reply::Noted { .. }), "{noted:?}");
+    });
+
     // the cloud box's relayd acts for the same human as the laptop's
     let paired = relay(&laptop, &["console", "--pair", "--name", "ann"]);
     let code = paired.split("--pair-with ").nth(1).and_then(|rest| rest.split_whitespace().next()).expect("a pairing code").to_owned();
@@ -90,6 +103,7 @@ fn a_human_watches_and_talks_to_agents_on_two_machines_in_a_browser() {
         "group": "team",
         "human": "ann",
         "dm_to": "alice",
+        "busy_agent": "alice",
         "chromium": chromium,
         "screenshot": screenshot,
         "texts": texts,

@@ -63,6 +63,11 @@ def main():
         expect(page.locator("#stream-state")).to_have_text("live", timeout=TIMEOUT)
         timings["sign_in_to_live_ms"] = round((time.monotonic() - started) * 1000)
 
+        # the peers panel: who is a human, and what an agent's session is doing
+        peers = page.locator("#peers")
+        expect(peers.locator("li.peer.human")).to_contain_text(cfg["human"])
+        expect(peers.locator("li.peer", has_text=cfg["busy_agent"])).to_contain_text("busy", timeout=TIMEOUT)
+
         # the link works once
         other = browser.new_context().new_page()
         other.goto(cfg["link"])

@@ -115,7 +115,7 @@ pub struct Engine {
     /// attempts so far.
     intro_line: Option<(String, u32)>,
     /// What relayd was last told of the delivery path, and how many checks ago.
-    told: Option<(DeliveryPath, u32)>,
+    told: Option<((DeliveryPath, Option<String>), u32)>,
 }
 
 impl Engine {
@@ -353,9 +353,10 @@ impl Engine {
         if self.app.typing {
             self.typist.observe(&*self.tmux, &self.settings.pane);
         }
-        if self.told.as_ref().is_none_or(|(last, checks)| *last != path || *checks >= TELL_AGAIN_CHECKS) {
-            self.link.tell_delivery(path.clone());
-            self.told = Some((path, 0));
+        let told = (path, self.inbox.agent_status());
+        if self.told.as_ref().is_none_or(|(last, checks)| *last != told || *checks >= TELL_AGAIN_CHECKS) {
+            self.link.tell_delivery(told.0.clone(), told.1.clone());
+            self.told = Some((told, 0));
         } else if let Some((_, checks)) = self.told.as_mut() {
             *checks += 1;
         }

@@ -58,8 +58,8 @@ impl Link {
         tokio::spawn(confirm_unread(self.socket.clone(), self.pane.clone(), due, self.tx.clone()));
     }
 
-    pub fn tell_delivery(&self, path: DeliveryPath) {
-        tokio::spawn(tell_delivery(self.socket.clone(), self.pane.clone(), path));
+    pub fn tell_delivery(&self, path: DeliveryPath, activity: Option<String>) {
+        tokio::spawn(tell_delivery(self.socket.clone(), self.pane.clone(), path, activity));
     }
 }
 
@@ -131,9 +131,10 @@ async fn load_peers(socket: PathBuf, pane: String, tx: mpsc::Sender<Incoming>) {
     let _ = tx.send(Incoming::Peers(by_group)).await;
 }
 
-/// Tells relayd (for `relay status`) how this sidebar delivers.
-async fn tell_delivery(socket: PathBuf, pane: String, path: DeliveryPath) {
-    if let Err(e) = ask(&socket, Request::Delivery { pane, path }).await {
+/// Tells relayd how this sidebar delivers (for `relay status`) and what the agent is doing
+/// (for the console).
+async fn tell_delivery(socket: PathBuf, pane: String, path: DeliveryPath, activity: Option<String>) {
+    if let Err(e) = ask(&socket, Request::Delivery { pane, path, activity }).await {
         tracing::debug!("could not tell relayd the delivery path: {e:#}");
     }
 }

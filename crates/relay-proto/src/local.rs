@@ -62,10 +62,14 @@ pub enum Request {
         pane: String,
         receipts: Vec<Receipt>,
     },
-    /// How the pane's sidebar delivers into its agent now, for `relay status`.
+    /// How the pane's sidebar delivers into its agent now, for `relay status`; and what
+    /// the agent is doing, when its Claude Code session says (idle, busy, waiting), which
+    /// relayd carries to the servers for the console.
     Delivery {
         pane: String,
         path: DeliveryPath,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        activity: Option<String>,
     },
     /// Who is in the pane's groups, asked of each server as the pane's peer there.
     Peers {

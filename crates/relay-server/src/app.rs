@@ -54,6 +54,7 @@ pub fn router(relay: Arc<Relay>, config: &Config, shutdown: CancellationToken) -
         .route("/v1/peers/{peer_id}/peers", get(daemon_api::peer_list_peers))
         .route("/v1/peers/{peer_id}/messages", post(daemon_api::peer_send))
         .route("/v1/peers/{peer_id}/messages/{message_id}", get(daemon_api::peer_message_status))
+        .route("/v1/peers/{peer_id}/activity", post(daemon_api::peer_activity))
         .route("/v1/groups/{group_id}/events", get(daemon_api::group_events))
         .route("/v1/receipts", post(daemon_api::report_receipts))
         .route("/v1/console/sign-in", post(daemon_api::console_sign_in))

@@ -17,6 +17,7 @@
 //! - `POST /v1/receipts` (daemon token) `{"receipts": [{peer_id, message_id, state, detail?}]}`
 //!   → `{"moved", "unchanged", "rejected": [{message_id, error}]}`: where the daemon's peers
 //!   got with messages sent to them
+//! - `POST /v1/peers/{peer_id}/activity` (daemon token) `{activity}`: idle, busy or waiting
 //! - `POST /v1/console/sign-in`, `/v1/console/sign-out-everywhere`, `/v1/console/pairings`,
 //!   `/v1/console/join` (daemon token): the console for the daemon's human (see below)
 
@@ -246,6 +247,25 @@ async fn console_call(
     match tokio::task::spawn_blocking(move || work(&relay, &daemon_id)).await.expect("console calls do not panic") {
         Ok(body) => (status, Json(body)).into_response(),
         Err(e) => error(e),
+    }
+}
+
+#[derive(Deserialize)]
+pub struct ActivityBody {
+    activity: String,
+}
+
+/// `POST /v1/peers/{peer_id}/activity` `{activity}`: what the daemon's peer's agent is doing
+/// (idle, busy, waiting), for the console.
+pub async fn peer_activity(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(peer_id): Path<String>,
+    Json(body): Json<ActivityBody>,
+) -> Response {
+    match own_peer(&state, &headers, &peer_id) {
+        Ok((peer, _)) => reply(state.relay.set_activity(&peer, &body.activity).map(|()| json!({}))),
+        Err(rejection) => rejection,
     }
 }
 

@@ -340,3 +340,27 @@ async fn signing_out_everywhere_ends_every_session_and_pairing_joins_another_mac
     let again = Browser::sign_in(&server, &laptop.link(&server, "ann").await).await;
     assert_eq!(again.get(&server, "/console/g/team").await.status(), 200);
 }
+
+#[tokio::test]
+async fn the_peers_panel_says_what_online_agents_are_doing() {
+    let server = TestServer::start().await;
+    let daemon = Daemon::new(&server).await;
+    let a1 = daemon.agent(&server, "team", "a1").await;
+    let ann = Browser::sign_in(&server, &daemon.link(&server, "ann").await).await;
+    let activity = |what: &'static str| {
+        let url = server.url(&format!("/v1/peers/{a1}/activity"));
+        let token = daemon.token.clone();
+        async move { http().post(url).bearer_auth(token).json(&json!({"activity": what})).send().await.unwrap().status().as_u16() }
+    };
+    assert_eq!(activity("busy").await, 200);
+    assert_eq!(activity("dancing").await, 400);
+    let panel = ann.page(&server, "/console/g/team/peers").await;
+    assert!(!panel.contains("activity busy"), "an offline agent is doing nothing: {panel}");
+
+    // online (its daemon's stream is open): its activity shows
+    let _stream = EventStream::open(&server.url("/v1/groups/team/events"), Some(&daemon.token), None).await;
+    let panel = ann.page(&server, "/console/g/team/peers").await;
+    assert!(panel.contains("<span class=\"activity busy\">busy</span>"), "{panel}");
+    assert_eq!(activity("idle").await, 200);
+    assert!(ann.page(&server, "/console/g/team/peers").await.contains("<span class=\"activity idle\">idle</span>"));
+}

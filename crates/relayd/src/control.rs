@@ -91,7 +91,7 @@ impl Connection<'_> {
             Request::Credentials { pane } => self.daemon.credentials(&pane),
             Request::Report { pane, receipts } => self.daemon.report(&pane, receipts),
             Request::Agent { pane, agent } => Ok(self.daemon.agent_started(&pane, agent)),
-            Request::Delivery { pane, path } => self.daemon.delivery(&pane, path),
+            Request::Delivery { pane, path, activity } => self.daemon.delivery(&pane, path, activity),
             Request::Peers { pane } => self.daemon.peers(&pane).await,
             Request::MessageStatus { pane, group, message_id } => self.daemon.message_status(&pane, &group, &message_id).await,
             Request::Send(req) => self.daemon.send(req).await,

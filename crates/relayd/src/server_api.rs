@@ -194,6 +194,13 @@ impl ServerApi {
         self.typed(server, request).await
     }
 
+    /// What the daemon's peer `peer_id`'s agent is doing: idle, busy or waiting.
+    pub async fn activity(&self, server: &str, daemon_token: &str, peer_id: &str, activity: &str) -> Result<(), ApiError> {
+        let request =
+            self.http.post(format!("{server}/v1/peers/{peer_id}/activity")).bearer_auth(daemon_token).json(&json!({"activity": activity}));
+        self.send(server, request).await.map(drop)
+    }
+
     async fn typed<T: serde::de::DeserializeOwned>(&self, server: &str, request: reqwest::RequestBuilder) -> Result<T, ApiError> {
         let value = self.send(server, request).await?;
         serde_json::from_value(value).map_err(|e| ApiError::Refused {

@@ -255,7 +255,7 @@ async fn group(
     let read = blocking(&state, move |relay| {
         let head = relay.store().head_seq(&v.peer.group_id)?;
         let timeline = relay.console_timeline(&v, &query);
-        let peers = relay.list_peers(&caller, Some(&v.peer.group_id))?;
+        let peers = peers_with_activity(relay, &caller, &v.peer.group_id)?;
         let activity = relay.console_last_hour(&v)?;
         Ok::<_, RelayError>((head, timeline, peers, activity))
     })
@@ -309,10 +309,21 @@ async fn peers(State(state): State<AppState>, headers: HeaderMap, Path(group): P
         Err(page) => return page,
     };
     let caller = state.relay.human_caller(&human);
-    match blocking(&state, move |relay| relay.list_peers(&caller, Some(&view.peer.group_id))).await {
+    match blocking(&state, move |relay| peers_with_activity(relay, &caller, &view.peer.group_id)).await {
         Ok(peers) => html(StatusCode::OK, pages::peers_panel(&peers)),
         Err(e) => storage_failed(e),
     }
+}
+
+/// The group's peers, and what each online agent is doing when its daemon said.
+fn peers_with_activity(relay: &crate::Relay, caller: &crate::Caller, group: &str) -> Result<Vec<pages::Peer>, RelayError> {
+    let peers = relay.list_peers(caller, Some(group))?;
+    let mut out = Vec::with_capacity(peers.len());
+    for info in peers {
+        let activity = if info.online { relay.activity(&info.peer_id)? } else { None };
+        out.push(pages::Peer { info, activity });
+    }
+    Ok(out)
 }
 
 #[derive(Deserialize)]

@@ -118,7 +118,7 @@ pub struct GroupPage<'a> {
     pub more: bool,
     /// The log's head when the page was read: the live stream goes on from here.
     pub head: u64,
-    pub peers: &'a [PeerInfo],
+    pub peers: &'a [Peer],
     pub filters: &'a Filters,
     pub filter_error: Option<String>,
     pub activity: &'a [LogEntry],
@@ -154,7 +154,7 @@ pub fn group_page(p: &GroupPage) -> Markup {
                         input type="hidden" name="csrf" value=(p.header.csrf);
                         select name="to" aria-label="to" {
                             option value="" { "everyone in " (visible(p.group)) }
-                            @for peer in p.peers.iter().filter(|peer| peer.peer_id != p.me) {
+                            @for peer in p.peers.iter().map(|peer| &peer.info).filter(|peer| peer.peer_id != p.me) {
                                 option value=(peer.peer_id) { "DM " (visible(&peer.display_name)) }
                             }
                         }
@@ -267,11 +267,18 @@ pub fn mark(message_id: &str, m: &RecipientStatus) -> Markup {
     }
 }
 
-pub fn peers_panel(peers: &[PeerInfo]) -> Markup {
+/// A peer as the panel shows it: what `list_peers` says, and for an online agent whose
+/// Claude Code session says so, whether it is idle, busy or waiting.
+pub struct Peer {
+    pub info: PeerInfo,
+    pub activity: Option<String>,
+}
+
+pub fn peers_panel(peers: &[Peer]) -> Markup {
     html! {
         h2 { "Peers" }
         ul.peers {
-            @for p in peers {
+            @for Peer { info: p, activity } in peers {
                 li.peer.online[p.online].human[p.kind == PeerKind::Human] data-peer=(p.peer_id) {
                     span.dot title=(if p.online { "online" } else { "offline" }) {}
                     bdi.name { (visible(&p.display_name)) }
@@ -282,7 +289,10 @@ pub fn peers_panel(peers: &[PeerInfo]) -> Markup {
                             @if let Some(b) = &p.git_branch { " on " bdi { (visible(b)) } }
                         }
                     }
-                    div.muted { @if p.online { "online" } @else { "last seen " (p.last_seen.format("%Y-%m-%d %H:%M")) } }
+                    div.muted {
+                        @if p.online { "online" } @else { "last seen " (p.last_seen.format("%Y-%m-%d %H:%M")) }
+                        @if let Some(a) = activity { ", " span class={ "activity " (a) } { (a) } }
+                    }
                 }
             }
         }

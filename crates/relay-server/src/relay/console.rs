@@ -25,6 +25,18 @@ const OWNERS: &str = "owners";
 const SIGN_INS: &str = "sign_in";
 const SESSIONS: &str = "sessions";
 const PAIRINGS: &str = "pairings";
+const ACTIVITIES: &str = "activity";
+
+/// What an agent's Claude Code session can be doing.
+pub const ACTIVITY_STATES: [&str; 3] = ["idle", "busy", "waiting"];
+/// A sidebar tells its agent's activity every minute: one older than this is stale.
+const ACTIVITY_TTL: chrono::Duration = chrono::Duration::seconds(150);
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Activity {
+    activity: String,
+    at: DateTime<Utc>,
+}
 
 /// The host and directory of every human peer: a human has no machine in the group.
 pub const HUMAN_HOST: &str = "console";
@@ -275,6 +287,21 @@ impl Relay {
         self.store.save_peer(&peer)?;
         self.publish(registration::membership_entry(&peer, EventKind::PeerJoined, now))?;
         Ok(peer)
+    }
+
+    /// Notes what the peer's agent is doing (idle, busy or waiting), as its daemon says.
+    pub fn set_activity(&self, peer: &PeerRecord, activity: &str) -> Result<()> {
+        if !ACTIVITY_STATES.contains(&activity) {
+            return Err(RelayError::BadArgument { field: "activity", reason: format!("must be one of {}", ACTIVITY_STATES.join(", ")) });
+        }
+        let record = Activity { activity: activity.to_owned(), at: self.clock.now() };
+        Ok(self.store.put_record(ACTIVITIES, &peer.peer_id, &encode(&record), Some(record.at + ACTIVITY_TTL))?)
+    }
+
+    /// What the peer's agent was last said to be doing, while that is fresh.
+    pub fn activity(&self, peer_id: &str) -> Result<Option<String>> {
+        let record = decode::<Activity>(self.store.record(ACTIVITIES, peer_id)?)?;
+        Ok(record.filter(|r| self.clock.now() - r.at <= ACTIVITY_TTL).map(|r| r.activity))
     }
 
     /// A caller acting as the human (their peers' token holder).

@@ -321,7 +321,7 @@ impl Daemon {
     }
 
     /// The pane's sidebar says how it delivers into its agent now.
-    pub fn delivery(&self, pane: &str, path: DeliveryPath) -> Result<Reply, Failure> {
+    pub fn delivery(&self, pane: &str, path: DeliveryPath, activity: Option<String>) -> Result<Reply, Failure> {
         // (under one lock with the check, so a detach cannot slip in between)
         let mut inner = lock(&self.inner);
         if !inner.state.attachments.iter().any(|a| a.attachment.pane == pane) {
@@ -331,6 +331,10 @@ impl Daemon {
             tracing::info!(%pane, why, "the pane's sidebar types into the agent");
         }
         inner.delivery.insert(pane.to_owned(), path);
+        drop(inner);
+        if let Some(activity) = activity {
+            self.tell_activity(pane, activity);
+        }
         Ok(Reply::Noted { pane: pane.to_owned() })
     }
 
