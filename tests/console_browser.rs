@@ -47,6 +47,7 @@ fn a_human_watches_and_talks_to_agents_on_two_machines_in_a_browser() {
     let Some(t) = TmuxServer::start(test, "console") else { return };
     let dir = tempfile::tempdir().unwrap();
     let server = ServerProcess::start(0, &["--ephemeral"]);
+    let other_server = ServerProcess::start(0, &["--ephemeral"]);
     let machine = |name: &str| {
         let home = dir.path().join(name);
         std::fs::create_dir_all(&home).unwrap();
@@ -94,6 +95,7 @@ fn a_human_watches_and_talks_to_agents_on_two_machines_in_a_browser() {
         "after_foreign_dm": "bob1 again, to everyone",
         "own_dm": "carol on the cloud box to alice on the laptop",
         "human_dm": "alice, please rebase onto main",
+        "forged": "sent by another site",
     });
     let hostile = "<script>alert(1)</script> <img src=x onerror=alert(2)> </div> \u{1b}[31mred\u{1b}[0m \u{202E}desrever";
     let screenshot = Path::new(env!("CARGO_TARGET_TMPDIR")).join("console.png");
@@ -102,6 +104,10 @@ fn a_human_watches_and_talks_to_agents_on_two_machines_in_a_browser() {
         "link": link,
         "group": "team",
         "human": "ann",
+        "server": server.url(""),
+        "other_server": other_server.url(""),
+        // localhost is another site than 127.0.0.1, and an allowed host: its page loads
+        "foreign_page": format!("http://localhost:{}/healthz", other_server.addr.port()),
         "dm_to": "alice",
         "busy_agent": "alice",
         "chromium": chromium,

@@ -74,6 +74,27 @@ def main():
         expect(other.locator("body")).to_contain_text("used already or has expired")
         other.context.close()
 
+        # the cookie goes to another relay-server on the same host (cookies ignore ports); it
+        # means nothing there
+        other = context.new_page()
+        other.goto(cfg["other_server"] + "/console")
+        expect(other.locator("body")).to_contain_text("not signed in")
+
+        # a page of another site posts to the console: refused, nothing sent
+        other.goto(cfg["foreign_page"])
+        status = other.evaluate(
+            """async ([url, text]) => {
+                const body = new URLSearchParams({csrf: 'guess', text, to: ''});
+                try { const r = await fetch(url, {method: 'POST', body, credentials: 'include'}); return r.status; }
+                catch (e) { return 'blocked: ' + e; }
+            }""",
+            [cfg["server"] + "/console/g/" + cfg["group"] + "/send", cfg["texts"]["forged"]],
+        )
+        other.close()
+        page.wait_for_timeout(300)
+        if cfg["texts"]["forged"] in page.content():
+            raise SystemExit(f"another site's post was sent (fetch said {status})")
+
         # a broadcast appears without a reload
         run("broadcast")
         expect(timeline(page)).to_contain_text(cfg["texts"]["broadcast"], timeout=TIMEOUT)

@@ -364,3 +364,45 @@ async fn the_peers_panel_says_what_online_agents_are_doing() {
     assert_eq!(activity("idle").await, 200);
     assert!(ann.page(&server, "/console/g/team/peers").await.contains("<span class=\"activity idle\">idle</span>"));
 }
+
+#[tokio::test]
+async fn the_timeline_filters_scrolls_back_and_a_human_can_leave() {
+    let server = TestServer::start().await;
+    let daemon = Daemon::new(&server).await;
+    let a1 = daemon.agent(&server, "team", "a1").await;
+    let a2 = daemon.agent(&server, "team", "a2").await;
+    for i in 0..120 {
+        let (from, text) = if i % 2 == 0 { (&a1, format!("even {i:03} from a1")) } else { (&a2, format!("odd {i:03} from a2")) };
+        daemon.send_as(&server, from, &text, None).await;
+    }
+    // a link opened behind a TLS proxy sets a Secure cookie
+    let path = daemon.link(&server, "ann").await;
+    let behind_tls = http().get(server.url(&path)).header("x-forwarded-proto", "https").send().await.unwrap();
+    assert!(behind_tls.headers()["set-cookie"].to_str().unwrap().contains("; Secure"));
+    let ann = Browser::sign_in(&server, &daemon.link(&server, "ann").await).await;
+
+    // the newest page, and a link to older ones
+    let page = ann.page(&server, "/console/g/team").await;
+    assert!(page.contains("odd 119 from a2") && !page.contains("even 000 from a1"), "the newest 100");
+    let older =
+        page.split("class=\"older\" href=\"").nth(1).expect("a link to older messages").split('"').next().unwrap().replace("&amp;", "&");
+    let before = ann.page(&server, &older).await;
+    assert!(before.contains("even 000 from a1") && !before.contains("odd 119 from a2"), "{older}");
+
+    // text (a regex), sender and time filters, as get_history has them
+    let filtered = ann.page(&server, "/console/g/team?q=%5Eeven%201%5B01%5D&sender=a1").await;
+    assert_eq!(filtered.matches(" from a1</div>").count(), 10, "even 100..118 from a1");
+    assert!(!filtered.contains("odd ") && !filtered.contains("joined"), "filters leave out the rest");
+    let bad = ann.page(&server, "/console/g/team?q=%5B").await;
+    assert!(bad.contains("class=\"error\"") && bad.contains("filter"), "a broken regex says so");
+    let future = ann.page(&server, "/console/g/team?since=2999-01-01").await;
+    assert!(!future.contains("from a1"));
+
+    // leaving: the group is gone from the console, the agents see the human leave
+    let csrf = ann.csrf(&server, "team").await;
+    let left = ann.post(&server, "/console/g/team/leave", &[("csrf", csrf.as_str())], Some(&ann.origin)).await;
+    assert_eq!((left.status().as_u16(), left.headers()["location"].to_str().unwrap()), (303, "/console"));
+    let home = ann.page(&server, "/console").await;
+    assert!(home.contains("Your groups") && !home.contains("/console/g/team"), "{home}");
+    assert_eq!(ann.get(&server, "/console/g/team").await.status(), 404);
+}

@@ -144,7 +144,7 @@ async fn signed_in(state: &AppState, headers: &HeaderMap) -> Result<(Human, Sess
     };
     match blocking(state, move |relay| relay.console_session(&cookie)).await {
         Ok(Some(found)) => Ok(found),
-        Ok(None) => Err(html(StatusCode::UNAUTHORIZED, pages::signed_out("Your session has ended."))),
+        Ok(None) => Err(html(StatusCode::UNAUTHORIZED, pages::signed_out("You are not signed in here, or your session has ended."))),
         Err(e) => Err(storage_failed(e)),
     }
 }
