@@ -29,6 +29,7 @@ with sync_playwright() as p:
     page = browser.new_page()
     # sign in (the link redirects to the group), then time a fresh load of the page itself
     page.goto(cfg["link"])
+    page.click("#sign-in")
     page.wait_for_selector("main.group")
     page.goto(cfg["server"] + "/console/g/" + cfg["group"], wait_until="load")
     page.wait_for_function("document.getElementById('stream-state').textContent === 'live'", timeout=20_000)

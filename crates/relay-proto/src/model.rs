@@ -76,6 +76,9 @@ pub enum PeerKind {
     #[default]
     Agent,
     Human,
+    /// Sent by newer servers; older clients read a kind they do not know as this.
+    #[serde(other)]
+    Unknown,
 }
 
 impl PeerKind {
@@ -83,6 +86,7 @@ impl PeerKind {
         match self {
             PeerKind::Agent => "agent",
             PeerKind::Human => "human",
+            PeerKind::Unknown => "unknown",
         }
     }
 

@@ -39,6 +39,12 @@ fn every_event_kind_round_trips() {
         assert_eq!(json.get("recipient").is_some(), kind == EventKind::Dm || receipt);
         assert_eq!(json.get("state").is_some(), receipt, "only receipts carry a state");
         assert_eq!(json.get("sender_kind").is_some(), kind == EventKind::Dm, "agents, the usual senders, go unsaid");
+        if kind == EventKind::Message {
+            let mut newer = json.clone();
+            newer["sender_kind"] = "robot".into();
+            let read: Event = serde_json::from_value(newer).unwrap();
+            assert_eq!(read.sender_kind, PeerKind::Unknown, "a kind from a newer server");
+        }
     }
 }
 

@@ -272,6 +272,9 @@ impl GroupStream {
                 () = self.shutdown.as_mut() => return None,
                 () = self.alarm.as_mut() => {
                     let (now, due) = (Instant::now(), self.last_write + self.heartbeat);
+                    if let Audience::Human(view) = &self.audience && !view.still_valid(&self.relay) {
+                        return None; // signed out: a quiet stream ends too
+                    }
                     if now >= due {
                         self.alarm.as_mut().reset(now + self.heartbeat);
                         return Some(Bytes::from_static(HEARTBEAT));
@@ -372,6 +375,10 @@ impl GroupStream {
                 EventKind::Receipt | EventKind::Unknown => false,
             },
             Audience::Human(view) => {
+                if !view.still_valid(&self.relay) {
+                    self.done = true;
+                    return None;
+                }
                 let visible = view.sees(&self.relay, entry);
                 if entry.kind == EventKind::PeerLeft && entry.sender_id == view.peer.peer_id {
                     self.done = true; // the human left the group

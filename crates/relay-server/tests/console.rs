@@ -68,14 +68,19 @@ struct Browser {
 
 impl Browser {
     async fn sign_in(server: &TestServer, path: &str) -> Self {
-        let resp = http().get(server.url(path)).send().await.unwrap();
+        let origin = format!("http://{}", server.addr);
+        // opening the link uses nothing up; its page's button does
+        let page = http().get(server.url(path)).send().await.unwrap();
+        assert_eq!(page.status(), 200);
+        assert!(page.text().await.unwrap().contains("<button id=\"sign-in\" type=\"submit\">Sign in</button>"));
+        let resp = http().post(server.url(path)).header("origin", &origin).send().await.unwrap();
         assert_eq!(resp.status(), 303, "a working link signs in and goes to the console");
         let set = resp.headers()["set-cookie"].to_str().unwrap().to_owned();
         for part in ["HttpOnly", "SameSite=Strict", "Path=/console"] {
             assert!(set.contains(part), "{set}");
         }
         let cookie = set.split(';').next().unwrap().to_owned();
-        Browser { cookie, origin: format!("http://{}", server.addr) }
+        Browser { cookie, origin }
     }
 
     async fn get(&self, server: &TestServer, path: &str) -> reqwest::Response {
@@ -116,6 +121,14 @@ async fn a_sign_in_link_works_once_and_its_session_only_on_its_server() {
     let again = http().get(server.url(&path)).send().await.unwrap();
     assert_eq!(again.status(), 403, "a link works once");
     assert!(again.text().await.unwrap().contains("used already or has expired"));
+    let origin = format!("http://{}", server.addr);
+    let twice = http().post(server.url(&path)).header("origin", &origin).send().await.unwrap();
+    assert_eq!(twice.status(), 403);
+    // another site's page cannot sign a browser in with a link of its own
+    let (planted, other_site) = (daemon.link(&server, "ann").await, "http://evil.example");
+    let forced = http().post(server.url(&planted)).header("origin", other_site).send().await.unwrap();
+    assert_eq!(forced.status(), 403);
+    assert!(forced.headers().get("set-cookie").is_none());
 
     // the only group: straight to it
     let home = browser.get(&server, "/console").await;
@@ -331,11 +344,18 @@ async fn signing_out_everywhere_ends_every_session_and_pairing_joins_another_mac
     let page = second.page(&server, "/console/g/team").await;
     assert!(page.contains("c1 to c2 on the cloud box") && page.contains("a1 to c1"), "{page}");
 
+    let unused = laptop.link(&server, "ann").await;
+    let open_stream = second.get(&server, "/console/g/team/events").await;
     let (status, out) = cloud.console(&server, "sign-out-everywhere", json!({})).await;
     assert_eq!((status, out["human"].as_str()), (200, Some("ann")));
     for browser in [&first, &second] {
         assert_eq!(browser.get(&server, "/console/g/team").await.status(), 401);
     }
+    assert_eq!(http().get(server.url(&unused)).send().await.unwrap().status(), 403, "links from before end too");
+    // a stream opened before ends rather than carry on
+    laptop.send_as(&server, &a1, "after signing out", None).await;
+    let seen = stream_until(open_stream, "after signing out").await;
+    assert!(!seen.contains("after signing out"), "{seen}");
     // and a new link signs in again
     let again = Browser::sign_in(&server, &laptop.link(&server, "ann").await).await;
     assert_eq!(again.get(&server, "/console/g/team").await.status(), 200);
@@ -377,8 +397,15 @@ async fn the_timeline_filters_scrolls_back_and_a_human_can_leave() {
     }
     // a link opened behind a TLS proxy sets a Secure cookie
     let path = daemon.link(&server, "ann").await;
-    let behind_tls = http().get(server.url(&path)).header("x-forwarded-proto", "https").send().await.unwrap();
-    assert!(behind_tls.headers()["set-cookie"].to_str().unwrap().contains("; Secure"));
+    let behind_tls = http()
+        .post(server.url(&path))
+        .header("origin", format!("http://{}", server.addr))
+        .header("x-forwarded-proto", "https")
+        .send()
+        .await
+        .unwrap();
+    let set = behind_tls.headers()["set-cookie"].to_str().unwrap().to_owned();
+    assert!(set.starts_with("__Host-relay_console=") && set.contains("; Secure") && set.contains("Path=/;"), "{set}");
     let ann = Browser::sign_in(&server, &daemon.link(&server, "ann").await).await;
 
     // the newest page, and a link to older ones

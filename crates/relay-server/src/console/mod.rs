@@ -28,8 +28,10 @@ use crate::relay::{Audience, Human, HumanView, Session, TimelineQuery};
 use crate::sse::{self, StreamParams};
 use crate::store::LogEntry;
 
-/// The session cookie's name.
+/// The session cookie's name; behind TLS with the `__Host-` prefix, which a browser keeps
+/// to this exact host (no sibling subdomain can set or replace it).
 const COOKIE: &str = "relay_console";
+const SECURE_COOKIE: &str = "__Host-relay_console";
 /// Entries on a page of the timeline.
 const PAGE_ENTRIES: usize = 100;
 
@@ -43,7 +45,7 @@ const ICON: &str = include_str!("assets/icon.svg");
 pub fn routes() -> Router<AppState> {
     Router::new()
         .route("/console", get(home))
-        .route("/console/sign-in/{secret}", get(sign_in))
+        .route("/console/sign-in/{secret}", get(sign_in_page).post(sign_in))
         .route("/console/sign-out", post(sign_out))
         .route("/console/g/{group}", get(group))
         .route("/console/g/{group}/events", get(events))
@@ -74,9 +76,9 @@ pub fn receipt_fragment(event: &Event) -> String {
 /// cross-site), and gives every answer the console's security headers.
 async fn guard(request: Request, next: Next) -> Response {
     let headers = request.headers();
-    let sign_in = request.uri().path().starts_with("/console/sign-in/");
+    // the sign-in link is opened from a terminal, a chat or a mail: no site, or another one
+    let sign_in = request.method() == http::Method::GET && request.uri().path().starts_with("/console/sign-in/");
     let foreign_origin = headers.get(header::ORIGIN).is_some_and(|origin| !same_origin(origin, headers));
-    // the sign-in link is opened from a terminal or a mail: no site, or another one
     let cross_site = !sign_in && headers.get("sec-fetch-site").is_some_and(|v| v == "cross-site");
     // a form post from a browser always says where it comes from
     let unsaid = request.method() == http::Method::POST && !headers.contains_key(header::ORIGIN);
@@ -89,7 +91,7 @@ async fn guard(request: Request, next: Next) -> Response {
     let h = response.headers_mut();
     h.insert(header::CONTENT_SECURITY_POLICY, HeaderValue::from_static(CSP));
     h.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
-    h.insert(header::REFERRER_POLICY, HeaderValue::from_static("no-referrer"));
+    h.insert(header::REFERRER_POLICY, HeaderValue::from_static("same-origin"));
     h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
     response
 }
@@ -102,12 +104,10 @@ fn same_origin(origin: &HeaderValue, headers: &HeaderMap) -> bool {
 }
 
 fn cookie(headers: &HeaderMap) -> Option<&str> {
-    headers
-        .get_all(header::COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(';'))
-        .find_map(|pair| pair.trim().strip_prefix(COOKIE)?.strip_prefix('='))
+    let pairs = || headers.get_all(header::COOKIE).iter().filter_map(|v| v.to_str().ok()).flat_map(|v| v.split(';'));
+    [SECURE_COOKIE, COOKIE]
+        .into_iter()
+        .find_map(|name| pairs().find_map(|pair| pair.trim().strip_prefix(name)?.strip_prefix('=')))
         .filter(|v| !v.is_empty())
 }
 
@@ -117,13 +117,22 @@ fn behind_tls(headers: &HeaderMap) -> bool {
 }
 
 fn session_cookie(value: &str, max_age: i64, secure: bool) -> HeaderValue {
-    let secure = if secure { "; Secure" } else { "" };
-    HeaderValue::from_str(&format!("{COOKIE}={value}; Path=/console; HttpOnly; SameSite=Strict; Max-Age={max_age}{secure}"))
+    let (name, path, secure) = if secure { (SECURE_COOKIE, "/", "; Secure") } else { (COOKIE, "/console", "") };
+    HeaderValue::from_str(&format!("{name}={value}; Path={path}; HttpOnly; SameSite=Strict; Max-Age={max_age}{secure}"))
         .expect("a valid cookie")
 }
 
 fn html(status: StatusCode, markup: Markup) -> Response {
     (status, [(header::CACHE_CONTROL, "no-store")], axum::response::Html(markup.into_string())).into_response()
+}
+
+/// A refusal's status: what a daemon API or tool call would answer with.
+fn refused(e: &RelayError) -> StatusCode {
+    match e {
+        RelayError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+        RelayError::UnknownPeer { .. } | RelayError::AmbiguousPeer { .. } => StatusCode::NOT_FOUND,
+        _ => StatusCode::BAD_REQUEST,
+    }
 }
 
 fn storage_failed(e: RelayError) -> Response {
@@ -185,6 +194,23 @@ async fn home(State(state): State<AppState>, headers: HeaderMap) -> Response {
     }
 }
 
+fn link_spent() -> Response {
+    html(
+        StatusCode::FORBIDDEN,
+        pages::signed_out("This sign-in link was used already or has expired: each link works once, for a few minutes."),
+    )
+}
+
+/// Opening the link uses nothing up: a link preview or a scanner that fetches it leaves it
+/// working, and a page elsewhere cannot sign the browser in. The page's button does.
+async fn sign_in_page(State(state): State<AppState>, Path(secret): Path<String>) -> Response {
+    match blocking(&state, move |relay| relay.console_sign_in_pending(&secret)).await {
+        Ok(Some(human)) => html(StatusCode::OK, pages::sign_in(&human.name)),
+        Ok(None) => link_spent(),
+        Err(e) => storage_failed(e),
+    }
+}
+
 async fn sign_in(State(state): State<AppState>, headers: HeaderMap, Path(secret): Path<String>) -> Response {
     match blocking(&state, move |relay| relay.console_sign_in(&secret)).await {
         Ok(Some((cookie, session))) => {
@@ -193,10 +219,7 @@ async fn sign_in(State(state): State<AppState>, headers: HeaderMap, Path(secret)
             response.headers_mut().insert(header::SET_COOKIE, session_cookie(&cookie, max_age, behind_tls(&headers)));
             response
         }
-        Ok(None) => html(
-            StatusCode::FORBIDDEN,
-            pages::signed_out("This sign-in link was used already or has expired: each link works once, for a few minutes."),
-        ),
+        Ok(None) => link_spent(),
         Err(e) => storage_failed(e),
     }
 }
@@ -293,10 +316,11 @@ struct After {
 }
 
 async fn events(State(state): State<AppState>, mut headers: HeaderMap, Path(group): Path<String>, Query(after): Query<After>) -> Response {
-    let (_, _, view) = match in_group(&state, &headers, &group).await {
+    let (_, _, mut view) = match in_group(&state, &headers, &group).await {
         Ok(found) => found,
         Err(page) => return page,
     };
+    view.cookie = cookie(&headers).map(str::to_owned);
     if let (Some(after), false) = (after.after, headers.contains_key("last-event-id")) {
         headers.insert("last-event-id", HeaderValue::from(after));
     }
@@ -361,8 +385,8 @@ async fn send(State(state): State<AppState>, headers: HeaderMap, Path(group): Pa
         Ok(sent) if wants_json => axum::Json(sent).into_response(),
         Ok(_) => Redirect::to(&format!("/console/g/{group}")).into_response(),
         Err(RelayError::Storage(e)) => storage_failed(RelayError::Storage(e)),
-        Err(e) if wants_json => (StatusCode::BAD_REQUEST, axum::Json(serde_json::json!({"error": e.to_string()}))).into_response(),
-        Err(e) => html(StatusCode::BAD_REQUEST, pages::problem("Not sent", &e.to_string(), &format!("/console/g/{group}"))),
+        Err(e) if wants_json => (refused(&e), axum::Json(serde_json::json!({"error": e.to_string()}))).into_response(),
+        Err(e) => html(refused(&e), pages::problem("Not sent", &e.to_string(), &format!("/console/g/{group}"))),
     }
 }
 
@@ -376,7 +400,9 @@ async fn leave(State(state): State<AppState>, headers: HeaderMap, Path(group): P
     }
     let caller = state.relay.human_caller(&human);
     match blocking(&state, move |relay| relay.leave_group(&caller, &group)).await {
-        Ok(_) | Err(RelayError::NotMember { .. } | RelayError::NotRegistered) => Redirect::to("/console").into_response(),
+        Ok(_) | Err(RelayError::NotMember { .. } | RelayError::NotRegistered | RelayError::Invalid(_)) => {
+            Redirect::to("/console").into_response()
+        }
         Err(e) => storage_failed(e),
     }
 }
@@ -419,11 +445,15 @@ mod tests {
         assert_eq!(cookie(&h), Some("abc"));
         h.insert(header::COOKIE, HeaderValue::from_static("relay_console_x=1; relay_console="));
         assert_eq!(cookie(&h), None);
+        h.insert(header::COOKIE, HeaderValue::from_static("relay_console=plain; __Host-relay_console=tls"));
+        assert_eq!(cookie(&h), Some("tls"));
         let set = session_cookie("v", 60, true);
         let set = set.to_str().unwrap();
-        for part in ["HttpOnly", "SameSite=Strict", "Secure", "Path=/console", "Max-Age=60"] {
+        assert!(set.starts_with("__Host-relay_console=v;") && set.contains("Path=/;"), "{set}");
+        for part in ["HttpOnly", "SameSite=Strict", "Secure", "Max-Age=60"] {
             assert!(set.contains(part), "{set}");
         }
-        assert!(!session_cookie("v", 60, false).to_str().unwrap().contains("Secure"));
+        let plain = session_cookie("v", 60, false);
+        assert!(plain.to_str().unwrap().starts_with("relay_console=v; Path=/console;") && !plain.to_str().unwrap().contains("Secure"));
     }
 }

@@ -45,6 +45,23 @@ pub fn signed_out(why: &str) -> Markup {
     )
 }
 
+/// The sign-in link's page: one button, which uses the link up.
+pub fn sign_in(human: &str) -> Markup {
+    layout(
+        "Sign in",
+        html! {
+            main.narrow {
+                h1 { "relay console" }
+                form method="post" {
+                    p { "Sign in as " bdi { (visible(human)) } " in this browser?" }
+                    button #sign-in type="submit" { "Sign in" }
+                }
+                p.muted { "The link works once, for a few minutes. If you did not ask for it, close this page." }
+            }
+        },
+    )
+}
+
 pub struct Header<'a> {
     pub human: &'a str,
     pub csrf: &'a str,

@@ -64,11 +64,14 @@ pub struct Session {
     pub expires_at: DateTime<Utc>,
 }
 
-/// A secret good for one use before `expires_at`: a sign-in link or a pairing code.
+/// A secret good for one use before `expires_at`, and before its human signs out
+/// everywhere: a sign-in link or a pairing code.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct OneTime {
     human_id: String,
     expires_at: DateTime<Utc>,
+    #[serde(default)]
+    epoch: u32,
 }
 
 /// Records are kept under the secret's hash.
@@ -107,6 +110,7 @@ impl Relay {
 
     /// The daemon's human; a new one named `name` when it has none.
     fn human_for(&self, daemon_id: &str, name: Option<&str>) -> Result<Human> {
+        let _humans = lock(&self.humans);
         if let Some(human) = self.human_of_daemon(daemon_id)? {
             return Ok(human);
         }
@@ -135,7 +139,7 @@ impl Relay {
     fn one_time(&self, space: &str, human: &Human, ttl: chrono::Duration) -> Result<(String, DateTime<Utc>)> {
         let secret = secrets::new_token();
         let expires_at = self.clock.now() + ttl;
-        let record = OneTime { human_id: human.human_id.clone(), expires_at };
+        let record = OneTime { human_id: human.human_id.clone(), expires_at, epoch: human.epoch };
         self.store.put_record(space, &secret_key(&secret), &encode(&record), Some(expires_at))?;
         Ok((secret, expires_at))
     }
@@ -146,11 +150,12 @@ impl Relay {
         if record.expires_at < self.clock.now() {
             return Ok(None);
         }
-        self.human(&record.human_id)
+        Ok(self.human(&record.human_id)?.filter(|h| h.epoch == record.epoch))
     }
 
     /// Makes the daemon act for the human who made `code` (its agents become theirs).
     pub fn console_join(&self, daemon_id: &str, code: &str) -> Result<Human> {
+        let _humans = lock(&self.humans);
         let mut human = self.redeem(PAIRINGS, code.trim())?.ok_or_else(|| RelayError::BadArgument {
             field: "code",
             reason: "no such pairing code, or it was used or has expired; ask for a new one with `relay console --pair`".into(),
@@ -166,6 +171,16 @@ impl Relay {
         }
         self.store.put_record(OWNERS, daemon_id, human.human_id.as_bytes(), None)?;
         Ok(human)
+    }
+
+    /// The human a sign-in secret is for, while it works, without using it up (the page that
+    /// asks the browser to go on).
+    pub fn console_sign_in_pending(&self, secret: &str) -> Result<Option<Human>> {
+        let Some(record) = decode::<OneTime>(self.store.record(SIGN_INS, &secret_key(secret))?)? else { return Ok(None) };
+        if record.expires_at < self.clock.now() {
+            return Ok(None);
+        }
+        Ok(self.human(&record.human_id)?.filter(|h| h.epoch == record.epoch))
     }
 
     /// Trades a sign-in secret for a session: its cookie value and the session.
@@ -199,6 +214,7 @@ impl Relay {
 
     /// Ends every session of the daemon's human; the human, if any.
     pub fn console_sign_out_everywhere(&self, daemon_id: &str) -> Result<Option<Human>> {
+        let _humans = lock(&self.humans);
         let Some(mut human) = self.human_of_daemon(daemon_id)? else { return Ok(None) };
         human.epoch += 1;
         self.save_human(&human)?;
@@ -240,7 +256,7 @@ impl Relay {
         let mut dm_peers: HashSet<String> =
             self.human_agents(human)?.into_iter().filter(|p| p.group_id == group_id).map(|p| p.peer_id).collect();
         dm_peers.insert(peer.peer_id.clone());
-        Ok(Some(HumanView { peer, daemons: human.daemons.clone(), dm_peers }))
+        Ok(Some(HumanView { peer, daemons: human.daemons.clone(), dm_peers, cookie: None }))
     }
 
     /// The human's peer in the group, joining it (as a member of kind human) if needed.
@@ -320,6 +336,8 @@ pub struct HumanView {
     /// The peers of the group whose DMs the human sees when this view was made: their own
     /// and their agents'.
     pub dm_peers: HashSet<String>,
+    /// The session cookie the view was made for: a stream of it ends with the session.
+    pub cookie: Option<String>,
 }
 
 impl HumanView {
@@ -332,6 +350,20 @@ impl HumanView {
                 [Some(entry.sender_id.as_str()), entry.recipient_id.as_deref()].into_iter().flatten().any(|id| self.owns(relay, id))
             }
             EventKind::Receipt | EventKind::Unknown => false,
+        }
+    }
+
+    /// Whether the session the view was made for still stands, for the same human with
+    /// the same daemons (signing out, or a daemon moving to another human, ends its streams).
+    pub fn still_valid(&self, relay: &Relay) -> bool {
+        let Some(cookie) = &self.cookie else { return true };
+        match relay.console_session(cookie) {
+            Ok(Some((human, _))) => human.principal == self.peer.principal_id && human.daemons == self.daemons,
+            Ok(None) => false,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot check a console session; ending its stream");
+                false
+            }
         }
     }
 

@@ -95,6 +95,8 @@ pub struct Relay {
     delivering: Mutex<()>,
     /// Held for a whole registration: no two can race to create the same peer or group.
     registering: Mutex<()>,
+    /// Held while a human's record is read and written back (pairing, signing out).
+    humans: Mutex<()>,
     streams: Mutex<HashMap<String, usize>>,
     /// Sends per peer.
     sends: Buckets<String>,
@@ -119,6 +121,7 @@ impl Relay {
             metrics,
             delivering: Mutex::default(),
             registering: Mutex::default(),
+            humans: Mutex::default(),
             streams: Mutex::default(),
             sends: Buckets::new(limits.rate_per_second, limits.rate_burst),
             registrations: Buckets::new(f64::from(limits.registrations_per_minute) / 60.0, limits.registrations_per_minute),

@@ -144,7 +144,8 @@ impl Relay {
                 .store
                 .peers_in_group(&entry.group_id)?
                 .into_iter()
-                .filter(|p| p.peer_id != entry.sender_id && p.joined_at <= entry.created_at)
+                // (a human in the console has no deliverer to report on its copy)
+                .filter(|p| p.peer_id != entry.sender_id && p.joined_at <= entry.created_at && p.kind.is_agent())
                 .filter(|p| p.left_at.is_none_or(|left| left > entry.created_at) || records.contains_key(&p.peer_id))
                 .map(|p| PeerRef { peer_id: p.peer_id, name: p.display_name })
                 .collect(),

@@ -67,6 +67,9 @@
     events.onerror = () => {
       state.textContent = "reconnecting…";
       main.dataset.stream = "retrying";
+      // the browser gives up on an answer that is not a stream (signed out, a proxy's
+      // error page): load the page again, which says what is wrong or starts afresh
+      if (events.readyState === EventSource.CLOSED) setTimeout(() => location.reload(), 3000);
     };
     setInterval(refreshPeers, 15000);
   }
