@@ -111,6 +111,10 @@ def main():
         run("own_dm")
         expect(timeline(page)).to_contain_text(cfg["texts"]["own_dm"], timeout=TIMEOUT)
 
+        # the activity panel follows: who sent, who DMs whom (no reload)
+        expect(page.locator("#activity")).to_contain_text("bob1", timeout=TIMEOUT)
+        expect(page.locator("#activity table.dms")).to_contain_text("carol", timeout=TIMEOUT)
+
         # the human DMs an agent; it reads it; the mark moves to read
         page.select_option("#compose select[name=to]", label="DM " + cfg["dm_to"])
         page.fill("#compose textarea", cfg["texts"]["human_dm"])

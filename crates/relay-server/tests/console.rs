@@ -395,6 +395,10 @@ async fn the_timeline_filters_scrolls_back_and_a_human_can_leave() {
         let (from, text) = if i % 2 == 0 { (&a1, format!("even {i:03} from a1")) } else { (&a2, format!("odd {i:03} from a2")) };
         daemon.send_as(&server, from, &text, None).await;
     }
+    // the last hour, per sender
+    let ann_early = Browser::sign_in(&server, &daemon.link(&server, "ann").await).await;
+    let activity = ann_early.page(&server, "/console/g/team/activity").await;
+    assert!(activity.contains("60 a1") && activity.contains("60 a2"), "{activity}");
     // a link opened behind a TLS proxy sets a Secure cookie
     let path = daemon.link(&server, "ann").await;
     let behind_tls = http()

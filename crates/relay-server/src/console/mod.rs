@@ -50,6 +50,7 @@ pub fn routes() -> Router<AppState> {
         .route("/console/g/{group}", get(group))
         .route("/console/g/{group}/events", get(events))
         .route("/console/g/{group}/peers", get(peers))
+        .route("/console/g/{group}/activity", get(activity))
         .route("/console/g/{group}/send", post(send))
         .route("/console/g/{group}/leave", post(leave))
         .route("/console/assets/{version}/{file}", get(asset))
@@ -348,6 +349,18 @@ fn peers_with_activity(relay: &crate::Relay, caller: &crate::Caller, group: &str
         out.push(pages::Peer { info, activity });
     }
     Ok(out)
+}
+
+/// The last hour's activity panel again (the page asks now and then).
+async fn activity(State(state): State<AppState>, headers: HeaderMap, Path(group): Path<String>) -> Response {
+    let (_, _, view) = match in_group(&state, &headers, &group).await {
+        Ok(found) => found,
+        Err(page) => return page,
+    };
+    match blocking(&state, move |relay| relay.console_last_hour(&view)).await {
+        Ok(entries) => html(StatusCode::OK, pages::activity(&entries)),
+        Err(e) => storage_failed(e),
+    }
 }
 
 #[derive(Deserialize)]

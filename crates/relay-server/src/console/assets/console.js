@@ -40,18 +40,30 @@
     else marks.appendChild(mark);
   }
 
-  async function refreshPeers() {
+  async function refresh(part) {
     try {
-      const r = await fetch(base + "/peers", { credentials: "same-origin" });
-      if (r.ok) document.getElementById("peers").replaceChildren(fragment(await r.text()));
+      const r = await fetch(base + "/" + part, { credentials: "same-origin" });
+      if (r.ok) document.getElementById(part).replaceChildren(fragment(await r.text()));
     } catch (_) {
       /* the next refresh tries again */
     }
   }
+  const refreshPeers = () => refresh("peers");
+
+  // the activity panel follows new messages, at most every few seconds
+  let activityDue = null;
+  function activitySoon() {
+    if (activityDue === null) activityDue = setTimeout(() => { activityDue = null; refresh("activity"); }, 3000);
+  }
 
   if (main.dataset.live === "true") {
     const events = new EventSource(base + "/events?after=" + encodeURIComponent(main.dataset.head));
-    for (const kind of ["message", "dm"]) events.addEventListener(kind, (e) => addEntry(e.data));
+    for (const kind of ["message", "dm"]) {
+      events.addEventListener(kind, (e) => {
+        addEntry(e.data);
+        activitySoon();
+      });
+    }
     for (const kind of ["peer_joined", "peer_left"]) {
       events.addEventListener(kind, (e) => {
         addEntry(e.data);
@@ -72,6 +84,7 @@
       if (events.readyState === EventSource.CLOSED) setTimeout(() => location.reload(), 3000);
     };
     setInterval(refreshPeers, 15000);
+    setInterval(() => refresh("activity"), 60000);
   }
 
   const compose = document.getElementById("compose");
