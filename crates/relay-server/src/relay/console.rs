@@ -146,7 +146,13 @@ impl Relay {
 
     /// The human a one-time secret was for, once: a second use, or a late one, finds nothing.
     fn redeem(&self, space: &str, secret: &str) -> Result<Option<Human>> {
-        let Some(record) = decode::<OneTime>(self.store.take_record(space, &secret_key(secret))?)? else { return Ok(None) };
+        self.human_of_one_time(self.store.take_record(space, &secret_key(secret))?)
+    }
+
+    /// The human a one-time record is for, unless it has expired or its human has signed
+    /// out everywhere since it was made.
+    fn human_of_one_time(&self, record: Option<Vec<u8>>) -> Result<Option<Human>> {
+        let Some(record) = decode::<OneTime>(record)? else { return Ok(None) };
         if record.expires_at < self.clock.now() {
             return Ok(None);
         }
@@ -160,8 +166,7 @@ impl Relay {
             field: "code",
             reason: "no such pairing code, or it was used or has expired; ask for a new one with `relay console --pair`".into(),
         })?;
-        if let Some(previous) = self.human_of_daemon(daemon_id)?.filter(|h| h.human_id != human.human_id) {
-            let mut previous = previous;
+        if let Some(mut previous) = self.human_of_daemon(daemon_id)?.filter(|h| h.human_id != human.human_id) {
             previous.daemons.retain(|d| d != daemon_id);
             self.save_human(&previous)?;
         }
@@ -176,11 +181,7 @@ impl Relay {
     /// The human a sign-in secret is for, while it works, without using it up (the page that
     /// asks the browser to go on).
     pub fn console_sign_in_pending(&self, secret: &str) -> Result<Option<Human>> {
-        let Some(record) = decode::<OneTime>(self.store.record(SIGN_INS, &secret_key(secret))?)? else { return Ok(None) };
-        if record.expires_at < self.clock.now() {
-            return Ok(None);
-        }
-        Ok(self.human(&record.human_id)?.filter(|h| h.epoch == record.epoch))
+        self.human_of_one_time(self.store.record(SIGN_INS, &secret_key(secret))?)
     }
 
     /// Trades a sign-in secret for a session: its cookie value and the session.
@@ -396,6 +397,11 @@ pub struct TimelineQuery {
     pub limit: usize,
 }
 
+/// A filter's value, unless the form left it empty.
+fn given(field: &Option<String>) -> Option<&str> {
+    field.as_deref().filter(|v| !v.trim().is_empty())
+}
+
 /// One entry of the console's timeline, with its recipients' marks when the human sent it.
 pub type TimelineEntry = (LogEntry, Option<Vec<RecipientStatus>>);
 
@@ -403,10 +409,10 @@ impl Relay {
     /// The newest entries the human sees that pass the query, oldest first, and whether
     /// older ones pass it too. Membership changes show only without filters.
     pub fn console_timeline(&self, view: &HumanView, q: &TimelineQuery) -> Result<(Vec<TimelineEntry>, bool)> {
-        let filter = q.text.as_deref().filter(|t| !t.trim().is_empty()).map(reading::text_filter).transpose()?;
-        let sender = q.sender.as_deref().map(str::trim).filter(|s| !s.is_empty()).map(|s| s.trim_start_matches('@').to_lowercase());
-        let since = q.since.as_deref().filter(|t| !t.trim().is_empty()).map(|t| reading::parse_time("since", t)).transpose()?;
-        let until = q.until.as_deref().filter(|t| !t.trim().is_empty()).map(|t| reading::parse_time("until", t)).transpose()?;
+        let filter = given(&q.text).map(reading::text_filter).transpose()?;
+        let sender = given(&q.sender).map(|s| s.trim().trim_start_matches('@').to_lowercase());
+        let since = given(&q.since).map(|t| reading::parse_time("since", t)).transpose()?;
+        let until = given(&q.until).map(|t| reading::parse_time("until", t)).transpose()?;
         let filtered = filter.is_some() || sender.is_some();
         let kinds = if filtered {
             vec![EventKind::Message, EventKind::Dm]
