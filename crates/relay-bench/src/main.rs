@@ -2,6 +2,7 @@
 //! table and writes every figure to a JSON file.
 
 mod cores;
+mod floor;
 mod http1;
 mod mcp_http;
 mod procstat;
@@ -199,6 +200,14 @@ async fn run_scenarios(args: &Args, target: &Target, http: &reqwest::Client, rep
         };
         let outcome = scenarios::fan_out(target, &fan, Cores::Single, report).await;
         record(report, "fan-out 1000", outcome);
+        // what the machine allows, beside it: the same writes with no relay at all
+        let streams = fan.peers;
+        match tokio::task::spawn_blocking(move || floor::loopback_writes(streams, 300, 20)).await {
+            Ok(Ok(Some(took))) => report.add("fan-out 1000", "floor: a plain write to each socket", took.as_secs_f64() * 1000.0, "ms"),
+            Ok(Ok(None)) => {}
+            Ok(Err(e)) => report.failures.push(format!("fan-out 1000 floor: {e}")),
+            Err(e) => report.failures.push(format!("fan-out 1000 floor: {e}")),
+        }
     }
     // 100 streams and no pacing: the most deliveries a second
     if runs("saturation") {

@@ -43,7 +43,12 @@ pub fn router(relay: Arc<Relay>, config: &Config, shutdown: CancellationToken) -
         async move { Ok::<_, Infallible>(direct_calls::serve_mcp(direct.as_deref(), &mcp, request).await) }
     });
 
-    let state = AppState { relay, shutdown, heartbeat: Duration::from_secs(config.heartbeat_secs) };
+    let state = AppState {
+        relay,
+        shutdown,
+        heartbeat: Duration::from_secs(config.heartbeat_secs),
+        stream_write_interval: Duration::from_millis(config.stream_write_interval_ms),
+    };
     let hosts = Arc::new(AllowedHosts::new(&config.allowed_hosts));
     let mut router = Router::new()
         .nest_service("/mcp", mcp)

@@ -13,4 +13,6 @@ pub struct AppState {
     pub shutdown: CancellationToken,
     /// How often event streams send a heartbeat (and announce it to relayd).
     pub heartbeat: Duration,
+    /// An event stream writes at most once per this long, the events meanwhile together.
+    pub stream_write_interval: Duration,
 }

@@ -39,6 +39,9 @@ pub struct Config {
     /// that moves no bytes for twice as long is closed.
     pub client_timeout_secs: u64,
     pub stream_buffer: usize,
+    /// An event stream writes at most once per this many milliseconds; events that come
+    /// sooner wait and go out together, one write for many. 0: each as it comes.
+    pub stream_write_interval_ms: u64,
     /// Bytes of new messages kept in memory for the streams, server-wide.
     pub live_buffer_bytes: usize,
     /// An MCP session (older protocol versions) idle this long is closed.
@@ -120,6 +123,7 @@ impl Default for Config {
             heartbeat_secs: 15,
             client_timeout_secs: 30,
             stream_buffer: limits.stream_buffer,
+            stream_write_interval_ms: 1,
             live_buffer_bytes: limits.live_buffer_bytes,
             session_idle_secs: 24 * 3600,
             max_sessions: 1024,
@@ -196,6 +200,9 @@ impl Config {
         }
         if self.cluster.enabled() && self.cluster.presence_ttl_secs < 3 {
             return Err(ConfigError::Invalid("cluster.presence_ttl_secs must be at least 3".into()));
+        }
+        if self.stream_write_interval_ms > 1000 {
+            return Err(ConfigError::Invalid("stream_write_interval_ms must be at most 1000 (events would wait that long)".into()));
         }
         if self.max_request_bytes < self.max_message_bytes {
             return Err(ConfigError::Invalid("max_request_bytes must be at least max_message_bytes".into()));

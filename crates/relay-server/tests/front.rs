@@ -152,3 +152,43 @@ async fn half_sent_heads_and_idle_connections_are_closed() {
     let n = tokio::time::timeout(Duration::from_secs(2), stream.read(&mut buf)).await.unwrap().unwrap();
     assert!(n > 0 && String::from_utf8_lossy(&buf[..n]).contains("200"), "the stream closed");
 }
+
+/// Reads `tcp` into `got` until `text` is in it.
+async fn read_until(tcp: &mut TcpStream, got: &mut Vec<u8>, text: &str) {
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(got).contains(text) {
+        let n = tokio::time::timeout(Duration::from_secs(10), tcp.read(&mut buf)).await.expect("the event").unwrap();
+        assert!(n > 0, "closed early: {}", String::from_utf8_lossy(got));
+        got.extend_from_slice(&buf[..n]);
+    }
+}
+
+#[tokio::test]
+async fn a_busy_stream_writes_its_events_together_and_a_quiet_one_at_once() {
+    let server = TestServer::start_with(|c| c.stream_write_interval_ms = 1000).await;
+    let (alice, _) = server.peer("team", "/src/alice").await;
+    let (_bob, b) = server.peer("team", "/src/bob").await;
+    let mut tcp = TcpStream::connect(server.addr).await.unwrap();
+    tcp.write_all(stream_request(&b, "HTTP/1.1").as_bytes()).await.unwrap();
+    let mut got = Vec::new();
+    read_until(&mut tcp, &mut got, "retry: ").await;
+    // quiet for longer than the interval: the next event goes out as soon as it is sent
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let sent = std::time::Instant::now();
+    alice.ok("send_message", json!({"message": "first"})).await;
+    read_until(&mut tcp, &mut got, "first").await;
+    let first_arrived = std::time::Instant::now();
+    assert!(first_arrived - sent < Duration::from_millis(500), "a quiet stream's event waited {:?}", first_arrived - sent);
+    // three more at once: they wait out the interval and come in one chunk
+    got.clear();
+    for text in ["second", "third", "fourth"] {
+        alice.ok("send_message", json!({"message": text})).await;
+    }
+    read_until(&mut tcp, &mut got, "fourth").await;
+    let waited = first_arrived.elapsed();
+    assert!(waited >= Duration::from_millis(800), "written {waited:?} after the last write");
+    let text = String::from_utf8_lossy(&got);
+    let (second, fourth) = (text.find("second").unwrap(), text.find("fourth").unwrap());
+    assert!(!text[second..fourth].contains("\r\n"), "not one chunk: {text:?}");
+    assert!(text[second..fourth].contains("third"), "{text:?}");
+}
