@@ -353,6 +353,66 @@ async fn a_peers_send_limit_holds_across_nodes() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registrations_racing_through_two_nodes_make_one_peer_per_agent_and_distinct_names() {
+    const ROUNDS: usize = 12;
+    let Some(cluster) = Cluster::start("cluster::registration_race", 2) else { return };
+    let http = reqwest::Client::new();
+    let register = |node: usize, dir: String, name: &'static str| {
+        let (http, url) = (http.clone(), cluster.mcp(node));
+        tokio::spawn(async move {
+            let args = json!({"group_id": "race", "hostname": "box", "working_directory": dir, "name": name});
+            call_once(&http, &url, None, "register", args).await
+        })
+    };
+    for round in 0..ROUNDS {
+        // the same agent through both nodes at once: one peer, the other call refused
+        let same = [register(0, format!("/src/same{round}"), "same"), register(1, format!("/src/same{round}"), "same")];
+        // two agents asking for one name at once: two peers, two names
+        let named = [register(0, format!("/src/a{round}"), "worker"), register(1, format!("/src/b{round}"), "worker")];
+        let mut made = Vec::new();
+        for call in same.into_iter().chain(named) {
+            made.push(call.await.unwrap());
+        }
+        let refused = made[..2].iter().filter(|r| r.as_ref().is_err_and(|e| e.contains("already"))).count();
+        assert_eq!(refused, 1, "round {round}: {made:?}");
+        assert!(made[2..].iter().all(Result::is_ok), "round {round}: {made:?}");
+    }
+    let (viewer, _) = cluster.peer(0, "race", "/src/viewer").await;
+    let peers = viewer.ok("list_peers", json!({})).await;
+    let peers = peers["peers"].as_array().unwrap();
+    let mut names: Vec<&str> = peers.iter().map(|p| p["display_name"].as_str().unwrap()).collect();
+    assert_eq!(names.len(), 1 + ROUNDS * 3, "{names:?}");
+    names.sort();
+    names.dedup();
+    assert_eq!(names.len(), 1 + ROUNDS * 3, "names are distinct: {names:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn new_peers_from_one_address_are_limited_across_nodes() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("server.toml");
+    std::fs::write(&config, "trust_forwarded_for = true\nregistrations_per_minute = 4\n").unwrap();
+    let Some(cluster) = Cluster::start_with("cluster::registration_limit", 2, &["--config", config.to_str().unwrap()]) else { return };
+    // one client, behind a proxy that says where it is, reaching either node
+    let mut headers = reqwest::header::HeaderMap::new();
+    headers.insert("x-forwarded-for", "203.0.113.7".parse().unwrap());
+    let http = reqwest::Client::builder().default_headers(headers).build().unwrap();
+    let register = |node: usize, i: usize| {
+        let (http, url) = (http.clone(), cluster.mcp(node));
+        let args = json!({"group_id": "limited", "hostname": "box", "working_directory": format!("/src/a{i}")});
+        async move { call_once(&http, &url, None, "register", args).await }
+    };
+    for i in 0..4 {
+        register(i % 2, i).await.expect("within the limit");
+    }
+    // the four a minute are spent on both nodes together, not on each
+    for node in 0..2 {
+        let err = register(node, 10 + node).await.unwrap_err();
+        assert!(err.contains("too many new peers from your address"), "{err}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_nodes_reading_one_inbox_at_once_never_return_a_message_twice() {
     const SENT: usize = 200;
     let Some(cluster) = Cluster::start("cluster::concurrent_reads", 2) else { return };

@@ -262,7 +262,7 @@ impl Relay {
 
     /// The human's peer in the group, joining it (as a member of kind human) if needed.
     fn human_peer(&self, human: &Human, group_id: &str) -> Result<PeerRecord> {
-        let _registering = lock(&self.registering);
+        let _registering = self.registering_in(group_id)?;
         let mine = self.store.peers_of_principal(human.principal)?;
         if let Some(peer) = mine.iter().find(|p| p.group_id == group_id && p.left_at.is_none()) {
             return Ok(peer.clone());

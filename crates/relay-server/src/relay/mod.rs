@@ -13,7 +13,7 @@ mod tokens;
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use chrono::{DateTime, Utc};
 use relay_proto::{
@@ -30,7 +30,7 @@ use crate::lock;
 use crate::metrics::Metrics;
 use crate::rate::Buckets;
 use crate::secrets;
-use crate::store::{DeliveryRecord, GroupRecord, LogEntry, LogQuery, NewEntry, PeerRecord, PrincipalId, Store};
+use crate::store::{DeliveryRecord, GroupRecord, Held, LogEntry, LogQuery, NewEntry, PeerRecord, PrincipalId, Store};
 
 type Result<T> = std::result::Result<T, RelayError>;
 use tokens::TokenCache;
@@ -93,7 +93,8 @@ pub struct Relay {
     fanout: Arc<Fanout>,
     /// Held while a delivery state moves, so two reports cannot both move it.
     delivering: Mutex<()>,
-    /// Held for a whole registration: no two can race to create the same peer or group.
+    /// Held for a whole registration (with the group's lease in a cluster, see
+    /// `registering_in`): no two can race to create the same peer or group.
     registering: Mutex<()>,
     /// Held while a human's record is read and written back (pairing, signing out).
     humans: Mutex<()>,

@@ -146,7 +146,7 @@ impl Relay {
         // password hashing takes tens of milliseconds, and nobody else should wait for it
         let mut checked = self.check_join_key(&req, self.store.group(&req.group_id)?.as_ref())?;
         let now = self.clock.now();
-        let _registering = lock(&self.registering);
+        let _registering = self.registering_in(&req.group_id)?;
 
         let group = self.store.group(&req.group_id)?;
         if group.as_ref().and_then(|g| g.join_key_hash.clone()) != checked.existing_hash {
@@ -155,7 +155,7 @@ impl Relay {
         }
         let existing = self.store.peer_by_origin(&req.group_id, &req.hostname, &req.working_directory, req.name.as_deref())?;
         if let (None, Some(source)) = (&existing, source) {
-            self.registrations.take(&source).map_err(|wait| self.too_many_registrations(wait))?;
+            self.take_registration(source)?;
         }
         let group_created = match group {
             Some(_) => false,
@@ -281,6 +281,26 @@ impl Relay {
         }
         self.wrong_keys.give_back(&guesser);
         Ok(JoinKeyChecked { existing_hash: Some(hash.clone()), hash_for_new_group: None })
+    }
+
+    /// One registration in a group at a time, across the cluster's nodes too: held until
+    /// both guards drop. (The cluster's first: waiting for another node must not hold up
+    /// this node's registrations in other groups.)
+    pub(super) fn registering_in(&self, group_id: &str) -> Result<(Held, MutexGuard<'_, ()>)> {
+        let held = self.store.hold(&format!("register.{group_id}"))?;
+        Ok((held, lock(&self.registering)))
+    }
+
+    /// A new-peer token of the client address: from the cluster's shared buckets when the
+    /// store is shared (a client may register through every node), else from this node's.
+    fn take_registration(&self, source: IpAddr) -> Result<()> {
+        let taken = if self.store.shared() {
+            let (per_second, burst) = (self.registrations.per_second, self.registrations.burst);
+            self.store.take_token(&format!("register.{source}"), per_second, burst)?
+        } else {
+            self.registrations.take(&source)
+        };
+        taken.map_err(|wait| self.too_many_registrations(wait))
     }
 
     fn too_many_registrations(&self, wait: std::time::Duration) -> RelayError {

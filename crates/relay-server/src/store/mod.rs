@@ -277,6 +277,8 @@ pub trait GroupNews: Send + Sync + 'static {
 
 /// Following a group: it stops when this is dropped.
 pub type Following = Box<dyn std::any::Any + Send + Sync>;
+/// A name held across nodes (see [`Shared::hold`]): let go when this is dropped.
+pub type Held = Box<dyn std::any::Any + Send>;
 
 /// The parts of [`Store`] only a store shared by several nodes needs; a single node's
 /// store keeps the defaults (nobody else writes, nobody else holds streams).
@@ -311,6 +313,13 @@ pub trait Shared {
     fn take_token(&self, key: &str, per_second: f64, burst: u32) -> Result<std::result::Result<(), std::time::Duration>> {
         let _ = (key, per_second, burst);
         Ok(Ok(()))
+    }
+    /// Holds `name` until the returned value drops: of the nodes asking at once, one at a
+    /// time (a node that dies holding it lets go within seconds). A single node has nobody
+    /// else to exclude: its own locks do.
+    fn hold(&self, name: &str) -> Result<Held> {
+        let _ = name;
+        Ok(Box::new(()))
     }
     /// Why the store cannot serve now, if it cannot (for `/healthz`).
     fn unhealthy(&self) -> Option<String> {

@@ -13,7 +13,7 @@
 //! | open streams | bucket `relay_presence` | `<peer or daemon/group>.<node>` |
 //! | live nodes | bucket `relay_nodes`, entries expire | node |
 //! | send limits | bucket `relay_rates`, idle entries expire | `send.<peer>` |
-//! | console records (humans, sign-in links, sessions) | bucket `relay_console` | `<space>.<key>` |
+//! | console records (humans, sign-in links, sessions), leases | bucket `relay_console` | `<space>.<key>`, `lease.<name>` |
 //!
 //! Receipts reach other nodes' streams as plain NATS messages on `relay.note.<group>`:
 //! their state is in `relay_deliveries`; the note only saves a reader the asking.
@@ -21,13 +21,14 @@
 //!
 //! Here: the store itself. `log` reads the group logs, `peers` is the in-memory copy of
 //! the peers bucket, `follow` feeds this node's streams, `presence` and `rates` are the
-//! shared presence and send limits, `buckets` opens buckets, `bridge` joins the synchronous
+//! shared presence and send limits, `leases` hold a name for one node at a time, `buckets` opens buckets, `bridge` joins the synchronous
 //! trait to the asynchronous client, and `check` is `relay-server cluster check`.
 
 mod bridge;
 mod buckets;
 pub mod check;
 mod follow;
+mod leases;
 mod log;
 mod peers;
 mod presence;
@@ -47,7 +48,7 @@ use sha2::{Digest, Sha256};
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    DeliveryRecord, Following, GroupNews, GroupRecord, LogEntry, LogQuery, NewEntry, PeerRecord, PrincipalId, Result, Shared, Store,
+    DeliveryRecord, Following, GroupNews, GroupRecord, Held, LogEntry, LogQuery, NewEntry, PeerRecord, PrincipalId, Result, Shared, Store,
     StoreError,
 };
 use crate::lock;
@@ -723,6 +724,15 @@ impl Shared for NatsStore {
         true
     }
 
+    fn hold(&self, name: &str) -> Result<Held> {
+        let key = record_key("lease", name);
+        let revision = self.call(|inner| {
+            let key = key.clone();
+            async move { inner.take_lease(&key).await }
+        })?;
+        Ok(Box::new(leases::Lease::new(self.inner.clone(), self.bridge.handle().clone(), key, revision)))
+    }
+
     fn follow(&self, group_id: &str, after_seq: u64, news: Arc<dyn GroupNews>) -> Result<Following> {
         let stop = self.stop.child_token();
         self.bridge.handle().spawn(follow_group(self.inner.clone(), group_id.to_owned(), after_seq, news, stop.clone()));
@@ -814,6 +824,36 @@ mod tests {
     fn records() {
         let Some((store, _nats)) = store("nats::records") else { return };
         contract::records(&store);
+    }
+
+    #[test]
+    fn a_lease_is_held_by_one_node_at_a_time_and_runs_out_if_its_node_dies() {
+        let Some((store, nats)) = store("nats::leases") else { return };
+        let options =
+            NatsOptions { urls: vec![nats.urls()], replicas: 1, node: "other-node".into(), presence_ttl: Duration::from_secs(30) };
+        let other = NatsStore::open(options).expect("a second node");
+        let held = store.hold("register.g").unwrap();
+        let (taken, took) = std::sync::mpsc::channel();
+        let waiter = std::thread::spawn(move || {
+            let started = Instant::now();
+            let lease = other.hold("register.g").unwrap();
+            taken.send(started.elapsed()).unwrap();
+            drop(lease);
+            other
+        });
+        drop(store.hold("register.another").unwrap());
+        std::thread::sleep(Duration::from_millis(300));
+        assert!(took.try_recv().is_err(), "taken while held");
+        drop(held);
+        let waited = took.recv_timeout(Duration::from_secs(5)).expect("taken once let go");
+        assert!(waited >= Duration::from_millis(300), "{waited:?}");
+        let _other = waiter.join().unwrap();
+        // a node died holding it: taken once its time ran out
+        let expired = br#"{"node":"gone","until":"2000-01-01T00:00:00Z"}"#;
+        store.put_record("lease", "register.h", expired, None).unwrap();
+        let started = Instant::now();
+        drop(store.hold("register.h").unwrap());
+        assert!(started.elapsed() < Duration::from_secs(2), "{:?}", started.elapsed());
     }
 
     #[test]

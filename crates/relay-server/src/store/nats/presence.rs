@@ -26,7 +26,7 @@ pub struct Presence {
     changes: mpsc::UnboundedSender<(String, bool)>,
     nodes: kv::Store,
     view: Arc<Mutex<View>>,
-    node: String,
+    pub(super) node: String,
     ttl: Duration,
 }
 
