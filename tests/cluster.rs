@@ -413,6 +413,116 @@ async fn new_peers_from_one_address_are_limited_across_nodes() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_join_keys_are_counted_across_nodes_and_right_ones_are_not() {
+    const RIGHT: &str = "right horse battery";
+    let Some(cluster) = Cluster::start("cluster::wrong_keys", 2) else { return };
+    let http = reqwest::Client::new();
+    let register = |node: usize, dir: String, key: &str| {
+        let (http, url) = (http.clone(), cluster.mcp(node));
+        let args = json!({"group_id": "locked", "hostname": "box", "working_directory": dir, "join_key": key});
+        async move { call_once(&http, &url, None, "register", args).await }
+    };
+    register(0, "/src/owner".into(), RIGHT).await.expect("creates the group");
+    // right keys, through both nodes, do not count
+    for i in 0..12 {
+        register(i % 2, format!("/src/member{i}"), RIGHT).await.expect("a right key");
+    }
+    // ten wrong ones a minute from this address, through both nodes together
+    for i in 0..10 {
+        let err = register(i % 2, format!("/src/guess{i}"), "a wrong guess").await.unwrap_err();
+        assert!(err.contains("wrong join key"), "{err}");
+    }
+    for node in 0..2 {
+        let err = register(node, "/src/late".into(), RIGHT).await.unwrap_err();
+        assert!(err.contains("too many wrong join keys"), "node {node}: {err}");
+    }
+}
+
+/// Reads a response body until `want` shows up in it (or 10 s pass): what came.
+async fn body_until(mut resp: reqwest::Response, want: &str) -> String {
+    let mut seen = String::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !seen.contains(want) {
+        match tokio::time::timeout_at(deadline, resp.chunk()).await {
+            Ok(Ok(Some(chunk))) => seen.push_str(&String::from_utf8_lossy(&chunk)),
+            _ => break,
+        }
+    }
+    seen
+}
+
+/// The console in a cluster: a human signs in through one node, reads the page on another
+/// and the live stream on a third; what agents and the human say crosses nodes both ways,
+/// and signing out through one node ends the session on all of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_console_works_whichever_node_each_request_reaches() {
+    let Some(cluster) = Cluster::start("cluster::console", 3) else { return };
+    let http = reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build().unwrap();
+    let url = |node: usize, path: &str| cluster.nodes[node].url(path);
+    let origin = |node: usize| format!("http://{}", cluster.nodes[node].addr);
+    let post_json = |node: usize, path: &str, token: &str, body: Value| http.post(url(node, path)).bearer_auth(token).json(&body).send();
+
+    // a relayd's credential, and an agent of it
+    let daemon: Value = http.post(url(0, "/v1/daemons")).json(&json!({"hostname": "box"})).send().await.unwrap().json().await.unwrap();
+    let daemon = daemon["token"].as_str().unwrap().to_owned();
+    let agent = json!({"group_id": "watch", "hostname": "box", "working_directory": "/api", "name": "api"});
+    let agent: Value = post_json(0, "/v1/peers", &daemon, agent).await.unwrap().json().await.unwrap();
+    let agent = agent["peer_id"].as_str().unwrap().to_owned();
+
+    // the link is made by node 0 and used on node 1
+    let link: Value = post_json(0, "/v1/console/sign-in", &daemon, json!({"name": "ann"})).await.unwrap().json().await.unwrap();
+    let signed_in = http.post(url(1, link["path"].as_str().unwrap())).header("origin", origin(1)).send().await.unwrap();
+    assert_eq!(signed_in.status(), 303, "the link works on another node");
+    let cookie = signed_in.headers()["set-cookie"].to_str().unwrap().split(';').next().unwrap().to_owned();
+
+    // the page from node 2, its live stream from node 1
+    let page = http.get(url(2, "/console/g/watch")).header("cookie", &cookie).send().await.unwrap();
+    assert_eq!(page.status(), 200);
+    let page = page.text().await.unwrap();
+    let attribute = |name: &str| page.split(&format!("{name}=\"")).nth(1).unwrap().split('"').next().unwrap().to_owned();
+    let (csrf, head) = (attribute("name=\"csrf\" value"), attribute("data-head"));
+    let stream = http.get(url(1, &format!("/console/g/watch/events?after={head}"))).header("cookie", &cookie).send().await.unwrap();
+    assert_eq!(stream.status(), 200);
+
+    // the agent speaks through node 2; the human sees it live through node 1
+    let said = post_json(2, &format!("/v1/peers/{agent}/messages"), &daemon, json!({"message": "built on node 2"})).await.unwrap();
+    assert_eq!(said.status(), 200);
+    let seen = body_until(stream, "built on node 2").await;
+    assert!(seen.contains("built on node 2"), "{seen}");
+
+    // the human answers through node 0; the agent's daemon hears it on node 1, from a human
+    let mut agent_stream = EventStream::open(&url(1, "/v1/groups/watch/events"), Some(&daemon), None).await;
+    // (the token and the id are URL-safe as they are)
+    let form = format!("csrf={csrf}&text=thanks%2C+from+ann&to={agent}");
+    let answer = http
+        .post(url(0, "/console/g/watch/send"))
+        .header("cookie", &cookie)
+        .header("origin", origin(0))
+        .header("accept", "application/json")
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(form)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), 200);
+    let dm = loop {
+        let event = agent_stream.next(Duration::from_secs(10)).await.expect("the human's DM reaches the agent's daemon");
+        if event.event.as_deref() == Some("dm") {
+            break event;
+        }
+    };
+    assert_eq!((dm.data["text"].as_str(), dm.data["sender_kind"].as_str()), (Some("thanks, from ann"), Some("human")));
+
+    // signing out everywhere through node 2 ends the session on every node
+    let out = post_json(2, "/v1/console/sign-out-everywhere", &daemon, json!({})).await.unwrap();
+    assert_eq!(out.status(), 200);
+    for node in 0..3 {
+        let after = http.get(url(node, "/console/g/watch")).header("cookie", &cookie).send().await.unwrap();
+        assert_eq!(after.status(), 401, "node {node} still took the session");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_nodes_reading_one_inbox_at_once_never_return_a_message_twice() {
     const SENT: usize = 200;
     let Some(cluster) = Cluster::start("cluster::concurrent_reads", 2) else { return };
@@ -528,4 +638,5 @@ async fn a_single_servers_data_moves_into_a_cluster_and_clients_resume() {
     let (ok, out) = relay_server(&["cluster", "check", "--nats", &nats.urls()]);
     assert!(ok, "{out}");
     assert!(out.contains("ok   stream RELAY_LOG: 3 replica(s), 3 wanted; 7 message(s)"), "{out}");
+    assert!(out.contains("stream RELAY_LOG: keeps messages forever") && out.contains("ok   bucket relay_console: 3 replica(s)"), "{out}");
 }

@@ -73,11 +73,14 @@ pub struct ClusterConfig {
     /// Seconds a node's presence outlives its last refresh: how long a node that died
     /// still shows its streams' peers online.
     pub presence_ttl_secs: u64,
+    /// Days the log (stream `RELAY_LOG`) keeps a message; set by any node that starts with
+    /// it. Unset: the stream keeps what it has (forever, as relay creates it).
+    pub log_max_age_days: Option<u64>,
 }
 
 impl Default for ClusterConfig {
     fn default() -> Self {
-        Self { nats: Vec::new(), replicas: 3, node_name: None, presence_ttl_secs: 30 }
+        Self { nats: Vec::new(), replicas: 3, node_name: None, presence_ttl_secs: 30, log_max_age_days: None }
     }
 }
 
@@ -98,6 +101,7 @@ impl ClusterConfig {
             replicas: self.replicas,
             node: self.node(),
             presence_ttl: std::time::Duration::from_secs(self.presence_ttl_secs),
+            log_max_age: self.log_max_age_days.map(|days| std::time::Duration::from_secs(days * 86_400)),
         }
     }
 }
@@ -197,6 +201,9 @@ impl Config {
         }
         if self.cluster.enabled() && !(1..=5).contains(&self.cluster.replicas) {
             return Err(ConfigError::Invalid("cluster.replicas must be between 1 and 5 (JetStream's limit)".into()));
+        }
+        if self.cluster.log_max_age_days == Some(0) {
+            return Err(ConfigError::Invalid("cluster.log_max_age_days must be at least 1 (leave it out to keep messages forever)".into()));
         }
         if self.cluster.enabled() && self.cluster.presence_ttl_secs < 3 {
             return Err(ConfigError::Invalid("cluster.presence_ttl_secs must be at least 3".into()));

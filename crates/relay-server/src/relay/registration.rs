@@ -275,12 +275,32 @@ impl Relay {
         // token is taken before hashing (so parallel guesses are counted) and given back when
         // the key is right
         let guesser = (req.group_id.clone(), req.source.map(client_bucket));
-        self.wrong_keys.take(&guesser).map_err(refused)?;
+        self.take_key_try(&guesser)?.map_err(refused)?;
         if !secrets::join_key_matches(key, hash) {
             return Err(RelayError::WrongJoinKey(req.group_id.clone()));
         }
-        self.wrong_keys.give_back(&guesser);
+        self.give_back_key_try(&guesser)?;
         Ok(JoinKeyChecked { existing_hash: Some(hash.clone()), hash_for_new_group: None })
+    }
+
+    /// A try at a group's join key from an address: counted across the cluster's nodes
+    /// when the store is shared (a guesser may reach every node), else on this node.
+    fn take_key_try(&self, guesser: &(String, Option<IpAddr>)) -> Result<std::result::Result<(), std::time::Duration>> {
+        if !self.store.shared() {
+            return Ok(self.wrong_keys.take(guesser));
+        }
+        let (per_second, burst) = (self.wrong_keys.per_second, self.wrong_keys.burst);
+        Ok(self.store.take_token(&key_tries(guesser), per_second, burst)?)
+    }
+
+    /// The try was the right key: it does not count.
+    fn give_back_key_try(&self, guesser: &(String, Option<IpAddr>)) -> Result<()> {
+        if !self.store.shared() {
+            self.wrong_keys.give_back(guesser);
+            return Ok(());
+        }
+        let (per_second, burst) = (self.wrong_keys.per_second, self.wrong_keys.burst);
+        Ok(self.store.give_token(&key_tries(guesser), per_second, burst)?)
     }
 
     /// One registration in a group at a time, across the cluster's nodes too: held until
@@ -374,6 +394,14 @@ fn clean_and_validate(req: &mut RegisterRequest) -> Result<()> {
 }
 
 /// A peer joining or leaving, as a log entry.
+/// The shared bucket of a group's join-key tries from an address (`/` is in no group id).
+fn key_tries((group, address): &(String, Option<IpAddr>)) -> String {
+    match address {
+        Some(address) => format!("join-key/{group}/{address}"),
+        None => format!("join-key/{group}"),
+    }
+}
+
 pub(super) fn membership_entry(peer: &PeerRecord, kind: EventKind, at: DateTime<Utc>) -> NewEntry {
     NewEntry {
         group_id: peer.group_id.clone(),

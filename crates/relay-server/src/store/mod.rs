@@ -314,6 +314,12 @@ pub trait Shared {
         let _ = (key, per_second, burst);
         Ok(Ok(()))
     }
+    /// Puts back a token taken from `key`'s shared bucket for something that turned out not
+    /// to count.
+    fn give_token(&self, key: &str, per_second: f64, burst: u32) -> Result<()> {
+        let _ = (key, per_second, burst);
+        Ok(())
+    }
     /// Holds `name` until the returned value drops: of the nodes asking at once, one at a
     /// time (a node that dies holding it lets go within seconds). A single node has nobody
     /// else to exclude: its own locks do.

@@ -59,6 +59,13 @@ pub async fn check(options: &NatsOptions) -> Result<CheckReport> {
                 continue;
             }
         };
+        if name == LOG_STREAM {
+            let kept = match info.config.max_age {
+                age if age.is_zero() => "forever".to_owned(),
+                age => format!("for {} day(s)", age.as_secs_f64() / 86_400.0),
+            };
+            report.line(true, format!("{what}: keeps messages {kept}"));
+        }
         let replicas = info.config.num_replicas;
         report.line(
             replicas == options.replicas,

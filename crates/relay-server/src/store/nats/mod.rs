@@ -12,7 +12,7 @@
 //! | delivery states | bucket `relay_deliveries` | message (all its recipients in one value) |
 //! | open streams | bucket `relay_presence` | `<peer or daemon/group>.<node>` |
 //! | live nodes | bucket `relay_nodes`, entries expire | node |
-//! | send limits | bucket `relay_rates`, idle entries expire | `send.<peer>` |
+//! | limits (sends, new peers, join-key tries) | bucket `relay_rates`, idle entries expire | `send.<peer>`, `register.<address>`, `join-key/<group>/<address>` |
 //! | console records (humans, sign-in links, sessions), leases | bucket `relay_console` | `<space>.<key>`, `lease.<name>` |
 //!
 //! Receipts reach other nodes' streams as plain NATS messages on `relay.note.<group>`:
@@ -60,13 +60,14 @@ use presence::Presence;
 use rates::RateSlot;
 
 pub const LOG_STREAM: &str = "RELAY_LOG";
-pub const BUCKETS: [&str; 9] = [
+pub const BUCKETS: [&str; 10] = [
     "relay_groups",
     "relay_principals",
     "relay_daemons",
     "relay_peers",
     "relay_messages",
     "relay_deliveries",
+    "relay_console",
     "relay_presence",
     "relay_nodes",
     "relay_rates",
@@ -93,6 +94,9 @@ pub struct NatsOptions {
     pub replicas: usize,
     pub node: String,
     pub presence_ttl: Duration,
+    /// How long the log keeps a message; `None` leaves the stream as it is (kept forever
+    /// when a node created it).
+    pub log_max_age: Option<Duration>,
 }
 
 pub struct NatsStore {
@@ -239,7 +243,7 @@ impl Inner {
             .map_err(|e| StoreError::Nats(format!("cannot connect to {}: {e}", options.urls.join(","))))?;
         let mut js = jetstream::new(client.clone());
         js.set_timeout(REQUEST_TIMEOUT);
-        let log = js
+        let mut log = js
             .get_or_create_stream(stream::Config {
                 name: LOG_STREAM.into(),
                 description: Some("relay: every group's log, one subject per group".into()),
@@ -248,10 +252,20 @@ impl Inner {
                 storage: stream::StorageType::File,
                 allow_direct: true,
                 duplicate_window: Duration::from_secs(120),
+                max_age: options.log_max_age.unwrap_or_default(),
                 ..Default::default()
             })
             .await
             .map_err(|e| StoreError::Nats(format!("cannot create the stream {LOG_STREAM}: {e}")))?;
+        // a retention set since the stream was made (by an operator's config, on any node)
+        let kept = log.cached_info().config.clone();
+        if let Some(max_age) = options.log_max_age.filter(|age| *age != kept.max_age) {
+            js.update_stream(stream::Config { max_age, ..kept })
+                .await
+                .map_err(|e| StoreError::Nats(format!("cannot set how long {LOG_STREAM} keeps messages: {e}")))?;
+            log = js.get_stream(LOG_STREAM).await.map_err(nats_error)?;
+            tracing::info!(days = max_age.as_secs() / 86_400, "{LOG_STREAM} keeps messages for this long now");
+        }
         let bucket = |name: &'static str, storage, max_age| {
             let config =
                 kv::Config { bucket: name.into(), history: 1, num_replicas: options.replicas, storage, max_age, ..Default::default() };
@@ -761,6 +775,11 @@ impl Shared for NatsStore {
         self.call(|inner| async move { inner.take_token(&key, per_second, burst).await })
     }
 
+    fn give_token(&self, key: &str, per_second: f64, burst: u32) -> Result<()> {
+        let key = key.to_owned();
+        self.call(|inner| async move { inner.give_token(&key, per_second, burst).await })
+    }
+
     fn unhealthy(&self) -> Option<String> {
         // a write, not a read: a lone NATS server that lost its peers still answers reads
         let checked = self.call(|inner| async move {
@@ -781,11 +800,13 @@ mod tests {
     use super::*;
     use relay_e2e::nats::NatsCluster;
 
+    fn options(nats: &NatsCluster, node: &str) -> NatsOptions {
+        NatsOptions { urls: vec![nats.urls()], replicas: 1, node: node.into(), presence_ttl: Duration::from_secs(30), log_max_age: None }
+    }
+
     fn store(test: &str) -> Option<(NatsStore, NatsCluster)> {
         let cluster = NatsCluster::start(test, 1)?;
-        let options =
-            NatsOptions { urls: vec![cluster.urls()], replicas: 1, node: "test-node".into(), presence_ttl: Duration::from_secs(30) };
-        Some((NatsStore::open(options).expect("open the NATS store"), cluster))
+        Some((NatsStore::open(options(&cluster, "test-node")).expect("open the NATS store"), cluster))
     }
 
     #[test]
@@ -829,9 +850,7 @@ mod tests {
     #[test]
     fn a_lease_is_held_by_one_node_at_a_time_and_runs_out_if_its_node_dies() {
         let Some((store, nats)) = store("nats::leases") else { return };
-        let options =
-            NatsOptions { urls: vec![nats.urls()], replicas: 1, node: "other-node".into(), presence_ttl: Duration::from_secs(30) };
-        let other = NatsStore::open(options).expect("a second node");
+        let other = NatsStore::open(options(&nats, "other-node")).expect("a second node");
         let held = store.hold("register.g").unwrap();
         let (taken, took) = std::sync::mpsc::channel();
         let waiter = std::thread::spawn(move || {
@@ -854,6 +873,18 @@ mod tests {
         let started = Instant::now();
         drop(store.hold("register.h").unwrap());
         assert!(started.elapsed() < Duration::from_secs(2), "{:?}", started.elapsed());
+    }
+
+    #[test]
+    fn the_log_keeps_messages_as_long_as_configured_and_otherwise_as_it_was() {
+        let Some(nats) = NatsCluster::start("nats::log_max_age", 1) else { return };
+        let max_age = |store: &NatsStore| store.call(|inner| async move { Ok(inner.log.cached_info().config.max_age) }).unwrap();
+        let days = |n: u64| Some(Duration::from_secs(n * 86_400));
+        let opened = |log_max_age| NatsStore::open(NatsOptions { log_max_age, ..options(&nats, "test-node") }).unwrap();
+        assert_eq!(max_age(&opened(None)), Duration::ZERO, "made without a retention: kept forever");
+        assert_eq!(max_age(&opened(days(30))), days(30).unwrap(), "a node configured for 30 days sets it");
+        assert_eq!(max_age(&opened(None)), days(30).unwrap(), "a node that says nothing leaves it");
+        assert_eq!(max_age(&opened(days(7))), days(7).unwrap());
     }
 
     #[test]

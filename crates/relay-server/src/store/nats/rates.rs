@@ -1,5 +1,5 @@
-//! Send limits shared by the nodes: one token bucket per key in `relay_rates`, taken by
-//! compare-and-set.
+//! Limits shared by the nodes (sends per peer, new peers per address, wrong join keys):
+//! one token bucket per key in `relay_rates`, taken and given back by compare-and-set.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -32,14 +32,25 @@ impl Inner {
     /// Gives up after [`REQUEST_TIMEOUT`] in all, queueing included: a stalled NATS must
     /// not line a busy peer's sends up one timeout after another.
     pub(super) async fn take_token(&self, key: &str, per_second: f64, burst: u32) -> Result<std::result::Result<(), Duration>> {
-        let taking = self.take_token_queued(key, per_second, burst);
-        match tokio::time::timeout(REQUEST_TIMEOUT, taking).await {
-            Ok(taken) => taken,
-            Err(_) => Err(StoreError::Nats(format!("the send limit of {key} took more than {}s to check", REQUEST_TIMEOUT.as_secs()))),
+        self.change_tokens(key, per_second, burst, -1.0).await
+    }
+
+    /// Puts back a token taken for something that turned out not to count.
+    pub(super) async fn give_token(&self, key: &str, per_second: f64, burst: u32) -> Result<()> {
+        self.change_tokens(key, per_second, burst, 1.0).await.map(drop)
+    }
+
+    /// Adds `change` tokens (-1: takes one), within the bucket's `burst`; how long until
+    /// the bucket can spare them when it cannot now.
+    async fn change_tokens(&self, key: &str, per_second: f64, burst: u32, change: f64) -> Result<std::result::Result<(), Duration>> {
+        let changing = self.change_tokens_queued(key, per_second, burst, change);
+        match tokio::time::timeout(REQUEST_TIMEOUT, changing).await {
+            Ok(changed) => changed,
+            Err(_) => Err(StoreError::Nats(format!("the limit {key} took more than {}s to check", REQUEST_TIMEOUT.as_secs()))),
         }
     }
 
-    async fn take_token_queued(&self, key: &str, per_second: f64, burst: u32) -> Result<std::result::Result<(), Duration>> {
+    async fn change_tokens_queued(&self, key: &str, per_second: f64, burst: u32, change: f64) -> Result<std::result::Result<(), Duration>> {
         let key = subject_token(key);
         let slot = {
             let mut slots = lock(&self.rate_slots);
@@ -61,11 +72,11 @@ impl Inner {
             let now = Utc::now();
             let elapsed = now.signed_duration_since(bucket.at).to_std().unwrap_or_default().as_secs_f64();
             let tokens = (bucket.tokens + elapsed * per_second).min(f64::from(burst));
-            if tokens < 1.0 {
+            if tokens + change < 0.0 {
                 *known = Some((bucket, revision));
-                return Ok(Err(Duration::from_secs_f64((1.0 - tokens) / per_second)));
+                return Ok(Err(Duration::from_secs_f64(-(tokens + change) / per_second)));
             }
-            let taken = SharedBucket { tokens: tokens - 1.0, at: now };
+            let taken = SharedBucket { tokens: (tokens + change).min(f64::from(burst)), at: now };
             let written = if revision == 0 {
                 let created = self.rates.create(&key, json(&taken)).await;
                 created.map_err(|e| lost_race(&e, e.kind() == kv::CreateErrorKind::AlreadyExists))
