@@ -127,7 +127,7 @@ impl Default for Config {
             heartbeat_secs: 15,
             client_timeout_secs: 30,
             stream_buffer: limits.stream_buffer,
-            stream_write_interval_ms: 1,
+            stream_write_interval_ms: 2,
             live_buffer_bytes: limits.live_buffer_bytes,
             session_idle_secs: 24 * 3600,
             max_sessions: 1024,
