@@ -38,6 +38,20 @@ impl NatsCluster {
     /// `None` (the test is skipped) when no nats-server is installed outside CI.
     pub fn start(test: &str, size: usize) -> Option<Self> {
         let bin = nats_server(test)?;
+        // A port found free may be taken by another test's process before the server binds
+        // it (a dozen clusters start at once in the suite): then again, with other ports.
+        const TRIES: usize = 3;
+        for attempt in 1..=TRIES {
+            match Self::try_start(&bin, size) {
+                Ok(cluster) => return Some(cluster),
+                Err(why) if attempt < TRIES => eprintln!("{test}: the NATS cluster did not start ({why}); again with other ports"),
+                Err(why) => panic!("{test}: the NATS cluster did not start {TRIES} times; the last time: {why}"),
+            }
+        }
+        unreachable!("the last try returns or panics")
+    }
+
+    fn try_start(bin: &Path, size: usize) -> Result<Self, String> {
         let dir = tempfile::tempdir().expect("temp dir");
         let client_ports: Vec<u16> = (0..size).map(|_| free_port()).collect();
         let route_ports: Vec<u16> = (0..size).map(|_| free_port()).collect();
@@ -61,13 +75,12 @@ impl NatsCluster {
                 Node { name, client_port: client_ports[i], config, child: None }
             })
             .collect();
-        let mut cluster = Self { bin, nodes, _dir: dir };
+        let mut cluster = Self { bin: bin.to_owned(), nodes, _dir: dir };
         for i in 0..size {
-            cluster.start_node(i);
+            cluster.try_start_node(i)?;
         }
-        Some(cluster)
+        Ok(cluster)
     }
-
     /// The client URLs of every node, comma-separated, as `relay-server --nats` takes them.
     pub fn urls(&self) -> String {
         self.nodes.iter().map(|n| format!("nats://127.0.0.1:{}", n.client_port)).collect::<Vec<_>>().join(",")
@@ -83,18 +96,40 @@ impl NatsCluster {
 
     /// Starts node `i` again after a kill, with its store as it was.
     pub fn start_node(&mut self, i: usize) {
+        if let Err(why) = self.try_start_node(i) {
+            panic!("{why}");
+        }
+    }
+
+    /// Starts node `i` and waits until it accepts clients; why not if it does not (its log,
+    /// `n<i>.log` in the cluster's dir, says more).
+    fn try_start_node(&mut self, i: usize) -> Result<(), String> {
+        let log = self._dir.path().join(format!("{}.log", self.nodes[i].name));
         let node = &mut self.nodes[i];
         assert!(node.child.is_none(), "{} is already running", node.name);
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(log).expect("open the nats-server log");
         let child = Command::new(&self.bin)
             .arg("-c")
             .arg(&node.config)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(log)
             .spawn()
             .expect("spawn nats-server");
-        node.child = Some(KillOnDrop(child));
-        wait_for_port(&node.name, node.client_port);
+        let child = node.child.insert(KillOnDrop(child));
+        // (slow to come up when the suite's other servers load both cores)
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::net::TcpStream::connect(("127.0.0.1", node.client_port)).is_err() {
+            if let Ok(Some(status)) = child.0.try_wait() {
+                node.child = None;
+                return Err(format!("nats-server {} exited ({status}) before listening on {}", node.name, node.client_port));
+            }
+            if Instant::now() > deadline {
+                return Err(format!("nats-server {} never listened on {}", node.name, node.client_port));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(())
     }
 
     /// SIGKILL to node `i`: no chance to flush or step down.
@@ -115,12 +150,4 @@ impl NatsCluster {
 
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("a free port").port()
-}
-
-fn wait_for_port(name: &str, port: u16) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "nats-server {name} never listened on {port}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }

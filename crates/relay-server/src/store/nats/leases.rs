@@ -1,31 +1,26 @@
 //! Leases: a name held by one node at a time, for the few writes that must not interleave
 //! across nodes (two registrations of one agent, or of one name, in one group). A lease is
-//! a key in `relay_console` (`lease.<name>`) created only if absent; a node that died
-//! holding one lets go when its time runs out.
+//! a key in the bucket `relay_leases`, created only if absent and deleted when let go; the
+//! bucket's own age limit ends one whose node died holding it, on the NATS servers' clock.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::kv;
-use chrono::{DateTime, Utc};
+use bytes::Bytes;
 use tokio::runtime::Handle;
 
 use super::super::{Result, StoreError};
 use super::buckets::lost_race;
-use super::{Inner, json, nats_error, parse};
+use super::{Inner, nats_error};
 
-/// How long a lease lasts unless let go: far longer than the writes it covers take.
+/// How long a lease lasts unless let go (the bucket's max age): far longer than the writes
+/// it covers take.
 pub(super) const LEASE_FOR: Duration = Duration::from_secs(5);
 /// How long a node waits for a lease before the call fails.
 const WAIT_AT_MOST: Duration = Duration::from_secs(10);
 /// How often a held lease is asked for again.
 const RETRY_EVERY: Duration = Duration::from_millis(5);
-
-#[derive(serde::Serialize, serde::Deserialize)]
-struct LeaseRecord {
-    node: String,
-    until: DateTime<Utc>,
-}
 
 /// A held lease; dropping it lets go.
 pub(super) struct Lease {
@@ -40,22 +35,11 @@ impl Inner {
     pub(super) async fn take_lease(&self, key: &str) -> Result<u64> {
         let started = Instant::now();
         loop {
-            let mine = || json(&LeaseRecord { node: self.presence.node.clone(), until: Utc::now() + LEASE_FOR });
-            match self.console.create(key, mine()).await {
+            // the value only says who holds it, for whoever looks
+            match self.leases.create(key, Bytes::from(self.presence.node.clone())).await {
                 Ok(revision) => return Ok(revision),
                 Err(e) if lost_race(&e, e.kind() == kv::CreateErrorKind::AlreadyExists) => {}
                 Err(e) => return Err(nats_error(e)),
-            }
-            // held: by a live node, or by one that died holding it
-            if let Some(entry) = self.console.entry(key).await.map_err(nats_error)?
-                && entry.operation == kv::Operation::Put
-                && parse::<LeaseRecord>("lease", &entry.value)?.until < Utc::now()
-            {
-                match self.console.update(key, mine(), entry.revision).await {
-                    Ok(revision) => return Ok(revision),
-                    Err(e) if lost_race(&e, e.kind() == kv::UpdateErrorKind::WrongLastRevision) => {}
-                    Err(e) => return Err(nats_error(e)),
-                }
             }
             if started.elapsed() > WAIT_AT_MOST {
                 return Err(StoreError::Nats(format!("{key} stayed held by another node for over {}s", WAIT_AT_MOST.as_secs())));
@@ -76,7 +60,7 @@ impl Drop for Lease {
         let (inner, key, revision) = (self.inner.clone(), std::mem::take(&mut self.key), self.revision);
         // only the lease this node took: one that ran out and was taken since is another's
         self.handle.spawn(async move {
-            if let Err(e) = inner.console.delete_expect_revision(&key, Some(revision)).await
+            if let Err(e) = inner.leases.delete_expect_revision(&key, Some(revision)).await
                 && !lost_race(&e, false)
             {
                 tracing::warn!(error = %e, key, "could not let go of a lease; it runs out by itself");

@@ -13,7 +13,8 @@
 //! | open streams | bucket `relay_presence` | `<peer or daemon/group>.<node>` |
 //! | live nodes | bucket `relay_nodes`, entries expire | node |
 //! | limits (sends, new peers, join-key tries) | bucket `relay_rates`, idle entries expire | `send.<peer>`, `register.<address>`, `join-key/<group>/<address>` |
-//! | console records (humans, sign-in links, sessions), leases | bucket `relay_console` | `<space>.<key>`, `lease.<name>` |
+//! | console records (humans, sign-in links, sessions) | bucket `relay_console` | `<space>.<key>` |
+//! | leases (one node at a time) | bucket `relay_leases`, entries expire | `register.<group>` |
 //!
 //! Receipts reach other nodes' streams as plain NATS messages on `relay.note.<group>`:
 //! their state is in `relay_deliveries`; the note only saves a reader the asking.
@@ -21,8 +22,9 @@
 //!
 //! Here: the store itself. `log` reads the group logs, `peers` is the in-memory copy of
 //! the peers bucket, `follow` feeds this node's streams, `presence` and `rates` are the
-//! shared presence and send limits, `leases` hold a name for one node at a time, `buckets` opens buckets, `bridge` joins the synchronous
-//! trait to the asynchronous client, and `check` is `relay-server cluster check`.
+//! shared presence and limits, `leases` hold a name for one node at a time, `buckets`
+//! opens buckets, `bridge` joins the synchronous trait to the asynchronous client, and
+//! `check` is `relay-server cluster check`.
 
 mod bridge;
 mod buckets;
@@ -60,7 +62,7 @@ use presence::Presence;
 use rates::RateSlot;
 
 pub const LOG_STREAM: &str = "RELAY_LOG";
-pub const BUCKETS: [&str; 10] = [
+pub const BUCKETS: [&str; 11] = [
     "relay_groups",
     "relay_principals",
     "relay_daemons",
@@ -71,6 +73,7 @@ pub const BUCKETS: [&str; 10] = [
     "relay_presence",
     "relay_nodes",
     "relay_rates",
+    "relay_leases",
 ];
 /// A send limit's bucket left alone this long is full again anyway: it may go.
 const RATES_KEPT: Duration = Duration::from_secs(3600);
@@ -117,6 +120,7 @@ struct Inner {
     deliveries: kv::Store,
     console: kv::Store,
     rates: kv::Store,
+    leases: kv::Store,
     /// Per send limit: what this node last wrote of it, and its turn to take.
     rate_slots: Mutex<HashMap<String, RateSlot>>,
     mirror: Mutex<PeerMirror>,
@@ -282,6 +286,7 @@ impl Inner {
             deliveries: bucket("relay_deliveries", file, Duration::ZERO).await?,
             console: bucket("relay_console", file, Duration::ZERO).await?,
             rates: bucket("relay_rates", memory, RATES_KEPT).await?,
+            leases: bucket("relay_leases", memory, leases::LEASE_FOR).await?,
             rate_slots: Mutex::default(),
             presence: Presence::start(
                 bucket("relay_presence", memory, Duration::ZERO).await?,
@@ -739,7 +744,7 @@ impl Shared for NatsStore {
     }
 
     fn hold(&self, name: &str) -> Result<Held> {
-        let key = record_key("lease", name);
+        let key = subject_token(name);
         let revision = self.call(|inner| {
             let key = key.clone();
             async move { inner.take_lease(&key).await }
@@ -867,12 +872,12 @@ mod tests {
         let waited = took.recv_timeout(Duration::from_secs(5)).expect("taken once let go");
         assert!(waited >= Duration::from_millis(300), "{waited:?}");
         let _other = waiter.join().unwrap();
-        // a node died holding it: taken once its time ran out
-        let expired = br#"{"node":"gone","until":"2000-01-01T00:00:00Z"}"#;
-        store.put_record("lease", "register.h", expired, None).unwrap();
+        // a node died holding it (never let go): taken once the bucket's age limit ends it
+        std::mem::forget(store.hold("register.h").unwrap());
         let started = Instant::now();
         drop(store.hold("register.h").unwrap());
-        assert!(started.elapsed() < Duration::from_secs(2), "{:?}", started.elapsed());
+        let waited = started.elapsed();
+        assert!(waited >= Duration::from_secs(3) && waited < Duration::from_secs(9), "{waited:?}");
     }
 
     #[test]
