@@ -114,14 +114,10 @@ impl Relay {
         Ok(self.store.group(group_id)?.map_or(last_event_id, |g| g.resume_point(last_event_id)))
     }
 
-    /// A send token of the peer's: from the cluster's shared buckets when the store is
-    /// shared (a peer may send through every node), else from this node's.
+    /// A send token of the peer's (the cluster's, in a cluster: a peer may send through
+    /// every node).
     fn take_rate_token(&self, peer_id: &str) -> Result<()> {
-        let taken = if self.store.shared() {
-            self.store.take_token(&format!("send.{peer_id}"), self.sends.per_second, self.sends.burst)?
-        } else {
-            self.sends.take(&peer_id.to_owned())
-        };
+        let taken = self.take_token(&self.sends, &peer_id.to_owned(), || format!("send.{peer_id}"))?;
         taken.map_err(|wait| RelayError::RateLimited {
             per_second: self.sends.per_second,
             burst: self.sends.burst,

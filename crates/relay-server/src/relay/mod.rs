@@ -11,9 +11,11 @@ mod registration;
 mod tokens;
 
 use std::collections::HashMap;
+use std::hash::Hash;
 use std::net::IpAddr;
 use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use relay_proto::{
@@ -141,6 +143,30 @@ impl Relay {
     }
 
     /// The caller's peers that have not left their group.
+    /// A token from `buckets` for `key`: from the cluster's shared bucket `shared_key` when
+    /// the store is shared (a client may reach every node), else from this node's; how long
+    /// until one is there when none is.
+    fn take_token<K: Hash + Eq + Clone>(
+        &self,
+        buckets: &Buckets<K>,
+        key: &K,
+        shared_key: impl FnOnce() -> String,
+    ) -> Result<std::result::Result<(), Duration>> {
+        if self.store.shared() {
+            return Ok(self.store.take_token(&shared_key(), buckets.per_second, buckets.burst)?);
+        }
+        Ok(buckets.take(key))
+    }
+
+    /// Puts back a token [`Self::take_token`] took for something that turned out not to count.
+    fn give_back_token<K: Hash + Eq + Clone>(&self, buckets: &Buckets<K>, key: &K, shared_key: impl FnOnce() -> String) -> Result<()> {
+        if self.store.shared() {
+            return Ok(self.store.give_token(&shared_key(), buckets.per_second, buckets.burst)?);
+        }
+        buckets.give_back(key);
+        Ok(())
+    }
+
     fn active_peers(&self, caller: &Caller) -> Result<Vec<PeerRecord>> {
         let mut peers = self.store.peers_of_principal(caller.principal)?;
         peers.retain(|p| p.left_at.is_none());

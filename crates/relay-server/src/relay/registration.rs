@@ -275,32 +275,12 @@ impl Relay {
         // token is taken before hashing (so parallel guesses are counted) and given back when
         // the key is right
         let guesser = (req.group_id.clone(), req.source.map(client_bucket));
-        self.take_key_try(&guesser)?.map_err(refused)?;
+        self.take_token(&self.wrong_keys, &guesser, || key_tries(&guesser))?.map_err(refused)?;
         if !secrets::join_key_matches(key, hash) {
             return Err(RelayError::WrongJoinKey(req.group_id.clone()));
         }
-        self.give_back_key_try(&guesser)?;
+        self.give_back_token(&self.wrong_keys, &guesser, || key_tries(&guesser))?;
         Ok(JoinKeyChecked { existing_hash: Some(hash.clone()), hash_for_new_group: None })
-    }
-
-    /// A try at a group's join key from an address: counted across the cluster's nodes
-    /// when the store is shared (a guesser may reach every node), else on this node.
-    fn take_key_try(&self, guesser: &(String, Option<IpAddr>)) -> Result<std::result::Result<(), std::time::Duration>> {
-        if !self.store.shared() {
-            return Ok(self.wrong_keys.take(guesser));
-        }
-        let (per_second, burst) = (self.wrong_keys.per_second, self.wrong_keys.burst);
-        Ok(self.store.take_token(&key_tries(guesser), per_second, burst)?)
-    }
-
-    /// The try was the right key: it does not count.
-    fn give_back_key_try(&self, guesser: &(String, Option<IpAddr>)) -> Result<()> {
-        if !self.store.shared() {
-            self.wrong_keys.give_back(guesser);
-            return Ok(());
-        }
-        let (per_second, burst) = (self.wrong_keys.per_second, self.wrong_keys.burst);
-        Ok(self.store.give_token(&key_tries(guesser), per_second, burst)?)
     }
 
     /// One registration in a group at a time, across the cluster's nodes too: held until
@@ -311,15 +291,9 @@ impl Relay {
         Ok((held, lock(&self.registering)))
     }
 
-    /// A new-peer token of the client address: from the cluster's shared buckets when the
-    /// store is shared (a client may register through every node), else from this node's.
+    /// A new-peer token of the client address (the cluster's, in a cluster).
     fn take_registration(&self, source: IpAddr) -> Result<()> {
-        let taken = if self.store.shared() {
-            let (per_second, burst) = (self.registrations.per_second, self.registrations.burst);
-            self.store.take_token(&format!("register.{source}"), per_second, burst)?
-        } else {
-            self.registrations.take(&source)
-        };
+        let taken = self.take_token(&self.registrations, &source, || format!("register.{source}"))?;
         taken.map_err(|wait| self.too_many_registrations(wait))
     }
 
