@@ -159,16 +159,20 @@ impl ServerProcess {
                 }
             }
         });
-        // The server logs the address it bound; that is how a port of 0 becomes known.
-        let deadline = Instant::now() + Duration::from_secs(30);
+        // The server logs the address it bound; that is how a port of 0 becomes known. A
+        // cluster node binds once it reaches NATS, which it tries for a minute (longer when
+        // the suite's other clusters load both cores): so wait past that.
+        let deadline = Instant::now() + Duration::from_secs(90);
+        let mut said = Vec::new();
         let addr = loop {
             let line = rx.recv_timeout(deadline.saturating_duration_since(Instant::now()));
-            let line = line.unwrap_or_else(|_| panic!("relay-server did not report its address"));
+            let line = line.unwrap_or_else(|_| panic!("relay-server did not report its address; it said:\n{}", said.join("\n")));
             if let Some(addr) = line.split("addr=").nth(1).and_then(|rest| rest.split_whitespace().next())
                 && let Ok(addr) = addr.parse()
             {
                 break addr;
             }
+            said.push(line);
         };
         let server = Self { child, addr, stderr: rx };
         server.wait_healthy();
