@@ -32,7 +32,7 @@ with sync_playwright() as p:
     page.click("#sign-in")
     page.wait_for_selector("main.group")
     page.goto(cfg["server"] + "/console/g/" + cfg["group"], wait_until="load")
-    page.wait_for_function("document.getElementById('stream-state').textContent === 'live'", timeout=20_000)
+    page.wait_for_function("() => document.getElementById('stream-state').textContent === 'live'", timeout=20_000)
     timing = page.evaluate(
         """() => {
             const nav = performance.getEntriesByType('navigation')[0];
